@@ -1,0 +1,25 @@
+"""Errors a user can act on. The CLI prints their message on one line (a traceback only with --debug)."""
+
+
+class LmcompressError(Exception):
+    """Base class: the message alone must tell the user what is wrong and what to do."""
+
+
+class RecipeError(LmcompressError):
+    """A recipe file or override has a bad field."""
+
+
+class UnsupportedArchitectureError(LmcompressError):
+    """The model's architecture has no adapter."""
+
+
+class AssetError(LmcompressError):
+    """A built-in asset could not be fetched or prepared."""
+
+
+class DataError(LmcompressError):
+    """A corpus or task could not be read."""
+
+
+class TrainingDiverged(LmcompressError):
+    """A loss turned NaN or infinite; the last good checkpoint is kept."""

@@ -1,0 +1,327 @@
+"""One adapter per architecture family: the only place that knows where things live inside a model.
+
+Everything else in lmcompress asks an adapter for "the blocks", "block 3's q projection" or "the kind of
+module `model.layers.2.mlp.up_proj`" and never checks `model_type` itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmcompress.errors import UnsupportedArchitectureError
+
+# Module kinds used by patterns in recipes (quantize, factorize) and by size accounting.
+KINDS = ("embeddings", "attention", "mlp", "head", "norm", "other")
+
+
+@dataclass
+class QKV:
+    """Where a block's q/k/v come from.
+
+    For separate projections `q`, `k`, `v` are modules whose outputs are the projections. For GPT-2's
+    fused `c_attn`, `fused` is that module and its output is [q | k | v] along the last dimension.
+    """
+
+    q: nn.Module | None = None
+    k: nn.Module | None = None
+    v: nn.Module | None = None
+    fused: nn.Module | None = None
+
+
+class ArchAdapter:
+    """Uniform view of a Hugging Face transformer. Subclasses fill in the attribute paths."""
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+    causal: bool = True
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # --- structure -------------------------------------------------------------------------------
+    @property
+    def base(self) -> nn.Module:
+        """The bare transformer (no task head)."""
+        raise NotImplementedError
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def set_blocks(self, blocks: nn.ModuleList) -> None:
+        raise NotImplementedError
+
+    @property
+    def embeddings(self) -> nn.Embedding:
+        """Token embedding table."""
+        raise NotImplementedError
+
+    @property
+    def final_norm(self) -> nn.Module | None:
+        raise NotImplementedError
+
+    @property
+    def head(self) -> nn.Module | None:
+        """Output head: the LM head for decoders, the classifier for encoders with a task head."""
+        return getattr(self.model, "lm_head", None) or getattr(self.model, "classifier", None)
+
+    def attention(self, block: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def qkv(self, block: nn.Module) -> QKV:
+        raise NotImplementedError
+
+    def attention_output(self, block: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def mlp_linears(self, block: nn.Module) -> list[nn.Module]:
+        raise NotImplementedError
+
+    # --- sizes -----------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.config, "num_key_value_heads", None) or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.hidden_size // self.num_heads
+
+    # --- names -----------------------------------------------------------------------------------
+    def module_kind(self, name: str, module: nn.Module) -> str:
+        """Classify a named module into one of KINDS (used by recipe patterns and size accounting)."""
+        raise NotImplementedError
+
+    def block_index(self, name: str) -> int | None:
+        """Index of the block a module name belongs to, or None."""
+        prefix = self.blocks_prefix + "."
+        if not name.startswith(prefix):
+            return None
+        return int(name[len(prefix) :].split(".", 1)[0])
+
+    @property
+    def blocks_prefix(self) -> str:
+        """Qualified name of the block list inside `self.model`."""
+        for name, module in self.model.named_modules():
+            if module is self.blocks:
+                return name
+        raise RuntimeError("block list not found among the model's modules")
+
+    def layer_count_attr(self) -> str:
+        return "num_hidden_layers"
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # HF's GPT-2 Conv1D is a linear layer with a transposed weight.
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+class LlamaAdapter(ArchAdapter):
+    """LLaMA family: LLaMA, SmolLM2, Mistral, Qwen2/3, Gemma-style decoders with q/k/v/o and gate/up/down."""
+
+    family = "llama"
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "granite")
+
+    @property
+    def base(self) -> nn.Module:
+        return self.model.model if hasattr(self.model, "model") else self.model
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.base.layers
+
+    def set_blocks(self, blocks: nn.ModuleList) -> None:
+        self.base.layers = blocks
+
+    @property
+    def embeddings(self) -> nn.Embedding:
+        return self.base.embed_tokens
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.base.norm
+
+    def attention(self, block: nn.Module) -> nn.Module:
+        return block.self_attn
+
+    def qkv(self, block: nn.Module) -> QKV:
+        a = block.self_attn
+        return QKV(q=a.q_proj, k=a.k_proj, v=a.v_proj)
+
+    def attention_output(self, block: nn.Module) -> nn.Module:
+        return block.self_attn.o_proj
+
+    def mlp_linears(self, block: nn.Module) -> list[nn.Module]:
+        return [m for m in block.mlp.modules() if _is_linear(m)]
+
+    def module_kind(self, name: str, module: nn.Module) -> str:
+        if name.endswith("embed_tokens"):
+            return "embeddings"
+        if name == "lm_head" or name.endswith(".score") or name == "score":
+            return "head"
+        if ".self_attn." in name:
+            return "attention"
+        if ".mlp." in name:
+            return "mlp"
+        if "norm" in name.rsplit(".", 1)[-1]:
+            return "norm"
+        return "other"
+
+
+class GPT2Adapter(ArchAdapter):
+    """GPT-2 family: fused `c_attn` (q|k|v) and `Conv1D` linears with transposed weights."""
+
+    family = "gpt2"
+    model_types = ("gpt2",)
+
+    @property
+    def base(self) -> nn.Module:
+        return self.model.transformer if hasattr(self.model, "transformer") else self.model
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.base.h
+
+    def set_blocks(self, blocks: nn.ModuleList) -> None:
+        self.base.h = blocks
+
+    @property
+    def embeddings(self) -> nn.Embedding:
+        return self.base.wte
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.base.ln_f
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_heads
+
+    def attention(self, block: nn.Module) -> nn.Module:
+        return block.attn
+
+    def qkv(self, block: nn.Module) -> QKV:
+        return QKV(fused=block.attn.c_attn)
+
+    def attention_output(self, block: nn.Module) -> nn.Module:
+        return block.attn.c_proj
+
+    def mlp_linears(self, block: nn.Module) -> list[nn.Module]:
+        return [block.mlp.c_fc, block.mlp.c_proj]
+
+    def module_kind(self, name: str, module: nn.Module) -> str:
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("wte", "wpe"):
+            return "embeddings"
+        if name == "lm_head" or leaf == "score":
+            return "head"
+        if ".attn." in name:
+            return "attention"
+        if ".mlp." in name:
+            return "mlp"
+        if leaf.startswith("ln"):
+            return "norm"
+        return "other"
+
+
+class BertAdapter(ArchAdapter):
+    """BERT family encoders (BERT, MiniLM, RoBERTa-style): separate query/key/value, bidirectional."""
+
+    family = "bert"
+    model_types = ("bert", "roberta", "xlm-roberta")
+    causal = False
+
+    @property
+    def base(self) -> nn.Module:
+        for attr in ("bert", "roberta"):
+            if hasattr(self.model, attr):
+                return getattr(self.model, attr)
+        return self.model
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.base.encoder.layer
+
+    def set_blocks(self, blocks: nn.ModuleList) -> None:
+        self.base.encoder.layer = blocks
+
+    @property
+    def embeddings(self) -> nn.Embedding:
+        return self.base.embeddings.word_embeddings
+
+    @property
+    def final_norm(self) -> nn.Module | None:
+        # BERT normalises inside each block (post-LN); there is no final norm.
+        return None
+
+    def attention(self, block: nn.Module) -> nn.Module:
+        return block.attention
+
+    def qkv(self, block: nn.Module) -> QKV:
+        s = block.attention.self
+        return QKV(q=s.query, k=s.key, v=s.value)
+
+    def attention_output(self, block: nn.Module) -> nn.Module:
+        return block.attention.output.dense
+
+    def mlp_linears(self, block: nn.Module) -> list[nn.Module]:
+        return [block.intermediate.dense, block.output.dense]
+
+    def module_kind(self, name: str, module: nn.Module) -> str:
+        leaf = name.rsplit(".", 1)[-1]
+        if ".embeddings." in name and isinstance(module, nn.Embedding):
+            return "embeddings"
+        if leaf == "classifier" or ".pooler." in name or name.startswith("cls."):
+            return "head"
+        if "LayerNorm" in name or "layernorm" in leaf.lower():
+            return "norm"
+        if ".attention." in name:
+            return "attention"
+        if ".intermediate." in name or (".output." in name and ".attention." not in name):
+            return "mlp"
+        return "other"
+
+
+ADAPTERS: tuple[type[ArchAdapter], ...] = (LlamaAdapter, GPT2Adapter, BertAdapter)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in ADAPTERS for t in a.model_types)
+
+
+def get_adapter(model: nn.Module) -> ArchAdapter:
+    """The adapter for `model`, or an error listing the supported architectures."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for adapter_cls in ADAPTERS:
+        if model_type in adapter_cls.model_types:
+            return adapter_cls(model)
+    raise UnsupportedArchitectureError(
+        f"architecture {model_type!r} is not supported; supported model types: "
+        + ", ".join(supported_model_types())
+    )
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """Weight as (out_features, in_features) for nn.Linear and GPT-2 Conv1D alike (a view, not a copy)."""
+    if type(module).__name__ == "Conv1D":
+        return module.weight.t()
+    return module.weight
+
+
+def is_linear(module: nn.Module) -> bool:
+    return _is_linear(module)

@@ -1,0 +1,159 @@
+"""Load a model and tokenizer from a built-in name, a local folder, a `.gguf` file or a hub id.
+
+All routes end in the same `transformers` `from_pretrained` call. Only safetensors weights are accepted
+(`use_safetensors=True`) and remote code stays off unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from lmcompress.errors import LmcompressError
+
+Task = Literal["causal-lm", "masked-lm", "sequence-classification", "base"]
+BUILTIN_MODELS = {"smollm2-135m", "minilm-l6"}
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+log = logging.getLogger(__name__)
+
+
+def _auto_class(task: Task):
+    import transformers
+
+    return {
+        "causal-lm": transformers.AutoModelForCausalLM,
+        "masked-lm": transformers.AutoModelForMaskedLM,
+        "sequence-classification": transformers.AutoModelForSequenceClassification,
+        "base": transformers.AutoModel,
+    }[task]
+
+
+def default_task(config) -> Task:
+    """Decoders load as causal LMs, encoders as their bare model."""
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "sequence-classification"
+    if getattr(config, "is_decoder", False) or config.model_type in ("llama", "gpt2", "mistral", "qwen2", "qwen3"):
+        return "causal-lm"
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        return "causal-lm"
+    return "base"
+
+
+def resolve(name_or_path: str | Path) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file name or None) for a built-in name, folder, .gguf file or hub id."""
+    text = str(name_or_path)
+    if text in BUILTIN_MODELS:
+        from lmcompress.assets import ensure
+
+        return str(ensure(text)), None
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LmcompressError(f"GGUF file not found: {path}")
+        return str(path.parent), path.name
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise LmcompressError(f"{path} is not a model folder: it has no config.json")
+        return str(path), None
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise LmcompressError(f"model folder not found: {path}")
+    return text, None  # a hub id: transformers fetches it (needs network access)
+
+
+def _drop_gguf_quantizer(model: nn.Module) -> None:
+    # A GGUF load dequantizes to full precision but keeps a quantizer marker that would make
+    # save_pretrained write a GGUF-flavoured config; the weights are plain tensors by now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in model.__dict__:
+            del model.__dict__[attr]
+
+
+def load_model(
+    name_or_path: str | Path,
+    task: Task | None = None,
+    dtype: str | torch.dtype = "fp32",
+    num_labels: int | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = "eager",
+    revision: str | None = None,
+):
+    """Return `(model, tokenizer)` in eval mode.
+
+    `attn_implementation` defaults to eager so attention probabilities can be captured for distillation.
+    """
+    import transformers
+
+    from lmcompress.export import is_compressed_folder, load_compressed
+
+    source, gguf_file = resolve(name_or_path)
+    if gguf_file is None and is_compressed_folder(source):
+        return load_compressed(source)
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    common = {"trust_remote_code": trust_remote_code, "revision": revision}
+    if gguf_file:
+        common["gguf_file"] = gguf_file
+    config = transformers.AutoConfig.from_pretrained(source, **common)
+    task = task or default_task(config)
+    kwargs = dict(common, dtype=torch_dtype)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if gguf_file is None:
+        kwargs["use_safetensors"] = True
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    try:
+        model = _auto_class(task).from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise LmcompressError(f"could not load model {name_or_path!r} as {task}: {exc}") from exc
+    if gguf_file:
+        _drop_gguf_quantizer(model)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source, **common)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def convert_gguf_to_safetensors(gguf_path: Path, target: Path) -> None:
+    """Dequantize a GGUF checkpoint once into an fp32 safetensors folder (model + tokenizer)."""
+    target.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model(gguf_path, task="causal-lm", attn_implementation=None)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    config = json.loads((target / "config.json").read_text())
+    if "quantization_config" in config:
+        raise LmcompressError(f"GGUF conversion of {gguf_path} left a quantization_config in {target}")
+
+
+def save_model_atomic(model: nn.Module, tokenizer, target: Path, dtype: str = "fp32") -> Path:
+    """save_pretrained into a temporary sibling folder, then rename over `target`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        # Cast a copy of the weights, never the live model (fp32 -> bf16 -> fp32 would lose precision).
+        state = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,58 @@
+"""Run reports: rows of measured metrics, written as report.json and report.md (atomically)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmcompress.export import write_json_atomic
+
+
+@dataclass
+class Report:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def add(self, **row: Any) -> dict[str, Any]:
+        self.rows.append(row)
+        return row
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"meta": self.meta, "rows": self.rows, "timings_s": self.timings}
+
+    def write(self, out_dir: str | Path, title: str = "run") -> None:
+        out_dir = Path(out_dir)
+        write_json_atomic(out_dir / "report.json", self.to_dict())
+        text = markdown_report(self, title)
+        tmp = out_dir / ".report.md.tmp"
+        tmp.write_text(text)
+        tmp.replace(out_dir / "report.md")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return "" if value is None else str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    if not rows:
+        return "_no rows_\n"
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_report(report: Report, title: str) -> str:
+    parts = [f"# {title}\n"]
+    if report.meta:
+        parts.append("\n".join(f"- **{k}**: {_fmt(v)}" for k, v in report.meta.items()) + "\n")
+    parts.append("## Results\n\n" + markdown_table(report.rows))
+    if report.timings:
+        parts.append("## Stage timings (s)\n\n" + markdown_table([report.timings]))
+    return "\n".join(parts)

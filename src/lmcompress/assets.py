@@ -179,7 +179,7 @@ def _build_fine_foods(downloads: Path, target: Path) -> None:
             offset, length = (int(x) for x in index["variables"][var])
             frame = rdata.conversion.convert(rdata.parser.parse_data(_r_lazyload_chunk(rdb[offset : offset + length])))
             with open(target / f"{split}.jsonl", "w") as f:
-                for text, label in zip(frame["review"], frame["score"]):
+                for text, label in zip(frame["review"], frame["score"], strict=True):
                     f.write(json.dumps({"text": str(text), "label": str(label)}) + "\n")
 
 

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field, ValidationError
+from pydantic_core import PydanticCustomError
 from torch import nn
 
 from lmcompress.distill.capture import Capture, Needs, capture
@@ -69,17 +70,24 @@ def loss_types() -> dict[str, type[LossConfig]]:
 
 
 def parse_loss(raw: Any, where: str = "losses[0]") -> LossConfig:
-    """Validate one `{type: ..., ...}` mapping into its registered config; errors name `where.field`."""
+    """Validate one `{type: ..., ...}` mapping into its registered config; errors name `where.field`.
+
+    Raises a pydantic error (so it surfaces inside a stage's validation as `stages[i]: losses[j].field: ...`).
+    """
     if isinstance(raw, LossConfig):
         return raw
     if not isinstance(raw, dict) or "type" not in raw:
-        raise ValueError(f"{where}: each loss is a mapping with a `type:` key")
+        raise _error(f"{where}: each loss is a mapping with a `type:` key")
     if raw["type"] not in _LOSSES:
-        raise ValueError(f"{where}.type: unknown loss {raw['type']!r}; allowed: {', '.join(sorted(_LOSSES))}")
+        raise _error(f"{where}.type: unknown loss {raw['type']!r}; allowed: {', '.join(sorted(_LOSSES))}")
     try:
         return _LOSSES[raw["type"]].model_validate(raw)
     except ValidationError as exc:
-        raise ValueError("; ".join(_format_errors(exc, where))) from None
+        raise _error("; ".join(_format_errors(exc, where))) from None
+
+
+def _error(message: str) -> PydanticCustomError:
+    return PydanticCustomError("loss_config", "{message}", {"message": message})
 
 
 # --- shared pieces --------------------------------------------------------------------------------

@@ -9,10 +9,11 @@ Data order is ours, not a DataLoader's: each epoch is a permutation seeded by (s
 batch is `batch_size x processes` examples and process r takes its r-th slice. The position in that stream
 is a single integer (micro-batches consumed), so a checkpoint resumes at exactly the next batch.
 
-Checkpoints: `out_dir/checkpoints/step-NNNNNNNN/` holds `accelerator.save_state` (model, optimizer,
+Checkpoints: `out_dir/checkpoints/<run_name>/step-NNNNNNNN/` holds `accelerator.save_state` (model, optimizer,
 scheduler, RNG states of every process) plus `trainer_state.json` (step, data position, tokens, seconds).
 They are written to a temporary folder and renamed, the last `keep_checkpoints` are kept, and the final
-step is always saved so a resumed pipeline skips finished training.
+step is always saved so a resumed pipeline skips finished training. Metrics go to accelerate trackers:
+`out_dir/logs/<run_name>/metrics.csv` (CSVTracker, default) or TensorBoard under `out_dir`.
 """
 
 from __future__ import annotations
@@ -246,6 +247,9 @@ def _accelerator(config: TrainConfig, out_dir: Path) -> Accelerator:
     AcceleratorState._reset_state()
     GradientState._reset_state()
     return Accelerator(
+        # Without cpu=True, torchrun on a machine without an accelerator gives N independent single
+        # processes instead of one gloo group (DistributedType.NO, every process rank 0).
+        cpu=not torch.accelerator.is_available(),
         mixed_precision="bf16" if config.bf16 else "no",
         log_with=_trackers(config, out_dir),
         project_dir=str(out_dir),
@@ -267,12 +271,13 @@ def train(
 
     `eval_fn(objective)` runs on the main process every `eval_every` steps and at the end (model in eval
     mode); its metrics are logged with an `eval/` prefix. `on_step(step, metrics)` is called after every
-    optimizer step. With `resume`, training continues from the newest checkpoint in `out_dir/checkpoints`.
+    optimizer step. With `resume`, training continues from the newest checkpoint in
+    `out_dir/checkpoints/<run_name>`.
     Raises `TrainingDiverged` if a loss term or the gradient norm turns NaN/inf (before the optimizer
     step, so the last checkpoint stays good).
     """
     out_dir = Path(out_dir)
-    ckpt_dir = out_dir / "checkpoints"
+    ckpt_dir = out_dir / "checkpoints" / config.run_name
     accelerator = _accelerator(config, out_dir)
     world = accelerator.num_processes
     order = BatchOrder(len(data), config.batch_size, world, accelerator.process_index, config.seed)

@@ -40,7 +40,7 @@ from lmcompress.distill.losses import (
 )
 from lmcompress.distill.trainer import TrainConfig, TrainResult, pad_collate, train
 from lmcompress.errors import LmcompressError, RecipeError
-from lmcompress.models.adapters import get_adapter
+from lmcompress.models.adapters import get_adapter, linear_weight
 from lmcompress.pipeline import Run
 from lmcompress.recipe import StageConfig, register_stage
 
@@ -418,4 +418,27 @@ def build_student(teacher: nn.Module, config, init: str = "teacher", map_spec: s
                 sliced = _slice_to(teacher_state[source], tensor.shape) if source in teacher_state else None
                 if sliced is not None:
                     tensor.copy_(sliced)
+            s_adapter = get_adapter(student)
+            for i, block in enumerate(s_adapter.blocks):
+                _copy_fused_qkv(t_adapter, t_adapter.blocks[source_of[i]], s_adapter, block)
     return student.eval().requires_grad_(True)
+
+
+def _copy_fused_qkv(t_adapter, t_block: nn.Module, s_adapter, s_block: nn.Module) -> None:
+    """A fused [q | k | v] projection (GPT-2 c_attn) is sliced part by part, not as one output dimension."""
+    t_fused, s_fused = t_adapter.qkv(t_block).fused, s_adapter.qkv(s_block).fused
+    if t_fused is None or s_fused is None:
+        return
+
+    def widths(a):
+        return [a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim]
+
+    t_w, s_w = linear_weight(t_fused), linear_weight(s_fused)  # (out, in) views, also for Conv1D
+    parts = [_slice_to(t, (n, s_w.shape[1])) for t, n in zip(t_w.split(widths(t_adapter)), widths(s_adapter),
+                                                              strict=True)]
+    if all(p is not None for p in parts):
+        s_w.copy_(torch.cat(parts))
+    if getattr(t_fused, "bias", None) is not None and getattr(s_fused, "bias", None) is not None:
+        parts = [t[:n] for t, n in zip(t_fused.bias.split(widths(t_adapter)), widths(s_adapter), strict=True)]
+        if all(len(p) == n for p, n in zip(parts, widths(s_adapter), strict=True)):
+            s_fused.bias.copy_(torch.cat(parts))

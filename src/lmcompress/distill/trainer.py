@@ -60,6 +60,7 @@ class TrainConfig:
     eval_every: int = 0  # optimizer steps; 0 = only at the end (when an eval function is given)
     checkpoint_every: int = 0  # optimizer steps; 0 = only the final checkpoint
     keep_checkpoints: int = 2
+    save_final: bool = True  # checkpoint the last step too (lets a resumed pipeline skip finished training)
     log_with: Literal["csv", "tensorboard", "none"] = "csv"
     log_every: int = 10
     seed: int = 0
@@ -380,7 +381,8 @@ def train(
                                  "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
                                  "tokens_per_s": window_tokens / window_seconds}, step=step)
                 window, window_steps, window_tokens, window_seconds = {}, 0, 0, 0.0
-            if step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
+            if ((step == config.steps and config.save_final)
+                    or (config.checkpoint_every and step % config.checkpoint_every == 0)):
                 _save_checkpoint(accelerator, ckpt_dir, state, config.keep_checkpoints)
             if step == config.steps or (config.eval_every and step % config.eval_every == 0):
                 run_eval(step)

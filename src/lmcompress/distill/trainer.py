@@ -13,7 +13,7 @@ Checkpoints: `out_dir/checkpoints/<run_name>/step-NNNNNNNN/` holds `accelerator.
 scheduler, RNG states of every process) plus `trainer_state.json` (step, data position, tokens, seconds).
 They are written to a temporary folder and renamed, the last `keep_checkpoints` are kept, and the final
 step is always saved so a resumed pipeline skips finished training. Metrics go to accelerate trackers:
-`out_dir/logs/<run_name>/metrics.csv` (CSVTracker, default) or TensorBoard under `out_dir`.
+`out_dir/logs/<run_name>/metrics.csv` (CSVTracker, default) or TensorBoard events in the same folder.
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ def _accelerator(config: TrainConfig, out_dir: Path) -> Accelerator:
         cpu=not torch.accelerator.is_available(),
         mixed_precision="bf16" if config.bf16 else "no",
         log_with=_trackers(config, out_dir),
-        project_dir=str(out_dir),
+        project_dir=str(out_dir / "logs"),  # TensorBoard writes logs/<run_name>, like the CSV tracker
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
 

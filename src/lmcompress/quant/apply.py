@@ -27,6 +27,7 @@ import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from torch import nn
 
 from lmcompress.errors import RecipeError
@@ -42,6 +43,11 @@ Granularity = Literal["tensor", "row", "group"]
 ScaleKind = Literal["absmax", "mean", "lsq", "dynamic"]
 _NOT_QUANTIZED = {"16", "32", "fp", "fp16", "fp32", "bf16", "none", "-"}
 _TERNARY = {"t", "ternary", "1.58", "1.6"}
+
+
+def _invalid(message: str) -> PydanticCustomError:
+    """A validation error whose message pydantic prints as is (no 'Value error,' prefix)."""
+    return PydanticCustomError("quant_config", "{message}", {"message": message})
 
 
 class _Strict(BaseModel):
@@ -61,7 +67,7 @@ class WeightSettings(_Strict):
     @classmethod
     def _bits_range(cls, bits: int | None) -> int | None:
         if isinstance(bits, int) and not 1 <= bits <= 8:
-            raise ValueError(f"{bits} is out of range: weight bits are 1..8 (1 = binary); use scheme: ternary for 3 levels")
+            raise _invalid(f"{bits} is out of range: weight bits are 1..8 (1 = binary); use scheme: ternary for 3 levels")
         return bits
 
 
@@ -122,19 +128,22 @@ class QuantConfig(WeightSettings):
     @classmethod
     def _bits_or_wea(cls, bits: Any) -> Any:
         if isinstance(bits, str) and not bits.strip().isdigit():
-            parse_wea(bits)  # validates; expanded in _expand_wea
+            try:
+                parse_wea(bits)  # validates; expanded in _expand_wea
+            except ValueError as exc:
+                raise _invalid(str(exc)) from None
             return bits
         if bits is not None:
             bits = int(bits)
             if not 1 <= bits <= 8:
-                raise ValueError(f"{bits} is out of range: weight bits are 1..8 (1 = binary); use scheme: ternary for 3 levels")
+                raise _invalid(f"{bits} is out of range: weight bits are 1..8 (1 = binary); use scheme: ternary for 3 levels")
         return bits
 
     @field_validator("activation_bits")
     @classmethod
     def _act_bits(cls, bits: int | None) -> int | None:
         if bits is not None and bits != 0 and not 2 <= bits <= 8:
-            raise ValueError(f"{bits} is out of range: activations take 2..8 bits (0 or unset = keep float)")
+            raise _invalid(f"{bits} is out of range: activations take 2..8 bits (0 or unset = keep float)")
         return bits or None
 
     @field_validator("embedding_bits", mode="before")
@@ -142,7 +151,10 @@ class QuantConfig(WeightSettings):
     def _embedding_bits(cls, bits: Any) -> Any:
         if bits is None:
             return None
-        parsed, scheme = _parse_part(str(bits), "embedding")
+        try:
+            parsed, scheme = _parse_part(str(bits), "embedding")
+        except ValueError as exc:
+            raise _invalid(str(exc)) from None
         return "ternary" if scheme == "ternary" else parsed
 
     @model_validator(mode="after")
@@ -150,7 +162,7 @@ class QuantConfig(WeightSettings):
         if isinstance(self.bits, str):
             (w_bits, w_scheme), (e_bits, e_scheme), a_bits = parse_wea(self.bits)
             if w_scheme and self.scheme not in (None, w_scheme):
-                raise ValueError(f"bits {self.bits!r} says ternary weights but scheme is {self.scheme!r}")
+                raise _invalid(f"bits: {self.bits!r} says ternary weights but scheme is {self.scheme!r}")
             # Assign through __dict__ so validate_assignment does not re-run this validator.
             self.__dict__["bits"] = w_bits
             if w_scheme:
@@ -165,7 +177,7 @@ class QuantConfig(WeightSettings):
             try:
                 rule.spec()
             except QuantSpecError as exc:
-                raise ValueError(f"{field}: {exc}") from None
+                raise _invalid(f"{field}: {exc}" if self.rules else str(exc)) from None
         return self
 
     def resolved_rules(self) -> list[ResolvedRule]:

@@ -34,8 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +43,15 @@ import torch
 from torch import nn
 
 from lmcompress.errors import LmcompressError
-from lmcompress.export import MARKER, folder_bytes, read_marker, register_format, write_json_atomic
+from lmcompress.export import (
+    MARKER,
+    atomic_folder,
+    folder_bytes,
+    read_marker,
+    register_exporter,
+    register_format,
+    write_json_atomic,
+)
 from lmcompress.quant.modules import (
     PackedEmbedding,
     PackedLinear,
@@ -54,6 +60,7 @@ from lmcompress.quant.modules import (
     QuantEmbedding,
     QuantModule,
     QuantTiedHead,
+    is_quantized,
 )
 from lmcompress.quant.packing import pack
 from lmcompress.quant.quantizers import SCALE_DTYPE, ActQuantizer, QuantSpec
@@ -328,9 +335,7 @@ def export_packed(model: nn.Module, tokenizer, folder: str | Path, float_dtype: 
     entries, aliases = export_plan(model, float_dtype)
     account = SizeAccount(entries, float_dtype, _header_bytes(entries))
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         tensors = {}
         for t in entries:
             value = t.make().detach().to("cpu").contiguous()
@@ -356,12 +361,6 @@ def export_packed(model: nn.Module, tokenizer, folder: str | Path, float_dtype: 
             "size": account.to_dict(),
         }
         write_json_atomic(tmp / MARKER, marker)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     measured = folder_bytes(folder)
     st_bytes = (folder / WEIGHTS_FILE).stat().st_size
     result = account.to_dict()
@@ -371,6 +370,14 @@ def export_packed(model: nn.Module, tokenizer, folder: str | Path, float_dtype: 
     log.info("exported %s: %.2f MB tensors, %.2f bits/param, %.1fx vs fp32; folder %.2f MB",
              folder, account.tensor_bytes / 1e6, account.bits_per_param, account.compression_vs_fp32, measured / 1e6)
     return result
+
+
+@register_exporter(FORMAT, applies_to=is_quantized)
+def _export_for_stage(model: nn.Module, tokenizer, target: Path, dtype: str = "fp32") -> Path:
+    """`lmcompress.export.export_model` entry: the export stage's dtype is the float dtype of the
+    non-quantized tensors (so the evaluate stage's size report and the folder agree)."""
+    export_packed(model, tokenizer, target, float_dtype=dtype)
+    return Path(target)
 
 
 # --- loading -------------------------------------------------------------------------------------

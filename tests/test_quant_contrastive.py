@@ -84,10 +84,10 @@ def test_memory_bank_momentum_update():
 
 def test_registered_as_a_distillation_loss():
     losses = pytest.importorskip("lmcompress.distill.losses")
-    import lmcompress.quant.contrastive  # noqa: F401  registers `contrastive`
     from conftest import tiny_model
-
     from lmcompress.distill.capture import capture
+
+    import lmcompress.quant.contrastive  # noqa: F401  registers `contrastive`
 
     cfg = losses.parse_loss({"type": "contrastive", "temperature": 0.2, "bank_size": 64, "momentum": 0.5})
     assert cfg.weight == pytest.approx(0.1)

@@ -3,7 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model
 
+from lmcompress.distill.capture import capture
+from lmcompress.distill.losses import parse_loss
+from lmcompress.errors import RecipeError
 from lmcompress.quant.contrastive import MemoryBank, token_contrastive_loss
 
 
@@ -83,14 +87,8 @@ def test_memory_bank_momentum_update():
 
 
 def test_registered_as_a_distillation_loss():
-    losses = pytest.importorskip("lmcompress.distill.losses")
-    from conftest import tiny_model
-    from lmcompress.distill.capture import capture
-
-    import lmcompress.quant.contrastive  # noqa: F401  registers `contrastive`
-
-    cfg = losses.parse_loss({"type": "contrastive", "temperature": 0.2, "bank_size": 64, "momentum": 0.5})
-    assert cfg.weight == pytest.approx(0.1)
+    cfg = parse_loss({"type": "contrastive", "temperature": 0.2, "bank_size": 64, "momentum": 0.5})
+    assert cfg.weight == pytest.approx(0.1)  # QuantGPT's lambda
     teacher, student = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
     loss = cfg.build(teacher, student)
     batch = {"input_ids": torch.randint(3, 128, (2, 10)), "attention_mask": torch.ones(2, 10, dtype=torch.long)}
@@ -100,3 +98,9 @@ def test_registered_as_a_distillation_loss():
     value = loss.train()(t_cap, s_cap, batch)
     value.backward()
     assert torch.isfinite(value) and len(loss.bank.entries()[1]) > 0
+    assert all(p.grad is not None for p in student.model.layers[-1].parameters())
+
+
+def test_contrastive_needs_equal_widths():
+    with pytest.raises(RecipeError, match="hidden size"):
+        parse_loss({"type": "contrastive"}).build(tiny_model("llama", hidden=32), tiny_model("llama", hidden=64))

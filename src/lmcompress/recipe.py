@@ -8,7 +8,6 @@ work starts with a message naming the file, the field path (`stages[2].bits`) an
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -16,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lmcompress.errors import RecipeError
+from lmcompress.plugins import import_present
 
 if TYPE_CHECKING:
     from lmcompress.pipeline import Run
@@ -60,12 +60,7 @@ def register_stage(cls: type[StageConfig]) -> type[StageConfig]:
 
 
 def stage_types() -> dict[str, type[StageConfig]]:
-    for module in STAGE_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:  # a stage module that exists but fails to import is a real bug
-                raise
+    import_present(STAGE_MODULES)
     return dict(_STAGES)
 
 

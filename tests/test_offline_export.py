@@ -87,3 +87,28 @@ def test_changed_autoencoded_weights_are_not_exported_silently(tmp_path):
     with pytest.raises(LmcompressError, match="changed after the autoencoder"):
         export_factorized(model, None, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["svd", "autoencoder"])
+def test_size_report_counts_what_the_export_stores(family, method):
+    from lmcompress.evaluate import size_report
+
+    model = _model(family)
+    dense = size_report(model)
+    factorize_(model, method, patterns=["attention", "mlp"], ratio=3, autoencoder=QUICK_AE, progress=False)
+    size = size_report(model)
+    assert size["params"] == dense["params"]  # logical parameters: the dense layers they stand for
+    assert size["bytes"] == pytest.approx(factorized_bytes(model), rel=1e-6)
+
+
+def test_generic_export_picks_the_factorized_format_and_honours_bf16(tmp_path):
+    from lmcompress.export import export_model
+
+    model = _model("gpt2")
+    factorize_(model, "autoencoder", patterns=["mlp"], ratio=2, autoencoder=QUICK_AE, progress=False)
+    folder, fmt = export_model(model, None, tmp_path / "out", dtype="bf16")
+    assert fmt == "factorized"
+    assert _payload_bytes(folder / "model.safetensors") == factorized_bytes(model, "bf16") == factorized_bytes(model) // 2
+    loaded, _ = load_model(folder)
+    x = torch.randint(3, 128, (2, 9))
+    torch.testing.assert_close(_logits(loaded.float(), x), _logits(model, x), atol=0.05, rtol=0.05)

@@ -79,9 +79,12 @@ def _collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Ten
         input_ids[i, : len(t)] = t
         given = examples[i].get("attention_mask")
         mask[i, : len(t)] = torch.as_tensor(given, dtype=torch.long) if given is not None else 1
+    # Task examples come padded to max_length; drop the columns that are padding in every row.
+    width = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else width
+    input_ids, mask = input_ids[:, :width], mask[:, :width]
     batch = {"input_ids": input_ids, "attention_mask": mask}
     if "labels" in examples[0]:
-        batch["labels"] = torch.as_tensor([e["labels"] for e in examples], dtype=torch.long)
+        batch["labels"] = torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long)
     else:
         batch["labels"] = input_ids.masked_fill(mask == 0, -100)
     return batch

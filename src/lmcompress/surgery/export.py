@@ -15,8 +15,6 @@ loaded model runs as plain linears.
 from __future__ import annotations
 
 import copy
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,8 +22,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmcompress.errors import LmcompressError
-from lmcompress.export import MARKER, read_marker, register_format, write_json_atomic
+from lmcompress.export import (
+    MARKER,
+    atomic_folder,
+    read_marker,
+    register_exporter,
+    register_format,
+    write_json_atomic,
+)
 from lmcompress.models.adapters import linear_weight
+from lmcompress.models.loading import DTYPES
 from lmcompress.models.select import set_module
 from lmcompress.surgery.autoencoder import AutoencodedWeights, RowCode, RowDecoder, apply_codes, autoencoded
 from lmcompress.surgery.lowrank import LowRankLinear
@@ -51,8 +57,10 @@ def _check_codes_current(model: nn.Module, record: AutoencodedWeights) -> None:
             )
 
 
-def factorized_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
-    """Every tensor the export writes, and the marker describing how to rebuild the model."""
+def factorized_tensors(model: nn.Module, dtype: str = "fp32") -> tuple[dict[str, torch.Tensor], dict]:
+    """Every tensor the export writes (floating ones cast to `dtype`), and the marker to rebuild the model."""
+    if dtype not in DTYPES:
+        raise LmcompressError(f"dtype: got {dtype!r}, allowed: {', '.join(DTYPES)}")
     record = autoencoded(model)
     dropped = {f"{name}.weight" for name in record.codes} if record else set()
     tensors: dict[str, torch.Tensor] = {}
@@ -79,6 +87,7 @@ def factorized_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]
         for name, code in record.codes.items():
             tensors[f"{_PREFIX}codes.{name}.latents"] = code.latents.contiguous()
             tensors[f"{_PREFIX}codes.{name}.norms"] = code.norms.contiguous()
+    tensors = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in tensors.items()}
     marker = {
         "format": FORMAT,
         "version": 1,
@@ -93,18 +102,16 @@ def factorized_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]
     return tensors, marker
 
 
-def factorized_bytes(model: nn.Module) -> int:
+def factorized_bytes(model: nn.Module, dtype: str = "fp32") -> int:
     """Bytes of the tensors `export_factorized` writes (the safetensors file is this plus a small header)."""
-    return factorized_tensors(model)[1]["weights_bytes"]
+    return factorized_tensors(model, dtype)[1]["weights_bytes"]
 
 
-def export_factorized(model: nn.Module, tokenizer, folder: str | Path) -> Path:
+@register_exporter(FORMAT, applies_to=is_factorized)
+def export_factorized(model: nn.Module, tokenizer, folder: str | Path, dtype: str = "fp32") -> Path:
     """Write `model` (factorized or not) in the `factorized` format; the folder is replaced atomically."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tensors, marker = factorized_tensors(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    tensors, marker = factorized_tensors(model, dtype)
+    with atomic_folder(folder) as tmp:
         config = copy.deepcopy(model.config)
         config.architectures = [type(model).__name__]
         config.save_pretrained(tmp)
@@ -112,13 +119,7 @@ def export_factorized(model: nn.Module, tokenizer, folder: str | Path) -> Path:
             tokenizer.save_pretrained(tmp)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json_atomic(tmp / MARKER, marker)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return Path(folder)
 
 
 @register_format(FORMAT)

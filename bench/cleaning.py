@@ -152,16 +152,18 @@ def pretrain(args: argparse.Namespace) -> list[dict]:
     test_docs = [d for i, d in enumerate(docs) if i % 10 == 5]
     train_docs = [d for i, d in enumerate(docs) if i % 10 != 5]
     polluted = args.out / "pretrain_polluted.jsonl"
-    write_jsonl(polluted, pollute(train_docs, seed=0).records)
+    # Only id and text: the injected pages have no year/name, and one schema keeps every loader happy.
+    write_jsonl(polluted, ({"id": r["id"], "text": r["text"]} for r in pollute(train_docs, seed=0).records))
     cleaned = Path(clean_files([polluted], args.out / "pretrain_clean", CleanConfig(num_proc=args.num_proc)).output)
 
     tokens = args.steps * args.batch_size * args.block_size
+    test_text = datasets.Dataset.from_list([{"text": d["text"]} for d in test_docs])
     rows = []
 
     def evaluate(model, tokenizer, label: str, trained_on: str, train_tokens: int) -> None:
-        blocks = lm_corpus.pack_blocks(datasets.Dataset.from_list([{"text": d["text"]} for d in test_docs]),
-                             tokenizer, args.block_size)
-        result = perplexity(model, blocks, batch_size=args.eval_batch_size)
+        stream = lm_corpus.token_stream(test_text, tokenizer)
+        result = perplexity(model, stream, window=args.block_size, max_tokens=args.test_tokens,
+                            batch_size=args.eval_batch_size)
         rows.append({"model": label, "trained on": trained_on, "train tokens": train_tokens,
                      "SOTU test ppl": round(result["perplexity"], 2), "test tokens": result["tokens"]})
         print(markdown_table(rows[-1:]), flush=True)
@@ -169,8 +171,9 @@ def pretrain(args: argparse.Namespace) -> list[dict]:
     def recipe(name: str, corpus: Path, stages: list[dict]) -> Recipe:
         return Recipe.model_validate({
             "name": name, "teacher": args.teacher, "block_size": args.block_size, "seed": args.seed,
-            # The loader's own split only sets aside a sliver; evaluation uses the held-out addresses above.
-            "corpus": {"name": str(corpus), "validation_fraction": 0.0, "test_fraction": 0.01},
+            # The loader's own validation/test splits are small; the reported perplexity is on the
+            # held-out addresses above, which neither corpus contains.
+            "corpus": {"name": str(corpus), "validation_fraction": 0.03, "test_fraction": 0.02},
             "stages": stages,
         })
 
@@ -181,7 +184,7 @@ def pretrain(args: argparse.Namespace) -> list[dict]:
     del base
     for label, corpus in (("polluted", polluted), ("cleaned", cleaned)):
         distill = {"stage": "distill", "data": "corpus", "steps": args.steps, "batch_size": args.batch_size,
-                   "lr": args.lr, "losses": [{"type": "ce"}]}
+                   "lr": args.lr, "eval_batches": 4, "losses": [{"type": "ce"}]}
         run = run_recipe(recipe(f"clean-bench-{label}", corpus, [truncate, distill]), args.out / f"run_{label}")
         evaluate(run.student, run.tokenizer, "half depth, continued pre-training",
                  f"{label} SOTU ({corpus.stat().st_size / 1e6:.1f} MB)", tokens)
@@ -201,6 +204,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--eval-batch-size", type=int, default=8)
+    parser.add_argument("--test-tokens", type=int, default=100_000, help="score at most this many test tokens")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -30,11 +30,12 @@ CROSS_DOCUMENT_LINE = "Filed under politics, history and national affairs in the
 SHORT_DOCUMENTS = [
     "Sorry, the page you are looking for has been moved to the archive.",
     "This story is no longer available and may have been removed by the editor.",
-    "Loading the latest headlines from the newsroom, please wait a moment.",
+    "Loading the latest headlines from the newsroom, please wait a moment and try to reload.",
     "You have reached the end of the results for this search.",
-    "The video you requested is not available in your region at the moment.",
+    "The video you requested is not available in your region, and the clip may be removed.",
 ]
-SPAM_PHRASES = ["best cheap flights", "book now and save", "lowest prices guaranteed", "cheap hotel deals"]
+SPAM_PHRASES = ["best cheap {}", "buy {} now and save", "lowest {} prices guaranteed", "{} deals today"]
+SPAM_PRODUCTS = ["flights", "hotels", "watches", "pills", "loans", "shoes", "phones", "tickets"]
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"“(])")
 
@@ -76,10 +77,11 @@ def garbage_line(rng: random.Random) -> str:
     return " ".join(str(rng.randint(0, 10**rng.randint(3, 6))) for _ in range(rng.randint(8, 16)))
 
 
-def spam_document(rng: random.Random, words: int = 300) -> str:
+def spam_document(rng: random.Random, product: str, words: int = 300) -> str:
+    """Keyword stuffing: a few phrases about one product, over and over."""
     out: list[str] = []
     while len(out) < words:
-        out.extend(rng.choice(SPAM_PHRASES).split())
+        out.extend(rng.choice(SPAM_PHRASES).format(product).split())
     return " ".join(out[:words]) + "."
 
 
@@ -151,9 +153,13 @@ def pollute(docs: list[dict], seed: int = 0, paragraph_words: int = 40, boilerpl
     add("near_duplicate", near_duplicate_rate * n,
         lambda src, j: {**polluted[src], "id": f"near-dup-{j}-of-{polluted[src]['id']}",
                         text_column: perturb_words(polluted[src][text_column], near_duplicate_change, rng)})
+    # Distinct short pages (numbered once the list runs out), so none of them is also an exact duplicate.
     add("short_document", short_document_rate * n,
-        lambda src, j: {"id": f"short-doc-{j}", text_column: rng.choice(SHORT_DOCUMENTS)})
-    add("spam", spam_rate * n, lambda src, j: {"id": f"spam-{j}", text_column: spam_document(rng)})
+        lambda src, j: {"id": f"short-doc-{j}", text_column: SHORT_DOCUMENTS[j % len(SHORT_DOCUMENTS)]
+                        + (f" (page {j})" if j >= len(SHORT_DOCUMENTS) else "")})
+    # One product per spam page, so two spam pages are not near duplicates of each other.
+    add("spam", spam_rate * n, lambda src, j: {
+        "id": f"spam-{j}", text_column: spam_document(rng, f"{SPAM_PRODUCTS[j % len(SPAM_PRODUCTS)]}{j or ''}")})
 
     after: dict[int, list[dict]] = {}
     for src, record in extra:

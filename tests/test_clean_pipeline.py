@@ -232,6 +232,14 @@ def test_clean_stage_points_later_stages_at_the_cleaned_corpus(corpus, tmp_path)
     assert run.report.rows[-1]["documents_out"] == len(docs)
     assert (tmp_path / "run" / "clean" / "clean_report.md").exists()
 
+    # Resumed with the same inputs and settings, the stage reuses its output instead of cleaning again.
+    resumed = Run(recipe=recipe, out_dir=tmp_path / "run")
+    resumed.state["resume"] = True
+    before = cleaned.stat().st_mtime_ns
+    recipe.stages[0].run(resumed)
+    assert cleaned.stat().st_mtime_ns == before and resumed.state["clean_corpus"] == str(cleaned)
+    assert resumed.report.rows[-1]["documents_out"] == len(docs)
+
 
 def test_clean_stage_text_column_conflict(tmp_path):
     from lmcompress.pipeline import Run
@@ -247,3 +255,16 @@ def test_clean_stage_text_column_conflict(tmp_path):
     run = Run(recipe=recipe, out_dir=tmp_path / "run")
     recipe.stages[0].run(run)
     assert read_jsonl(run.state["clean_corpus"]) == [{"body": make_doc(0)}]
+
+
+def test_parquet_writer_schema_mismatch_is_a_clear_error(tmp_path):
+    from lmcompress.data.cleaning.io import CorpusWriter
+
+    with pytest.raises(DataError, match="do not fit the parquet columns"):
+        with CorpusWriter(tmp_path / "c.parquet", "parquet", batch_rows=1) as writer:
+            writer.write({"text": "a", "year": 1})
+            writer.write({"text": "b", "year": "MCMXC"})
+    assert not list(tmp_path.iterdir())  # nothing partial left
+    with CorpusWriter(tmp_path / "empty.parquet", "parquet") as writer:
+        pass
+    assert pq.read_table(tmp_path / "empty.parquet").column_names == ["text"]

@@ -14,10 +14,13 @@ corpus's source files (built-in name, local file or folder; a hub id is streamed
 - `run.recipe.corpus.name` is replaced by that path (and cached corpus/token blocks are dropped), so later
   stages (`run.corpus`, `run.lm_blocks(...)`) read the cleaned text. The corpus is re-split into
   train/validation/test by document as usual, so its test split is cleaned text too.
+
+With `lmcompress run --resume`, a stage whose report shows the same inputs and settings reuses its output.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
@@ -78,18 +81,32 @@ class CleanStage(CleanConfig, StageConfig):
         from lmcompress.data.cleaning.pipeline import clean_records
 
         spec = run.recipe.corpus
+        cfg = self.cleaning_config(spec)
         open_records, inputs = corpus_source(spec)
-        report = clean_records(open_records, run.out_dir / "clean", self.cleaning_config(spec), inputs)
+        out_dir = run.out_dir / "clean"
+        result = _previous_result(out_dir, cfg, inputs) if run.state.get("resume") else None
+        if result is None:
+            result = clean_records(open_records, out_dir, cfg, inputs).to_dict()
 
-        run.state["clean_corpus"] = report.output
+        run.state["clean_corpus"] = result["output"]
         run.recipe = run.recipe.model_copy(
-            update={"corpus": spec.model_copy(update={"name": report.output, "config": None, "split": None})})
+            update={"corpus": spec.model_copy(update={"name": result["output"], "config": None, "split": None})})
         run.__dict__.pop("corpus", None)  # the cached_property of the uncleaned corpus
         for key in [k for k in run.state if isinstance(k, tuple) and k and k[0] == "blocks"]:
             del run.state[key]
 
-        s = report.stats
-        run.report.add(stage=self.label, documents_in=s.documents_in, documents_out=s.documents_out,
-                       mb_in=round(s.bytes_in / 1e6, 3), mb_out=round(s.bytes_out / 1e6, 3),
-                       removed_pct=round(100 * (1 - s.bytes_out / max(1, s.bytes_in)), 2),
-                       mb_per_s=round(report.mb_per_s, 3), output=report.output)
+        run.report.add(stage=self.label, documents_in=result["documents_in"], documents_out=result["documents_out"],
+                       mb_in=round(result["bytes_in"] / 1e6, 3), mb_out=round(result["bytes_out"] / 1e6, 3),
+                       removed_pct=round(100 * (1 - result["bytes_out"] / max(1, result["bytes_in"])), 2),
+                       mb_per_s=result["mb_per_s"], output=result["output"])
+
+
+def _previous_result(out_dir: Path, cfg: CleanConfig, inputs: list[str]) -> dict | None:
+    """On `--resume`, the saved report of an earlier run of this stage with the same inputs and settings
+    (its output is written atomically, so if the report exists the corpus is complete)."""
+    try:
+        saved = json.loads((out_dir / "clean_report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = saved.get("config") == cfg.model_dump(mode="json") and saved.get("inputs") == inputs
+    return saved if same and Path(saved.get("output", "")).is_file() else None

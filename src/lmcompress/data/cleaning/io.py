@@ -96,7 +96,8 @@ def _parquet_records(path: Path, text_column: str) -> Iterator[tuple[str, Record
 class CorpusWriter:
     """Writes records to `path` (jsonl or parquet) through a temporary file renamed on success.
 
-    Parquet files take the columns of the first batch of records; later records are cast to them.
+    Parquet files take the columns (and types) of the first batch of records: a field missing from a
+    later record is null, a field the first batch did not have is dropped.
     """
 
     def __init__(self, path: str | Path, fmt: str = "jsonl", text_column: str = "text", batch_rows: int = 1000):
@@ -130,7 +131,12 @@ class CorpusWriter:
                       else pa.schema([(self.text_column, pa.string())]))
             self._parquet = pq.ParquetWriter(self.tmp, schema)
         if self._rows:
-            self._parquet.write_table(pa.Table.from_pylist(self._rows, schema=self._parquet.schema))
+            try:
+                table = pa.Table.from_pylist(self._rows, schema=self._parquet.schema)
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                raise DataError(f"{self.path}: records do not fit the parquet columns taken from the first "
+                                f"{len(self._rows)} records ({exc}); write jsonl instead") from exc
+            self._parquet.write_table(table)
         self._rows = []
 
     def close(self) -> None:

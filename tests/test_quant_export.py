@@ -130,3 +130,18 @@ def test_export_stage_route_picks_the_packed_format(tmp_path):
 def test_export_of_a_plain_model_is_refused(tmp_path):
     with pytest.raises(LmcompressError, match="no quantized modules"):
         export_packed(tiny_model("llama"), None, tmp_path / "m")
+
+
+def test_reloaded_model_runs_in_bf16_and_keeps_its_scales(tmp_path):
+    model = tiny_model("llama")
+    quantize_(model, {"bits": "4-4-8"})
+    ids = torch.randint(3, 128, (1, 6))
+    expected = _logits(model, ids)
+    export_packed(model, None, tmp_path / "m", float_dtype="fp32")
+    reloaded, _ = load_model(tmp_path / "m")
+    scales = reloaded.model.layers[0].mlp.up_proj.scales.clone()
+    reloaded.to(torch.bfloat16)
+    assert reloaded.model.layers[0].mlp.up_proj.scales.dtype == torch.bfloat16
+    assert torch.equal(reloaded.model.layers[0].mlp.up_proj.scales, scales)
+    out = _logits(reloaded, ids).float()
+    assert (out - expected).abs().max() <= 0.05 * expected.abs().max()

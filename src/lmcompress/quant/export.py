@@ -150,7 +150,7 @@ def _module_entries(name: str, module: nn.Module, kind: str, float_dtype: torch.
             make_zeros = lambda q=quantized: q().zeros  # noqa: E731
         else:
             make_codes = lambda m=module: m.qweight  # noqa: E731
-            make_scales = lambda m=module: m.scales  # noqa: E731
+            make_scales = lambda m=module: m.scales.to(SCALE_DTYPE)  # noqa: E731
             make_zeros = lambda m=module: m.zeros  # noqa: E731
         weight_params = shape[0] * shape[1]
         entries.append(PlannedTensor(f"{name}.qweight", kind, "codes", torch.uint8,

@@ -255,9 +255,12 @@ class WeightQuantizer(nn.Module):
         with torch.no_grad():
             mean_abs = self._grouped(weight.detach().float()).abs().mean(dim=-1, keepdim=True).clamp_min(EPS)
         if spec.scale == "lsq":
-            init = 1.4 * mean_abs if spec.qmax == 1 else 2 * mean_abs / math.sqrt(spec.qmax)
             if spec.scheme == "binary":
-                init = mean_abs.clone()
+                init = mean_abs.clone()  # the static binary scale
+            elif spec.qmax == 1:
+                init = 2 * TERNARY_THRESHOLD * mean_abs  # rounding threshold s/2 = 0.7 * mean|w|
+            else:
+                init = 2 * mean_abs / math.sqrt(spec.qmax)  # LSQ's initialisation
             self.scale = nn.Parameter(init)
         elif spec.scale == "dynamic":
             if spec.scheme == "binary":

@@ -92,8 +92,9 @@ def test_accounting_counts_every_tensor_written(family, float_dtype, tmp_path):
     # model.safetensors = tensors + header; the predicted header is an estimate.
     assert abs(path.stat().st_size - account.file_bytes) <= 0.01 * account.file_bytes
     assert result["accounting_error"] <= 0.01
-    # The whole folder: the accounting plus config/marker files, nothing unaccounted.
+    # The whole folder: the weights file plus config/marker files, nothing unaccounted.
     assert result["folder_bytes"] == result["safetensors_bytes"] + result["other_files_bytes"]
+    assert result["total_bytes"] == account.file_bytes + result["other_files_bytes"]
     marker = json.loads((tmp_path / "m" / "lmcompress.json").read_text())
     assert marker["format"] == "packed-quant" and marker["size"]["tensor_bytes"] == account.tensor_bytes
 

@@ -261,7 +261,8 @@ class WeightQuantizer(nn.Module):
                 init = 2 * TERNARY_THRESHOLD * mean_abs  # rounding threshold s/2 = 0.7 * mean|w|
             else:
                 init = 2 * mean_abs / math.sqrt(spec.qmax)  # LSQ's initialisation
-            self.scale = nn.Parameter(init)
+            # Stored flat (one step size per group): 1-D parameters get no weight decay in the trainer.
+            self.scale = nn.Parameter(init.reshape(-1))
         elif spec.scale == "dynamic":
             if spec.scheme == "binary":
                 gamma = 1.0
@@ -302,7 +303,7 @@ class WeightQuantizer(nn.Module):
         # scale (may carry a gradient)
         if spec.scale == "lsq":
             factor = 1.0 / math.sqrt(self.groups[2] * spec.qmax)
-            s = _grad_scale(self.scale, factor).abs()
+            s = _grad_scale(self.scale, factor).abs().reshape(self.groups[0], self.groups[1], 1)
         elif spec.scale == "dynamic":
             s = self.gamma * mean_abs / spec.qmax
         elif spec.scheme == "binary":

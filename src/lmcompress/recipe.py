@@ -43,9 +43,14 @@ class StageConfig(Strict):
     name: str | None = None
     kind: ClassVar[str] = ""
 
+    needs: ClassVar[tuple[str, ...]] = ()  # top-level recipe sections this stage reads: "corpus", "task"
+
     @property
     def label(self) -> str:
         return self.name or self.stage
+
+    def required_sections(self) -> tuple[str, ...]:
+        return self.needs
 
     def run(self, run: Run) -> None:
         raise NotImplementedError
@@ -128,7 +133,7 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _check_data_needs(self) -> Recipe:
         for i, st in enumerate(self.stages):
-            for need in getattr(st, "needs", ()):
+            for need in st.required_sections():
                 if getattr(self, need) is None:
                     raise RecipeError(f"stages[{i}] ({st.stage}) needs a top-level `{need}:` section")
         return self

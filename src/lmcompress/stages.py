@@ -82,6 +82,11 @@ class EvaluateStage(StageConfig):
             raise ValueError(f"stride ({self.stride}) must not exceed window ({self.window})")
         return self
 
+    def required_sections(self) -> tuple[str, ...]:
+        metrics = self.metrics or []
+        return (("corpus",) if {"perplexity", "speed"} & set(metrics) else ()) + (
+            ("task",) if "accuracy" in metrics else ())
+
     def _metrics(self, run: Run) -> list[str]:
         if self.metrics:
             return self.metrics

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 def _as_stream(data) -> torch.Tensor:
     if isinstance(data, torch.Tensor):
         return data.flatten().long()
-    return torch.as_tensor(data["input_ids"]).flatten().long()  # a Dataset of token blocks
+    return torch.as_tensor(data.with_format("torch")[:]["input_ids"]).flatten().long()  # a Dataset of blocks
 
 
 @torch.no_grad()

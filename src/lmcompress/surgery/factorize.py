@@ -66,7 +66,7 @@ class FactorizeResult:
             "params_before": self.plan.original,
             "params_after": self.plan.stored,
             "size_range": f"{sizes[0]}-{sizes[-1]}" if len(sizes) > 1 else str(sizes[0]),
-            "calibration_s": round(self.calibration_seconds, 2),
+            "calibration_s": round(self.calibration_seconds, 4),
             "fit_s": round(self.fit_seconds, 2),
         }
 

@@ -195,3 +195,39 @@ def test_student_stage_random_init(tmp_path):
     StudentStage.model_validate(run.recipe.stages[0].model_dump()).run(run)
     assert not torch.equal(run.student.model.layers[0].self_attn.q_proj.weight,
                            run.teacher.model.layers[0].self_attn.q_proj.weight)
+
+
+def toy_task(n=64, length=10):
+    """Label 1 iff the first token is 5: learnable in a few dozen steps by a tiny encoder."""
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(6, 128, (n, length), generator=gen)
+    labels = torch.arange(n) % 2
+    ids[labels == 1, 0] = 5
+    rows = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * length] * n,
+                                       "labels": labels.tolist()}).with_format("torch")
+    return SimpleNamespace(name="toy", num_labels=2, label_names=["no", "yes"], metric="accuracy",
+                           tokenized=lambda tokenizer, split, max_length=None: rows)
+
+
+def test_finetune_gives_a_bare_encoder_a_trained_head_and_the_student_a_copy(tmp_path):
+    import transformers
+    from conftest import tiny_config
+
+    stage = {"stage": "finetune", "steps": 40, "batch_size": 16, "lr": 2e-3, "log_with": "none",
+             "log_every": 5}
+    run = FakeRun(recipe=Recipe.model_validate({"teacher": "tiny", "task": {"name": "toy"}, "stages": [stage]}),
+                  out_dir=tmp_path)
+    torch.manual_seed(0)
+    run.teacher = transformers.BertModel(tiny_config("bert")).eval()
+    run.student, run.tokenizer = copy.deepcopy(run.teacher), TinyTokenizer()
+    run.__dict__["task"] = toy_task()
+    run.recipe.stages[0].run(run)
+    assert type(run.teacher).__name__ == "BertForSequenceClassification"
+    assert not run.teacher.training and not any(p.requires_grad for p in run.teacher.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(run.student.state_dict().values(),
+                                                  run.teacher.state_dict().values(), strict=True))
+    trained, scored = run.report.rows
+    assert trained["train_steps"] == 40 and scored["model"] == "teacher (fine-tuned)"
+    assert scored["accuracy"] >= 0.9

@@ -148,3 +148,9 @@ def test_csv_metrics_and_evaluation(tmp_path):
     assert [r["step"] for r in rows if r["train/loss"]] == ["2", "4"]
     assert [r["eval/score"] for r in rows if r["eval/score"]] == ["1.5", "1.5"]
     assert float(rows[0]["tokens_per_s"]) > 0 and result.evals == [{"step": 2, "score": 1.5}, {"step": 4, "score": 1.5}]
+
+
+def test_tensorboard_tracker(tmp_path):
+    config = TrainConfig(steps=2, batch_size=4, log_every=1, log_with="tensorboard", progress=False, run_name="tb")
+    train(gpt2_objective(), blocks(), config, tmp_path)
+    assert list((tmp_path / "logs/tb").rglob("events.out.tfevents.*"))

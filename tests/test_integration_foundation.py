@@ -63,12 +63,15 @@ def test_minilm_loads_for_sequence_classification():
 
 def test_demo_recipe_end_to_end_on_a_slice(tmp_path, capsys):
     out = tmp_path / "demo"
-    code = main(["run", "recipes/demo.yaml", "--out", str(out),
-                 "--set", "stages.1.max_tokens=128", "--set", "stages.3.max_tokens=128", "--set", "block_size=64"])
+    small = ["stages.1.max_tokens=128", "stages.3.max_tokens=128", "stages.5.max_tokens=128", "block_size=64",
+             "stages.4.steps=3", "stages.4.batch_size=2", "stages.4.checkpoint_every=0"]
+    code = main(["run", "recipes/demo.yaml", "--out", str(out), *[a for s in small for a in ("--set", s)]])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    teacher, truncated, exported = report["rows"]
-    assert teacher["layers"] == 30 and truncated["layers"] == 15
+    rows = {row["stage"]: row for row in report["rows"]}
+    teacher, truncated, exported = rows["teacher"], rows["truncated"], rows["export"]
+    assert teacher["layers"] == 30 and truncated["layers"] == 15 and rows["distilled"]["layers"] == 15
+    assert rows["distill"]["train_steps"] == 3 and rows["distill"]["train_tokens"] == 3 * 2 * 64
     assert truncated["compression_ratio"] > 1.5 and truncated["perplexity"] > teacher["perplexity"]
     reloaded, _ = load_model(out / "model")
     assert get_adapter(reloaded).num_layers == 15

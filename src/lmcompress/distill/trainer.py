@@ -13,7 +13,7 @@ Checkpoints: `out_dir/checkpoints/<run_name>/step-NNNNNNNN/` holds `accelerator.
 scheduler, RNG states of every process) plus `trainer_state.json` (step, data position, tokens, seconds).
 They are written to a temporary folder and renamed, the last `keep_checkpoints` are kept, and the final
 step is always saved so a resumed pipeline skips finished training. Metrics go to accelerate trackers:
-`out_dir/logs/<run_name>/metrics.csv` (CSVTracker, default) or TensorBoard under `out_dir`.
+`out_dir/logs/<run_name>/metrics.csv` (CSVTracker, default) or TensorBoard events in the same folder.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class TrainConfig:
     eval_every: int = 0  # optimizer steps; 0 = only at the end (when an eval function is given)
     checkpoint_every: int = 0  # optimizer steps; 0 = only the final checkpoint
     keep_checkpoints: int = 2
+    save_final: bool = True  # checkpoint the last step too (lets a resumed pipeline skip finished training)
     log_with: Literal["csv", "tensorboard", "none"] = "csv"
     log_every: int = 10
     seed: int = 0
@@ -252,7 +253,7 @@ def _accelerator(config: TrainConfig, out_dir: Path) -> Accelerator:
         cpu=not torch.accelerator.is_available(),
         mixed_precision="bf16" if config.bf16 else "no",
         log_with=_trackers(config, out_dir),
-        project_dir=str(out_dir),
+        project_dir=str(out_dir / "logs"),  # TensorBoard writes logs/<run_name>, like the CSV tracker
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
 
@@ -380,7 +381,8 @@ def train(
                                  "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
                                  "tokens_per_s": window_tokens / window_seconds}, step=step)
                 window, window_steps, window_tokens, window_seconds = {}, 0, 0, 0.0
-            if step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
+            if ((step == config.steps and config.save_final)
+                    or (config.checkpoint_every and step % config.checkpoint_every == 0)):
                 _save_checkpoint(accelerator, ckpt_dir, state, config.keep_checkpoints)
             if step == config.steps or (config.eval_every and step % config.eval_every == 0):
                 run_eval(step)

@@ -48,7 +48,8 @@ def evaluate_classifier(model: nn.Module, tokenizer, task, split: str = "test", 
         preds.extend(logits.argmax(-1).tolist())
     elapsed = time.perf_counter() - started
     model.train(was_training)
-    out = classification_metrics(preds, data["labels"].tolist(), task.num_labels)
+    # datasets 5 returns a lazy Column for ds["labels"] (no .tolist()), even in torch format.
+    out = classification_metrics(preds, [int(y) for y in data["labels"]], task.num_labels)
     out["examples_per_s"] = len(preds) / elapsed if elapsed > 0 else float("nan")
     out["metric"] = task.metric
     return out

@@ -53,6 +53,17 @@ def _import_extractors() -> None:
                 raise
 
 
+def find_quantized(model: nn.Module) -> dict[str, tuple[IntWeight, torch.Tensor | None]]:
+    """{name: (IntWeight, bias)} of the modules a registered extractor recognises as quantized."""
+    _import_extractors()
+    found = {}
+    for name, module in model.named_modules():
+        extracted = _extract(module)
+        if extracted is not None:
+            found[name] = extracted
+    return found
+
+
 def to_inference(model: nn.Module, weights: Mapping[str, IntWeight] | None = None, kernel: str = "auto",
                  prefer: str = "speed") -> nn.Module:
     """Swap quantized modules of `model` for inference-form modules in place; returns `model`.
@@ -70,11 +81,7 @@ def to_inference(model: nn.Module, weights: Mapping[str, IntWeight] | None = Non
                 raise LmcompressError(f"to_inference: weights name {name!r} is not a module of the model")
             targets[name] = (weight, getattr(modules[name], "bias", None))
     else:
-        _import_extractors()
-        for name, module in model.named_modules():
-            found = _extract(module)
-            if found is not None:
-                targets[name] = found
+        targets = find_quantized(model)
         if not targets:
             raise LmcompressError("to_inference: no quantized module found; quantize the model first or "
                                   "pass weights={name: IntWeight}")

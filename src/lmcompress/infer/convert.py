@@ -53,6 +53,18 @@ def _import_extractors() -> None:
                 raise
 
 
+def _unshare_storages(model: nn.Module) -> None:
+    """Give the remaining (float) parameters and buffers storage of their own.
+
+    transformers memory-maps safetensors checkpoints: every loaded tensor views the one file mapping,
+    so a single norm weight left in it keeps all the float checkpoint's pages resident after the swap.
+    What remains after the swap is small (norms, biases), so copying it is cheap.
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
+
+
 def find_quantized(model: nn.Module) -> dict[str, tuple[IntWeight, torch.Tensor | None]]:
     """{name: (IntWeight, bias)} of the modules a registered extractor recognises as quantized."""
     _import_extractors()
@@ -92,6 +104,7 @@ def to_inference(model: nn.Module, weights: Mapping[str, IntWeight] | None = Non
         else:
             new = PackedLinear(weight, bias, kernel=kernel, prefer=prefer)
         set_module(model, name, new)
+    _unshare_storages(model)
     return model.eval()
 
 

@@ -22,13 +22,13 @@ import struct
 import subprocess
 import sys
 import tarfile
-import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmcompress.errors import AssetError
+from lmcompress.export import atomic_folder
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -203,21 +203,14 @@ def ensure(name: str) -> Path:
         return asset.path
     downloads = home() / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    asset.path.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=asset.path.parent))
     try:
-        asset.build(downloads, building)
-        (building / ".complete").write_text(json.dumps({"asset": name}))
-        if asset.path.exists():
-            shutil.rmtree(asset.path)
-        building.rename(asset.path)
+        with atomic_folder(asset.path) as building:
+            asset.build(downloads, building)
+            (building / ".complete").write_text(json.dumps({"asset": name}))
     except AssetError:
         raise
     except Exception as exc:  # any failure of a build step is reported against the asset
         raise AssetError(f"{name}: {type(exc).__name__}: {exc}") from exc
-    finally:
-        if building.exists():
-            shutil.rmtree(building, ignore_errors=True)
     return asset.path
 
 

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from torch import nn
 
 from lmcompress.errors import LmcompressError
 
 MARKER = "lmcompress.json"
 _LOADERS: dict[str, Callable[[Path], tuple]] = {}
+# name -> (applies_to(model) -> bool, save(model, tokenizer, target, **options) -> path)
+_EXPORTERS: dict[str, tuple[Callable, Callable]] = {}
 
 
 def register_format(name: str):
@@ -27,6 +34,35 @@ def register_format(name: str):
         return fn
 
     return wrap
+
+
+def register_exporter(name: str, applies_to: Callable[[nn.Module], bool]):
+    """Decorator: `save(model, tokenizer, target, dtype=...) -> path` writes format `name`.
+
+    `applies_to(model)` tells `export_model(format="auto")` to choose this format for such a model
+    (for instance one holding quantized or factorized modules).
+    """
+
+    def wrap(save: Callable):
+        _EXPORTERS[name] = (applies_to, save)
+        return save
+
+    return wrap
+
+
+def export_model(model: nn.Module, tokenizer, target: str | Path, dtype: str = "fp32",
+                 format: str = "auto") -> tuple[Path, str]:
+    """Write `model` in `format` (auto: the compressed format its modules need, else a plain HF folder)."""
+    from lmcompress.models.loading import save_model_atomic
+
+    _import_formats()
+    if format == "auto":
+        format = next((name for name, (applies, _) in _EXPORTERS.items() if applies(model)), "hf")
+    if format == "hf":
+        return save_model_atomic(model, tokenizer, Path(target), dtype=dtype), "hf"
+    if format not in _EXPORTERS:
+        raise LmcompressError(f"export format {format!r} is not available; known: hf, {', '.join(_EXPORTERS)}")
+    return Path(_EXPORTERS[format][1](model, tokenizer, Path(target), dtype=dtype)), format
 
 
 def is_compressed_folder(path: str | Path) -> bool:
@@ -44,6 +80,26 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+@contextmanager
+def atomic_folder(target: str | Path) -> Iterator[Path]:
+    """Build a folder in a temporary sibling and move it over `target` only if the block succeeds.
+
+    A killed or failed write never leaves a half-written folder where a finished one is expected.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_compressed(path: str | Path):
     """(model, tokenizer) from a compressed folder written by one of the registered formats."""
     _import_formats()
@@ -53,16 +109,14 @@ def load_compressed(path: str | Path):
     return _LOADERS[fmt](Path(path))
 
 
-def _import_formats() -> None:
-    # Formats register themselves on import; import the packages that define them.
-    import importlib
+FORMAT_MODULES = ("lmcompress.quant.export", "lmcompress.surgery.export", "lmcompress.infer.gguf")
 
-    for module in ("lmcompress.quant.export", "lmcompress.surgery.export"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+
+def _import_formats() -> None:
+    # Formats register themselves on import.
+    from lmcompress.plugins import import_present
+
+    import_present(FORMAT_MODULES)
 
 
 def folder_bytes(path: str | Path) -> int:

@@ -76,13 +76,14 @@ class Run:
         self.report.write(self.out_dir, title=self.recipe.name)
 
 
-def run_recipe(recipe: Recipe, out_dir: str | Path) -> Run:
+def run_recipe(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> Run:
     """Execute every stage; the report is rewritten after each one so a crash keeps what was measured."""
     from lmcompress.recipe import stage_types
 
     stage_types()
     torch.manual_seed(recipe.seed)
     run = Run(recipe=recipe, out_dir=Path(out_dir))
+    run.state["resume"] = resume
     run.report.meta.update({"recipe": recipe.name, "teacher": recipe.teacher})
     stages = list(recipe.stages)
     if stages[0].stage != "load":

@@ -8,7 +8,6 @@ work starts with a message naming the file, the field path (`stages[2].bits`) an
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -16,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lmcompress.errors import RecipeError
+from lmcompress.plugins import import_present
 
 if TYPE_CHECKING:
     from lmcompress.pipeline import Run
@@ -43,9 +43,14 @@ class StageConfig(Strict):
     name: str | None = None
     kind: ClassVar[str] = ""
 
+    needs: ClassVar[tuple[str, ...]] = ()  # top-level recipe sections this stage reads: "corpus", "task"
+
     @property
     def label(self) -> str:
         return self.name or self.stage
+
+    def required_sections(self) -> tuple[str, ...]:
+        return self.needs
 
     def run(self, run: Run) -> None:
         raise NotImplementedError
@@ -60,12 +65,7 @@ def register_stage(cls: type[StageConfig]) -> type[StageConfig]:
 
 
 def stage_types() -> dict[str, type[StageConfig]]:
-    for module in STAGE_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:  # a stage module that exists but fails to import is a real bug
-                raise
+    import_present(STAGE_MODULES)
     return dict(_STAGES)
 
 
@@ -133,7 +133,7 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _check_data_needs(self) -> Recipe:
         for i, st in enumerate(self.stages):
-            for need in getattr(st, "needs", ()):
+            for need in st.required_sections():
                 if getattr(self, need) is None:
                     raise RecipeError(f"stages[{i}] ({st.stage}) needs a top-level `{need}:` section")
         return self

@@ -37,6 +37,10 @@ class ArchAdapter:
     family: str = ""
     model_types: tuple[str, ...] = ()
     causal: bool = True
+    # Config attribute holding the MLP width, and whether the config has num_key_value_heads (GQA);
+    # used to build narrower students from a teacher's config.
+    intermediate_size_attr: str = "intermediate_size"
+    supports_kv_heads: bool = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -136,6 +140,7 @@ class LlamaAdapter(ArchAdapter):
 
     family = "llama"
     model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "granite")
+    supports_kv_heads = True
 
     @property
     def base(self) -> nn.Module:
@@ -188,6 +193,7 @@ class GPT2Adapter(ArchAdapter):
 
     family = "gpt2"
     model_types = ("gpt2",)
+    intermediate_size_attr = "n_inner"  # None means 4 * n_embd
 
     @property
     def base(self) -> nn.Module:

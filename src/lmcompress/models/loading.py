@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -141,19 +139,12 @@ def convert_gguf_to_safetensors(gguf_path: Path, target: Path) -> None:
 
 def save_model_atomic(model: nn.Module, tokenizer, target: Path, dtype: str = "fp32") -> Path:
     """save_pretrained into a temporary sibling folder, then rename over `target`."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    from lmcompress.export import atomic_folder
+
+    with atomic_folder(target) as tmp:
         # Cast a copy of the weights, never the live model (fp32 -> bf16 -> fp32 would lose precision).
         state = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return Path(target)

@@ -1,0 +1,177 @@
+"""The `lmcompress` command. Thin: parses arguments and calls the API.
+
+Errors print as one line (`error: ...`) with a non-zero exit code; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from lmcompress.errors import LmcompressError
+
+
+def _quiet_libraries() -> None:
+    # Library notices (transformers' loss_type notice, torch.ao deprecations) drown the progress bars.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.ao")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+
+
+def cmd_assets(args: argparse.Namespace) -> int:
+    from lmcompress import assets
+
+    results = assets.fetch_all(args.only or None)
+    width = max(len(n) for n in results)
+    for name, status in results.items():
+        print(f"{name:<{width}}  {status}  {assets.ASSETS[name].path if name in assets.ASSETS else ''}")
+    failed = [n for n, s in results.items() if s.startswith("FAILED")]
+    if failed:
+        raise LmcompressError(f"{len(failed)} asset(s) could not be fetched: {', '.join(failed)} (see above)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lmcompress.pipeline import run_recipe
+    from lmcompress.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    out = Path(args.out or Path("runs") / recipe.name)
+    run = run_recipe(recipe, out, resume=args.resume)
+    print((run.out_dir / "report.md").read_text())
+    print(f"report: {run.out_dir / 'report.md'}  ({run.out_dir / 'report.json'})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lmcompress.pipeline import run_recipe
+    from lmcompress.recipe import CorpusSpec, Recipe, TaskSpec
+    from lmcompress.report.tables import markdown_table
+    from lmcompress.stages import EvaluateStage, LoadStage
+
+    metrics = ["perplexity" if args.corpus else "accuracy", "size"] + (["speed"] if args.speed else [])
+    recipe = Recipe(
+        name="eval",
+        teacher=args.model,
+        model_task="sequence-classification" if args.task else None,
+        corpus=CorpusSpec(name=args.corpus) if args.corpus else None,
+        task=TaskSpec(name=args.task, test_limit=args.limit) if args.task else None,
+        block_size=args.window,
+        stages=[
+            LoadStage(copy_student=False),
+            EvaluateStage(model="teacher", metrics=metrics, split=args.split, max_tokens=args.max_tokens,
+                          stride=args.stride),
+        ],
+    )
+    run = run_recipe(recipe, args.out or Path("runs") / "eval")
+    print(markdown_table(run.report.rows))
+    if args.json:
+        print(json.dumps(run.report.rows, indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lmcompress.export import export_model
+    from lmcompress.models.loading import load_model
+
+    model, tokenizer = load_model(args.model)
+    path, fmt = export_model(model, tokenizer, args.out, dtype=args.dtype, format=args.format)
+    print(f"wrote {fmt} model to {path}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from lmcompress.models.adapters import get_adapter
+    from lmcompress.models.loading import load_model
+
+    model, _ = load_model(args.model)
+    a = get_adapter(model)
+    print(f"{type(model).__name__} ({a.family} adapter): {a.num_layers} layers, hidden {a.hidden_size}, "
+          f"{a.num_heads} heads / {a.num_kv_heads} kv heads, {sum(p.numel() for p in model.parameters()):,} params")
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if name and weight is not None and not any(True for _ in module.children()):
+            print(f"  {a.module_kind(name, module):<10} {name:<55} {tuple(weight.shape)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmcompress", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a recipe (YAML)", description="Run a compression recipe end to end.")
+    p.add_argument("recipe", help="path to a recipe YAML file (see recipes/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set stages.2.steps=50 (repeatable)")
+    p.add_argument("--out", help="output folder (default: runs/<recipe name>)")
+    p.add_argument("--resume", action="store_true", help="continue training stages from their last checkpoint")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("eval", help="evaluate a model on a corpus or task",
+                       description="Perplexity on a corpus, or accuracy/F1/MCC on a task, plus size.")
+    p.add_argument("model", help="built-in name (smollm2-135m, minilm-l6), folder, .gguf file or hub id")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--corpus", help="sotu, a local .txt/.jsonl/.parquet file or folder, or a hub data set")
+    data.add_argument("--task", help="fine-foods, a local csv/jsonl, or glue/<task>")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--max-tokens", type=int, help="score at most this many tokens")
+    p.add_argument("--window", type=int, default=512, help="perplexity window (tokens)")
+    p.add_argument("--stride", type=int, help="sliding-window stride (default: window)")
+    p.add_argument("--limit", type=int, help="evaluate at most this many task examples")
+    p.add_argument("--speed", action="store_true", help="also measure prefill and decode tokens/s")
+    p.add_argument("--out", help="folder for report.json/report.md (default: runs/eval)")
+    p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="export a model (hf folder, compressed folder or gguf)")
+    p.add_argument("model")
+    p.add_argument("--out", required=True, help="output folder (or .gguf file)")
+    p.add_argument("--format", default="auto", help="auto | hf | packed-quant | factorized | gguf")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("assets", help="fetch and cache the built-in model and data sets")
+    p.add_argument("--only", nargs="*", help="fetch only these assets")
+    p.set_defaults(func=cmd_assets)
+
+    p = sub.add_parser("inspect", help="list a model's modules with their kinds (for recipe patterns)")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
+    if not args.debug:
+        _quiet_libraries()
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not isinstance(exc, LmcompressError):
+            reason = f"{type(exc).__name__}: {reason} (rerun with --debug for the traceback)"
+        print(f"error: {reason}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

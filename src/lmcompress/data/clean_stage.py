@@ -1,0 +1,112 @@
+"""The `clean` recipe stage: clean the recipe's corpus, then point later stages at the cleaned copy.
+
+    corpus: {name: sotu}
+    stages:
+      - {stage: clean, num_proc: 2, near_dedup: {threshold: 0.8}, lines: {short: {enabled: false}}}
+      - {stage: truncate, keep: every-other}
+      - {stage: distill, data: corpus, ...}
+
+The stage takes every field of `CleanConfig` (the same as `lmcompress clean --config`). It reads the
+corpus's source files (built-in name, local file or folder; a hub id is streamed with `datasets`), writes
+`<out_dir>/clean/corpus.jsonl` (or .parquet) with `clean_report.{json,md}`, and then:
+
+- `run.state["clean_corpus"]` is the path of the cleaned corpus file;
+- `run.recipe.corpus.name` is replaced by that path (and cached corpus/token blocks are dropped), so later
+  stages (`run.corpus`, `run.lm_blocks(...)`) read the cleaned text. The corpus is re-split into
+  train/validation/test by document as usual, so its test split is cleaned text too.
+
+With `lmcompress run --resume`, a stage whose report shows the same inputs and settings reuses its output.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from lmcompress.data.cleaning.config import CleanConfig
+from lmcompress.errors import RecipeError
+from lmcompress.recipe import CorpusSpec, StageConfig, register_stage
+
+if TYPE_CHECKING:
+    from lmcompress.pipeline import Run
+
+
+def corpus_source(spec: CorpusSpec):
+    """(open_records, inputs) for the corpus a recipe names; `open_records()` starts over on each call."""
+    from lmcompress import assets
+    from lmcompress.data.cleaning.io import expand_inputs, iter_records
+
+    if spec.name in assets.ASSETS and assets.ASSETS[spec.name].kind == "corpus":
+        files = expand_inputs([assets.ensure(spec.name)])
+    elif Path(spec.name).exists():
+        files = expand_inputs([spec.name])
+    else:
+        return (lambda: _hub_records(spec)), [spec.name]
+    return (lambda: iter_records(files, spec.text_column)), [str(f) for f in files]
+
+
+def _hub_records(spec: CorpusSpec) -> Iterator[tuple[str, dict]]:
+    import datasets
+
+    try:
+        data = datasets.load_dataset(spec.name, spec.config, split=spec.split, streaming=True)
+    except Exception as exc:  # the hub, a missing dataset or a bad config: tell which corpus failed
+        raise RecipeError(f"corpus.name: {spec.name!r} is not a built-in corpus, a local path, or a readable "
+                          f"hub dataset ({type(exc).__name__}: {exc})") from exc
+    splits = data.items() if isinstance(data, datasets.IterableDatasetDict) else [(spec.split or "data", data)]
+    for split, part in splits:
+        for i, record in enumerate(part):
+            yield f"{spec.name}/{split}:{i + 1}", record
+
+
+@register_stage
+class CleanStage(CleanConfig, StageConfig):
+    """Clean the recipe's corpus (normalize, filter lines and documents, de-duplicate)."""
+
+    kind: ClassVar[str] = "clean"
+    needs: ClassVar[tuple[str, ...]] = ("corpus",)
+    stage: Literal["clean"]
+
+    def cleaning_config(self, spec: CorpusSpec) -> CleanConfig:
+        if "text_column" in self.model_fields_set and self.text_column != spec.text_column:
+            raise RecipeError(f"clean.text_column {self.text_column!r} differs from corpus.text_column "
+                              f"{spec.text_column!r}; set it once, under corpus:")
+        fields = self.model_dump(exclude={"stage", "name"})
+        fields["text_column"] = spec.text_column
+        return CleanConfig.model_validate(fields)
+
+    def run(self, run: Run) -> None:
+        from lmcompress.data.cleaning.pipeline import clean_records
+
+        spec = run.recipe.corpus
+        cfg = self.cleaning_config(spec)
+        open_records, inputs = corpus_source(spec)
+        out_dir = run.out_dir / "clean"
+        result = _previous_result(out_dir, cfg, inputs) if run.state.get("resume") else None
+        if result is None:
+            result = clean_records(open_records, out_dir, cfg, inputs).to_dict()
+
+        run.state["clean_corpus"] = result["output"]
+        run.recipe = run.recipe.model_copy(
+            update={"corpus": spec.model_copy(update={"name": result["output"], "config": None, "split": None})})
+        run.__dict__.pop("corpus", None)  # the cached_property of the uncleaned corpus
+        for key in [k for k in run.state if isinstance(k, tuple) and k and k[0] == "blocks"]:
+            del run.state[key]
+
+        run.report.add(stage=self.label, documents_in=result["documents_in"], documents_out=result["documents_out"],
+                       mb_in=round(result["bytes_in"] / 1e6, 3), mb_out=round(result["bytes_out"] / 1e6, 3),
+                       removed_pct=round(100 * (1 - result["bytes_out"] / max(1, result["bytes_in"])), 2),
+                       mb_per_s=result["mb_per_s"], output=result["output"])
+
+
+def _previous_result(out_dir: Path, cfg: CleanConfig, inputs: list[str]) -> dict | None:
+    """On `--resume`, the saved report of an earlier run of this stage with the same inputs and settings
+    (its output is written atomically, so if the report exists the corpus is complete)."""
+    try:
+        saved = json.loads((out_dir / "clean_report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = saved.get("config") == cfg.model_dump(mode="json") and saved.get("inputs") == inputs
+    return saved if same and Path(saved.get("output", "")).is_file() else None

@@ -1,0 +1,154 @@
+"""Labelled classification tasks: built-in `fine-foods`, local csv/jsonl, or `glue/<task>` from the hub."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from lmcompress.errors import DataError
+from lmcompress.recipe import TaskSpec
+
+# GLUE tasks: (text column, text pair column, metric). Their test labels are hidden: we test on validation.
+GLUE = {
+    "cola": ("sentence", None, "mcc"),
+    "sst2": ("sentence", None, "accuracy"),
+    "mrpc": ("sentence1", "sentence2", "f1"),
+    "qqp": ("question1", "question2", "f1"),
+    "mnli": ("premise", "hypothesis", "accuracy"),
+    "qnli": ("question", "sentence", "accuracy"),
+    "rte": ("sentence1", "sentence2", "accuracy"),
+    "wnli": ("sentence1", "sentence2", "accuracy"),
+    "stsb": ("sentence1", "sentence2", "accuracy"),
+}
+
+
+@dataclass
+class TaskData:
+    name: str
+    train: datasets.Dataset  # columns: text, (text_pair), label (int)
+    test: datasets.Dataset
+    label_names: list[str]
+    metric: str  # the task's headline metric: accuracy | f1 | mcc
+    max_length: int = 128
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def split(self, name: str) -> datasets.Dataset:
+        if name not in ("train", "test"):
+            raise DataError(f"task {self.name}: split {name!r} does not exist (train, test)")
+        return getattr(self, name)
+
+    def tokenized(self, tokenizer, split: str, max_length: int | None = None) -> datasets.Dataset:
+        """`input_ids`, `attention_mask`, `labels`, padded to `max_length` (torch format)."""
+        length = max_length or self.max_length
+        ds = self.split(split)
+        pair = "text_pair" in ds.column_names
+
+        def tok(batch):
+            enc = tokenizer(batch["text"], batch["text_pair"] if pair else None, truncation=True,
+                            max_length=length, padding="max_length")
+            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": batch["label"]}
+
+        out = ds.map(tok, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {self.name}/{split}")
+        return out.with_format("torch")
+
+
+def _encode_labels(train: datasets.Dataset, test: datasets.Dataset, label_names: list[str] | None, where: str):
+    values = train.unique("label")
+    if all(isinstance(v, int) for v in values):  # already encoded (GLUE, or integer labels in a file)
+        return train, test, label_names or [str(v) for v in range(max(values) + 1)]
+    if label_names is None:
+        label_names = sorted(str(v) for v in values)
+    index = {name: i for i, name in enumerate(label_names)}
+
+    def enc(row):
+        key = str(row["label"])
+        if key not in index:
+            raise DataError(f"{where}: label {key!r} is not one of {label_names}")
+        return {"label": index[key]}
+
+    train = train.map(enc)
+    test = test.map(enc)
+    return train.cast_column("label", datasets.Value("int64")), test.cast_column("label", datasets.Value("int64")), label_names
+
+
+def _normalize_columns(ds: datasets.Dataset, spec: TaskSpec, where: str) -> datasets.Dataset:
+    need = [spec.text_column, spec.label_column] + ([spec.text_pair_column] if spec.text_pair_column else [])
+    missing = [c for c in need if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {missing} (columns: {ds.column_names}); set task.text_column/label_column")
+    rename = {spec.text_column: "text", spec.label_column: "label"}
+    if spec.text_pair_column:
+        rename[spec.text_pair_column] = "text_pair"
+    ds = ds.select_columns(need)
+    return ds.rename_columns({k: v for k, v in rename.items() if k != v})
+
+
+def _local_split(path: Path, split: str) -> Path | None:
+    for suffix in (".jsonl", ".json", ".csv"):
+        candidate = path / f"{split}{suffix}"
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _load_local(path: Path, spec: TaskSpec) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """A folder with train.{jsonl,csv} and test.{jsonl,csv}, or one file split 80/20 deterministically."""
+    if path.is_dir():
+        files = {s: _local_split(path, s) for s in ("train", "test")}
+        if None in files.values():
+            raise DataError(f"task folder {path}: needs train.jsonl|csv and test.jsonl|csv")
+    else:
+        files = {"all": path}
+    loaded = {}
+    for split, f in files.items():
+        builder = "csv" if f.suffix == ".csv" else "json"
+        loaded[split] = _normalize_columns(datasets.load_dataset(builder, data_files=str(f), split="train"), spec, str(f))
+    if "all" in loaded:
+        parts = loaded["all"].train_test_split(test_size=0.2, seed=0)
+        return parts["train"], parts["test"]
+    return loaded["train"], loaded["test"]
+
+
+def load_task(spec: TaskSpec) -> TaskData:
+    name = spec.name
+    label_names = None
+    metric = "accuracy"
+    if name == "fine-foods":
+        from lmcompress.assets import ensure
+
+        folder = ensure("fine-foods")
+        train, test = _load_local(folder, spec.model_copy(update={"text_column": "text", "label_column": "label"}))
+        label_names, metric = ["other", "great"], "f1"
+    elif name.startswith("glue/"):
+        task = name.split("/", 1)[1]
+        if task not in GLUE:
+            raise DataError(f"task {name}: unknown GLUE task; known: {', '.join('glue/' + t for t in GLUE)}")
+        text, pair, metric = GLUE[task]
+        spec = spec.model_copy(update={"text_column": text, "text_pair_column": pair, "label_column": "label"})
+        try:
+            raw = datasets.load_dataset("nyu-mll/glue", task)
+        except Exception as exc:
+            raise DataError(f"task {name}: loading GLUE from the hub failed: {exc}") from exc
+        test_split = "validation_matched" if task == "mnli" else "validation"
+        train = _normalize_columns(raw["train"], spec, name)
+        test = _normalize_columns(raw[test_split], spec, name)
+        label_names = raw["train"].features["label"].names
+        label_names = [str(n) for n in label_names]
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise DataError(f"task {name!r}: not `fine-foods`, `glue/<task>`, or an existing csv/jsonl file or folder")
+        train, test = _load_local(path, spec)
+    train, test, label_names = _encode_labels(train, test, label_names, name)
+    if spec.train_limit:
+        train = train.select(range(min(spec.train_limit, len(train))))
+    if spec.test_limit:
+        test = test.select(range(min(spec.test_limit, len(test))))
+    if len(label_names) < 2:
+        raise DataError(f"task {name}: needs at least two labels, found {label_names}")
+    return TaskData(name=name, train=train, test=test, label_names=label_names, metric=metric, max_length=spec.max_length)

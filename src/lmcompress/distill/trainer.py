@@ -1,0 +1,401 @@
+"""The one training loop: everything lmcompress trains (distillation, fine-tuning, QAT) goes through `train`.
+
+`train(objective, data, config, out_dir)` trains any `nn.Module` whose `forward(batch)` returns a dict with
+a scalar `"loss"` (and optionally other scalar terms to log), e.g. a `DistillationObjective` wrapping a
+student, a fake-quantized student or a model with a fresh task head. Built on `accelerate`, so the same
+code runs on one CPU, several processes (torchrun / `accelerate launch`), GPUs with DDP.
+
+Data order is ours, not a DataLoader's: each epoch is a permutation seeded by (seed, epoch), every global
+batch is `batch_size x processes` examples and process r takes its r-th slice. The position in that stream
+is a single integer (micro-batches consumed), so a checkpoint resumes at exactly the next batch.
+
+Checkpoints: `out_dir/checkpoints/<run_name>/step-NNNNNNNN/` holds `accelerator.save_state` (model, optimizer,
+scheduler, RNG states of every process) plus `trainer_state.json` (step, data position, tokens, seconds).
+They are written to a temporary folder and renamed, the last `keep_checkpoints` are kept, and the final
+step is always saved so a resumed pipeline skips finished training. Metrics go to accelerate trackers:
+`out_dir/logs/<run_name>/metrics.csv` (CSVTracker, default) or TensorBoard events in the same folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.tracking import GeneralTracker
+from torch import nn
+from tqdm.auto import tqdm
+
+from lmcompress.errors import LmcompressError, TrainingDiverged
+from lmcompress.export import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainConfig:
+    steps: int
+    batch_size: int = 8  # per process, per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    bf16: bool = False
+    eval_every: int = 0  # optimizer steps; 0 = only at the end (when an eval function is given)
+    checkpoint_every: int = 0  # optimizer steps; 0 = only the final checkpoint
+    keep_checkpoints: int = 2
+    save_final: bool = True  # checkpoint the last step too (lets a resumed pipeline skip finished training)
+    log_with: Literal["csv", "tensorboard", "none"] = "csv"
+    log_every: int = 10
+    seed: int = 0
+    progress: bool = True
+    run_name: str = "train"
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int  # real (non-padding) tokens seen by the student, all processes
+    seconds: float  # training time, without evaluation and checkpoint writing
+    final: dict[str, float]  # mean of each logged term over the last `log_every` steps
+    evals: list[dict[str, float]] = field(default_factory=list)
+    world_size: int = 1
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+
+def pad_collate(rows: Sequence[dict[str, Any]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Stack rows into tensors, right-padding sequences (input_ids with pad_token_id, labels with -100).
+
+    String columns (e.g. a task's `text`) are dropped; an attention mask is built when lengths differ.
+    """
+    keys = [k for k, v in rows[0].items() if not isinstance(v, str)]
+    out: dict[str, torch.Tensor] = {}
+    lengths = None
+    for key in keys:
+        values = [torch.as_tensor(r[key]) for r in rows]
+        if values[0].dim() == 0:
+            out[key] = torch.stack(values)
+            continue
+        if key == "input_ids":
+            lengths = [len(v) for v in values]
+        width = max(len(v) for v in values)
+        fill = pad_token_id if key == "input_ids" else (-100 if key == "labels" else 0)
+        out[key] = torch.stack([F.pad(v, (0, width - len(v)), value=fill) for v in values])
+    if "attention_mask" not in out and lengths is not None and len(set(lengths)) > 1:
+        out["attention_mask"] = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).long()
+    return out
+
+
+class BatchOrder:
+    """Deterministic, resumable order of micro-batches: `indices(position)` for this process."""
+
+    def __init__(self, size: int, batch_size: int, world_size: int, rank: int, seed: int):
+        self.size, self.batch_size, self.world_size, self.rank, self.seed = size, batch_size, world_size, rank, seed
+        self.per_epoch = size // (batch_size * world_size)
+        if self.per_epoch == 0:
+            raise LmcompressError(f"training data has {size} examples, fewer than one global batch "
+                                  f"({batch_size} per process x {world_size} processes)")
+        self._epoch, self._perm = -1, None
+
+    def indices(self, position: int) -> list[int]:
+        epoch, j = divmod(position, self.per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=gen)
+        start = (j * self.world_size + self.rank) * self.batch_size
+        return self._perm[start:start + self.batch_size].tolist()
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+# --- tracking ---------------------------------------------------------------------------------------
+
+
+class CSVTracker(GeneralTracker):
+    """accelerate tracker writing `<logging_dir>/<run_name>/metrics.csv`: one row per `log` call.
+
+    Columns are the union of all keys logged so far; when a new key appears the file is rewritten with
+    the wider header (files stay small: one row per logged step). Appends across resumes.
+    """
+
+    name = "csv"
+    requires_logging_directory = True
+
+    def __init__(self, run_name: str, logging_dir: str | Path):
+        super().__init__()
+        self.path = Path(logging_dir) / run_name / "metrics.csv"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.columns: list[str] = []
+        if self.path.exists():
+            with self.path.open() as f:
+                self.columns = next(csv.reader(f), [])
+
+    @property
+    def tracker(self):
+        return self.path
+
+    def store_init_configuration(self, values: dict):
+        write_json_atomic(self.path.with_name("config.json"), values)
+
+    def log(self, values: dict, step: int | None = None, **kwargs):
+        row = {"step": step, **{k: (v.item() if torch.is_tensor(v) else v) for k, v in values.items()}}
+        new = [k for k in row if k not in self.columns]
+        if new:
+            rows = []
+            if self.path.exists():
+                with self.path.open() as f:
+                    rows = list(csv.DictReader(f))
+            self.columns += new
+            with self.path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, self.columns)
+                writer.writeheader()
+                writer.writerows(rows)
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, self.columns).writerow(row)
+
+
+def _trackers(config: TrainConfig, out_dir: Path):
+    if config.log_with == "csv":
+        return [CSVTracker(config.run_name, out_dir / "logs")]
+    if config.log_with == "tensorboard":
+        return ["tensorboard"]
+    return None
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+
+def checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).exists())
+
+
+def _save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, state: dict, keep: int) -> Path:
+    final = ckpt_dir / f"step-{state['step']:08d}"
+    tmp = ckpt_dir / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # every process writes its RNG state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / STATE_FILE, state)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoints(ckpt_dir)[:-max(keep, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise LmcompressError("nothing to train: the model has no parameters with requires_grad")
+    # nanoGPT's rule: decay matrices and embeddings, not biases and norm weights.
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        if config.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1 - progress)
+    return factor
+
+
+def _accelerator(config: TrainConfig, out_dir: Path) -> Accelerator:
+    # Each call to `train` gets a fresh accelerator (a recipe may train twice, e.g. finetune then distill,
+    # with different precision); the process group itself (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    return Accelerator(
+        # Without cpu=True, torchrun on a machine without an accelerator gives N independent single
+        # processes instead of one gloo group (DistributedType.NO, every process rank 0).
+        cpu=not torch.accelerator.is_available(),
+        mixed_precision="bf16" if config.bf16 else "no",
+        log_with=_trackers(config, out_dir),
+        project_dir=str(out_dir / "logs"),  # TensorBoard writes logs/<run_name>, like the CSV tracker
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
+def train(
+    objective: nn.Module,
+    data,
+    config: TrainConfig,
+    out_dir: str | Path,
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]] = pad_collate,
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    resume: bool = False,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train `objective` for `config.steps` optimizer steps on `data` (indexable rows, e.g. a Dataset).
+
+    `eval_fn(objective)` runs on the main process every `eval_every` steps and at the end (model in eval
+    mode); its metrics are logged with an `eval/` prefix. `on_step(step, metrics)` is called after every
+    optimizer step. With `resume`, training continues from the newest checkpoint in
+    `out_dir/checkpoints/<run_name>`.
+    Raises `TrainingDiverged` if a loss term or the gradient norm turns NaN/inf (before the optimizer
+    step, so the last checkpoint stays good).
+    """
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints" / config.run_name
+    accelerator = _accelerator(config, out_dir)
+    world = accelerator.num_processes
+    order = BatchOrder(len(data), config.batch_size, world, accelerator.process_index, config.seed)
+
+    objective.to(accelerator.device)
+    optimizer = _optimizer(objective, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+    model, optimizer = accelerator.prepare(objective, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    state = {"step": 0, "position": 0, "tokens": 0, "seconds": 0.0}
+    found = checkpoints(ckpt_dir)
+    if resume and found:
+        accelerator.load_state(str(found[-1]))
+        state = json.loads((found[-1] / STATE_FILE).read_text())
+        log.info("resumed from %s (step %d)", found[-1], state["step"])
+    elif found and accelerator.is_main_process:
+        log.info("starting fresh: removing old checkpoints in %s", ckpt_dir)
+        shutil.rmtree(ckpt_dir)
+    accelerator.wait_for_everyone()
+
+    result = TrainResult(steps=state["step"], tokens=state["tokens"], seconds=state["seconds"],
+                         final=state.get("final", {}), world_size=world)
+    if state["step"] >= config.steps:
+        return result
+    accelerator.init_trackers(config.run_name, config={k: v for k, v in asdict(config).items()
+                                                      if isinstance(v, int | float | str | bool)})
+    bar = tqdm(total=config.steps, initial=state["step"], desc=config.run_name,
+               disable=not (config.progress and accelerator.is_local_main_process))
+    window: dict[str, float] = {}
+    window_steps, window_tokens, window_seconds = 0, 0, 0.0
+
+    def run_eval(step: int) -> None:
+        if eval_fn is None:
+            return
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.eval()
+            with torch.no_grad(), accelerator.autocast():
+                metrics = {k: float(v) for k, v in eval_fn(unwrapped).items()}
+            unwrapped.train()
+            result.evals.append({"step": step, **metrics})
+            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        accelerator.wait_for_everyone()
+
+    model.train()
+    try:
+        while state["step"] < config.steps:
+            started = time.perf_counter()
+            sums: dict[str, torch.Tensor] = {}
+            tokens = 0
+            for micro in range(config.grad_accum):
+                batch = collate([data[i] for i in order.indices(state["position"])])
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                state["position"] += 1
+                last = micro == config.grad_accum - 1
+                with nullcontext() if last else accelerator.no_sync(model):
+                    out = model(batch)
+                    accelerator.backward(out["loss"] / config.grad_accum)
+                for name, value in out.items():
+                    sums[name] = sums.get(name, 0) + value.detach().float() / config.grad_accum
+                tokens += count_tokens(batch)
+
+            # Reduce once per step so every process takes the same decision about divergence.
+            names = list(sums)
+            reduced = accelerator.reduce(torch.stack([sums[n] for n in names]
+                                                     + [torch.tensor(float(tokens), device=accelerator.device)]),
+                                         reduction="sum")
+            values = {n: float(reduced[i]) / world for i, n in enumerate(names)}
+            step = state["step"] + 1
+            for name in [n for n in names if n != "loss"] + ["loss"]:
+                if not math.isfinite(values[name]):
+                    raise TrainingDiverged(
+                        f"loss term {name!r} became {values[name]} at step {step}; training stopped"
+                        + _kept(ckpt_dir))
+            if config.max_grad_norm:
+                norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                values["grad_norm"] = float(norm)
+                if not math.isfinite(values["grad_norm"]):
+                    raise TrainingDiverged(f"gradient norm became {values['grad_norm']} at step {step} "
+                                           f"(loss {values['loss']:.4g}); training stopped" + _kept(ckpt_dir))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            elapsed = time.perf_counter() - started
+            step_tokens = int(reduced[-1])
+            state.update(step=step, tokens=state["tokens"] + step_tokens, seconds=state["seconds"] + elapsed)
+            for name, value in values.items():
+                window[name] = window.get(name, 0.0) + value
+            window_steps, window_tokens, window_seconds = (window_steps + 1, window_tokens + step_tokens,
+                                                           window_seconds + elapsed)
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.4g}", tok_s=f"{step_tokens / elapsed:.0f}")
+            if step % config.log_every == 0 or step == config.steps:
+                result.final = state["final"] = {k: v / window_steps for k, v in window.items()}
+                accelerator.log({**{f"train/{k}": v for k, v in result.final.items()},
+                                 "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
+                                 "tokens_per_s": window_tokens / window_seconds}, step=step)
+                window, window_steps, window_tokens, window_seconds = {}, 0, 0, 0.0
+            if ((step == config.steps and config.save_final)
+                    or (config.checkpoint_every and step % config.checkpoint_every == 0)):
+                _save_checkpoint(accelerator, ckpt_dir, state, config.keep_checkpoints)
+            if step == config.steps or (config.eval_every and step % config.eval_every == 0):
+                run_eval(step)
+            if on_step is not None:
+                on_step(step, values)
+    finally:
+        bar.close()
+        for tracker in accelerator.trackers:
+            tracker.finish()
+    result.steps, result.tokens, result.seconds = state["step"], state["tokens"], state["seconds"]
+    return result
+
+
+def _kept(ckpt_dir: Path) -> str:
+    found = checkpoints(ckpt_dir)
+    return f"; last good checkpoint: {found[-1]}" if found else "; no checkpoint was written yet"

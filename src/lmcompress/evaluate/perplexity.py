@@ -1,0 +1,86 @@
+"""Perplexity with a sliding window: each token is scored once, with up to `window - stride` tokens of context."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+
+def _as_stream(data) -> torch.Tensor:
+    if isinstance(data, torch.Tensor):
+        return data.flatten().long()
+    return torch.as_tensor(data.with_format("torch")[:]["input_ids"]).flatten().long()  # a Dataset of blocks
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    data,
+    window: int = 512,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict:
+    """Perplexity of a causal LM over a token stream (1-D tensor) or a Dataset of `input_ids` blocks.
+
+    Windows of `window` tokens start every `stride` tokens; only the tokens not scored by an earlier
+    window count, so every token is scored exactly once (the first window scores all but its first
+    token). `stride == window` gives disjoint blocks; a smaller stride gives each token more context.
+    """
+    stride = stride or window
+    if not 0 < stride <= window:
+        raise ValueError(f"stride must be in (0, window={window}], got {stride}")
+    ids = _as_stream(data)
+    if max_tokens is not None:
+        ids = ids[: max_tokens + 1]
+    if ids.numel() < 2:
+        raise ValueError("need at least two tokens to compute perplexity")
+    device = next(model.parameters()).device
+    # (start, end, number of target tokens at the end of the window)
+    windows, prev_end = [], 0
+    for start in range(0, ids.numel() - 1, stride):
+        end = min(start + window, ids.numel())
+        n_new = end - max(prev_end, start + 1) if prev_end else end - start - 1
+        if n_new > 0:
+            windows.append((start, end, n_new))
+        prev_end = end
+        if end == ids.numel():
+            break
+    was_training = model.training
+    model.eval()
+    nll, scored = 0.0, 0
+    started = time.perf_counter()
+    bar = tqdm(total=sum(w[2] for w in windows), desc="perplexity", unit="tok", disable=not progress, leave=False)
+    for i in range(0, len(windows), batch_size):
+        group = windows[i : i + batch_size]
+        length = max(e - s for s, e, _ in group)
+        batch = torch.zeros(len(group), length, dtype=torch.long)
+        mask = torch.zeros(len(group), length, dtype=torch.long)
+        for row, (s, e, _) in enumerate(group):
+            batch[row, : e - s] = ids[s:e]
+            mask[row, : e - s] = 1
+        logits = model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits[:, :-1]
+        targets = batch[:, 1:].to(device)
+        token_nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+        for row, (s, e, n_new) in enumerate(group):
+            last = e - s - 1  # predictions for positions 1..e-s-1 live at 0..last-1
+            nll += token_nll[row, last - n_new : last].sum().item()
+            scored += n_new
+        bar.update(sum(g[2] for g in group))
+    bar.close()
+    model.train(was_training)
+    elapsed = time.perf_counter() - started
+    return {
+        "perplexity": math.exp(nll / scored),
+        "nll": nll / scored,
+        "tokens": scored,
+        "window": window,
+        "stride": stride,
+        "eval_tokens_per_s": scored / elapsed if elapsed > 0 else float("nan"),
+    }

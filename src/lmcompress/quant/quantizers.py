@@ -1,0 +1,386 @@
+"""Weight and activation quantizers: small objects that fake-quantize a tensor and know their bit cost.
+
+A weight quantizer sees a weight as `(out, in)` (the `nn.Linear` layout; callers transpose GPT-2's `Conv1D`)
+and splits it into groups along the input dimension: one group for the whole tensor (`tensor`), one per
+output row (`row`), or one per `group_size` consecutive inputs of a row (`group`). Every group has a scale
+(and for `asym` an integer zero point). Schemes, with the integer grid `q` and what a stored code `c` means:
+
+| scheme  | grid q                    | value      | code c       | c -> value        | static scale (`mean`/`absmax`)   |
+|---------|---------------------------|------------|--------------|-------------------|----------------------------------|
+| binary  | sign(w) in {-1, +1}       | s*q        | (q+1)/2      | s*(2c - 1)        | mean|w| of the group             |
+| ternary | {-1, 0, +1}               | s*q        | q + 1        | s*(c - 1)         | threshold 0.7*mean|w|; s = mean of the kept |w| |
+| sym k   | round(w/s) in [-Q, Q]     | s*q        | q + Q        | s*(c - Q)         | s = max|w| / Q, Q = 2**(k-1) - 1 |
+| asym k  | round(w/s)+z in [0, 2^k-1]| s*(q - z)  | q            | s*(c - z)         | s = (max - min)/(2^k - 1), z = round(-min/s); min <= 0 <= max |
+
+`sym` uses the restricted range [-Q, Q] (2^k - 1 levels, zero representable, as in TernaryBERT/QuantGPT's
+code); at 2 bits that is a 3-level grid stored at 2 bits, whereas `ternary` stores 3 levels at 1.6 bits.
+
+Learnable scales (`scale:`):
+* `lsq` — LSQ (Esser et al. 2020): one learnable step size per group, initialised to 2*mean|w|/sqrt(Q)
+  (1.4*mean|w| when Q = 1, the ternary threshold rule), gradient scaled by 1/sqrt(group numel * Q).
+* `dynamic` — QuantGPT's module-wise dynamic scaling: clipping value alpha = gamma * mean|w| per group with
+  ONE learnable gamma per module; s = alpha / Q. With the straight-through estimator the gradient of gamma
+  is sum_i dL/dw_q_i * mean|w| * ((q_i - w_i/s) if w_i is inside [-alpha, alpha] else sign(w_i)*Q) / Q,
+  i.e. it counts weights inside and outside the clipping range (PACT counts only the outside ones).
+  gamma starts at 1 for binary, 1.4 when Q = 1 (ternary/2-bit: threshold 0.7*mean|w|) and otherwise at the
+  module's average max|w|/mean|w| (no clipping at the start).
+
+Scales are rounded to bfloat16 in the forward pass (straight-through), because that is how they are
+stored: an exported model dequantizes to exactly the fake-quant weights. Gradients for the weight are
+straight-through (identity), masked outside the clipping range for learned scales.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from lmcompress.errors import RecipeError
+from lmcompress.quant.packing import CodeFormat
+
+SCHEMES = ("binary", "ternary", "sym", "asym")
+GRANULARITIES = ("tensor", "row", "group")
+SCALES = ("absmax", "mean", "lsq", "dynamic")
+ALLOWED_SCALES = {
+    "binary": ("mean", "lsq", "dynamic"),
+    "ternary": ("mean", "lsq", "dynamic"),
+    "sym": ("absmax", "lsq", "dynamic"),
+    "asym": ("absmax",),
+}
+DEFAULT_SCALE = {"binary": "mean", "ternary": "mean", "sym": "absmax", "asym": "absmax"}
+SCALE_DTYPE = torch.bfloat16  # how scales are stored (and rounded during training)
+ZERO_DTYPE = torch.uint8
+TERNARY_THRESHOLD = 0.7
+EPS = 1e-8
+
+
+class QuantSpecError(RecipeError, ValueError):
+    """A bad quantization setting. A ValueError too, so pydantic validators report it with the field path."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one weight tensor is quantized. `bits` is 1 for binary and 2 for ternary (stored as trits)."""
+
+    scheme: str = "sym"
+    bits: int = 8
+    granularity: str = "row"
+    group_size: int | None = None
+    scale: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise QuantSpecError(f"scheme: {self.scheme!r} is not one of {', '.join(SCHEMES)}")
+        if self.scheme == "binary" and self.bits != 1:
+            raise QuantSpecError(f"bits: binary weights take 1 bit, got {self.bits}")
+        if self.scheme == "ternary" and self.bits != 2:
+            raise QuantSpecError(f"bits: ternary weights are stored as trits (nominal 2 bits), got {self.bits}")
+        if self.scheme in ("sym", "asym"):
+            if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
+                hint = "; 1-bit weights are binary (scheme: binary), which is symmetric only" if self.bits == 1 else ""
+                raise QuantSpecError(f"bits: {self.scheme} weights take 2..8 bits, got {self.bits!r}{hint}")
+        if self.granularity not in GRANULARITIES:
+            raise QuantSpecError(f"granularity: {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        if self.granularity == "group":
+            if not isinstance(self.group_size, int) or self.group_size <= 0:
+                raise QuantSpecError(f"group_size: granularity 'group' needs a positive group_size, got {self.group_size!r}")
+        elif self.group_size is not None:
+            raise QuantSpecError(f"group_size: only used with granularity 'group' (granularity is {self.granularity!r})")
+        scale = self.scale or DEFAULT_SCALE[self.scheme]
+        if scale not in ALLOWED_SCALES[self.scheme]:
+            raise QuantSpecError(
+                f"scale: {scale!r} does not apply to scheme {self.scheme}; allowed: {', '.join(ALLOWED_SCALES[self.scheme])}"
+            )
+        object.__setattr__(self, "scale", scale)
+
+    # --- grid -------------------------------------------------------------------------------------
+    @property
+    def qmax(self) -> int:
+        """Largest grid value (Q): 1 for binary/ternary, 2**(k-1)-1 for sym, 2**k-1 for asym."""
+        if self.scheme in ("binary", "ternary"):
+            return 1
+        return 2 ** (self.bits - 1) - 1 if self.scheme == "sym" else 2**self.bits - 1
+
+    @property
+    def qmin(self) -> int:
+        return 0 if self.scheme == "asym" else -self.qmax
+
+    @property
+    def code_offset(self) -> int:
+        """code = q + offset for ternary/sym (binary maps -1/+1 to 0/1; asym codes are q)."""
+        return {"binary": 0, "ternary": 1, "sym": self.qmax, "asym": 0}[self.scheme]
+
+    @property
+    def code_format(self) -> CodeFormat:
+        return CodeFormat("trits") if self.scheme == "ternary" else CodeFormat.for_bits(self.bits)
+
+    @property
+    def learnable(self) -> bool:
+        return self.scale in ("lsq", "dynamic")
+
+    @property
+    def label(self) -> str:
+        if self.scheme in ("binary", "ternary"):
+            return self.scheme
+        return f"int{self.bits}-{self.scheme}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    # --- shapes -----------------------------------------------------------------------------------
+    def group_shape(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """(R, C, G): a weight of `shape` (out, in) viewed as R x C groups of G; scales have shape (R, C)."""
+        out_features, in_features = shape
+        if self.granularity == "tensor":
+            return 1, 1, out_features * in_features
+        if self.granularity == "row":
+            return out_features, 1, in_features
+        if in_features % self.group_size:
+            raise QuantSpecError(
+                f"group_size: {self.group_size} does not divide the input size {in_features} of a {tuple(shape)} weight"
+            )
+        return out_features, in_features // self.group_size, self.group_size
+
+    def storage_bytes(self, shape: tuple[int, ...]) -> dict[str, int]:
+        """Exact bytes of the packed codes, scales and zero points of a weight of `shape` (out, in)."""
+        from lmcompress.quant.packing import packed_nbytes
+
+        rows, cols, _ = self.group_shape(shape)
+        return {
+            "codes": packed_nbytes(shape, self.code_format),
+            "scales": rows * cols * torch.finfo(SCALE_DTYPE).bits // 8,
+            "zeros": rows * cols if self.scheme == "asym" else 0,
+        }
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes (uint8, `(out, in)`, unpacked), scales (`SCALE_DTYPE`, `(R, C)`) and zero points."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    spec: QuantSpec
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.codes, self.scales, self.zeros, self.spec)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spec: QuantSpec,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Weight `(out, in)` from codes `(out, in)`, scales `(R, C)` and zero points (asym), per the table above."""
+    shape = tuple(codes.shape)
+    rows, cols, size = spec.group_shape(shape)
+    c = codes.reshape(rows, cols, size).to(torch.float32)
+    s = scales.to(torch.float32).unsqueeze(-1)
+    if spec.scheme == "binary":
+        q = 2 * c - 1
+    elif spec.scheme == "asym":
+        q = c - zeros.to(torch.float32).unsqueeze(-1)
+    else:
+        q = c - spec.code_offset
+    return (q * s).reshape(shape).to(dtype)
+
+
+# --- straight-through pieces ---------------------------------------------------------------------
+class _RoundScale(torch.autograd.Function):
+    """Round a scale to its storage dtype; gradient passes straight through."""
+
+    @staticmethod
+    def forward(ctx, s):
+        return s.to(SCALE_DTYPE).to(s.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _FakeQuant(torch.autograd.Function):
+    """value = (q - z) * s with q computed outside (no grad); straight-through gradients.
+
+    grad_w = g (masked by `inside` when given); grad_s = g * q_centered for grids whose q does not depend
+    on s (binary), and g * (q_centered - w/s * inside) for rounding grids (LSQ / QuantGPT derivation).
+    """
+
+    @staticmethod
+    def forward(ctx, w, s, q_centered, inside, rounding: bool):
+        ctx.rounding = rounding
+        ctx.save_for_backward(w, s, q_centered, inside)
+        return q_centered * s
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, s, q_centered, inside = ctx.saved_tensors
+        grad_w = grad_s = None
+        if ctx.needs_input_grad[0]:
+            grad_w = grad if inside.numel() == 0 else grad * inside
+        if ctx.needs_input_grad[1]:
+            term = q_centered
+            if ctx.rounding:
+                x = w / s
+                term = q_centered - (x if inside.numel() == 0 else x * inside)
+            grad_s = _sum_to(grad * term, s.shape)
+        return grad_w, grad_s, None, None, None
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    dims = [i for i, (a, b) in enumerate(zip(t.shape, shape, strict=True)) if b == 1 and a != 1]
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+def _grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity forward, gradient multiplied by `factor` (LSQ's step-size gradient scaling)."""
+    y = x * factor
+    return (x - y).detach() + y
+
+
+# --- weight quantizer ----------------------------------------------------------------------------
+class WeightQuantizer(nn.Module):
+    """Fake-quantizes a weight of fixed shape `(out, in)`; holds the learnable scale if the spec has one.
+
+    `forward(w)` returns the quantized values (straight-through gradients), `quantize(w)` the integer codes,
+    scales and zero points an export stores, and `storage_bytes()` what those cost.
+    """
+
+    def __init__(self, spec: QuantSpec, weight: torch.Tensor):
+        super().__init__()
+        self.spec = spec
+        self.shape = tuple(weight.shape)
+        if len(self.shape) != 2:
+            raise QuantSpecError(f"weight quantizers take a 2-D (out, in) weight, got shape {self.shape}")
+        self.groups = spec.group_shape(self.shape)
+        with torch.no_grad():
+            mean_abs = self._grouped(weight.detach().float()).abs().mean(dim=-1, keepdim=True).clamp_min(EPS)
+        if spec.scale == "lsq":
+            init = 1.4 * mean_abs if spec.qmax == 1 else 2 * mean_abs / math.sqrt(spec.qmax)
+            if spec.scheme == "binary":
+                init = mean_abs.clone()
+            self.scale = nn.Parameter(init)
+        elif spec.scale == "dynamic":
+            if spec.scheme == "binary":
+                gamma = 1.0
+            elif spec.qmax == 1:
+                gamma = 2 * TERNARY_THRESHOLD
+            else:
+                amax = self._grouped(weight.detach().float()).abs().amax(dim=-1, keepdim=True)
+                gamma = float((amax / mean_abs).mean())
+            self.gamma = nn.Parameter(torch.tensor(gamma))
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        group = f", group_size={s.group_size}" if s.group_size else ""
+        return f"{s.label}, {s.granularity}{group}, scale={s.scale}"
+
+    def _grouped(self, w: torch.Tensor) -> torch.Tensor:
+        if tuple(w.shape) != self.shape:
+            raise QuantSpecError(f"weight of shape {tuple(w.shape)} given to a quantizer built for {self.shape}")
+        return w.reshape(self.groups)
+
+    def storage_bytes(self) -> dict[str, int]:
+        return self.spec.storage_bytes(self.shape)
+
+    def _grid(self, wg: torch.Tensor):
+        """(q centered so that value = q * s, s with grad where learnable, zero points, clip mask, rounding)."""
+        spec = self.spec
+        with torch.no_grad():
+            mean_abs = wg.abs().mean(dim=-1, keepdim=True)
+        none = wg.new_empty(0, dtype=torch.bool)
+        if spec.scheme == "ternary" and spec.scale == "mean":
+            with torch.no_grad():
+                keep = wg.abs() > TERNARY_THRESHOLD * mean_abs
+                kept_mean = (wg.abs() * keep).sum(-1, keepdim=True) / keep.sum(-1, keepdim=True).clamp_min(1)
+                s = _RoundScale.apply(kept_mean.clamp_min(EPS))
+                q = torch.sign(wg) * keep
+            return q, s, None, none, False
+
+        # scale (may carry a gradient)
+        if spec.scale == "lsq":
+            factor = 1.0 / math.sqrt(self.groups[2] * spec.qmax)
+            s = _grad_scale(self.scale, factor).abs()
+        elif spec.scale == "dynamic":
+            s = self.gamma * mean_abs / spec.qmax
+        elif spec.scheme == "binary":
+            s = mean_abs
+        elif spec.scheme == "sym":
+            with torch.no_grad():
+                s = wg.abs().amax(dim=-1, keepdim=True) / spec.qmax
+        else:  # asym, min/max range that always includes zero
+            with torch.no_grad():
+                lo = wg.amin(dim=-1, keepdim=True).clamp(max=0)
+                hi = wg.amax(dim=-1, keepdim=True).clamp(min=0)
+                s = (hi - lo) / spec.qmax
+        s = _RoundScale.apply(s.clamp_min(EPS))
+
+        with torch.no_grad():
+            if spec.scheme == "binary":
+                q = torch.where(wg >= 0, 1.0, -1.0).to(wg.dtype)
+                return q, s, None, none, False
+            x = wg / s.detach()
+            if spec.scheme == "asym":
+                zero = torch.round(-lo / s.detach()).clamp(0, spec.qmax)
+                q = torch.clamp(torch.round(x) + zero, 0, spec.qmax) - zero
+                return q, s, zero, none, True
+            q = torch.clamp(torch.round(x), spec.qmin, spec.qmax)
+            inside = (x >= spec.qmin) & (x <= spec.qmax) if spec.learnable else none
+        return q, s, None, inside, True
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        wg = self._grouped(w)
+        q, s, _, inside, rounding = self._grid(wg)
+        out = _FakeQuant.apply(wg, s.to(wg.dtype), q.to(wg.dtype), inside, rounding)
+        return out.reshape(self.shape)
+
+    @torch.no_grad()
+    def quantize(self, w: torch.Tensor) -> QuantizedWeight:
+        wg = self._grouped(w.float())
+        q, s, zero, _, _ = self._grid(wg)
+        spec = self.spec
+        if spec.scheme == "binary":
+            codes = (q > 0)
+        elif spec.scheme == "asym":
+            codes = q + zero
+        else:
+            codes = q + spec.code_offset
+        rows, cols, _ = self.groups
+        return QuantizedWeight(
+            codes=codes.to(torch.uint8).reshape(self.shape),
+            scales=s.detach().reshape(rows, cols).to(SCALE_DTYPE),
+            zeros=None if zero is None else zero.reshape(rows, cols).to(ZERO_DTYPE),
+            spec=spec,
+        )
+
+
+# --- activation quantizer ------------------------------------------------------------------------
+ACT_GRANULARITIES = ("token", "tensor")
+
+
+class ActQuantizer(nn.Module):
+    """Dynamic symmetric quantization of a linear layer's input: scale = max|x| / (2**(bits-1) - 1) per token
+    (last dimension) or per tensor, computed on the fly; straight-through gradient. Nothing to store."""
+
+    def __init__(self, bits: int = 8, granularity: str = "token"):
+        super().__init__()
+        if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+            raise QuantSpecError(f"activation_bits: activations take 2..8 bits, got {bits!r}")
+        if granularity not in ACT_GRANULARITIES:
+            raise QuantSpecError(f"activation_granularity: {granularity!r} is not one of {', '.join(ACT_GRANULARITIES)}")
+        self.bits = bits
+        self.granularity = granularity
+
+    def extra_repr(self) -> str:
+        return f"int{self.bits}, per {self.granularity}"
+
+    def to_dict(self) -> dict:
+        return {"bits": self.bits, "granularity": self.granularity}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qmax = 2 ** (self.bits - 1) - 1
+        with torch.no_grad():
+            xf = x.float()
+            amax = xf.abs().amax(dim=-1, keepdim=True) if self.granularity == "token" else xf.abs().amax()
+            s = (amax / qmax).clamp_min(EPS)
+            xq = (torch.clamp(torch.round(xf / s), -qmax, qmax) * s).to(x.dtype)
+        return x + (xq - x).detach()

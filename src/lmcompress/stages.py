@@ -1,0 +1,163 @@
+"""The foundation stages: load, truncate, evaluate, export."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from lmcompress.errors import LmcompressError
+from lmcompress.pipeline import Run
+from lmcompress.recipe import StageConfig, register_stage
+
+
+@register_stage
+class LoadStage(StageConfig):
+    """Load the teacher (the recipe's `teacher`, or `model` here) and make the student a copy of it."""
+
+    kind: ClassVar[str] = "load"
+    stage: Literal["load"] = "load"
+    model: str | None = Field(None, description="load this instead of the recipe's teacher")
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    copy_student: bool = Field(True, description="make the student a copy of the teacher (off for eval only)")
+
+    def run(self, run: Run) -> None:
+        from lmcompress.evaluate.size import size_report
+        from lmcompress.models.loading import load_model
+
+        recipe = run.recipe
+        num_labels = run.task.num_labels if recipe.model_task == "sequence-classification" else None
+        run.teacher, run.tokenizer = load_model(
+            self.model or recipe.teacher, task=recipe.model_task, dtype=self.dtype,
+            num_labels=num_labels, trust_remote_code=recipe.trust_remote_code,
+        )
+        for p in run.teacher.parameters():
+            p.requires_grad_(False)
+        if self.copy_student:
+            run.student = copy.deepcopy(run.teacher)
+            for p in run.student.parameters():
+                p.requires_grad_(True)
+        run.state["teacher_bytes"] = size_report(run.teacher)["bytes"]
+        run.report.meta["teacher_params"] = sum(p.numel() for p in run.teacher.parameters())
+
+
+@register_stage
+class TruncateStage(StageConfig):
+    """Layer reduction: keep an explicit layer list, every other layer, or the first/last k layers."""
+
+    kind: ClassVar[str] = "truncate"
+    stage: Literal["truncate"] = "truncate"
+    keep: list[int] | Literal["every-other", "first-k", "last-k"]
+    k: int | None = Field(None, gt=0, description="number of layers for first-k / last-k")
+
+    def run(self, run: Run) -> None:
+        from lmcompress.models.adapters import get_adapter
+        from lmcompress.surgery.truncate import resolve_layers, truncate_layers
+
+        student = run.require_student(self.stage)
+        layers = resolve_layers(self.keep, get_adapter(student).num_layers, self.k, field=f"{self.label}.keep")
+        truncate_layers(student, layers)
+        run.report.meta["kept_layers"] = layers
+
+
+@register_stage
+class EvaluateStage(StageConfig):
+    """Measure quality (perplexity or task metrics), size and speed of the student or the teacher."""
+
+    kind: ClassVar[str] = "evaluate"
+    stage: Literal["evaluate"] = "evaluate"
+    model: Literal["student", "teacher"] = "student"
+    metrics: list[Literal["perplexity", "accuracy", "size", "speed"]] | None = None
+    split: Literal["train", "validation", "test"] = "test"
+    max_tokens: int | None = Field(None, gt=1, description="score at most this many tokens (perplexity)")
+    window: int | None = Field(None, gt=1, description="perplexity window (default: the recipe's block_size)")
+    stride: int | None = Field(None, gt=0, description="sliding-window stride (default: window, i.e. disjoint)")
+    batch_size: int = Field(4, gt=0)
+
+    @model_validator(mode="after")
+    def _stride_fits(self) -> EvaluateStage:
+        if self.stride and self.window and self.stride > self.window:
+            raise ValueError(f"stride ({self.stride}) must not exceed window ({self.window})")
+        return self
+
+    def required_sections(self) -> tuple[str, ...]:
+        metrics = self.metrics or []
+        return (("corpus",) if {"perplexity", "speed"} & set(metrics) else ()) + (
+            ("task",) if "accuracy" in metrics else ())
+
+    def _metrics(self, run: Run) -> list[str]:
+        if self.metrics:
+            return self.metrics
+        quality = ["perplexity"] if run.recipe.corpus else ["accuracy"] if run.recipe.task else []
+        return [*quality, "size"]
+
+    def _stream(self, run: Run):
+        from lmcompress.data.corpus import token_stream
+
+        key = ("stream", self.split)
+        if key not in run.state:
+            run.state[key] = token_stream(run.corpus[self.split], run.tokenizer)
+        return run.state[key]
+
+    def run(self, run: Run) -> None:
+        from lmcompress.evaluate import (
+            decode_speed,
+            evaluate_classifier,
+            perplexity,
+            prefill_speed,
+            size_report,
+        )
+        from lmcompress.models.adapters import get_adapter
+
+        model = run.teacher if self.model == "teacher" else run.require_student(self.stage)
+        if model is None:
+            raise LmcompressError(f"{self.label}: no teacher loaded")
+        row = {"stage": self.label, "model": self.model, "layers": get_adapter(model).num_layers}
+        metrics = self._metrics(run)
+        window = self.window or run.recipe.block_size
+        if "perplexity" in metrics:
+            ppl = perplexity(model, self._stream(run), window=window, stride=self.stride,
+                             max_tokens=self.max_tokens, batch_size=self.batch_size)
+            row.update(perplexity=round(ppl["perplexity"], 3), eval_tokens=ppl["tokens"],
+                       eval_tokens_per_s=round(ppl["eval_tokens_per_s"], 1))
+        if "accuracy" in metrics:
+            split = "test" if self.split != "train" else "train"
+            scores = evaluate_classifier(model, run.tokenizer, run.task, split, batch_size=max(self.batch_size, 16))
+            row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()})
+        if "size" in metrics:
+            size = size_report(model, teacher_bytes=run.state.get("teacher_bytes"))
+            row.update(params=size["params"], size_mb=round(size["mb"], 2),
+                       bits_per_param=round(size["bits_per_param"], 3),
+                       compression_ratio=round(size.get("compression_ratio", 1.0), 3))
+        if "speed" in metrics:
+            ids = self._stream(run)[: 2 * window].view(2, window)
+            row["prefill_tokens_per_s"] = round(prefill_speed(model, ids), 1)
+            row["decode_tokens_per_s"] = round(decode_speed(model, ids[:1, :32]), 1)
+        run.report.add(**row)
+
+
+@register_stage
+class ExportStage(StageConfig):
+    """Save the student: plain safetensors (fp32/bf16), or the compressed form its modules need."""
+
+    kind: ClassVar[str] = "export"
+    stage: Literal["export"] = "export"
+    path: str | None = Field(None, description="output folder (default: <out>/model)")
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    format: Literal["auto", "hf", "gguf"] = Field(
+        "auto", description="auto: packed/factorized when the student has such modules, else hf")
+
+    def run(self, run: Run) -> None:
+        from lmcompress.export import export_model, folder_bytes
+
+        student = run.require_student(self.stage)
+        target = Path(self.path) if self.path else run.out_dir / ("model.gguf" if self.format == "gguf" else "model")
+        written, fmt = export_model(student, run.tokenizer, target, dtype=self.dtype, format=self.format)
+        disk = folder_bytes(written) if Path(written).is_dir() else Path(written).stat().st_size
+        row = {"stage": self.label, "model": "student", "format": fmt, "path": str(written),
+               "disk_mb": round(disk / 1e6, 2)}
+        if run.state.get("teacher_bytes"):
+            row["disk_compression_ratio"] = round(run.state["teacher_bytes"] / disk, 3)
+        run.report.add(**row)

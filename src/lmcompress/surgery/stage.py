@@ -1,0 +1,103 @@
+"""The `factorize` recipe stage: offline compression of selected linear modules, no fine-tuning.
+
+    - stage: factorize
+      method: fwsvd              # svd | fwsvd | asvd | autoencoder
+      patterns: [attention, mlp] # module kinds or globs over module names
+      ratio: 2.0                 # of the selected modules, counting every stored number
+      calibration_samples: 256   # sequences from the corpus (causal LM) or the task (classifier)
+      autoencoder: {shared: true, steps: 2000}
+
+The report row states the asked and achieved ratio, the parameters before and after, the bytes the
+export writes and the time spent calibrating and fitting.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from lmcompress.errors import LmcompressError
+from lmcompress.recipe import StageConfig, register_stage
+from lmcompress.surgery.autoencoder import AutoencoderConfig
+from lmcompress.surgery.calibration import calibration_batches
+from lmcompress.surgery.export import factorized_bytes
+from lmcompress.surgery.factorize import factorize_, stats_needed
+
+if TYPE_CHECKING:
+    from lmcompress.pipeline import Run
+
+
+@register_stage
+class FactorizeStage(StageConfig):
+    kind: ClassVar[str] = "factorize"
+    stage: Literal["factorize"]
+    method: Literal["svd", "fwsvd", "asvd", "autoencoder"] = "svd"
+    patterns: list[str] = Field(["attention", "mlp"], min_length=1,
+                                description="module kinds (attention, mlp, head, ...) or globs over names")
+    exclude: list[str] = Field(default_factory=list)
+    ratio: float | None = Field(None, gt=1, description="target compression ratio of the selected modules")
+    rank: int | None = Field(None, gt=0, description="fixed rank instead of a ratio (svd, fwsvd, asvd)")
+    calibration_samples: int = Field(256, gt=0, description="calibration sequences (fwsvd, asvd, Fisher AE)")
+    calibration_data: Literal["auto", "corpus", "task"] = Field(
+        "auto", description="corpus token blocks (LM loss) or task examples (task loss); auto: task if the recipe has one"
+    )
+    calibration_batch_size: int = Field(8, gt=0)
+    calibration_block_size: int | None = Field(None, gt=0, description="tokens per corpus sequence (default: block_size)")
+    eval_samples: int = Field(16, gt=0, description="held-out sequences for the autoencoder's perplexity early stopping")
+    asvd_alpha: float = Field(0.5, gt=0, description="ASVD column scale = mean|x| ** alpha")
+    autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
+
+    @model_validator(mode="after")
+    def _one_size(self) -> FactorizeStage:
+        if self.method == "autoencoder" and self.rank is not None:
+            raise ValueError("rank applies to svd/fwsvd/asvd; the autoencoder takes autoencoder.latent_size")
+        fixed = self.autoencoder.latent_size if self.method == "autoencoder" else self.rank
+        if (self.ratio is None) == (fixed is None):
+            what = "autoencoder.latent_size" if self.method == "autoencoder" else "rank"
+            raise ValueError(f"give exactly one of ratio or {what}")
+        return self
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """Top-level recipe sections this stage reads (only when it needs calibration data)."""
+        if not self._uses_calibration() or self.calibration_data == "auto":
+            return ()
+        return (self.calibration_data,)
+
+    def _uses_calibration(self) -> bool:
+        fisher, activations = stats_needed(self.method, self.autoencoder)
+        perplexity = self.method == "autoencoder" and self.autoencoder.early_stopping == "perplexity"
+        return fisher or activations or perplexity
+
+    def _dataset(self, run: Run):
+        source = self.calibration_data
+        if source == "auto":
+            source = "task" if run.recipe.task is not None else "corpus"
+        if source == "task":
+            if run.recipe.task is None:
+                raise LmcompressError(f"stage {self.label}: calibration_data: task needs a top-level `task:` section")
+            return run.task.tokenized(run.tokenizer, "train", run.recipe.task.max_length)
+        if run.recipe.corpus is None:
+            raise LmcompressError(
+                f"stage {self.label}: method {self.method} needs calibration data: add a `corpus:` or `task:` section"
+            )
+        return run.lm_blocks("train", self.calibration_block_size)
+
+    def run(self, run: Run) -> None:
+        model = run.require_student(self.label)
+        calibration = eval_batches = None
+        if self._uses_calibration():
+            data = self._dataset(run)
+            pad = getattr(run.tokenizer, "pad_token_id", None) or 0
+            common = {"batch_size": self.calibration_batch_size, "pad_token_id": pad, "seed": run.recipe.seed}
+            calibration = calibration_batches(data, self.calibration_samples, **common)
+            if self.method == "autoencoder" and self.autoencoder.early_stopping == "perplexity":
+                eval_batches = calibration_batches(data, self.eval_samples, offset=self.calibration_samples, **common)
+        result = factorize_(
+            model, method=self.method, patterns=self.patterns, exclude=self.exclude, ratio=self.ratio,
+            rank=self.rank, calibration=calibration, autoencoder=self.autoencoder, asvd_alpha=self.asvd_alpha,
+            eval_batches=eval_batches,
+        )
+        run.state["factorize"] = result
+        run.report.add(stage=self.label, **result.summary(), model_bytes=factorized_bytes(model))

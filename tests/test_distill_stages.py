@@ -1,0 +1,233 @@
+"""Recipe stages: `distill` (corpus and task data), `student` (smaller config, teacher init), task heads."""
+
+import copy
+import logging
+
+import datasets
+import pytest
+import torch
+from conftest import tiny_model
+
+from lmcompress.distill.stage import (
+    DistillStage,
+    StudentStage,
+    copy_head,
+    mlm_collate,
+    smaller_config,
+    with_classification_head,
+)
+from lmcompress.errors import RecipeError
+from lmcompress.pipeline import Run
+from lmcompress.recipe import Recipe
+
+logging.getLogger("accelerate").setLevel(logging.ERROR)
+
+
+class TinyTokenizer:
+    pad_token_id, mask_token_id, all_special_ids = 0, 4, [0, 1, 2, 4]
+
+    def __len__(self):
+        return 128
+
+
+class FakeRun(Run):
+    """A Run whose corpus blocks and task are tiny in-memory data sets (no tokenizer, no files)."""
+
+    def lm_blocks(self, split, block_size=None):
+        gen = torch.Generator().manual_seed({"train": 0, "validation": 1, "test": 2}[split])
+        ids = torch.randint(5, 128, (24, block_size or self.recipe.block_size), generator=gen)
+        return datasets.Dataset.from_dict({"input_ids": ids.tolist()}).with_format("torch")
+
+
+def recipe(stages, **extra):
+    return Recipe.model_validate({"teacher": "tiny", "corpus": {"name": "sotu"}, "block_size": 16,
+                                  "stages": stages, **extra})
+
+
+def make_run(tmp_path, stages, family="llama", **kw):
+    run = FakeRun(recipe=recipe(stages), out_dir=tmp_path)
+    run.teacher = tiny_model(family, **kw)
+    run.student = copy.deepcopy(run.teacher)
+    run.tokenizer = TinyTokenizer()
+    return run
+
+
+DISTILL = {"stage": "distill", "steps": 3, "batch_size": 4, "log_with": "none",
+           "losses": [{"type": "logits"}, {"type": "hidden", "layer_map": "uniform+last"},
+                      {"type": "relations"}, {"type": "ce", "weight": 0.5}]}
+
+
+def test_distill_stage_trains_the_student_and_reports(tmp_path):
+    run = make_run(tmp_path, [{"stage": "student", "layers": 2}, DISTILL])
+    before = copy.deepcopy(run.teacher)
+    for stage in run.recipe.stages:
+        stage.run(run)
+    row = run.report.rows[-1]
+    assert row["stage"] == "distill" and row["train_steps"] == 3 and row["train_tokens"] == 3 * 4 * 16
+    assert {"loss", "loss_logits", "loss_hidden", "loss_relations", "loss_ce", "eval_loss"} <= set(row)
+    assert row["train_tokens_per_s"] > 0
+    for (name, p), q in zip(run.teacher.named_parameters(), before.parameters(), strict=True):
+        assert torch.equal(p, q), f"teacher changed: {name}"
+    assert not any(p.requires_grad for p in run.teacher.parameters())
+    assert (tmp_path / "checkpoints/01-distill/step-00000003").is_dir()
+
+
+def test_distill_stage_resumes_a_finished_stage_without_training(tmp_path):
+    run = make_run(tmp_path, [DISTILL])
+    run.recipe.stages[0].run(run)
+    trained = copy.deepcopy(run.student.state_dict())
+    again = make_run(tmp_path, [DISTILL])
+    again.state["resume"] = True
+    again.recipe.stages[0].run(again)
+    assert all(torch.equal(trained[k], v) for k, v in again.student.state_dict().items())
+
+
+def test_encoder_on_a_corpus_gets_masked_inputs(tmp_path):
+    stage = {**DISTILL, "losses": [{"type": "ce"}, {"type": "attention"}]}
+    run = make_run(tmp_path, [stage], family="bert")
+    run.recipe.stages[0].run(run)
+    assert run.report.rows[-1]["loss_ce"] > 0
+    collate = mlm_collate(TinyTokenizer(), 0.5, 0)
+    torch.manual_seed(0)
+    batch = collate([{"input_ids": torch.arange(5, 69)}])
+    chosen = batch["labels"] != -100
+    assert 0 < chosen.sum() < 64 and (batch["labels"][chosen] == torch.arange(5, 69)[chosen[0]]).all()
+    assert (batch["input_ids"][~chosen] == torch.arange(5, 69)[~chosen[0]]).all()
+    assert (batch["input_ids"][chosen] == 4).float().mean() > 0.5  # mostly [MASK]
+
+
+def test_loss_config_errors_name_the_field():
+    with pytest.raises(RecipeError, match=r"stages\[0\]: losses\[1\].temperature"):
+        recipe([{**DISTILL, "losses": [{"type": "ce"}, {"type": "logits", "temperature": 0}]}])
+    with pytest.raises(RecipeError, match=r"losses\[0\].type: unknown loss 'od'; allowed: attention, ce"):
+        recipe([{**DISTILL, "losses": [{"type": "od"}]}])
+    with pytest.raises(RecipeError, match=r"needs a top-level `task:` section"):
+        recipe([{**DISTILL, "data": "task"}])
+
+
+def test_student_stage_narrower_and_shallower_initialised_from_teacher(tmp_path, family):
+    run = make_run(tmp_path, [{"stage": "student", "layers": 2, "hidden_size": 16, "intermediate_size": 24}],
+                   family=family)
+    run.recipe.stages[0].run(run)
+    from lmcompress.models.adapters import get_adapter, linear_weight
+
+    t, s = get_adapter(run.teacher), get_adapter(run.student)
+    assert (s.num_layers, s.hidden_size, s.num_heads, s.head_dim) == (2, 16, 2, 8)
+    assert {tuple(linear_weight(m).shape) for m in s.mlp_linears(s.blocks[0])} <= {(24, 16), (16, 24)}
+    # Student block 1 starts from teacher block 2 (uniform map): the leading heads and channels of each
+    # of q, k and v (GPT-2's fused c_attn is sliced part by part).
+    t_qkv, s_qkv = t.qkv(t.blocks[2]), s.qkv(s.blocks[1])
+    if t_qkv.fused is not None:
+        t_parts = linear_weight(t_qkv.fused).split(32)
+        s_parts = linear_weight(s_qkv.fused).split(16)
+    else:
+        t_parts = [linear_weight(m) for m in (t_qkv.q, t_qkv.k, t_qkv.v)]
+        s_parts = [linear_weight(m) for m in (s_qkv.q, s_qkv.k, s_qkv.v)]
+    for t_w, s_w in zip(t_parts, s_parts, strict=True):
+        assert torch.equal(s_w, t_w[: s_w.shape[0], :16])
+    assert torch.equal(s.embeddings.weight, t.embeddings.weight[:, :16])
+    assert run.student(input_ids=torch.randint(3, 128, (2, 8))).logits.shape == (2, 8, 128)
+
+
+def test_student_stage_same_width_copies_the_mapped_blocks(tmp_path):
+    run = make_run(tmp_path, [{"stage": "student", "layers": 2, "layer_map": [1, 3]}])
+    run.recipe.stages[0].run(run)
+    t, s = run.teacher.model, run.student.model
+    for si, ti in ((0, 1), (1, 3)):
+        for (name, a), b in zip(s.layers[si].state_dict().items(), t.layers[ti].state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+    ids = torch.randint(3, 128, (1, 6))
+    assert run.student.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 8)
+
+
+def test_smaller_config_errors():
+    with pytest.raises(RecipeError, match="not divisible"):
+        smaller_config(tiny_model("llama"), hidden_size=20, num_heads=3)
+    with pytest.raises(RecipeError, match="no grouped-query attention"):
+        smaller_config(tiny_model("gpt2"), num_kv_heads=2)
+
+
+def test_classification_head_keeps_the_transformer_and_copies_to_the_student():
+    import transformers
+    from conftest import tiny_config
+
+    base = transformers.BertModel(tiny_config("bert")).eval()
+    model = with_classification_head(base, 2, ["other", "great"])
+    assert type(model).__name__ == "BertForSequenceClassification" and model.config.id2label[1] == "great"
+    for name, tensor in base.state_dict().items():
+        assert torch.equal(model.bert.state_dict()[name], tensor), name
+    student = with_classification_head(copy.deepcopy(base), 2)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    assert copy_head(model, student) == 4  # pooler.dense and classifier, weight and bias
+    assert torch.equal(student.classifier.weight, model.classifier.weight)
+
+
+def test_task_distillation_of_a_classifier(tmp_path):
+    from types import SimpleNamespace
+
+    run = make_run(tmp_path, [{**DISTILL, "losses": [{"type": "logits", "hard_weight": 0.5}]}], family="bert",
+                   task="sequence-classification")
+    run.recipe.stages[0].data = "task"
+    gen = torch.Generator().manual_seed(0)
+    rows = datasets.Dataset.from_dict({
+        "input_ids": torch.randint(5, 128, (16, 10), generator=gen).tolist(),
+        "attention_mask": [[1] * 10] * 8 + [[1] * 6 + [0] * 4] * 8, "labels": [0, 1] * 8}).with_format("torch")
+    run.__dict__["task"] = SimpleNamespace(tokenized=lambda tok, split, max_length=None: rows)
+    run.recipe.stages[0].run(run)
+    assert run.report.rows[-1]["loss_logits"] > 0
+
+
+def test_distill_subclass_hook_runs_before_training(tmp_path):
+    calls = []
+
+    class Hooked(DistillStage):
+        def prepare_student(self, run):
+            calls.append(type(run.student).__name__)
+
+    stage = Hooked.model_validate(DISTILL)
+    stage.run(make_run(tmp_path, [DISTILL]))
+    assert calls == ["LlamaForCausalLM"]
+
+
+def test_student_stage_random_init(tmp_path):
+    run = make_run(tmp_path, [{"stage": "student", "layers": 1, "init": "random"}])
+    StudentStage.model_validate(run.recipe.stages[0].model_dump()).run(run)
+    assert not torch.equal(run.student.model.layers[0].self_attn.q_proj.weight,
+                           run.teacher.model.layers[0].self_attn.q_proj.weight)
+
+
+def toy_task(n=64, length=10):
+    """Label 1 iff the first token is 5: learnable in a few dozen steps by a tiny encoder."""
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(6, 128, (n, length), generator=gen)
+    labels = torch.arange(n) % 2
+    ids[labels == 1, 0] = 5
+    rows = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * length] * n,
+                                       "labels": labels.tolist()}).with_format("torch")
+    return SimpleNamespace(name="toy", num_labels=2, label_names=["no", "yes"], metric="accuracy",
+                           tokenized=lambda tokenizer, split, max_length=None: rows)
+
+
+def test_finetune_gives_a_bare_encoder_a_trained_head_and_the_student_a_copy(tmp_path):
+    import transformers
+    from conftest import tiny_config
+
+    stage = {"stage": "finetune", "steps": 40, "batch_size": 16, "lr": 2e-3, "log_with": "none",
+             "log_every": 5}
+    run = FakeRun(recipe=Recipe.model_validate({"teacher": "tiny", "task": {"name": "toy"}, "stages": [stage]}),
+                  out_dir=tmp_path)
+    torch.manual_seed(0)
+    run.teacher = transformers.BertModel(tiny_config("bert")).eval()
+    run.student, run.tokenizer = copy.deepcopy(run.teacher), TinyTokenizer()
+    run.__dict__["task"] = toy_task()
+    run.recipe.stages[0].run(run)
+    assert type(run.teacher).__name__ == "BertForSequenceClassification"
+    assert not run.teacher.training and not any(p.requires_grad for p in run.teacher.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(run.student.state_dict().values(),
+                                                  run.teacher.state_dict().values(), strict=True))
+    trained, scored = run.report.rows
+    assert trained["train_steps"] == 40 and scored["model"] == "teacher (fine-tuned)"
+    assert scored["accuracy"] >= 0.9

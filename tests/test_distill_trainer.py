@@ -1,0 +1,156 @@
+"""The training loop: exact resume, divergence handling, accumulation, schedule, data order, CSV metrics."""
+
+import csv
+import json
+import logging
+
+import pytest
+import torch
+from conftest import tiny_model
+from torch import nn
+
+from lmcompress.distill.losses import build_objective, parse_loss
+from lmcompress.distill.trainer import BatchOrder, TrainConfig, _lr_lambda, checkpoints, pad_collate, train
+from lmcompress.errors import TrainingDiverged
+
+logging.getLogger("accelerate").setLevel(logging.ERROR)  # "Removed shared tensor" notes for tied weights
+
+
+def blocks(n=24, length=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(3, 128, (length,), generator=gen)} for _ in range(n)]
+
+
+def gpt2_objective(student_seed=1):
+    # GPT-2 has dropout on: an exact resume must restore the RNG states too.
+    teacher = tiny_model("gpt2")
+    student = tiny_model("gpt2", seed=student_seed, layers=2, hidden=16, heads=2).train()
+    losses = [{"type": "logits"}, {"type": "hidden"}, {"type": "ce", "weight": 0.5}]
+    return build_objective(teacher, student, [parse_loss(c) for c in losses])
+
+
+CONFIG = dict(steps=6, batch_size=4, grad_accum=2, lr=1e-3, warmup_steps=2, schedule="cosine", progress=False)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
+    data = blocks(20)  # 2 global batches per epoch: the run crosses epochs
+    config = TrainConfig(**CONFIG, checkpoint_every=2)
+    torch.manual_seed(0)
+    whole = gpt2_objective()
+    train(whole, data, config, tmp_path / "whole")
+
+    def interrupt(step, metrics):
+        if step == 3:
+            raise Interrupt
+
+    torch.manual_seed(0)
+    with pytest.raises(Interrupt):
+        train(gpt2_objective(), data, config, tmp_path / "cut", on_step=interrupt)
+    assert [p.name for p in checkpoints(tmp_path / "cut/checkpoints/train")] == ["step-00000002"]
+    torch.manual_seed(99)  # different RNG and different initial weights: all must come from the checkpoint
+    resumed = gpt2_objective(student_seed=7)
+    result = train(resumed, data, config, tmp_path / "cut", resume=True)
+    assert result.steps == 6 and result.tokens == 6 * 2 * 4 * 16
+    expected, got = whole.state_dict(), resumed.state_dict()
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    state = json.loads((tmp_path / "cut/checkpoints/train/step-00000006/trainer_state.json").read_text())
+    assert state["step"] == 6 and state["position"] == 12
+
+
+def test_resume_of_a_finished_run_trains_nothing(tmp_path):
+    config = TrainConfig(**{**CONFIG, "steps": 2})
+    train(gpt2_objective(), blocks(), config, tmp_path)
+    again = gpt2_objective(student_seed=5)
+    calls = []
+    result = train(again, blocks(), config, tmp_path, resume=True, on_step=lambda *a: calls.append(a))
+    assert result.steps == 2 and not calls
+    assert set(result.final) >= {"loss", "logits", "hidden", "ce"}  # read back from the checkpoint
+
+
+class NaNAfter(nn.Module):
+    """A toy objective whose loss turns NaN on the n-th call."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+        self.calls, self.n = 0, n
+
+    def forward(self, batch):
+        self.calls += 1
+        x = batch["input_ids"].float().mean() * self.w.sum() / 100
+        bad = torch.tensor(float("nan")) if self.calls >= self.n else torch.tensor(0.0)
+        return {"loss": x + bad, "toy": x.detach() + bad, "fine": x.detach()}
+
+
+def test_nan_loss_stops_with_training_diverged_and_keeps_the_checkpoint(tmp_path):
+    model = NaNAfter(n=4)
+    config = TrainConfig(steps=10, batch_size=2, checkpoint_every=1, keep_checkpoints=5, progress=False)
+    with pytest.raises(TrainingDiverged, match=r"loss term 'toy' became nan at step 4.*step-00000003"):
+        train(model, blocks(), config, tmp_path)
+    kept = checkpoints(tmp_path / "checkpoints/train")
+    assert [p.name for p in kept] == ["step-00000001", "step-00000002", "step-00000003"]
+    assert torch.isfinite(model.w).all()  # the optimizer never stepped on the NaN gradients
+
+
+def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
+    def run(batch_size, accum, where):
+        teacher, student = tiny_model("llama"), tiny_model("llama", seed=1, layers=2)
+        obj = build_objective(teacher, student, [parse_loss({"type": "logits"}), parse_loss({"type": "ce"})])
+        train(obj, blocks(), TrainConfig(steps=3, batch_size=batch_size, grad_accum=accum, lr=1e-2,
+                                         log_with="none", progress=False), tmp_path / where)
+        return student.state_dict()
+
+    big, small = run(4, 1, "big"), run(2, 2, "small")
+    for name in big:
+        assert torch.allclose(big[name], small[name], atol=1e-6), name
+
+
+def test_schedules():
+    linear = _lr_lambda(TrainConfig(steps=10, warmup_steps=2))
+    assert [round(linear(s), 3) for s in range(11)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25,
+                                                        0.125, 0.0]
+    cosine = _lr_lambda(TrainConfig(steps=10, warmup_steps=0, schedule="cosine"))
+    assert cosine(0) == 1.0 and cosine(5) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
+    constant = _lr_lambda(TrainConfig(steps=10, warmup_steps=4, schedule="constant"))
+    assert [constant(s) for s in (0, 3, 4, 9)] == [0.25, 1.0, 1.0, 1.0]
+
+
+def test_batch_order_is_a_per_epoch_permutation_split_across_processes():
+    ranks = [BatchOrder(10, batch_size=2, world_size=2, rank=r, seed=3) for r in range(2)]
+    assert ranks[0].per_epoch == 2  # 10 examples, global batch 4: the last 2 of each epoch are dropped
+    epoch0 = [i for pos in range(2) for order in ranks for i in order.indices(pos)]
+    assert len(set(epoch0)) == 8
+    epoch1 = [i for pos in range(2, 4) for order in ranks for i in order.indices(pos)]
+    assert epoch1 != epoch0 and len(set(epoch1)) == 8
+    again = BatchOrder(10, batch_size=2, world_size=2, rank=1, seed=3)
+    assert again.indices(3) == ranks[1].indices(3)
+
+
+def test_pad_collate_pads_and_masks():
+    batch = pad_collate([{"input_ids": [5, 6, 7], "labels": 1, "text": "x"}, {"input_ids": [8], "labels": 0}],
+                        pad_token_id=9)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 9]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [1, 0] and "text" not in batch
+
+
+def test_csv_metrics_and_evaluation(tmp_path):
+    config = TrainConfig(steps=4, batch_size=4, log_every=2, eval_every=2, progress=False, run_name="kd")
+    result = train(gpt2_objective(), blocks(), config, tmp_path, eval_fn=lambda obj: {"score": 1.5})
+    with (tmp_path / "logs/kd/metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows if r["train/loss"]] == ["2", "4"]
+    assert [r["eval/score"] for r in rows if r["eval/score"]] == ["1.5", "1.5"]
+    assert float(rows[0]["tokens_per_s"]) > 0 and result.evals == [{"step": 2, "score": 1.5}, {"step": 4, "score": 1.5}]
+
+
+def test_tensorboard_tracker(tmp_path):
+    config = TrainConfig(steps=2, batch_size=4, log_every=1, log_with="tensorboard", progress=False, run_name="tb")
+    train(gpt2_objective(), blocks(), config, tmp_path)
+    assert list((tmp_path / "logs/tb").rglob("events.out.tfevents.*"))

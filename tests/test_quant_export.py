@@ -1,0 +1,132 @@
+"""Packed export: reloaded logits match the fake-quant model, and the size accounting is what lands on disk."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+from safetensors import safe_open
+
+from lmcompress.errors import LmcompressError
+from lmcompress.evaluate.size import size_report
+from lmcompress.export import export_model
+from lmcompress.models.loading import load_model
+from lmcompress.quant import export_packed, quantize_, size_accounting
+from lmcompress.quant.modules import PackedEmbedding, PackedLinear, PackedTiedHead
+
+CONFIGS = {
+    "w2e2a8-dynamic": {"bits": "2-2-8", "scale": "dynamic"},
+    "ternary-a8": {"scheme": "ternary", "embedding_bits": "t", "activation_bits": 8},
+    "binary-lsq": {"bits": 1, "scale": "lsq"},
+    "asym3-group": {"bits": 3, "scheme": "asym", "granularity": "group", "group_size": 16, "embedding_bits": 8},
+    "w4-a4-tensor": {"bits": 4, "activation_bits": 4, "activation_granularity": "tensor"},
+}
+# With fp32 storage of the tensors left in float, the reloaded model computes the same numbers.
+FP32_ATOL = 1e-4
+# With fp16 storage, norms/biases/unquantized embeddings are rounded to fp16 (relative error ~5e-4).
+FP16_RTOL = 2e-2
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _train_a_little(model, steps=3):
+    # Move latent weights and learnable scales away from their init so the test covers trained states.
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(steps):
+        ids = torch.randint(3, 128, (2, 8))
+        model(input_ids=ids).logits.float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_reloaded_model_matches_fake_quant(family, name, tmp_path):
+    model = tiny_model(family)
+    quantize_(model, CONFIGS[name])
+    _train_a_little(model)
+    ids = torch.randint(3, 128, (2, 9))
+    expected = _logits(model, ids)
+    export_packed(model, None, tmp_path / "fp32", float_dtype="fp32")
+    reloaded, _ = load_model(tmp_path / "fp32")
+    assert any(isinstance(m, PackedLinear) for m in reloaded.modules())
+    torch.testing.assert_close(_logits(reloaded, ids), expected, atol=FP32_ATOL, rtol=0)
+
+    export_packed(model, None, tmp_path / "fp16", float_dtype="fp16")
+    reloaded16, _ = load_model(tmp_path / "fp16")
+    diff = (_logits(reloaded16, ids) - expected).abs().max()
+    assert diff <= FP16_RTOL * expected.abs().max()
+
+
+def test_tied_table_is_stored_once_and_reloaded_as_a_tied_head(tmp_path):
+    model = tiny_model("llama")
+    quantize_(model, {"bits": "2-2-8"})
+    export_packed(model, None, tmp_path / "m")
+    with safe_open(tmp_path / "m" / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert "model.embed_tokens.qweight" in names and not any(n.startswith("lm_head") for n in names)
+    reloaded, _ = load_model(tmp_path / "m")
+    assert isinstance(reloaded.model.embed_tokens, PackedEmbedding)
+    assert isinstance(reloaded.lm_head, PackedTiedHead) and reloaded.lm_head.source is reloaded.model.embed_tokens
+    out = reloaded.generate(torch.tensor([[1, 4, 7]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 7)
+
+
+@pytest.mark.parametrize("float_dtype", ["fp16", "fp32"])
+def test_accounting_counts_every_tensor_written(family, float_dtype, tmp_path):
+    model = tiny_model(family, hidden=64)
+    quantize_(model, {"bits": "2-2-8", "scale": "dynamic"})
+    account = size_accounting(model, float_dtype)
+    result = export_packed(model, None, tmp_path / "m", float_dtype=float_dtype)
+    path = tmp_path / "m" / "model.safetensors"
+    with safe_open(path, "pt") as f:
+        stored = {n: f.get_tensor(n) for n in f.keys()}
+    planned = {t.name: t for t in account.tensors}
+    assert set(stored) == set(planned)
+    for name, tensor in stored.items():
+        assert tensor.dtype == planned[name].dtype and tuple(tensor.shape) == planned[name].shape, name
+    assert sum(t.numel() * t.element_size() for t in stored.values()) == account.tensor_bytes
+    # model.safetensors = tensors + header; the predicted header is an estimate.
+    assert abs(path.stat().st_size - account.file_bytes) <= 0.01 * account.file_bytes
+    assert result["accounting_error"] <= 0.01
+    # The whole folder: the accounting plus config/marker files, nothing unaccounted.
+    assert result["folder_bytes"] == result["safetensors_bytes"] + result["other_files_bytes"]
+    marker = json.loads((tmp_path / "m" / "lmcompress.json").read_text())
+    assert marker["format"] == "packed-quant" and marker["size"]["tensor_bytes"] == account.tensor_bytes
+
+
+def test_accounting_params_and_bits():
+    model = tiny_model("llama", hidden=64)
+    dense_params = sum(p.numel() for p in model.parameters())
+    quantize_(model, {"scheme": "ternary", "embedding_bits": "t"})
+    account = size_accounting(model, "fp16")
+    assert account.params == dense_params  # the tied table is counted once; scales are not parameters
+    assert account.quantized_params == sum(t.params for t in account.tensors if t.role == "codes")
+    codes = sum(t.nbytes for t in account.tensors if t.role == "codes")
+    assert 8 * codes / account.quantized_params == pytest.approx(1.6, abs=0.05)
+    assert account.bits_per_param < 2.5 and account.compression_vs_fp32 > 12
+
+
+def test_foundation_size_report_agrees_with_the_export_accounting():
+    model = tiny_model("gpt2", hidden=64)
+    quantize_(model, {"bits": "4-8-8"})
+    report = size_report(model)
+    account = size_accounting(model, "fp32")  # size_report counts float tensors at their dtype (fp32)
+    assert report["params"] == account.params
+    assert report["bytes"] == pytest.approx(account.tensor_bytes, rel=0.01)
+
+
+def test_export_stage_route_picks_the_packed_format(tmp_path):
+    model = tiny_model("llama")
+    quantize_(model, {"bits": 4})
+    written, fmt = export_model(model, None, tmp_path / "m", dtype="bf16")
+    assert fmt == "packed-quant"
+    assert json.loads((written / "lmcompress.json").read_text())["float_dtype"] == "bf16"
+
+
+def test_export_of_a_plain_model_is_refused(tmp_path):
+    with pytest.raises(LmcompressError, match="no quantized modules"):
+        export_packed(tiny_model("llama"), None, tmp_path / "m")

@@ -1,0 +1,162 @@
+"""Weight and activation quantizers: levels per group, scale rules, exact export codes, gradients."""
+
+import itertools
+
+import pytest
+import torch
+
+from lmcompress.errors import RecipeError
+from lmcompress.quant.quantizers import (
+    TERNARY_THRESHOLD,
+    ActQuantizer,
+    QuantSpec,
+    WeightQuantizer,
+    dequantize,
+)
+
+GRANULARITIES = [("tensor", None), ("row", None), ("group", 16)]
+SPECS = (
+    [QuantSpec("binary", 1, g, gs, sc) for (g, gs), sc in itertools.product(GRANULARITIES, ["mean", "lsq", "dynamic"])]
+    + [QuantSpec("ternary", 2, g, gs, sc) for (g, gs), sc in itertools.product(GRANULARITIES, ["mean", "lsq", "dynamic"])]
+    + [QuantSpec("sym", k, g, gs, sc) for k, (g, gs), sc in itertools.product([2, 3, 4, 8], GRANULARITIES, ["absmax", "lsq", "dynamic"])]
+    + [QuantSpec("asym", k, g, gs) for k, (g, gs) in itertools.product([2, 3, 5, 8], GRANULARITIES)]
+)
+
+
+def _weight(out=12, inp=64, seed=0):
+    torch.manual_seed(seed)
+    return torch.randn(out, inp) * 0.05
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.label}-{s.granularity}-{s.scale}")
+def test_levels_per_group(spec):
+    w = _weight()
+    quantizer = WeightQuantizer(spec, w)
+    groups = quantizer(w).detach().reshape(quantizer.groups)
+    for group in groups.reshape(-1, groups.shape[-1]):
+        n = len(torch.unique(group))
+        if spec.scheme == "binary":
+            assert n == 2
+        elif spec.scheme == "ternary":
+            assert n == 3
+        elif spec.scheme == "sym":
+            assert 2 <= n <= 2**spec.bits - 1  # restricted symmetric range [-Q, Q]
+        else:
+            assert 2 <= n <= 2**spec.bits
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.label}-{s.granularity}-{s.scale}")
+def test_codes_dequantize_to_the_fake_quant_weight_exactly(spec):
+    w = _weight(seed=1)
+    quantizer = WeightQuantizer(spec, w)
+    q = quantizer.quantize(w)
+    assert q.codes.dtype == torch.uint8 and q.codes.shape == w.shape
+    assert int(q.codes.max()) < spec.code_format.levels
+    rows, cols, _ = spec.group_shape(tuple(w.shape))
+    assert q.scales.shape == (rows, cols)
+    assert (q.zeros is not None) == (spec.scheme == "asym")
+    assert torch.equal(dequantize(q.codes, q.scales, q.zeros, spec), quantizer(w).detach())
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.learnable], ids=lambda s: f"{s.label}-{s.granularity}-{s.scale}")
+def test_learnable_scales_get_finite_gradients(spec):
+    w = _weight(seed=2).requires_grad_(True)
+    quantizer = WeightQuantizer(spec, w.detach())
+    (quantizer(w) * torch.randn(w.shape)).sum().backward()
+    params = list(quantizer.parameters())
+    assert params, "a learnable scale must be a parameter"
+    for p in params:
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+
+
+def test_binary_scale_is_mean_abs_per_group():
+    w = _weight()
+    q = WeightQuantizer(QuantSpec("binary", 1, "row"), w)(w)
+    expected = w.abs().mean(dim=1, keepdim=True) * torch.where(w >= 0, 1.0, -1.0)
+    torch.testing.assert_close(q, expected, rtol=2**-8, atol=0)  # scales are stored in bf16
+
+
+def test_ternary_threshold_and_kept_mean():
+    w = _weight()
+    q = WeightQuantizer(QuantSpec("ternary", 2, "row"), w)(w)
+    mean = w.abs().mean(dim=1, keepdim=True)
+    kept = w.abs() > TERNARY_THRESHOLD * mean
+    assert torch.equal(q == 0, ~kept)
+    kept_mean = (w.abs() * kept).sum(1, keepdim=True) / kept.sum(1, keepdim=True)
+    torch.testing.assert_close(q.abs().amax(1, keepdim=True), kept_mean, rtol=2**-8, atol=0)
+
+
+def test_dynamic_gamma_gradient_counts_weights_inside_and_outside_the_clip():
+    w = _weight(seed=3)
+    spec = QuantSpec("sym", 2, "tensor", scale="dynamic")
+    quantizer = WeightQuantizer(spec, w)
+    with torch.no_grad():
+        quantizer.gamma.fill_(1.0)  # clip at mean|w|: many weights fall outside
+    g = torch.randn(w.shape)
+    (quantizer(w) * g).sum().backward()
+    mean = w.abs().mean()
+    s = (quantizer.gamma.detach() * mean / spec.qmax).to(torch.bfloat16).float()
+    x = w / s
+    q = torch.clamp(torch.round(x), -spec.qmax, spec.qmax)
+    inside = x.abs() <= spec.qmax
+    assert inside.any() and (~inside).any()
+    d_out_d_s = torch.where(inside, q - x, q)  # outside: sign(w) * Q
+    expected = (g * d_out_d_s).sum() * mean / spec.qmax
+    torch.testing.assert_close(quantizer.gamma.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_weight_gradient_is_straight_through_and_clipped_for_learned_scales():
+    w = _weight(seed=4).requires_grad_(True)
+    static = WeightQuantizer(QuantSpec("sym", 4), w.detach())
+    static(w).sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+    w.grad = None
+    lsq = WeightQuantizer(QuantSpec("sym", 2, scale="lsq"), w.detach())
+    lsq(w).sum().backward()
+    s = lsq.scale.detach().abs().to(torch.bfloat16).float()
+    inside = ((w.detach().reshape(lsq.groups) / s).abs() <= 1).reshape(w.shape)
+    assert torch.equal(w.grad, inside.float())
+
+
+def test_asym_range_includes_zero_and_uses_zero_points():
+    w = _weight().abs() + 0.01  # all positive: the range still includes 0
+    spec = QuantSpec("asym", 4, "row")
+    quantizer = WeightQuantizer(spec, w)
+    q = quantizer.quantize(w)
+    assert (q.zeros == 0).all()
+    assert torch.equal(q.dequantize(), quantizer(w))
+    assert (quantizer(w) - w).abs().max() <= q.scales.float().max()
+
+
+@pytest.mark.parametrize("bits,granularity", [(8, "token"), (4, "token"), (8, "tensor"), (4, "tensor")])
+def test_activation_quantizer_levels_and_straight_through(bits, granularity):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    y = ActQuantizer(bits, granularity)(x)
+    rows = y.detach().reshape(-1, 64) if granularity == "token" else y.detach().reshape(1, -1)
+    for row in rows:
+        assert len(torch.unique(row)) <= 2**bits - 1
+    assert (y - x).abs().max() <= x.abs().max() / (2 ** (bits - 1) - 1)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"scheme": "sym", "bits": 0}, "bits"),
+    ({"scheme": "sym", "bits": 9}, "bits"),
+    ({"scheme": "asym", "bits": 1}, "binary"),
+    ({"scheme": "binary", "bits": 2}, "bits"),
+    ({"scheme": "sym", "bits": 4, "scale": "mean"}, "scale"),
+    ({"scheme": "asym", "bits": 4, "scale": "lsq"}, "scale"),
+    ({"scheme": "sym", "bits": 4, "granularity": "group"}, "group_size"),
+    ({"scheme": "sym", "bits": 4, "granularity": "row", "group_size": 8}, "group_size"),
+])
+def test_bad_specs_fail_naming_the_field(kwargs, field):
+    with pytest.raises(RecipeError, match=field):
+        QuantSpec(**kwargs)
+
+
+def test_group_size_must_divide_the_input_size():
+    with pytest.raises(RecipeError, match="group_size: 12 does not divide"):
+        WeightQuantizer(QuantSpec("sym", 4, "group", 12), _weight(4, 32))

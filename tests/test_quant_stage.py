@@ -1,0 +1,57 @@
+"""The `quantize` recipe stage and the shipped quantization recipes."""
+
+from pathlib import Path
+
+import pytest
+from conftest import tiny_model
+
+from lmcompress.errors import RecipeError
+from lmcompress.pipeline import Run
+from lmcompress.quant.modules import QuantEmbedding, is_quantized
+from lmcompress.recipe import Recipe, load_recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _recipe(**stage):
+    return Recipe.model_validate({"teacher": "smollm2-135m", "stages": [{"stage": "quantize", **stage}]})
+
+
+def test_stage_swaps_modules_and_reports_the_size(tmp_path):
+    recipe = _recipe(bits="2-2-8", scale="dynamic")
+    run = Run(recipe=recipe, out_dir=tmp_path)
+    run.student = tiny_model("llama", hidden=64)
+    run.state["teacher_bytes"] = 4 * sum(p.numel() for p in run.student.parameters())
+    recipe.stages[0].run(run)
+    assert is_quantized(run.student) and isinstance(run.student.model.embed_tokens, QuantEmbedding)
+    row = run.report.rows[-1]
+    assert row["stage"] == "quantize" and row["quantized_modules"] == 4 * 7 + 2  # + embeddings + tied head
+    assert row["activation_bits"] == 8 and row["bits_per_param"] < 4 and row["compression_ratio"] > 8
+
+
+@pytest.mark.parametrize("stage,field", [
+    ({"bits": 0}, r"stages\[0\]\.bits"),
+    ({"bits": 9}, r"stages\[0\]\.bits"),
+    ({"bits": 1, "scheme": "asym"}, r"stages\[0\]: .*symmetric only"),
+    ({"bits": 2, "scale": "mean"}, r"stages\[0\]: scale"),
+    ({"bits": 2, "granularity": "blocks"}, r"stages\[0\]\.granularity"),
+    ({"bits": 2, "activation_bits": 12}, r"stages\[0\]\.activation_bits"),
+    ({"bits": 2, "typo": 1}, r"stages\[0\]\.typo: unknown field"),
+])
+def test_bad_stage_fields_fail_before_anything_runs(stage, field):
+    with pytest.raises(RecipeError, match=field):
+        _recipe(**stage)
+
+
+def test_pattern_matching_nothing_fails_at_run_time_naming_the_stage(tmp_path):
+    recipe = _recipe(bits=4, patterns=["*.nonexistent"], name="w4")
+    run = Run(recipe=recipe, out_dir=tmp_path)
+    run.student = tiny_model("llama")
+    with pytest.raises(RecipeError, match=r"w4\.patterns"):
+        recipe.stages[0].run(run)
+
+
+@pytest.mark.parametrize("name", ["xtc-minilm.yaml", "quantgpt-smollm2.yaml", "ternary-smollm2.yaml"])
+def test_shipped_recipes_validate(name):
+    recipe = load_recipe(RECIPES / name)
+    assert any(s.stage == "quantize" for s in recipe.stages)

@@ -109,3 +109,21 @@ def test_untied_float_head_is_written(tmp_path, tokenizer):
 def test_non_llama_is_refused(tmp_path, tokenizer):
     with pytest.raises(UnsupportedArchitectureError, match="LLaMA"):
         export_gguf(tiny_model("gpt2"), tokenizer, tmp_path / "m.gguf")
+
+
+def test_gguf_from_a_model_quantized_by_the_quant_stage(tmp_path, tokenizer):
+    from lmcompress.quant import quantize_
+
+    model = tiny_model("llama", hidden=256, heads=4, kv_heads=2, layers=2, vocab_size=VOCAB, unk_token_id=0,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    quantize_(model, {"scheme": "ternary", "embedding_bits": 8})
+    path = export_gguf(model, tokenizer, tmp_path / "model.gguf")  # codes found through the extractor
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == T.TQ1_0 and types["token_embd.weight"] == T.Q8_0
+    assert "output.weight" not in types  # the quantized tied head multiplies by the stored table
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32)
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, loaded(ids).logits
+    # bf16 scales are exact in fp16: only float summation order differs
+    assert float((ours - theirs).abs().max() / ours.std()) < 1e-3

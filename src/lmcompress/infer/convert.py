@@ -4,8 +4,8 @@
 from integer codes. It understands:
 - a `weights` mapping {module name: IntWeight} (the neutral form: what a packed folder holds, or what
   `rtn_weights` makes for a float model);
-- modules for which an extractor is registered with `register_extractor` (the quantized modules of
-  `lmcompress.quant` register theirs), each giving the IntWeight its fake-quant forward uses.
+- modules for which an extractor is registered with `register_extractor`: `infer/from_quant.py` registers
+  one for the fake-quant and packed modules of `lmcompress.quant`, giving the codes their forward uses.
 
 `rtn_weights` is plain round-to-nearest quantization into the neutral form; it serves the speed
 benchmark and the tests (trained models come from the quant stage).
@@ -24,12 +24,13 @@ from lmcompress.infer.modules import PackedEmbedding, PackedLinear
 from lmcompress.models.adapters import get_adapter, is_linear, linear_weight
 from lmcompress.models.select import select_modules, set_module
 
-Extractor = Callable[[nn.Module], "tuple[IntWeight, torch.Tensor | None] | None"]
+# fn(module) -> (IntWeight, bias, is_embedding) for a module it recognises as quantized, else None
+Extractor = Callable[[nn.Module], "tuple[IntWeight, torch.Tensor | None, bool] | None"]
 _EXTRACTORS: list[Extractor] = []
 
 
 def register_extractor(fn: Extractor) -> Extractor:
-    """Register `fn(module) -> (IntWeight, bias) | None` for a kind of quantized module."""
+    """Register `fn(module) -> (IntWeight, bias, is_embedding) | None` for a kind of quantized module."""
     _EXTRACTORS.append(fn)
     return fn
 
@@ -45,7 +46,7 @@ def _extract(module: nn.Module):
 def _import_extractors() -> None:
     import importlib
 
-    for name in ("lmcompress.quant.infer",):
+    for name in ("lmcompress.infer.from_quant",):
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -65,8 +66,8 @@ def _unshare_storages(model: nn.Module) -> None:
             tensor.data = tensor.data.clone()
 
 
-def find_quantized(model: nn.Module) -> dict[str, tuple[IntWeight, torch.Tensor | None]]:
-    """{name: (IntWeight, bias)} of the modules a registered extractor recognises as quantized."""
+def find_quantized(model: nn.Module) -> dict[str, tuple[IntWeight, torch.Tensor | None, bool]]:
+    """{name: (IntWeight, bias, is_embedding)} of the modules a registered extractor recognises."""
     _import_extractors()
     found = {}
     for name, module in model.named_modules():
@@ -85,22 +86,23 @@ def to_inference(model: nn.Module, weights: Mapping[str, IntWeight] | None = Non
     `kernels.build_kernel` ("auto" + "speed" picks the fastest measured kernel; "memory" prefers 4-bit
     resident weights).
     """
-    targets: dict[str, tuple[IntWeight, torch.Tensor | None]] = {}
+    targets: dict[str, tuple[IntWeight, torch.Tensor | None, bool]] = {}
     if weights is not None:
         modules = dict(model.named_modules())
         for name, weight in weights.items():
             if name not in modules:
                 raise LmcompressError(f"to_inference: weights name {name!r} is not a module of the model")
-            targets[name] = (weight, getattr(modules[name], "bias", None))
+            module = modules[name]
+            targets[name] = (weight, getattr(module, "bias", None), isinstance(module, nn.Embedding))
     else:
         targets = find_quantized(model)
         if not targets:
             raise LmcompressError("to_inference: no quantized module found; quantize the model first or "
                                   "pass weights={name: IntWeight}")
-    for name, (weight, bias) in targets.items():
+    for name, (weight, bias, is_embedding) in targets.items():
         module = model.get_submodule(name)
-        if isinstance(module, nn.Embedding):
-            new = PackedEmbedding(weight, padding_idx=module.padding_idx)
+        if is_embedding:
+            new = PackedEmbedding(weight, padding_idx=getattr(module, "padding_idx", None))
         else:
             new = PackedLinear(weight, bias, kernel=kernel, prefer=prefer)
         set_module(model, name, new)

@@ -262,6 +262,11 @@ def _file_type(types: list) -> int:
     return int(by_type[max(set(matrices), key=matrices.count)])
 
 
+def _same_weight(a: IntWeight, b: IntWeight | None) -> bool:
+    return b is not None and (a is b or (a.codes.shape == b.codes.shape and torch.equal(a.codes, b.codes)
+                                         and torch.equal(a.scale, b.scale) and a.group_size == b.group_size))
+
+
 def export_gguf(model: nn.Module, tokenizer, path: str | Path, weights: Mapping[str, IntWeight] | None = None,
                 float_type: str = "F16", ternary_type: str = "TQ1_0", name: str | None = None) -> Path:
     """Write `model` (LLaMA family) with `tokenizer` to the GGUF file `path`; returns the path.
@@ -280,7 +285,7 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, weights: Mapping[
     if weights is None:
         from lmcompress.infer.convert import find_quantized
 
-        weights = {n: w for n, (w, _) in find_quantized(model).items()}
+        weights = {n: w for n, (w, _, _) in find_quantized(model).items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -342,7 +347,7 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, weights: Mapping[
     # separately from the embeddings).
     head = adapter.head
     head_name = next((n for n, m in model.named_modules() if m is head), None)
-    if tied and head_name in weights and weights[head_name] is not weights.get(embed_name):
+    if tied and head_name in weights and not _same_weight(weights[head_name], weights.get(embed_name)):
         add(f"{head_name}.weight", *pack_weight(weights[head_name], float_type, ternary_type))
     elif tied and head_name is not None and embed_name in weights and head_name not in weights:
         add(f"{head_name}.weight", *_float_array(head.weight.detach(), float_type))

@@ -116,7 +116,7 @@ def run_hf(config: str, prefill: int, new_tokens: int) -> dict:
         warnings.simplefilter("ignore")
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         dynamic = [m for m in model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
-        matmul_bytes = sum(m.weight().numel() + m.weight().q_per_channel_scales().numel() * 4 for m in dynamic)
+        matmul_bytes = sum(m.weight().numel() for m in dynamic)  # int8 codes; per-tensor scales
         row["stored_bytes"] = matmul_bytes + tensor_bytes(model.parameters())
     elif config.startswith("ours-"):
         kind = config[len("ours-"):].removesuffix("-memory")

@@ -10,7 +10,7 @@ decode floor = memory bandwidth / weight bytes read per token (bench/membw.py), 
 Our models are round-to-nearest (this measures speed, not quality): attention and MLP linears at the
 given bits with per-row scales; the tied embedding table and LM head int8 per row from one set of codes.
 "memory" variants pack for the int4 op (4 bits resident) instead of fbgemm's int8; "lowbit" variants run
-the 2-bit AVX-512 VNNI prototype of bench/lowbit.py (a C++ extension built on first use).
+the 2-bit AVX-512 VNNI kernel of lmcompress/infer/lowbit.py (a C++ extension built on first use).
 
     flock /tmp/lmc-heavy.lock python bench/inference.py --threads 1            # full run
     flock /tmp/lmc-heavy.lock python bench/inference.py --prefill 32 --new-tokens 4 --configs fp32 ternary
@@ -127,12 +127,8 @@ def run_hf(config: str, prefill: int, new_tokens: int) -> dict:
         ids = prompt_ids(tokenizer, 32)
         with torch.inference_mode():  # the fake-quant model's logits, then its float weights are dropped
             logits_check = apply_dequantized(model, weights)(ids).logits
-        to_inference(model, weights, prefer="memory" if config.endswith("-memory") else "speed")
-        if config.endswith("-lowbit"):  # the 2-bit AVX-512 prototype of bench/lowbit.py
-            sys.path.insert(0, str(HERE))
-            from lowbit import to_lowbit
-
-            row["lowbit_modules"] = to_lowbit(model, weights)
+        to_inference(model, weights, prefer="memory" if config.endswith("-memory") else "speed",
+                     kernel="lowbit2" if config.endswith("-lowbit") else "auto")
         with torch.inference_mode():
             fast = model(ids).logits
         row["logits_err"] = float((fast - logits_check).abs().max() / logits_check.std())

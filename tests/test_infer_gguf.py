@@ -127,3 +127,15 @@ def test_gguf_from_a_model_quantized_by_the_quant_stage(tmp_path, tokenizer):
         ours, theirs = model(ids).logits, loaded(ids).logits
     # bf16 scales are exact in fp16: only float summation order differs
     assert float((ours - theirs).abs().max() / ours.std()) < 1e-3
+
+
+def test_export_model_writes_gguf_on_request(tmp_path, tokenizer):
+    from lmcompress.export import export_model
+    from lmcompress.quant import quantize_
+
+    model = tiny_model("llama", hidden=64, layers=1, vocab_size=VOCAB)
+    quantize_(model, {"bits": 4})
+    path, fmt = export_model(model, tokenizer, tmp_path / "out", format="gguf")
+    assert fmt == "gguf" and path == tmp_path / "out" / "model.gguf"
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.ffn_up.weight"] == T.Q4_0 and types["token_embd.weight"] == T.F32

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lmcompress.errors import LmcompressError, UnsupportedArchitectureError
+from lmcompress.export import register_exporter
 from lmcompress.infer.kernels import IntWeight
 from lmcompress.models.adapters import get_adapter
 
@@ -361,3 +362,12 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, weights: Mapping[
     writer.close()
     tmp.replace(path)
     return path
+
+
+@register_exporter("gguf", applies_to=lambda model: False)  # only on request: `--format gguf`
+def _export_for_cli(model: nn.Module, tokenizer, target: Path, dtype: str = "fp32") -> Path:
+    """`lmcompress export --format gguf`: `target` is a .gguf file, or a folder that gets `model.gguf`.
+    Quantized modules keep their codes; other weights are F32 (`--dtype fp32`) or F16 (`--dtype bf16`)."""
+    target = Path(target)
+    path = target if target.suffix == ".gguf" else target / "model.gguf"
+    return export_gguf(model, tokenizer, path, float_type="F32" if dtype == "fp32" else "F16")

@@ -150,15 +150,22 @@ class Kernel:
 
 
 @functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def cpu_has_vnni() -> bool:
     """True if the CPU has AVX-512 VNNI or AVX-VNNI: fbgemm then accumulates u8*s8 products in int32
     without the int16 saturation of `vpmaddubsw`, so activations can use the full 8-bit range."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
 
 
 def _fbgemm_pack(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
@@ -307,11 +314,18 @@ def choose_kernel(weight: IntWeight, prefer: str = "speed") -> type[Kernel]:
 
 def build_kernel(weight: IntWeight, bias: torch.Tensor | None = None, kernel: str = "auto",
                  prefer: str = "speed") -> Kernel:
-    """Pack `weight` for the kernel named `kernel` ("auto" picks with `choose_kernel`)."""
+    """Pack `weight` for the kernel named `kernel`: "auto" picks with `choose_kernel`; "lowbit2" uses the
+    2-bit AVX-512 kernel of lowbit.py where it applies (per-row codes in [-2, 1]) and "auto" elsewhere."""
+    if kernel == "lowbit2":
+        from lmcompress.infer.lowbit import Lowbit2Rows
+
+        if Lowbit2Rows.supports(weight):
+            return Lowbit2Rows(weight, bias)
+        kernel = "auto"
     if kernel == "auto":
         cls = choose_kernel(weight, prefer)
     elif kernel in KERNELS:
         cls = KERNELS[kernel]
     else:
-        raise LmcompressError(f"kernel: {kernel!r} is not one of {['auto', *KERNELS]}")
+        raise LmcompressError(f"kernel: {kernel!r} is not one of {['auto', 'lowbit2', *KERNELS]}")
     return cls(weight, bias)

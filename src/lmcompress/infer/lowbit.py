@@ -128,9 +128,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
 @functools.cache
 def available() -> bool:
-    """A compiler and AVX-512 (BW + VNNI) are present."""
+    """A C++ compiler, ninja (torch.utils.cpp_extension builds with it) and AVX-512 BW + VNNI are present."""
     flags = cpu_flags()
-    return ("avx512_vnni" in flags and "avx512bw" in flags and shutil.which("c++") is not None)
+    return ("avx512_vnni" in flags and "avx512bw" in flags and shutil.which("c++") is not None
+            and shutil.which("ninja") is not None)
 
 
 @functools.cache

@@ -9,7 +9,8 @@ decode floor = memory bandwidth / weight bytes read per token (bench/membw.py), 
 
 Our models are round-to-nearest (this measures speed, not quality): attention and MLP linears at the
 given bits with per-row scales; the tied embedding table and LM head int8 per row from one set of codes.
-"memory" variants pack for the int4 op (4 bits resident) instead of fbgemm's int8; "lowbit" variants run
+"memory" variants pack for the int4 op (4 bits resident) instead of fbgemm's int8; "accuracy" variants
+keep activations in bf16 (int4 op, _weight_int8pack_mm) instead of quantizing them to 8 bits per token; "lowbit" variants run
 the 2-bit AVX-512 VNNI kernel of lmcompress/infer/lowbit.py (a C++ extension built on first use).
 
     flock /tmp/lmc-heavy.lock python bench/inference.py --threads 1            # full run
@@ -33,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 MODEL = Path("/root/.cache/lmcompress/model/smollm2-135m")
 OURS = {"int8": 8, "int4": 4, "int2": 2, "ternary": "ternary", "binary": 1}
 CONFIGS = ["fp32", "bf16", "torch-int8", *(f"ours-{k}" for k in OURS), "ours-int4-memory",
-           "ours-ternary-memory", *(f"ours-{k}-lowbit" for k in ("int2", "ternary", "binary")),
+           "ours-ternary-memory", "ours-int8-accuracy", "ours-ternary-accuracy", *(f"ours-{k}-lowbit" for k in ("int2", "ternary", "binary")),
            *(f"llamacpp-{k}" for k in OURS)]
 
 
@@ -121,14 +122,14 @@ def run_hf(config: str, prefill: int, new_tokens: int) -> dict:
         matmul_bytes = sum(m.weight().numel() for m in dynamic)  # int8 codes; per-tensor scales
         row["stored_bytes"] = matmul_bytes + tensor_bytes(model.parameters())
     elif config.startswith("ours-"):
-        kind = config[len("ours-"):].removesuffix("-memory").removesuffix("-lowbit")
+        kind, _, variant = config[len("ours-"):].partition("-")
         weights = rtn_weights(model, OURS[kind], ("attention", "mlp"))
         weights.update(rtn_weights(model, 8, ("embeddings", "head")))
         ids = prompt_ids(tokenizer, 32)
         with torch.inference_mode():  # the fake-quant model's logits, then its float weights are dropped
             logits_check = apply_dequantized(model, weights)(ids).logits
-        to_inference(model, weights, prefer="memory" if config.endswith("-memory") else "speed",
-                     kernel="lowbit2" if config.endswith("-lowbit") else "auto")
+        to_inference(model, weights, prefer=variant if variant in ("memory", "accuracy") else "speed",
+                     kernel="lowbit2" if variant == "lowbit" else "auto")
         with torch.inference_mode():
             fast = model(ids).logits
         row["logits_err"] = float((fast - logits_check).abs().max() / logits_check.std())

@@ -28,7 +28,8 @@ def relative_error(model_a, model_b, ids) -> float:
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("bits", BITS, ids=str)
-@pytest.mark.parametrize("group_size,prefer", [(None, "speed"), (32, "speed"), (None, "memory")])
+@pytest.mark.parametrize("group_size,prefer", [(None, "speed"), (32, "speed"), (None, "memory"),
+                                               (None, "accuracy")])
 def test_inference_form_matches_fake_quant(family, bits, group_size, prefer):
     model = tiny_model(family, hidden=64, heads=4, kv_heads=2, layers=2)
     weights = rtn_weights(model, bits, ALL, group_size=group_size)
@@ -41,6 +42,8 @@ def test_inference_form_matches_fake_quant(family, bits, group_size, prefer):
     packed = [m for m in fast.modules() if isinstance(m, PackedLinear)]
     if prefer == "memory" and bits != 8:
         assert {m.kernel.name for m in packed} == {"int4pack"}
+    if prefer == "accuracy":  # bf16-activation kernels only
+        assert {m.kernel.name for m in packed} <= {"int4pack", "int8pack"}
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

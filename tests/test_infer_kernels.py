@@ -10,6 +10,7 @@ from lmcompress.infer.kernels import (
     FbgemmGroupSplit,
     FbgemmRows,
     Int4Groups,
+    Int8PackRows,
     IntWeight,
     build_kernel,
     choose_kernel,
@@ -35,13 +36,13 @@ def random_weight(out_f, in_f, bits=2, scheme="int", group_size=None, asymmetric
 
 
 def exact_activations(tokens, in_f, group_size=None, seed=1):
-    """Integers 0..255 with both ends present in every group of columns: fbgemm's dynamic uint8
-    quantization of each group is then lossless (scale 1, zero point 0), so any difference from x @ W.T
+    """Integers 0..255 with both ends present in every row and group of columns: after the kernels'
+    per-row scaling fbgemm's dynamic uint8 quantization is then lossless, so any difference from x @ W.T
     comes from the weights."""
     x = torch.randint(0, 256, (tokens, in_f), generator=torch.Generator().manual_seed(seed)).float()
     size = group_size or in_f
     for start in range(0, in_f, size):
-        x[0, start], x[0, min(start + size, in_f) - 1] = 0.0, 255.0
+        x[:, start], x[:, min(start + size, in_f) - 1] = 0.0, 255.0
     return x
 
 
@@ -89,12 +90,24 @@ def test_int4_kernel_refuses_shapes_it_cannot_take():
         Int4Groups(random_weight(40, 128, 2))
 
 
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_int8pack_kernel_matches_within_bf16(asymmetric):
+    weight = random_weight(24, 96, 8, asymmetric=asymmetric)
+    x = torch.randn(3, 96)
+    y = build_kernel(weight, torch.ones(24), kernel="int8pack")(x)
+    ref = x @ weight.dequantize().t() + 1
+    assert float((y - ref).abs().max()) <= 0.02 * float(ref.abs().max())
+    assert not Int8PackRows.supports(random_weight(24, 100, 8))  # the op crashes unless in % 16 == 0
+
+
 def test_choose_kernel():
     assert choose_kernel(random_weight(48, 128, 2)) is FbgemmRows
     assert choose_kernel(random_weight(48, 128, 2), prefer="memory") is Int4Groups
     assert choose_kernel(random_weight(48, 128, 2, group_size=64)) is Int4Groups
     assert choose_kernel(random_weight(48, 128, 8, group_size=64)) is FbgemmGroupSplit
     assert choose_kernel(random_weight(40, 100, 2, group_size=50)) is FbgemmGroupSplit
+    assert choose_kernel(random_weight(40, 96, 8), prefer="accuracy") is Int8PackRows
+    assert choose_kernel(random_weight(48, 128, 2), prefer="accuracy") is Int4Groups
 
 
 def test_packed_linear_holds_no_float_weight():
@@ -114,3 +127,16 @@ def test_bad_int_weight_is_named():
         IntWeight(codes=torch.zeros(4, 8), scale=torch.ones(4), bits=2)
     with pytest.raises(LmcompressError, match="do not fit"):
         IntWeight(codes=torch.full((4, 8), 300, dtype=torch.int16), scale=torch.ones(4), bits=8).signed()
+
+
+@pytest.mark.parametrize("kernel", ["fbgemm-int8", "fbgemm-int8-groups"])
+def test_an_outlier_token_does_not_swamp_the_others(kernel):
+    # LLM hidden states have tokens 100-1000x larger than the rest; one activation scale per tensor
+    # would round the ordinary tokens to a few levels.
+    weight = random_weight(32, 64, 2, group_size=32 if kernel.endswith("groups") else None)
+    x = torch.randn(4, 64)
+    x[0] *= 1000.0
+    y = build_kernel(weight, None, kernel=kernel)(x)
+    ref = x @ weight.dequantize().t()
+    for t in range(1, 4):
+        assert float((y[t] - ref[t]).abs().max() / ref[t].abs().max()) < 0.03

@@ -10,7 +10,8 @@ Each kernel packs those codes once (at load) into the layout of a PyTorch intege
 
 Which op when (measured on a 2-core AVX-512/VNNI EPYC with torch 2.13, see bench/kernels.py):
 - `FbgemmRows`: `quantized.linear_dynamic` (fbgemm, the op `quantize_dynamic` uses) with per-row int8
-  weights; fp32 in and out, activations quantized per tensor to uint8 on the fly. Fastest at decode and
+  weights; fp32 in and out, activations quantized to uint8 on the fly (per token: rows are scaled to
+  max |x| = 1 before the op's one-scale-per-tensor quantization, see `_linear_dynamic_per_token`). Fastest at decode and
   prefill on every SmolLM2 shape, any shape works. Codes of 1, 1.6 (ternary), 2 and 4 bits are widened to
   int8 once, which is exact: the per-row scale is the fbgemm channel scale and the codes are unchanged.
 - `Int4Groups`: `_weight_int4pack_mm_for_cpu` (bf16 activations, int4 weights with a bf16 scale and zero
@@ -184,6 +185,16 @@ def _reduce_range(max_abs_code: int) -> bool:
     return not (max_abs_code <= 64 or cpu_has_vnni())
 
 
+def _linear_dynamic_per_token(x: torch.Tensor, packed, reduce_range: bool) -> torch.Tensor:
+    """fbgemm's dynamic linear quantizes its whole input with one scale, which loses every ordinary token
+    next to an outlier token (LLMs have tokens with activations 100x the rest). Scaling each row to
+    max |x| = 1 first, and the output rows back after, makes that one scale serve every token alike."""
+    if x.shape[0] == 1:
+        return torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
+    s = x.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.ops.quantized.linear_dynamic(x / s, packed, reduce_range).mul_(s)
+
+
 class FbgemmRows(Kernel):
     """Per-row scales: one fbgemm int8 linear (dynamic uint8 activations, fp32 in/out)."""
 
@@ -195,14 +206,16 @@ class FbgemmRows(Kernel):
         codes, scale, offset = weight.signed()
         self.out_features, self.in_features = codes.shape
         self.reduce_range = _reduce_range(int(codes.abs().max()) if codes.numel() else 0)
-        self.packed = _fbgemm_pack(codes, scale[:, 0], None if bias is None else bias.float())
+        self.packed = _fbgemm_pack(codes, scale[:, 0], None)
         self.offset = None if offset is None else offset[:, 0].contiguous()
+        self.bias = None if bias is None else bias.float()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.quantized.linear_dynamic(x.float(), self.packed, self.reduce_range)
+        x = x.float()
+        y = _linear_dynamic_per_token(x, self.packed, self.reduce_range)
         if self.offset is not None:
-            y = y + x.float().sum(-1, keepdim=True) * self.offset
-        return y
+            y = y + x.sum(-1, keepdim=True) * self.offset
+        return y if self.bias is None else y + self.bias
 
     @property
     def nbytes(self) -> int:
@@ -221,22 +234,20 @@ class FbgemmGroupSplit(Kernel):
         self.reduce_range = _reduce_range(int(codes.abs().max()) if codes.numel() else 0)
         size = weight.group_size or self.in_features
         self.bounds = [(g * size, min((g + 1) * size, self.in_features)) for g in range(weight.n_groups)]
-        self.packed = [
-            _fbgemm_pack(codes[:, a:b], scale[:, g], bias.float() if (g == 0 and bias is not None) else None)
-            for g, (a, b) in enumerate(self.bounds)
-        ]
+        self.packed = [_fbgemm_pack(codes[:, a:b], scale[:, g], None) for g, (a, b) in enumerate(self.bounds)]
         self.offset = None if offset is None else offset.t().contiguous()  # [n_groups, out]
+        self.bias = None if bias is None else bias.float()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         y = None
         for g, ((a, b), packed) in enumerate(zip(self.bounds, self.packed, strict=True)):
             xg = x[:, a:b].contiguous()
-            part = torch.ops.quantized.linear_dynamic(xg, packed, self.reduce_range)
+            part = _linear_dynamic_per_token(xg, packed, self.reduce_range)
             if self.offset is not None:
                 part = part + xg.sum(-1, keepdim=True) * self.offset[g]
             y = part if y is None else y.add_(part)
-        return y
+        return y if self.bias is None else y + self.bias
 
     @property
     def nbytes(self) -> int:
@@ -290,25 +301,62 @@ class Int4Groups(Kernel):
         return self.packed.numel() + self.scale_zeros.numel() * 2
 
 
+class Int8PackRows(Kernel):
+    """Per-row int8 codes through `_weight_int8pack_mm` with bf16 activations (no activation quantization:
+    closest to a weight-only fake-quant model). Needs in % 16 == 0 (the op crashes otherwise)."""
+
+    name = "int8pack"
+
+    @staticmethod
+    def supports(weight: IntWeight) -> bool:
+        return weight.per_row and weight.in_features % 16 == 0
+
+    def __init__(self, weight: IntWeight, bias: torch.Tensor | None = None):
+        if not self.supports(weight):
+            raise LmcompressError(f"Int8PackRows needs per-row scales and in % 16 == 0, got "
+                                  f"{tuple(weight.codes.shape)} with group size {weight.group_size}")
+        codes, scale, offset = weight.signed()
+        self.out_features, self.in_features = codes.shape
+        self.codes = codes.contiguous()
+        self.scale = scale[:, 0].bfloat16().contiguous()
+        self.offset = None if offset is None else offset[:, 0].contiguous()
+        self.bias = None if bias is None else bias.float()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.bfloat16(), self.codes, self.scale).float()
+        if self.offset is not None:
+            y = y + x.float().sum(-1, keepdim=True) * self.offset
+        return y if self.bias is None else y + self.bias
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() + self.scale.numel() * 2
+
+
 def _fits_int4(weight: IntWeight) -> bool:
     codes, _, _ = weight.signed()
     return codes.numel() == 0 or (int(codes.min()) >= -8 and int(codes.max()) <= 7)
 
 
-KERNELS = {k.name: k for k in (FbgemmRows, FbgemmGroupSplit, Int4Groups)}
+KERNELS = {k.name: k for k in (FbgemmRows, FbgemmGroupSplit, Int4Groups, Int8PackRows)}
+PREFER = ("speed", "memory", "accuracy")
 
 
 def choose_kernel(weight: IntWeight, prefer: str = "speed") -> type[Kernel]:
     """The kernel class for a weight.
 
-    prefer="speed": fbgemm int8 for per-row scales (fastest measured), the int4 op for per-group scales
-    when the shape allows it, else the group-split fbgemm fallback.
+    prefer="speed": fbgemm int8 for per-row scales (fastest measured; activations quantized to 8 bits
+    per token), the int4 op for per-group scales when the shape allows it, else the group-split fallback.
     prefer="memory": the int4 op (4 bits resident) whenever the codes fit 4 bits and the shape allows.
+    prefer="accuracy": kernels that keep activations in bf16 (int4 op, `_weight_int8pack_mm`) where the
+    shape allows: closest to a model quantized without activation quantization, slower at decode.
     """
-    if prefer not in ("speed", "memory"):
-        raise LmcompressError(f"prefer: expected 'speed' or 'memory', got {prefer!r}")
-    if (prefer == "memory" or not weight.per_row) and Int4Groups.supports(weight):
+    if prefer not in PREFER:
+        raise LmcompressError(f"prefer: expected one of {PREFER}, got {prefer!r}")
+    if (prefer != "speed" or not weight.per_row) and Int4Groups.supports(weight):
         return Int4Groups
+    if prefer == "accuracy" and Int8PackRows.supports(weight):
+        return Int8PackRows
     return FbgemmRows if weight.per_row else FbgemmGroupSplit
 
 

@@ -21,7 +21,6 @@ checkpoint (a stage that had finished loads its final weights and skips training
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
 from typing import Any, ClassVar, Literal
 
@@ -42,6 +41,7 @@ from lmcompress.distill.trainer import TrainConfig, TrainResult, pad_collate, tr
 from lmcompress.errors import LmcompressError, RecipeError
 from lmcompress.models.adapters import get_adapter, linear_weight
 from lmcompress.pipeline import Run
+from lmcompress.plugins import import_present
 from lmcompress.recipe import StageConfig, register_stage
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,7 @@ LOSS_MODULES = ("lmcompress.distill.losses", "lmcompress.quant.contrastive")
 
 
 def import_loss_modules() -> None:
-    for module in LOSS_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    import_present(LOSS_MODULES)
 
 
 # --- training stages --------------------------------------------------------------------------------

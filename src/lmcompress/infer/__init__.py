@@ -1,0 +1,24 @@
+"""Inference form of quantized models: packed integer codes run by integer CPU kernels, GGUF export."""
+
+from lmcompress.infer.convert import (
+    apply_dequantized,
+    register_extractor,
+    rtn_weight,
+    rtn_weights,
+    to_inference,
+)
+from lmcompress.infer.kernels import IntWeight, build_kernel, choose_kernel
+from lmcompress.infer.modules import PackedEmbedding, PackedLinear
+
+__all__ = [
+    "IntWeight",
+    "PackedEmbedding",
+    "PackedLinear",
+    "apply_dequantized",
+    "build_kernel",
+    "choose_kernel",
+    "register_extractor",
+    "rtn_weight",
+    "rtn_weights",
+    "to_inference",
+]

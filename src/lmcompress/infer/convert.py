@@ -1,0 +1,185 @@
+"""Turn a quantized model into its inference form, in place.
+
+`to_inference(model)` swaps every quantized module for a `PackedLinear` / `PackedEmbedding` that computes
+from integer codes. It understands:
+- a `weights` mapping {module name: IntWeight} (the neutral form: what a packed folder holds, or what
+  `rtn_weights` makes for a float model);
+- modules for which an extractor is registered with `register_extractor`: `infer/from_quant.py` registers
+  one for the fake-quant and packed modules of `lmcompress.quant`, giving the codes their forward uses.
+
+`rtn_weights` is plain round-to-nearest quantization into the neutral form; it serves the speed
+benchmark and the tests (trained models come from the quant stage).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from lmcompress.errors import LmcompressError
+from lmcompress.infer.kernels import IntWeight
+from lmcompress.infer.modules import PackedEmbedding, PackedLinear
+from lmcompress.models.adapters import get_adapter, is_linear, linear_weight
+from lmcompress.models.select import select_modules, set_module
+
+# fn(module) -> (IntWeight, bias, is_embedding) for a module it recognises as quantized, else None
+Extractor = Callable[[nn.Module], "tuple[IntWeight, torch.Tensor | None, bool] | None"]
+_EXTRACTORS: list[Extractor] = []
+
+
+def register_extractor(fn: Extractor) -> Extractor:
+    """Register `fn(module) -> (IntWeight, bias, is_embedding) | None` for a kind of quantized module."""
+    _EXTRACTORS.append(fn)
+    return fn
+
+
+def _extract(module: nn.Module):
+    for fn in _EXTRACTORS:
+        found = fn(module)
+        if found is not None:
+            return found
+    return None
+
+
+def _import_extractors() -> None:
+    import importlib
+
+    for name in ("lmcompress.infer.from_quant",):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+
+
+def _unshare_storages(model: nn.Module) -> None:
+    """Give the remaining (float) parameters and buffers storage of their own.
+
+    transformers memory-maps safetensors checkpoints: every loaded tensor views the one file mapping,
+    so a single norm weight left in it keeps all the float checkpoint's pages resident after the swap.
+    What remains after the swap is small (norms, biases), so copying it is cheap.
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
+
+
+def find_quantized(model: nn.Module) -> dict[str, tuple[IntWeight, torch.Tensor | None, bool]]:
+    """{name: (IntWeight, bias, is_embedding)} of the modules a registered extractor recognises."""
+    _import_extractors()
+    found = {}
+    for name, module in model.named_modules():
+        extracted = _extract(module)
+        if extracted is not None:
+            found[name] = extracted
+    return found
+
+
+def to_inference(model: nn.Module, weights: Mapping[str, IntWeight] | None = None, kernel: str = "auto",
+                 prefer: str = "speed") -> nn.Module:
+    """Swap quantized modules of `model` for inference-form modules in place; returns `model`.
+
+    weights: {module name: IntWeight} for float modules to replace (their float weight is dropped);
+    without it, registered extractors find the quantized modules. kernel / prefer: see
+    `kernels.build_kernel` ("auto" + "speed" picks the fastest measured kernel; "memory" prefers 4-bit
+    resident weights).
+    """
+    targets: dict[str, tuple[IntWeight, torch.Tensor | None, bool]] = {}
+    if weights is not None:
+        modules = dict(model.named_modules())
+        for name, weight in weights.items():
+            if name not in modules:
+                raise LmcompressError(f"to_inference: weights name {name!r} is not a module of the model")
+            module = modules[name]
+            targets[name] = (weight, getattr(module, "bias", None), isinstance(module, nn.Embedding))
+    else:
+        targets = find_quantized(model)
+        if not targets:
+            raise LmcompressError("to_inference: no quantized module found; quantize the model first or "
+                                  "pass weights={name: IntWeight}")
+    for name, (weight, bias, is_embedding) in targets.items():
+        module = model.get_submodule(name)
+        if is_embedding:
+            new = PackedEmbedding(weight, padding_idx=getattr(module, "padding_idx", None))
+        else:
+            new = PackedLinear(weight, bias, kernel=kernel, prefer=prefer)
+        set_module(model, name, new)
+    _unshare_storages(model)
+    return model.eval()
+
+
+def apply_dequantized(model: nn.Module, weights: Mapping[str, IntWeight]) -> nn.Module:
+    """The fake-quant reference: write each IntWeight's dequantized float weight into the float module."""
+    with torch.no_grad():
+        for name, weight in weights.items():
+            module = model.get_submodule(name)
+            target = module.weight if isinstance(module, nn.Embedding) else linear_weight(module)
+            target.copy_(weight.dequantize().to(target.dtype))
+    return model
+
+
+# --- round-to-nearest into the neutral form -----------------------------------------------------------
+
+def scheme_of(bits: int | str) -> tuple[str, int]:
+    """("binary", 1), ("ternary", 2) or ("int", k) from 1, "ternary" or k in 2..8."""
+    if bits in ("binary", 1):
+        return "binary", 1
+    if bits in ("ternary", 1.58, "1.58"):
+        return "ternary", 2
+    if isinstance(bits, int) and 2 <= bits <= 8:
+        return "int", bits
+    raise LmcompressError(f"bits: expected 1, 'ternary' or 2..8, got {bits!r}")
+
+
+def rtn_weight(weight: torch.Tensor, bits: int | str, group_size: int | None = None) -> IntWeight:
+    """Round-to-nearest codes of a float [out, in] weight (binary: sign * mean|w|; ternary: threshold
+    0.7 * mean|w| with scale = mean of kept |w|; k-bit: symmetric, scale = max|w| / (2^(k-1) - 1))."""
+    scheme, nbits = scheme_of(bits)
+    w = weight.detach().float()
+    out_f, in_f = w.shape
+    if group_size is not None and group_size >= in_f:
+        group_size = None
+    size = group_size or in_f
+    n_groups = -(-in_f // size)
+    pad = n_groups * size - in_f
+    groups = torch.nn.functional.pad(w, (0, pad)).view(out_f, n_groups, size)
+    counts = torch.full((n_groups,), float(size))
+    counts[-1] = size - pad
+    mean_abs = groups.abs().sum(-1) / counts
+    if scheme == "binary":
+        codes = torch.where(groups >= 0, 1, -1)
+        scale = mean_abs
+    elif scheme == "ternary":
+        keep = groups.abs() > 0.7 * mean_abs[..., None]
+        codes = torch.sign(groups) * keep
+        scale = (groups.abs() * keep).sum(-1) / keep.sum(-1).clamp_min(1)
+    else:
+        qmax = (1 << (nbits - 1)) - 1
+        scale = groups.abs().amax(-1) / qmax
+        codes = torch.round(groups / scale.clamp_min(1e-12)[..., None]).clamp(-qmax - 1, qmax)
+    codes = codes.reshape(out_f, -1)[:, :in_f].to(torch.int8)
+    return IntWeight(codes=codes, scale=scale, bits=nbits, scheme=scheme, group_size=group_size)
+
+
+def rtn_weights(model: nn.Module, bits: int | str, patterns: Iterable[str] = ("attention", "mlp"),
+                group_size: int | None = None, exclude: Iterable[str] = ()) -> dict[str, IntWeight]:
+    """{name: IntWeight} for the linears (and embeddings, if a pattern selects them) of `model`.
+
+    A tied LM head and embedding table get the same codes (row-wise scales serve both), so the
+    inference form quantizes both from one set of codes.
+    """
+    adapter = get_adapter(model)
+    chosen = select_modules(adapter, patterns, exclude,
+                            accept=lambda m: is_linear(m) or isinstance(m, nn.Embedding),
+                            field="rtn_weights.patterns")
+    by_tensor: dict[int, IntWeight] = {}
+    result = {}
+    for name, (module, _) in chosen.items():
+        weight = module.weight if isinstance(module, nn.Embedding) else linear_weight(module)
+        key = weight.data_ptr()
+        if key not in by_tensor:
+            by_tensor[key] = rtn_weight(weight, bits, group_size)
+        result[name] = by_tensor[key]
+    return result

@@ -1,0 +1,373 @@
+"""GGUF export of LLaMA-family models for llama.cpp (and transformers' GGUF loader).
+
+`export_gguf(model, tokenizer, path, weights=...)` writes the metadata, tokenizer and tensors the way
+llama.cpp's own converter does (`convert_hf_to_gguf.py`): llama architecture keys, a byte-level BPE
+("gpt2") vocabulary with merges and special ids, q/k rows permuted for llama.cpp's rotary layout, the
+LM head omitted when it is tied to the embeddings.
+
+Quantized weights (`IntWeight`s, see kernels.py) are written in a GGUF block type that reproduces them
+exactly (each block's fp16 scale is the weight's scale, rounded to fp16):
+
+| weights | GGUF type | condition |
+| --- | --- | --- |
+| ternary / binary | TQ1_0 (1.69 bpw) or TQ2_0 (2.06 bpw) | rows a multiple of 256, scale constant per 256 |
+| int2 symmetric | Q2_K (2.63 bpw; sub-scale 1, min 2) | rows a multiple of 256, scale constant per 256 |
+| ternary / binary / int2..4 symmetric | Q4_0 (4.5 bpw) | rows a multiple of 32, scale constant per 32 |
+| int2..4 asymmetric | Q4_1 (5 bpw) | rows a multiple of 32, scale constant per 32 |
+| int5..8 symmetric | Q8_0 (8.5 bpw) | rows a multiple of 32, scale constant per 32 |
+| anything else | F16 (or `float_type`) of the dequantized weight | |
+
+Norms are F32; float weights that were not quantized are `float_type` (F16 by default).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmcompress.errors import LmcompressError, UnsupportedArchitectureError
+from lmcompress.export import register_exporter
+from lmcompress.infer.kernels import IntWeight
+from lmcompress.models.adapters import get_adapter
+
+QK = 32  # elements per Q4_0 / Q4_1 / Q8_0 block
+QK_K = 256  # elements per TQ1_0 / TQ2_0 / Q2_K super-block
+
+# llama.cpp names byte-level BPE pre-tokenizers by a hash of how they cut this text
+# (conversion/base.py: get_vocab_base_pre); a few LLaMA-family ones. Unknown ones get "default".
+_PRE_CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ "
+    "🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you "
+    "sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+_PRE_BY_HASH = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
+    "b6dc8df998e1cfbdc4eac8243701a65afe638679230920b50d6f17d81c098166": "olmo",
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",
+}
+
+
+def _gguf():
+    import gguf
+
+    return gguf
+
+
+# --- block packers: integer codes + per-block fp16 scales -> raw GGUF bytes --------------------------
+
+def _block_scales(weight: IntWeight, per_group: torch.Tensor, block: int) -> np.ndarray | None:
+    """[out, in // block] values of a per-row/group tensor, or None if one is not constant per block."""
+    out_f, in_f = weight.codes.shape
+    if in_f % block:
+        return None
+    if weight.per_row:
+        return per_group.expand(-1, in_f // block).numpy()
+    if weight.group_size % block:
+        return None
+    return weight.expand(per_group)[:, ::block].contiguous().numpy()
+
+
+def _f16_bytes(values: np.ndarray) -> np.ndarray:
+    return values.astype(np.float16)[..., None].view(np.uint8)
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """[..., 32] values 0..15 -> [..., 16] bytes, first half in the low nibbles (ggml's Q4 layout)."""
+    q = q.astype(np.uint8)
+    return q[..., :16] | (q[..., 16:] << 4)
+
+
+def _pack_q4_0(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
+    out_f, in_f = codes.shape
+    q = (codes.reshape(out_f, in_f // QK, QK) + 8)
+    return np.concatenate([_f16_bytes(d), _nibbles(q)], -1).reshape(out_f, -1)
+
+
+def _pack_q4_1(codes: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    out_f, in_f = codes.shape
+    q = codes.reshape(out_f, in_f // QK, QK)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(m), _nibbles(q)], -1).reshape(out_f, -1)
+
+
+def _pack_q8_0(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
+    out_f, in_f = codes.shape
+    q = codes.astype(np.int8).reshape(out_f, in_f // QK, QK).view(np.uint8)
+    return np.concatenate([_f16_bytes(d), q], -1).reshape(out_f, -1)
+
+
+def _pack_q2_k(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Symmetric 2-bit codes c in [-2, 1] as Q2_K: w = d*sc*q - dmin*m with q = c + 2, sc = 1, m = 1,
+    dmin = 2d (so w = d*c exactly). Layout per 256: scales[16], qs[64], d, dmin."""
+    out_f, in_f = codes.shape
+    nb = in_f // QK_K
+    q = (codes.reshape(out_f, nb, 2, 4, 32) + 2).astype(np.uint8)  # [half, shift j, l]
+    qs = (q[..., 0, :] | (q[..., 1, :] << 2) | (q[..., 2, :] << 4) | (q[..., 3, :] << 6)).reshape(out_f, nb, 64)
+    scales = np.full((out_f, nb, 16), 0x11, dtype=np.uint8)  # scale 1 (low nibble), min 1 (high nibble)
+    return np.concatenate([scales, qs, _f16_bytes(d), _f16_bytes(2 * d)], -1).reshape(out_f, -1)
+
+
+def _pack_ternary(weight: IntWeight, qtype) -> np.ndarray:
+    # gguf's TQ quantizer takes d = max|x| per 256-block and q = round(x / d): for x = s * c with ternary
+    # c that gives back d = s and c exactly, so quantizing the dequantized values is lossless.
+    return _gguf().quants.quantize(weight.dequantize().numpy(), qtype)
+
+
+def pack_weight(weight: IntWeight, float_type: str = "F16", ternary_type: str = "TQ1_0"):
+    """(raw numpy array, GGMLQuantizationType) storing `weight` exactly in the smallest fitting type."""
+    gguf = _gguf()
+    T = gguf.GGMLQuantizationType
+    codes, scale, offset = weight.signed()
+    lo, hi = (int(codes.min()), int(codes.max())) if codes.numel() else (0, 0)
+    np_codes = codes.numpy()
+    if weight.scheme in ("ternary", "binary") and lo >= -1 and hi <= 1 and offset is None:
+        if _block_scales(weight, scale, QK_K) is not None:
+            qtype = T[ternary_type]
+            return _pack_ternary(weight, qtype), qtype
+    if weight.bits == 2 and offset is None and lo >= -2 and hi <= 1:
+        d = _block_scales(weight, scale, QK_K)
+        if d is not None:
+            return _pack_q2_k(np_codes, d), T.Q2_K
+    d = _block_scales(weight, scale, QK)
+    if d is not None:
+        if offset is None and lo >= -8 and hi <= 7:
+            return _pack_q4_0(np_codes, d), T.Q4_0
+        if offset is not None and weight.bits <= 4:
+            # signed() gives w = d*c + off with c in [-8, 8); Q4_1 stores w = d*q + m with q = c + 8 in
+            # [0, 16), so m = off - 8d.
+            m = _block_scales(weight, offset, QK)
+            return _pack_q4_1(np_codes + 8, d, m - 8 * d), T.Q4_1
+        if offset is None:
+            return _pack_q8_0(np_codes, d), T.Q8_0
+    return _float_array(weight.dequantize(), float_type)
+
+
+def _float_array(tensor: torch.Tensor, float_type: str):
+    T = _gguf().GGMLQuantizationType
+    if float_type == "F32" or tensor.dim() == 1:
+        return tensor.detach().float().numpy(), T.F32
+    if float_type == "F16":
+        return tensor.detach().to(torch.float16).numpy(), T.F16
+    if float_type in ("Q8_0", "Q4_0"):  # plain round-to-nearest by gguf's reference quantizer
+        qtype = T[float_type]
+        if tensor.shape[-1] % QK == 0:
+            return _gguf().quants.quantize(tensor.detach().float().numpy(), qtype), qtype
+        return tensor.detach().to(torch.float16).numpy(), T.F16
+    raise LmcompressError(f"float_type: expected F32, F16, Q8_0 or Q4_0, got {float_type!r}")
+
+
+# --- llama specifics ----------------------------------------------------------------------------------
+
+def _llama_permutation(rows: int, n_head: int) -> torch.Tensor:
+    """Row order llama.cpp expects for q/k (its rotary pairs are adjacent, HF's are half a head apart)."""
+    idx = torch.arange(rows)
+    return idx.reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(rows)
+
+
+def _permute_int_weight(weight: IntWeight, order: torch.Tensor) -> IntWeight:
+    return IntWeight(codes=weight.codes[order], scale=weight.scale[order], bits=weight.bits,
+                     scheme=weight.scheme, zero=None if weight.zero is None else weight.zero[order],
+                     group_size=weight.group_size)
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    scaling = getattr(config, "rope_scaling", None) or {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise UnsupportedArchitectureError(f"GGUF export: rope type {kind!r} is not supported (default only)")
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    return float(theta if theta is not None else 10000.0)
+
+
+def _write_llama_metadata(writer, model: nn.Module, name: str) -> None:
+    config = model.config
+    adapter = get_adapter(model)
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(adapter.hidden_size)
+    writer.add_block_count(adapter.num_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(adapter.num_heads)
+    writer.add_head_count_kv(adapter.num_kv_heads)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(adapter.head_dim)
+    if adapter.head_dim * adapter.num_heads != adapter.hidden_size:
+        writer.add_key_length(adapter.head_dim)
+        writer.add_value_length(adapter.head_dim)
+
+
+def _pre_tokenizer_name(tokenizer) -> str:
+    ids = tokenizer.encode(_PRE_CHECK_TEXT, add_special_tokens=False)
+    return _PRE_BY_HASH.get(hashlib.sha256(str(ids).encode()).hexdigest(), "default")
+
+
+def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+    """Byte-level BPE vocabulary, token types, merges and special ids, as convert_hf_to_gguf writes them."""
+    gguf = _gguf()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    model_type = (spec.get("model") or {}).get("type")
+    decoder = (spec.get("decoder") or {}).get("type")
+    if model_type != "BPE" or decoder != "ByteLevel":
+        raise UnsupportedArchitectureError(
+            f"GGUF export supports byte-level BPE tokenizers (GPT-2 / Llama-3 / SmolLM style); this one is "
+            f"{model_type or type(tokenizer).__name__} with decoder {decoder}")
+    vocab = tokenizer.get_vocab()
+    if max(vocab.values()) >= vocab_size:
+        raise LmcompressError(f"tokenizer has ids up to {max(vocab.values())} but the model's vocab_size is "
+                              f"{vocab_size}")
+    by_id = {i: t for t, i in vocab.items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer_name(tokenizer))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
+        special.add_to_gguf(writer, quiet=True)
+
+
+# --- the export -----------------------------------------------------------------------------------
+
+def _file_type(types: list) -> int:
+    gguf = _gguf()
+    T, F = gguf.GGMLQuantizationType, gguf.LlamaFileType
+    by_type = {T.F32: F.ALL_F32, T.F16: F.MOSTLY_F16, T.Q4_0: F.MOSTLY_Q4_0, T.Q4_1: F.MOSTLY_Q4_1,
+               T.Q8_0: F.MOSTLY_Q8_0, T.Q2_K: F.MOSTLY_Q2_K, T.TQ1_0: F.MOSTLY_TQ1_0, T.TQ2_0: F.MOSTLY_TQ2_0}
+    matrices = [t for t in types if t != T.F32] or [T.F32]
+    return int(by_type[max(set(matrices), key=matrices.count)])
+
+
+def _same_weight(a: IntWeight, b: IntWeight | None) -> bool:
+    return b is not None and (a is b or (a.codes.shape == b.codes.shape and torch.equal(a.codes, b.codes)
+                                         and torch.equal(a.scale, b.scale) and a.group_size == b.group_size))
+
+
+def export_gguf(model: nn.Module, tokenizer, path: str | Path, weights: Mapping[str, IntWeight] | None = None,
+                float_type: str = "F16", ternary_type: str = "TQ1_0", name: str | None = None) -> Path:
+    """Write `model` (LLaMA family) with `tokenizer` to the GGUF file `path`; returns the path.
+
+    weights: {module name: IntWeight} of the quantized modules (their codes are written in an exact
+    block type, see the module docstring); without it, quantized modules are found through the
+    extractors registered for `to_inference`, and every other weight is written as `float_type`.
+    ternary_type: "TQ1_0" (smaller) or "TQ2_0" (faster in llama.cpp).
+    """
+    gguf = _gguf()
+    if ternary_type not in ("TQ1_0", "TQ2_0"):
+        raise LmcompressError(f"ternary_type: expected TQ1_0 or TQ2_0, got {ternary_type!r}")
+    adapter = get_adapter(model)
+    if adapter.family != "llama":
+        raise UnsupportedArchitectureError(f"GGUF export supports LLaMA-family models; this is {adapter.family}")
+    if weights is None:
+        from lmcompress.infer.convert import find_quantized
+
+        weights = {n: w for n, (w, _, _) in find_quantized(model).items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+
+    tensor_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, adapter.num_layers)
+    heads, kv_heads = adapter.num_heads, adapter.num_kv_heads
+    embed_name = next(n for n, m in model.named_modules() if m is adapter.embeddings)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    written_types = []
+
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    _write_llama_metadata(writer, model, name or getattr(model.config, "_name_or_path", "") or "model")
+
+    def gguf_name(hf_name: str) -> str:
+        found = tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if found is None:
+            raise UnsupportedArchitectureError(f"GGUF export: no llama.cpp name for tensor {hf_name!r}")
+        return found
+
+    def add(hf_name: str, array: np.ndarray, qtype) -> None:
+        raw_dtype = None if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else qtype
+        writer.add_tensor(gguf_name(hf_name), array, raw_dtype=raw_dtype)
+        written_types.append(qtype)
+
+    def order_for(module_name: str, rows: int) -> torch.Tensor | None:
+        leaf = module_name.rsplit(".", 1)[-1]
+        if leaf == "q_proj":
+            return _llama_permutation(rows, heads)
+        if leaf == "k_proj":
+            return _llama_permutation(rows, kv_heads)
+        return None
+
+    done_modules = set()
+    for param_name, param in model.named_parameters(remove_duplicate=True):
+        module_name, _, leaf = param_name.rpartition(".")
+        if module_name in done_modules:
+            continue
+        module = model.get_submodule(module_name)
+        if module_name in weights:
+            weight = weights[module_name]
+            order = order_for(module_name, weight.out_features)
+            if order is not None:
+                weight = _permute_int_weight(weight, order)
+            add(f"{module_name}.weight", *pack_weight(weight, float_type, ternary_type))
+            bias = getattr(module, "bias", None)
+            if bias is not None:
+                add(f"{module_name}.bias", *_float_array(bias if order is None else bias[order], "F32"))
+            done_modules.add(module_name)
+            continue
+        if leaf not in ("weight", "bias"):
+            continue  # quantizer state of a quantized module that has no IntWeight here
+        tensor = param.detach()
+        order = order_for(module_name, tensor.shape[0])
+        if order is not None:
+            tensor = tensor[order]
+        add(param_name, *_float_array(tensor, "F32" if tensor.dim() == 1 else float_type))
+
+    # A tied head reads the embedding table in llama.cpp; write it only when it differs (quantized
+    # separately from the embeddings).
+    head = adapter.head
+    head_name = next((n for n, m in model.named_modules() if m is head), None)
+    if tied and head_name in weights and not _same_weight(weights[head_name], weights.get(embed_name)):
+        add(f"{head_name}.weight", *pack_weight(weights[head_name], float_type, ternary_type))
+    elif tied and head_name is not None and embed_name in weights and head_name not in weights:
+        add(f"{head_name}.weight", *_float_array(head.weight.detach(), float_type))
+
+    writer.add_file_type(_file_type(written_types))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _write_tokenizer(writer, tokenizer, model.config.vocab_size)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(path)
+    return path
+
+
+@register_exporter("gguf", applies_to=lambda model: False)  # only on request: `--format gguf`
+def _export_for_cli(model: nn.Module, tokenizer, target: Path, dtype: str = "fp32") -> Path:
+    """`lmcompress export --format gguf`: `target` is a .gguf file, or a folder that gets `model.gguf`.
+    Quantized modules keep their codes; other weights are F32 (`--dtype fp32`) or F16 (`--dtype bf16`)."""
+    target = Path(target)
+    path = target if target.suffix == ".gguf" else target / "model.gguf"
+    return export_gguf(model, tokenizer, path, float_type="F32" if dtype == "fp32" else "F16")

@@ -1,0 +1,76 @@
+"""Inference-form modules: compute from integer codes through an integer kernel, hold no float weight.
+
+`PackedLinear` replaces an `nn.Linear` (or GPT-2 `Conv1D`) and `PackedEmbedding` an `nn.Embedding`.
+They are built once from an `IntWeight` (see kernels.py) and are inference only (no gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmcompress.infer.kernels import IntWeight, Kernel, build_kernel
+
+
+class PackedLinear(nn.Module):
+    """y = x @ W.T + b with W held only as packed integer codes and scales inside `self.kernel`."""
+
+    def __init__(self, weight: IntWeight, bias: torch.Tensor | None = None, kernel: str = "auto",
+                 prefer: str = "speed"):
+        super().__init__()
+        self.in_features = weight.in_features
+        self.out_features = weight.out_features
+        self.bits = weight.bits
+        self.scheme = weight.scheme
+        self.group_size = weight.group_size
+        bias = None if bias is None else bias.detach().float().clone()
+        self.kernel: Kernel = build_kernel(weight, bias, kernel=kernel, prefer=prefer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = self.kernel(x.reshape(-1, self.in_features))
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.kernel.nbytes
+
+    def extra_repr(self) -> str:
+        group = "row" if self.group_size is None else f"group {self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{self.scheme} {self.bits}-bit, {group} scales, kernel={self.kernel.name}")
+
+
+class PackedEmbedding(nn.Module):
+    """Embedding lookup from int8 codes: only the looked-up rows are scaled to floats."""
+
+    def __init__(self, weight: IntWeight, padding_idx: int | None = None):
+        super().__init__()
+        codes, scale, offset = weight.signed()
+        self.num_embeddings, self.embedding_dim = codes.shape
+        self.padding_idx = padding_idx
+        self.bits = weight.bits
+        self.scheme = weight.scheme
+        self.group_size = weight.group_size
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("scale", scale.contiguous())
+        self.register_buffer("offset", None if offset is None else offset.contiguous())
+
+    def _expand(self, per_group: torch.Tensor) -> torch.Tensor:
+        if self.group_size is None:
+            return per_group
+        return per_group.repeat_interleave(self.group_size, -1)[..., : self.embedding_dim]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.codes).float() * self._expand(F.embedding(ids, self.scale))
+        if self.offset is not None:
+            rows = rows + self._expand(F.embedding(ids, self.offset))
+        return rows
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.scheme} {self.bits}-bit int8 codes"

@@ -1,0 +1,141 @@
+"""GGUF export: exact block types for quantized codes, read back by gguf, loaded by transformers."""
+
+from __future__ import annotations
+
+import copy
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import tiny_model
+from test_infer_kernels import random_weight
+
+from lmcompress.errors import UnsupportedArchitectureError
+from lmcompress.infer import IntWeight, apply_dequantized, rtn_weight, rtn_weights
+from lmcompress.infer.gguf import export_gguf, pack_weight
+
+T = gguf.GGMLQuantizationType
+ALL = ("attention", "mlp", "embeddings", "head")
+VOCAB = 320
+# The reloaded model differs from ours only by the fp16 rounding of each block scale (the codes are
+# stored exactly), a relative error of at most 2^-11 per weight.
+TOLERANCE = 0.01  # max |logits difference| / std(logits)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A tiny byte-level BPE tokenizer (GPT-2 / SmolLM style) trained on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts = ["The quick brown fox jumps over the lazy dog.", "State of the Union addresses, 1790 to 2016.",
+             "Compression makes models small and fast with two-bit or ternary weights."] * 10
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+
+
+def fp16_scales(weight: IntWeight) -> IntWeight:
+    return IntWeight(codes=weight.codes, scale=weight.scale.half().float(), bits=weight.bits, scheme=weight.scheme,
+                     zero=weight.zero, group_size=weight.group_size)
+
+
+@pytest.mark.parametrize("bits,group,shape,expected", [
+    ("ternary", None, (16, 512), T.TQ1_0), (1, 256, (16, 512), T.TQ1_0), ("ternary", 32, (16, 512), T.Q4_0),
+    (2, None, (16, 512), T.Q2_K), (2, None, (8, 96), T.Q4_0), (4, 64, (8, 128), T.Q4_0),
+    (8, None, (8, 96), T.Q8_0), (2, 24, (8, 96), T.F16), (4, None, (5, 50), T.F16),
+])
+def test_packed_blocks_reproduce_the_codes(bits, group, shape, expected):
+    weight = rtn_weight(torch.randn(*shape), bits, group)
+    array, qtype = pack_weight(weight)
+    assert qtype == expected
+    back = array.astype(np.float32) if qtype == T.F16 else gguf.quants.dequantize(array, qtype)
+    ref = fp16_scales(weight).dequantize().numpy()
+    atol = 1e-3 if qtype == T.F16 else 1e-6  # F16 rounds each weight, block types only the scale
+    np.testing.assert_allclose(back, ref, rtol=atol, atol=atol * float(np.abs(ref).max()))
+
+
+def test_asymmetric_codes_use_q4_1_exactly():
+    weight = random_weight(8, 64, bits=4, group_size=32, asymmetric=True)
+    array, qtype = pack_weight(weight)
+    assert qtype == T.Q4_1
+    ref = fp16_scales(weight).dequantize().numpy()
+    np.testing.assert_allclose(gguf.quants.dequantize(array, qtype), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("bits,hidden,types", [
+    ("ternary", 256, {"TQ1_0"}), (2, 256, {"Q2_K"}), (4, 64, {"Q4_0"}), (8, 64, {"Q8_0"}), (1, 48, {"F16", "Q4_0"}),
+])
+def test_gguf_round_trip_through_transformers(tmp_path, tokenizer, bits, hidden, types):
+    model = tiny_model("llama", hidden=hidden, heads=4, kv_heads=2, layers=2, vocab_size=VOCAB, unk_token_id=0,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    weights = rtn_weights(model, bits, ALL)
+    reference = apply_dequantized(copy.deepcopy(model), weights)
+    path = export_gguf(model, tokenizer, tmp_path / "model.gguf", weights=weights)
+
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["llama.block_count"].contents() == 2
+    assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    matrices = {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2}
+    assert matrices == types
+    assert "output.weight" not in {t.name for t in reader.tensors}  # tied head reads token_embd
+
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf",
+                                                               dtype=torch.float32)
+    reloaded_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="model.gguf")
+    text = "The quick brown fox jumps over the lazy dog."
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert reloaded_tokenizer(text, return_tensors="pt").input_ids.tolist() == ids.tolist()
+    with torch.no_grad():
+        ours, theirs = reference(ids).logits, loaded(ids).logits
+    assert float((ours - theirs).abs().max() / ours.std()) < TOLERANCE
+
+
+def test_untied_float_head_is_written(tmp_path, tokenizer):
+    model = tiny_model("llama", hidden=64, layers=1, vocab_size=VOCAB)
+    weights = rtn_weights(model, 4, ("attention", "mlp", "embeddings"))  # head stays float, tied table not
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", weights=weights)
+    names = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert names["token_embd.weight"] == T.Q4_0 and names["output.weight"] == T.F16
+
+
+def test_non_llama_is_refused(tmp_path, tokenizer):
+    with pytest.raises(UnsupportedArchitectureError, match="LLaMA"):
+        export_gguf(tiny_model("gpt2"), tokenizer, tmp_path / "m.gguf")
+
+
+def test_gguf_from_a_model_quantized_by_the_quant_stage(tmp_path, tokenizer):
+    from lmcompress.quant import quantize_
+
+    model = tiny_model("llama", hidden=256, heads=4, kv_heads=2, layers=2, vocab_size=VOCAB, unk_token_id=0,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    quantize_(model, {"scheme": "ternary", "embedding_bits": 8})
+    path = export_gguf(model, tokenizer, tmp_path / "model.gguf")  # codes found through the extractor
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == T.TQ1_0 and types["token_embd.weight"] == T.Q8_0
+    assert "output.weight" not in types  # the quantized tied head multiplies by the stored table
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32)
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, loaded(ids).logits
+    # bf16 scales are exact in fp16: only float summation order differs
+    assert float((ours - theirs).abs().max() / ours.std()) < 1e-3
+
+
+def test_export_model_writes_gguf_on_request(tmp_path, tokenizer):
+    from lmcompress.export import export_model
+    from lmcompress.quant import quantize_
+
+    model = tiny_model("llama", hidden=64, layers=1, vocab_size=VOCAB)
+    quantize_(model, {"bits": 4})
+    path, fmt = export_model(model, tokenizer, tmp_path / "out", format="gguf")
+    assert fmt == "gguf" and path == tmp_path / "out" / "model.gguf"
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.ffn_up.weight"] == T.Q4_0 and types["token_embd.weight"] == T.F32

@@ -1,12 +1,15 @@
 """The `quantize` recipe stage and the shipped quantization recipes."""
 
+import json
+import logging
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model
+import yaml
+from conftest import integration, tiny_model
 
 from lmcompress.errors import RecipeError
-from lmcompress.pipeline import Run
+from lmcompress.pipeline import Run, run_recipe
 from lmcompress.quant.modules import QuantEmbedding, is_quantized
 from lmcompress.recipe import Recipe, load_recipe
 
@@ -55,3 +58,42 @@ def test_pattern_matching_nothing_fails_at_run_time_naming_the_stage(tmp_path):
 def test_shipped_recipes_validate(name):
     recipe = load_recipe(RECIPES / name)
     assert any(s.stage == "quantize" for s in recipe.stages)
+
+
+def _tiny_budget(name: str, **top) -> Recipe:
+    """The recipe with 2 training steps per stage, small batches and short evaluations."""
+    data = yaml.safe_load((RECIPES / name).read_text())
+    data.update(top)
+    for stage in data["stages"]:
+        if "steps" in stage:
+            stage.update(steps=2, batch_size=2, grad_accum=1, warmup_steps=0, eval_every=0, eval_batches=1,
+                         checkpoint_every=0)
+        if stage["stage"] == "evaluate" and "perplexity" in stage.get("metrics", []):
+            stage["max_tokens"] = 256
+    return Recipe.model_validate(data)
+
+
+@integration
+@pytest.mark.integration
+def test_quantgpt_recipe_runs_on_smollm2_and_exports_packed(tmp_path):
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    run = run_recipe(_tiny_budget("quantgpt-smollm2.yaml", block_size=64), tmp_path)
+    rows = {row["stage"]: row for row in run.report.rows}
+    assert rows["quantize"]["schemes"].startswith("int2-sym") and rows["quantize"]["activation_bits"] == 8
+    assert rows["distill"]["loss_contrastive"] > 0 and rows["distill"]["loss_logits"] > 0
+    assert rows["quantgpt"]["compression_ratio"] > 14
+    marker = json.loads((tmp_path / "model" / "lmcompress.json").read_text())
+    assert marker["format"] == "packed-quant"
+
+
+@integration
+@pytest.mark.integration
+def test_xtc_recipe_runs_on_minilm(tmp_path):
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    task = {"name": "fine-foods", "max_length": 64, "train_limit": 32, "test_limit": 32}
+    run = run_recipe(_tiny_budget("xtc-minilm.yaml", task=task), tmp_path)
+    rows = {row["stage"]: row for row in run.report.rows}
+    assert rows["xtc-student"]["layers"] == 3 and 0 <= rows["xtc-student"]["accuracy"] <= 1
+    assert rows["xtc-student"]["compression_ratio"] > 10
+    assert rows["distill"]["loss_attention"] >= 0 and rows["distill"]["loss_hidden"] > 0
+    assert json.loads((tmp_path / "model" / "lmcompress.json").read_text())["format"] == "packed-quant"

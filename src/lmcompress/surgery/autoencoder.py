@@ -1,11 +1,11 @@
 """Compress weight rows with an autoencoder (Banaei et al., 2023, "Revisiting Offline Compression").
 
 The rows of a weight matrix (out, in) are a data set of `out` vectors of length `in`. Each row is scaled
-to unit length (its norm is stored), an MLP encoder maps it to a small latent and an MLP decoder
-(LeakyReLU inside, tanh output) maps the latent back; the decoded row is scaled to unit length and then
-to the stored norm, so every row keeps its exact norm (or, with `fit_norms`, the least-squares scale
-along its decoded direction). What is stored is the latents, the norms and the
-decoder; the encoder is thrown away. One autoencoder can serve one module, or one module kind across all
+to unit length, an MLP encoder maps it to a small latent and an MLP decoder (LeakyReLU inside, tanh
+output) maps the latent back; the decoded row is scaled to unit length and then to the row's stored
+scale: with `fit_norms: false` its exact L2 norm, by default the least-squares scale along the decoded
+direction (norm x cosine; it never overshoots when the direction is rough). What is stored is the
+latents, one scale per row and the decoder; the encoder is thrown away. One autoencoder can serve one module, or one module kind across all
 layers ("concatenated": every layer's q_proj rows in one data set), which amortises the decoder and was
 the better variant in the paper.
 
@@ -47,9 +47,10 @@ class AutoencoderConfig(Strict):
     cosine_weight: float = Field(0.9, ge=0, description="weight of (1 - cosine similarity) in the loss")
     rmse_weight: float = Field(0.1, ge=0, description="weight of the relative RMSE in the loss")
     fisher_weighted: bool = Field(False, description="weight each row's loss by its Fisher information")
-    fit_norms: bool = Field(False, description=(
+    fit_norms: bool = Field(True, description=(
         "store each row's least-squares scale along its decoded direction (norm x cosine) instead of its "
-        "norm; smaller error when the direction is poor (the paper's code trains the norms instead)"))
+        "norm (false: the exact norm); the paper's code trains the norms. On SmolLM2 q/k at 2x it halved "
+        "the perplexity (161 -> 81)"))
     early_stopping: Literal["reconstruction", "perplexity"] = "reconstruction"
     eval_every: int = Field(100, gt=0, description="steps between early-stopping checks")
     patience: int = Field(5, gt=0, description="checks without improvement before stopping")

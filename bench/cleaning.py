@@ -1,6 +1,6 @@
 """Benchmark of the corpus cleaner (lmcompress.data.cleaning).
 
-1. throughput: MB/s and peak memory (RSS of the cleaner's whole process tree, sampled from /proc) at two
+1. throughput: MB/s and peak memory (PSS of the cleaner's whole process tree, sampled from /proc) at two
    corpus sizes built from the SOTU addresses: k perturbed copies (copy 0 as is, copies 1..k-1 with 25% of
    words replaced so de-duplication keeps them), each polluted like the tests do (boilerplate, garbage and
    repeated lines, exact/near duplicates, short pages, spam). Memory should stay flat as k grows.
@@ -63,8 +63,12 @@ def build_corpus(docs: list[dict], copies: int, path: Path) -> Path:
 
 # --- memory of a process tree, from /proc (no psutil needed) ------------------------------------
 
-def _tree_rss(root: int) -> tuple[int, int]:
-    """(sum of RSS over `root` and its descendants, largest single RSS), in bytes."""
+def _tree_memory(root: int) -> tuple[int, int]:
+    """(sum of PSS over `root` and its descendants, largest single RSS), in bytes.
+
+    PSS splits pages shared between processes (forked workers share the parent's code and libraries)
+    among them, so the sum is the memory the tree really uses; RSS would count shared pages once per
+    process."""
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -79,17 +83,20 @@ def _tree_rss(root: int) -> tuple[int, int]:
         children = [p for p, pp in parents.items() if pp == pid and p not in tree]
         tree.update(children)
         frontier.extend(children)
-    sizes = []
+    pss_total, rss_max = 0, 0
     for pid in tree:
         try:
-            sizes.append(int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE)
+            rss_max = max(rss_max, int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE)
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss_total += int(line.split()[1]) * 1024
         except (OSError, IndexError, ValueError):
             continue
-    return sum(sizes), max(sizes, default=0)
+    return pss_total, rss_max
 
 
 def run_with_peak_rss(cmd: list[str], interval_s: float = 0.2) -> tuple[int, int, int]:
-    """Run `cmd`; return (exit code, peak total RSS of its process tree, peak single-process RSS)."""
+    """Run `cmd`; return (exit code, peak total PSS of its process tree, peak single-process RSS)."""
     proc = subprocess.Popen(cmd)
     peak_total = peak_single = 0
     done = threading.Event()
@@ -97,7 +104,7 @@ def run_with_peak_rss(cmd: list[str], interval_s: float = 0.2) -> tuple[int, int
     def sample() -> None:
         nonlocal peak_total, peak_single
         while not done.is_set():
-            total, single = _tree_rss(proc.pid)
+            total, single = _tree_memory(proc.pid)
             peak_total, peak_single = max(peak_total, total), max(peak_single, single)
             done.wait(interval_s)
 
@@ -129,7 +136,7 @@ def throughput(args: argparse.Namespace) -> list[dict]:
             "removed %": round(100 * (1 - report["bytes_out"] / report["bytes_in"]), 2),
             "processes": args.num_proc, "clean s": round(report["seconds"], 1),
             "MB/s": round(report["mb_per_s"], 2), "wall s (with start-up)": round(wall, 1),
-            "peak RSS, all processes (MB)": round(peak_total / 1e6),
+            "peak PSS, all processes (MB)": round(peak_total / 1e6),
             "peak RSS, largest process (MB)": round(peak_single / 1e6),
         })
         print(markdown_table(rows[-1:]), flush=True)

@@ -9,7 +9,7 @@ from lmcompress.cli import build_parser, main
 def test_every_command_has_help(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert {"run", "eval", "export", "assets", "inspect"} <= set(commands)
+    assert {"run", "eval", "export", "assets", "inspect", "clean"} <= set(commands)
     for name in commands:
         with pytest.raises(SystemExit) as exit_info:
             main([name, "--help"])

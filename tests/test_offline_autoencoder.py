@@ -65,3 +65,13 @@ def test_groups_put_the_same_module_of_every_layer_together(family):
     assert all(len(v) == 3 for v in shared.values()) and len(shared) == len(names) // 3
     assert all("*" in k for k in shared)
     assert group_modules(adapter, names, shared=False) == {n: [n] for n in names}
+
+
+def test_fitted_norms_scale_each_row_along_its_decoded_direction():
+    w = torch.randn(120, 32, generator=torch.Generator().manual_seed(4))  # full rank: directions are rough
+    kept = fit_autoencoder({"w": w}, 4, AutoencoderConfig(steps=200), progress=False).weights
+    fitted = fit_autoencoder({"w": w}, 4, AutoencoderConfig(steps=200, fit_norms=True), progress=False).weights
+    direction = kept.regenerate("w") / w.norm(dim=1, keepdim=True)  # same seed: same decoder, same directions
+    cos = torch.nn.functional.cosine_similarity(direction, w, dim=1)
+    torch.testing.assert_close(fitted.codes["w"].norms, w.norm(dim=1) * cos.clamp_min(0), rtol=1e-4, atol=1e-6)
+    assert (fitted.regenerate("w") - w).norm() < (kept.regenerate("w") - w).norm()

@@ -92,8 +92,9 @@ def test_accounting_counts_every_tensor_written(family, float_dtype, tmp_path):
     # model.safetensors = tensors + header; the predicted header is an estimate.
     assert abs(path.stat().st_size - account.file_bytes) <= 0.01 * account.file_bytes
     assert result["accounting_error"] <= 0.01
-    # The whole folder: the accounting plus config/marker files, nothing unaccounted.
+    # The whole folder: the weights file plus config/marker files, nothing unaccounted.
     assert result["folder_bytes"] == result["safetensors_bytes"] + result["other_files_bytes"]
+    assert result["total_bytes"] == account.file_bytes + result["other_files_bytes"]
     marker = json.loads((tmp_path / "m" / "lmcompress.json").read_text())
     assert marker["format"] == "packed-quant" and marker["size"]["tensor_bytes"] == account.tensor_bytes
 
@@ -130,3 +131,18 @@ def test_export_stage_route_picks_the_packed_format(tmp_path):
 def test_export_of_a_plain_model_is_refused(tmp_path):
     with pytest.raises(LmcompressError, match="no quantized modules"):
         export_packed(tiny_model("llama"), None, tmp_path / "m")
+
+
+def test_reloaded_model_runs_in_bf16_and_keeps_its_scales(tmp_path):
+    model = tiny_model("llama")
+    quantize_(model, {"bits": "4-4-8"})
+    ids = torch.randint(3, 128, (1, 6))
+    expected = _logits(model, ids)
+    export_packed(model, None, tmp_path / "m", float_dtype="fp32")
+    reloaded, _ = load_model(tmp_path / "m")
+    scales = reloaded.model.layers[0].mlp.up_proj.scales.clone()
+    reloaded.to(torch.bfloat16)
+    assert reloaded.model.layers[0].mlp.up_proj.scales.dtype == torch.bfloat16
+    assert torch.equal(reloaded.model.layers[0].mlp.up_proj.scales, scales)
+    out = _logits(reloaded, ids).float()
+    assert (out - expected).abs().max() <= 0.05 * expected.abs().max()

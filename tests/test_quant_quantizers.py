@@ -114,7 +114,7 @@ def test_weight_gradient_is_straight_through_and_clipped_for_learned_scales():
     w.grad = None
     lsq = WeightQuantizer(QuantSpec("sym", 2, scale="lsq"), w.detach())
     lsq(w).sum().backward()
-    s = lsq.scale.detach().abs().to(torch.bfloat16).float()
+    s = lsq.scale.detach().abs().to(torch.bfloat16).float().reshape(lsq.groups[0], lsq.groups[1], 1)
     inside = ((w.detach().reshape(lsq.groups) / s).abs() <= 1).reshape(w.shape)
     assert torch.equal(w.grad, inside.float())
 

@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="*", help="fetch only these assets")
     p.set_defaults(func=cmd_assets)
 
+    from lmcompress.data.cleaning.cli import add_parser as add_clean_parser
+
+    add_clean_parser(sub)
+
     p = sub.add_parser("inspect", help="list a model's modules with their kinds (for recipe patterns)")
     p.add_argument("model")
     p.set_defaults(func=cmd_inspect)

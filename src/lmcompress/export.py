@@ -15,10 +15,12 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from lmcompress.errors import LmcompressError
+
+if TYPE_CHECKING:  # torch costs ~200 MB; the cleaner imports this module without needing it
+    from torch import nn
 
 MARKER = "lmcompress.json"
 _LOADERS: dict[str, Callable[[Path], tuple]] = {}

@@ -172,12 +172,11 @@ class QuantConfig(WeightSettings):
             if a_bits is not None and self.activation_bits is None:
                 self.__dict__["activation_bits"] = a_bits
         # Resolve every rule now so a bad combination fails before any model is touched.
-        for i, rule in enumerate(self.resolved_rules()):
-            field = f"rules[{i}]" if self.rules else "bits"
+        for rule in self.resolved_rules():
             try:
                 rule.spec()
             except QuantSpecError as exc:
-                raise _invalid(f"{field}: {exc}" if self.rules else str(exc)) from None
+                raise _invalid(f"{rule.where}: {exc}" if rule.where else str(exc)) from None
         return self
 
     def resolved_rules(self) -> list[ResolvedRule]:
@@ -189,8 +188,8 @@ class QuantConfig(WeightSettings):
             merged = {k: (r.get(k) if r.get(k) is not None else base[k]) for k in WeightSettings.model_fields}
             act = r.get("activation_bits")
             act = self.activation_bits if act is None else (act or None)
-            field = f"rules[{i}].patterns" if self.rules else "patterns"
-            out.append(ResolvedRule(list(r["patterns"]), merged, act, self.activation_granularity, field))
+            where = f"rules[{i}]" if self.rules else ""
+            out.append(ResolvedRule(list(r["patterns"]), merged, act, self.activation_granularity, where))
         if self.embedding_bits is not None:
             ternary = self.embedding_bits == "ternary"
             bits = 2 if ternary else self.embedding_bits
@@ -205,12 +204,16 @@ class QuantConfig(WeightSettings):
 
 
 class ResolvedRule:
-    """A rule with every default filled in."""
+    """A rule with every default filled in. `where` names it in errors: `rules[2]`, `embedding_bits` or ''."""
 
     def __init__(self, patterns: list[str], weight: dict, activation_bits: int | None, activation_granularity: str,
-                 field: str):
-        self.patterns, self.weight, self.field = patterns, weight, field
+                 where: str):
+        self.patterns, self.weight, self.where = patterns, weight, where
         self.activation_bits, self.activation_granularity = activation_bits, activation_granularity
+
+    def field(self, prefix: str, name: str | None = None) -> str:
+        """Dotted field path for errors, e.g. `quantize.rules[1].patterns`."""
+        return ".".join(p for p in (prefix, self.where, name) if p)
 
     def spec(self) -> QuantSpec:
         w = dict(self.weight)
@@ -262,16 +265,19 @@ def quantize_(model: nn.Module, config: QuantConfig | dict | None = None, field:
     tied_head = _tied_head_name(model)
     chosen: dict[str, tuple[nn.Module, ResolvedRule]] = {}
     for rule in config.resolved_rules():
-        matched = select_modules(adapter, rule.patterns, exclude=config.exclude, accept=_quantizable,
-                                 field=f"{field}.{rule.field}")
+        names = rule.field(field, None if rule.where == "embedding_bits" else "patterns")
+        matched = select_modules(adapter, rule.patterns, exclude=config.exclude, accept=_quantizable, field=names)
         for name, (module, _pattern) in matched.items():
             chosen.setdefault(name, (module, rule))
+    # A head tied to an embedding table that gets quantized multiplies by the quantized table (below).
+    embedding = _embedding_of(model)
+    embedding_quantized = any(module is embedding for module, _ in chosen.values())
 
     specs: dict[str, QuantSpec] = {}
     swapped: dict[str, nn.Module] = {}
     for name, (module, rule) in chosen.items():
-        if name == tied_head and _embedding_of(model) in [m for m, _ in chosen.values()]:
-            continue  # handled below: it will use the quantized table
+        if name == tied_head and embedding_quantized:
+            continue
         spec = rule.spec()
         try:
             if isinstance(module, nn.Embedding):
@@ -279,7 +285,7 @@ def quantize_(model: nn.Module, config: QuantConfig | dict | None = None, field:
             else:
                 new = QuantLinear.from_module(module, spec, rule.activation())
         except QuantSpecError as exc:
-            raise RecipeError(f"{field}.{rule.field.rsplit('.', 1)[0]}: {name}: {exc}") from None
+            raise RecipeError(f"{rule.field(field)}: {name}: {exc}") from None
         swapped[name] = new
         specs[name] = spec
     for name, new in swapped.items():

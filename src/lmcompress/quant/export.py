@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,7 +151,7 @@ def _module_entries(name: str, module: nn.Module, kind: str, float_dtype: torch.
             make_zeros = lambda q=quantized: q().zeros  # noqa: E731
         else:
             make_codes = lambda m=module: m.qweight  # noqa: E731
-            make_scales = lambda m=module: m.scales  # noqa: E731
+            make_scales = lambda m=module: m.scales.to(SCALE_DTYPE)  # noqa: E731
             make_zeros = lambda m=module: m.zeros  # noqa: E731
         weight_params = shape[0] * shape[1]
         entries.append(PlannedTensor(f"{name}.qweight", kind, "codes", torch.uint8,
@@ -218,6 +219,7 @@ class SizeAccount:
     tensors: list[PlannedTensor]
     float_dtype: str
     header_bytes: int
+    other_files_bytes: int = 0  # config, tokenizer and marker files, when known
 
     @property
     def params(self) -> int:
@@ -235,6 +237,11 @@ class SizeAccount:
     def file_bytes(self) -> int:
         """Predicted size of model.safetensors (tensor bytes + header)."""
         return self.tensor_bytes + self.header_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        """Predicted size of the whole exported folder (weights file + config/tokenizer files)."""
+        return self.file_bytes + self.other_files_bytes
 
     @property
     def bits_per_param(self) -> float:
@@ -270,6 +277,8 @@ class SizeAccount:
             "quantized_params": self.quantized_params,
             "tensor_bytes": self.tensor_bytes,
             "file_bytes": self.file_bytes,
+            "other_files_bytes": self.other_files_bytes,
+            "total_bytes": self.total_bytes,
             "bits_per_param": round(self.bits_per_param, 4),
             "fp32_bytes": self.fp32_bytes,
             "compression_vs_fp32": round(self.compression_vs_fp32, 3),
@@ -291,11 +300,51 @@ def _header_bytes(entries: list[PlannedTensor]) -> int:
     return 8 + len(text) + (-len(text)) % 8
 
 
-def size_accounting(model: nn.Module, float_dtype: str = "fp16") -> SizeAccount:
+def size_accounting(model: nn.Module, float_dtype: str = "fp16", tokenizer=None) -> SizeAccount:
     """Bytes and bits per parameter of `model` as `export_packed` would write it (works for any model:
-    without quantized modules every float tensor counts at `float_dtype`)."""
-    entries, _ = export_plan(model, float_dtype)
-    return SizeAccount(entries, float_dtype, _header_bytes(entries))
+    without quantized modules every float tensor counts at `float_dtype`).
+
+    With `tokenizer`, `total_bytes` also counts the config and tokenizer files the folder will hold, so it
+    predicts the folder's size on disk; bits per parameter and compression ratios count tensors only.
+    """
+    entries, aliases = export_plan(model, float_dtype)
+    account = SizeAccount(entries, float_dtype, _header_bytes(entries))
+    if tokenizer is not None:
+        account.other_files_bytes = _metadata_files_bytes(model, tokenizer, account, aliases)
+    return account
+
+
+def _write_metadata_files(model: nn.Module, tokenizer, folder: Path) -> None:
+    model.config.save_pretrained(folder)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and getattr(model, "can_generate", lambda: False)():
+        generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def _metadata_files_bytes(model: nn.Module, tokenizer, account: SizeAccount, aliases: dict[str, str]) -> int:
+    """Bytes of the config, tokenizer and marker files, measured by writing them to a scratch folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_metadata_files(model, tokenizer, Path(tmp))
+        write_json_atomic(Path(tmp) / MARKER, _marker(model, account, aliases))
+        return folder_bytes(tmp)
+
+
+def _marker(model: nn.Module, account: SizeAccount, aliases: dict[str, str]) -> dict[str, Any]:
+    from lmcompress.quant.modules import quantized_modules
+
+    quantized = quantized_modules(model)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_class": type(model).__name__,
+        "float_dtype": account.float_dtype,
+        "scale_dtype": "bf16",
+        "modules": {n: _module_record(n, m, quantized) for n, m in quantized.items()},
+        "aliases": aliases,
+        "size": account.to_dict(),
+    }
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -320,9 +369,9 @@ def _module_record(name: str, module: nn.Module, quantized: dict[str, nn.Module]
 def export_packed(model: nn.Module, tokenizer, folder: str | Path, float_dtype: str = "fp16") -> dict[str, Any]:
     """Write `model` (holding QuantLinear/QuantEmbedding modules) as a `packed-quant` folder, atomically.
 
-    Returns the size accounting plus what was measured on disk: `folder_bytes`, `safetensors_bytes`,
-    `other_files_bytes` (config, tokenizer, marker) and `accounting_error` = |safetensors - predicted| /
-    predicted.
+    Returns the size accounting (`to_dict()` of `SizeAccount`, whose `other_files_bytes` are the config and
+    tokenizer files as written) plus what was measured on disk: `folder_bytes`, `safetensors_bytes` and
+    `accounting_error` = |model.safetensors - predicted file bytes| / predicted.
     """
     from safetensors.torch import save_file
 
@@ -344,28 +393,17 @@ def export_packed(model: nn.Module, tokenizer, folder: str | Path, float_dtype: 
             tensors[t.name] = value
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         del tensors
-        model.config.save_pretrained(tmp)
-        generation_config = getattr(model, "generation_config", None)
-        if generation_config is not None and getattr(model, "can_generate", lambda: False)():
-            generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        marker = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model_class": type(model).__name__,
-            "float_dtype": float_dtype,
-            "scale_dtype": "bf16",
-            "modules": {n: _module_record(n, m, quantized) for n, m in quantized.items()},
-            "aliases": aliases,
-            "size": account.to_dict(),
-        }
-        write_json_atomic(tmp / MARKER, marker)
+        _write_metadata_files(model, tokenizer, tmp)
+        account.other_files_bytes = folder_bytes(tmp) - (tmp / WEIGHTS_FILE).stat().st_size
+        write_json_atomic(tmp / MARKER, _marker(model, account, aliases))
+        # Every file but the weights: config, tokenizer and the marker itself (whose size block cannot
+        # include its own length; the value returned below does).
+        account.other_files_bytes = folder_bytes(tmp) - (tmp / WEIGHTS_FILE).stat().st_size
     measured = folder_bytes(folder)
     st_bytes = (folder / WEIGHTS_FILE).stat().st_size
+    account.other_files_bytes = measured - st_bytes
     result = account.to_dict()
     result.update(folder=str(folder), folder_bytes=measured, safetensors_bytes=st_bytes,
-                  other_files_bytes=measured - st_bytes,
                   accounting_error=round(abs(st_bytes - account.file_bytes) / account.file_bytes, 5))
     log.info("exported %s: %.2f MB tensors, %.2f bits/param, %.1fx vs fp32; folder %.2f MB",
              folder, account.tensor_bytes / 1e6, account.bits_per_param, account.compression_vs_fp32, measured / 1e6)

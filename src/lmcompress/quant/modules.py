@@ -195,6 +195,16 @@ class PackedModule(nn.Module):
         self.register_buffer("zeros", torch.zeros(rows, cols, dtype=ZERO_DTYPE) if spec.scheme == "asym" else None)
         self._dense: dict[torch.dtype, torch.Tensor] = {}
         self._dense_key: tuple | None = None
+        self.compute_dtype = torch.float32  # follows model.to(dtype); embeddings output this dtype
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # `model.to(torch.bfloat16)` must not re-round the stored scales; it sets the compute dtype.
+        self.compute_dtype = fn(torch.zeros((), dtype=torch.float32)).dtype
+        from lmcompress.quant.quantizers import SCALE_DTYPE
+
+        self.scales = self.scales.to(SCALE_DTYPE)
+        return self
 
     def logical_params(self) -> int:
         return self.shape[0] * self.shape[1] + _numel(getattr(self, "bias", None))
@@ -249,7 +259,7 @@ class PackedEmbedding(PackedModule):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.spec.label}"
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.dequantized_weight(), self.padding_idx)
+        return F.embedding(input_ids, self.dequantized_weight(self.compute_dtype), self.padding_idx)
 
 
 class PackedTiedHead(nn.Module):

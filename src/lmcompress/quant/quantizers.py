@@ -255,10 +255,14 @@ class WeightQuantizer(nn.Module):
         with torch.no_grad():
             mean_abs = self._grouped(weight.detach().float()).abs().mean(dim=-1, keepdim=True).clamp_min(EPS)
         if spec.scale == "lsq":
-            init = 1.4 * mean_abs if spec.qmax == 1 else 2 * mean_abs / math.sqrt(spec.qmax)
             if spec.scheme == "binary":
-                init = mean_abs.clone()
-            self.scale = nn.Parameter(init)
+                init = mean_abs.clone()  # the static binary scale
+            elif spec.qmax == 1:
+                init = 2 * TERNARY_THRESHOLD * mean_abs  # rounding threshold s/2 = 0.7 * mean|w|
+            else:
+                init = 2 * mean_abs / math.sqrt(spec.qmax)  # LSQ's initialisation
+            # Stored flat (one step size per group): 1-D parameters get no weight decay in the trainer.
+            self.scale = nn.Parameter(init.reshape(-1))
         elif spec.scale == "dynamic":
             if spec.scheme == "binary":
                 gamma = 1.0
@@ -299,7 +303,7 @@ class WeightQuantizer(nn.Module):
         # scale (may carry a gradient)
         if spec.scale == "lsq":
             factor = 1.0 / math.sqrt(self.groups[2] * spec.qmax)
-            s = _grad_scale(self.scale, factor).abs()
+            s = _grad_scale(self.scale, factor).abs().reshape(self.groups[0], self.groups[1], 1)
         elif spec.scale == "dynamic":
             s = self.gamma * mean_abs / spec.qmax
         elif spec.scheme == "binary":

@@ -3,7 +3,8 @@
 The rows of a weight matrix (out, in) are a data set of `out` vectors of length `in`. Each row is scaled
 to unit length (its norm is stored), an MLP encoder maps it to a small latent and an MLP decoder
 (LeakyReLU inside, tanh output) maps the latent back; the decoded row is scaled to unit length and then
-to the stored norm, so every row keeps its exact norm. What is stored is the latents, the norms and the
+to the stored norm, so every row keeps its exact norm (or, with `fit_norms`, the least-squares scale
+along its decoded direction). What is stored is the latents, the norms and the
 decoder; the encoder is thrown away. One autoencoder can serve one module, or one module kind across all
 layers ("concatenated": every layer's q_proj rows in one data set), which amortises the decoder and was
 the better variant in the paper.
@@ -46,6 +47,9 @@ class AutoencoderConfig(Strict):
     cosine_weight: float = Field(0.9, ge=0, description="weight of (1 - cosine similarity) in the loss")
     rmse_weight: float = Field(0.1, ge=0, description="weight of the relative RMSE in the loss")
     fisher_weighted: bool = Field(False, description="weight each row's loss by its Fisher information")
+    fit_norms: bool = Field(False, description=(
+        "store each row's least-squares scale along its decoded direction (norm x cosine) instead of its "
+        "norm; smaller error when the direction is poor (the paper's code trains the norms instead)"))
     early_stopping: Literal["reconstruction", "perplexity"] = "reconstruction"
     eval_every: int = Field(100, gt=0, description="steps between early-stopping checks")
     patience: int = Field(5, gt=0, description="checks without improvement before stopping")
@@ -273,8 +277,11 @@ def fit_autoencoder(
     def current_codes() -> AutoencodedWeights:
         with torch.no_grad():
             latents = encoder(targets)
+            scales = norms
+            if config.fit_norms:  # ‖w‖·cos is the scale of the decoded unit row closest to w
+                scales = norms * (decoder(latents) * targets).sum(dim=1).clamp_min(0)
         record = AutoencodedWeights(decoders={group: decoder})
-        for name, lat, nrm in zip(names, latents.split(counts), norms.split(counts), strict=True):
+        for name, lat, nrm in zip(names, latents.split(counts), scales.split(counts), strict=True):
             record.codes[name] = RowCode(group=group, latents=lat.clone(), norms=nrm.clone())
         return record
 

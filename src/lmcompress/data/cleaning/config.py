@@ -117,7 +117,8 @@ class CrossDocumentLinesConfig(Switch):
 
     A first pass counts, for each distinct line, the documents that contain it, in a count-min sketch of
     fixed size (`sketch_width` x `sketch_depth` 32-bit counters): memory does not grow with the corpus,
-    and a count can only be over-estimated, by about e * (lines in the corpus) / width.
+    and a count can only be over-estimated, by about e * (lines in the corpus) / width. Exact duplicate
+    documents are counted once; near duplicates count once per copy.
     """
 
     min_documents: int = Field(10, ge=2, description="a line in at least this many documents is removed")

@@ -63,8 +63,8 @@ class DocumentCleaner:
         if normalized != text:
             stats.normalized(where, text, normalized)
         text = self._filter_lines(normalized, where, stats)
-        if not text:
-            stats.document_removed("empty", where, text)
+        if not text.strip():
+            stats.document_removed("empty", where, "")
             return None
         words = text.split()
         for name, is_bad in self.document_filters:
@@ -95,7 +95,7 @@ class DocumentCleaner:
             else:
                 removed[reason].append(line)
         if not removed:
-            return text.strip()
+            return text
         for name, lines in removed.items():
             stats.lines_removed(name, where, lines)
         return collapse_blank_lines("\n".join(kept))

@@ -10,9 +10,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmcompress.export import write_json_atomic
-from lmcompress.report.tables import markdown_table
-
 EXAMPLE_CHARS = 200
 
 # Filters in the order the pipeline applies them (and the report lists them).
@@ -150,6 +147,10 @@ class CleaningReport:
         }
 
     def markdown(self) -> str:
+        # Imported here: lmcompress.export imports torch (~200 MB, ~1 s), which the cleaner's workers,
+        # forked before the report is written, should not carry.
+        from lmcompress.report.tables import markdown_table
+
         s = self.stats
         parts = [
             "# Cleaning report\n",
@@ -176,6 +177,8 @@ class CleaningReport:
         return "\n".join(parts) + "\n"
 
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
+        from lmcompress.export import write_json_atomic
+
         out_dir = Path(out_dir)
         json_path, md_path = out_dir / "clean_report.json", out_dir / "clean_report.md"
         write_json_atomic(json_path, self.to_dict())

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow,
 
 
 @pytest.mark.parametrize("bits", [1, "ternary", 2], ids=str)
-@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("tokens", [1, 3, 6])
 def test_lowbit_kernel_matches_per_token_int8_reference(bits, tokens):
     weight = rtn_weight(torch.randn(37, 128), bits)  # 37 rows: a partial block of 4
     bias = torch.randn(37)

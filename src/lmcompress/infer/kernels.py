@@ -11,8 +11,8 @@ Each kernel packs those codes once (at load) into the layout of a PyTorch intege
 Which op when (measured on a 2-core AVX-512/VNNI EPYC with torch 2.13, see bench/kernels.py):
 - `FbgemmRows`: `quantized.linear_dynamic` (fbgemm, the op `quantize_dynamic` uses) with per-row int8
   weights; fp32 in and out, activations quantized to uint8 on the fly (per token: rows are scaled to
-  max |x| = 1 before the op's one-scale-per-tensor quantization, see `_linear_dynamic_per_token`). Fastest at decode and
-  prefill on every SmolLM2 shape, any shape works. Codes of 1, 1.6 (ternary), 2 and 4 bits are widened to
+  max |x| = 1 before the op's one-scale-per-tensor quantization, see `_linear_dynamic_per_token`).
+  Fastest at decode and prefill on every SmolLM2 shape of PyTorch's ops; any shape works. Codes of 1, 1.6 (ternary), 2 and 4 bits are widened to
   int8 once, which is exact: the per-row scale is the fbgemm channel scale and the codes are unchanged.
 - `Int4Groups`: `_weight_int4pack_mm_for_cpu` (bf16 activations, int4 weights with a bf16 scale and zero
   per group of 32/64/128/256). Holds 4 bits per weight (half of int8) and takes per-group scales
@@ -21,6 +21,15 @@ Which op when (measured on a 2-core AVX-512/VNNI EPYC with torch 2.13, see bench
   odd group sizes or shapes): the input dimension is split into its groups, each group is an fbgemm
   per-row linear with that group's scales, and the partial products are summed. Correct for any shape;
   one kernel call per group, so slower.
+- `Int8PackRows`: `_weight_int8pack_mm` (int8 weights, bf16 activations) for prefer="accuracy": no
+  activation quantization, slower (the 49152-row LM head takes 4.3 ms per token against fbgemm's 0.8 ms).
+- `lowbit.Lowbit2Rows` (opt-in, kernel="lowbit2"): 2-bit codes read by an AVX-512 VNNI C++ extension, the
+  only path that reads fewer bytes than int8 at decode (see lowbit.py).
+
+On SmolLM2 (outlier channels) 8-bit activations cost accuracy: an int8 round-to-nearest model's logits
+differ from its fake-quant form by 0.77 std (94% same top-1) with fbgemm, 0.11 std (97%) with
+prefer="accuracy" (bench/results/inference-ours.json). Models trained with 8-bit per-token activations
+(XTC, QuantGPT's A8) already include that rounding.
 
 Zero points are folded out of the integer product: W = s*c + b with b = -s*z per row/group, so
 x @ W.T = (x @ (s*c).T) + sum_i x[i] * b, i.e. one extra row-sum of x per call (per group).

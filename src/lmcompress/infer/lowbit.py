@@ -29,6 +29,7 @@ SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -63,7 +64,7 @@ torch::Tensor mm2(torch::Tensor x, torch::Tensor packed, torch::Tensor scale) {
   const int64_t M = xc.size(0), K = xc.size(1), N = packed.size(0);
   TORCH_CHECK(packed.size(1) * 4 == K && K % 64 == 0);
   // per-token symmetric int8 activations
-  std::vector<int8_t> xq(M * K);
+  std::vector<int8_t> xq((M + 3) * K, 0);  // 3 zero rows: the 4-token tiles may read past M
   std::vector<float> sx(M);
   std::vector<int32_t> sumx(M);
   const float* xp = xc.data_ptr<float>();
@@ -91,28 +92,41 @@ torch::Tensor mm2(torch::Tensor x, torch::Tensor packed, torch::Tensor scale) {
     std::vector<int8_t> wbuf(M > 1 ? 4 * K : 0);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = blk * 4, rows = std::min<int64_t>(4, N - n0);
-      if (M > 1)  // several tokens: unpack the 4 rows once, reuse them for every token
-        for (int r = 0; r < rows; ++r)
-          for (int64_t ch = 0; ch < chunks; ++ch)
-            _mm512_storeu_si512((void*)(wbuf.data() + r * K + ch * 64),
-                                unpack64(wp + (n0 + r) * rowbytes + ch * 16, shifts, mask));
-      for (int64_t m = 0; m < M; ++m) {
-        const int8_t* xr = xq.data() + m * K;
+      if (M == 1) {  // decode: unpack on the fly, 4 independent row accumulators
+        const int8_t* xr = xq.data();
         __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
                           _mm512_setzero_si512()};
         for (int64_t ch = 0; ch < chunks; ++ch) {
           const __m512i xv = _mm512_loadu_si512((const void*)(xr + ch * 64));
-          for (int r = 0; r < 4; ++r) {
-            if (r >= rows) break;
-            const __m512i wv = M > 1 ? _mm512_loadu_si512((const void*)(wbuf.data() + r * K + ch * 64))
-                                     : unpack64(wp + (n0 + r) * rowbytes + ch * 16, shifts, mask);
-            acc[r] = _mm512_dpbusd_epi32(acc[r], wv, xv);
+          for (int r = 0; r < rows; ++r)
+            acc[r] = _mm512_dpbusd_epi32(acc[r], unpack64(wp + (n0 + r) * rowbytes + ch * 16, shifts, mask), xv);
+        }
+        for (int r = 0; r < rows; ++r)
+          yp[n0 + r] = (float)(_mm512_reduce_add_epi32(acc[r]) - 2 * sumx[0]) * sx[0] * sp[n0 + r];
+        continue;
+      }
+      // several tokens: unpack the 4 rows once (zeros past N), then 4-row x 4-token tiles of accumulators
+      std::fill(wbuf.begin(), wbuf.end(), 0);
+      for (int r = 0; r < rows; ++r)
+        for (int64_t ch = 0; ch < chunks; ++ch)
+          _mm512_storeu_si512((void*)(wbuf.data() + r * K + ch * 64),
+                              unpack64(wp + (n0 + r) * rowbytes + ch * 16, shifts, mask));
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        __m512i acc[4][4];
+        for (int r = 0; r < 4; ++r)
+          for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_setzero_si512();
+        for (int64_t ch = 0; ch < chunks; ++ch) {
+          __m512i xv[4], wv[4];
+          for (int t = 0; t < 4; ++t) xv[t] = _mm512_loadu_si512((const void*)(xq.data() + (m0 + t) * K + ch * 64));
+          for (int r = 0; r < 4; ++r) wv[r] = _mm512_loadu_si512((const void*)(wbuf.data() + r * K + ch * 64));
+          for (int r = 0; r < 4; ++r)
+            for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], wv[r], xv[t]);
+        }
+        for (int t = 0; t < 4 && m0 + t < M; ++t)
+          for (int r = 0; r < rows; ++r) {
+            const int32_t dot = _mm512_reduce_add_epi32(acc[r][t]) - 2 * sumx[m0 + t];
+            yp[(m0 + t) * N + n0 + r] = (float)dot * sx[m0 + t] * sp[n0 + r];
           }
-        }
-        for (int r = 0; r < rows; ++r) {
-          const int32_t dot = _mm512_reduce_add_epi32(acc[r]) - 2 * sumx[m];
-          yp[m * N + n0 + r] = (float)dot * sx[m] * sp[n0 + r];
-        }
       }
     }
   });

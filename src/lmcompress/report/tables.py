@@ -52,7 +52,11 @@ def markdown_report(report: Report, title: str) -> str:
     parts = [f"# {title}\n"]
     if report.meta:
         parts.append("\n".join(f"- **{k}**: {_fmt(v)}" for k, v in report.meta.items()) + "\n")
-    parts.append("## Results\n\n" + markdown_table(report.rows))
+    # Rows of one kind (evaluations, training runs, exports) share their columns: one table per kind.
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in report.rows:
+        groups.setdefault(tuple(row), []).append(row)
+    parts.append("## Results\n\n" + "\n".join(markdown_table(rows) for rows in groups.values()))
     if report.timings:
         parts.append("## Stage timings (s)\n\n" + markdown_table([report.timings]))
     return "\n".join(parts)

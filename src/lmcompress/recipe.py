@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lmcompress.errors import RecipeError
-from lmcompress.plugins import import_present
+from lmcompress.plugins import import_present, registrar
 
 if TYPE_CHECKING:
     from lmcompress.pipeline import Run
@@ -56,12 +56,7 @@ class StageConfig(Strict):
         raise NotImplementedError
 
 
-def register_stage(cls: type[StageConfig]) -> type[StageConfig]:
-    """Class decorator: make `cls` available as `stage: <cls.kind>` in recipes."""
-    if not cls.kind:
-        raise TypeError(f"{cls.__name__} needs a `kind` class variable")
-    _STAGES[cls.kind] = cls
-    return cls
+register_stage = registrar(_STAGES, "recipe stage (`stage: <kind>`)")
 
 
 def stage_types() -> dict[str, type[StageConfig]]:

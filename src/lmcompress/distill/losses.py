@@ -27,6 +27,7 @@ from lmcompress.distill.capture import Capture, Needs, capture
 from lmcompress.distill.layermaps import LayerMap, default_upper_middle, layer_map
 from lmcompress.errors import LmcompressError, RecipeError
 from lmcompress.models.adapters import ArchAdapter, get_adapter
+from lmcompress.plugins import registrar
 from lmcompress.recipe import Strict, _format_errors
 
 _LOSSES: dict[str, type[LossConfig]] = {}
@@ -57,12 +58,7 @@ class DistillLoss(nn.Module):
         raise NotImplementedError
 
 
-def register_loss(cls: type[LossConfig]) -> type[LossConfig]:
-    """Class decorator: make `cls` available as `{type: <cls.kind>}` in a stage's `losses:` list."""
-    if not cls.kind:
-        raise TypeError(f"{cls.__name__} needs a `kind` class variable")
-    _LOSSES[cls.kind] = cls
-    return cls
+register_loss = registrar(_LOSSES, "distillation loss (`{type: <kind>}` in `losses:`)")
 
 
 def loss_types() -> dict[str, type[LossConfig]]:

@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-from lmcompress import assets
+from lmcompress.core import assets
 from lmcompress.data.cleaning.pollute import perturb_words, pollute
 from lmcompress.report.tables import markdown_table
 
@@ -151,8 +151,8 @@ def pretrain(args: argparse.Namespace) -> list[dict]:
     from lmcompress.data import corpus as lm_corpus
     from lmcompress.data.cleaning import CleanConfig, clean_files
     from lmcompress.evaluate import perplexity
-    from lmcompress.pipeline import run_recipe
     from lmcompress.recipe import Recipe
+    from lmcompress.recipe.runner import run_recipe
 
     docs = sotu_docs()
     # Held out: every 10th address (spread over 1790-2021); never polluted, cleaned or trained on.
@@ -176,7 +176,7 @@ def pretrain(args: argparse.Namespace) -> list[dict]:
         print(markdown_table(rows[-1:]), flush=True)
 
     def recipe(name: str, corpus: Path, stages: list[dict]) -> Recipe:
-        return Recipe.model_validate({
+        return Recipe.parse({
             "name": name, "teacher": args.teacher, "block_size": args.block_size, "seed": args.seed,
             # The loader's own validation/test splits are small; the reported perplexity is on the
             # held-out addresses above, which neither corpus contains.

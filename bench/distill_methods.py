@@ -37,8 +37,8 @@ import torch
 from lmcompress.distill import TrainConfig, build_objective, parse_loss, train
 from lmcompress.evaluate import perplexity
 from lmcompress.models.adapters import get_adapter
-from lmcompress.pipeline import Run
 from lmcompress.recipe import Recipe
+from lmcompress.recipe.run import Run
 from lmcompress.report.tables import markdown_table
 from lmcompress.surgery.truncate import resolve_layers, truncate_layers
 
@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.getLogger("accelerate").setLevel(logging.ERROR)
     torch.manual_seed(args.seed)
-    recipe = Recipe.model_validate({
+    recipe = Recipe.parse({
         "name": "bench-distill-methods", "teacher": args.teacher, "corpus": {"name": "sotu"},
         "block_size": args.block_size, "seed": args.seed, "stages": [{"stage": "load"}]})
     run = Run(recipe=recipe, out_dir=args.out)

@@ -168,8 +168,8 @@ def run_llamacpp(config: str, args) -> dict:
     import torch
     import transformers
 
+    from lmcompress.formats.gguf import export_gguf
     from lmcompress.infer import rtn_weights
-    from lmcompress.infer.gguf import export_gguf
 
     kind = config[len("llamacpp-"):]
     tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL)

@@ -40,10 +40,10 @@ from pathlib import Path
 import torch
 
 from lmcompress.data.corpus import load_corpus, pack_blocks, token_stream
+from lmcompress.data.specs import CorpusSpec, TaskSpec
 from lmcompress.data.tasks import load_task
 from lmcompress.evaluate import evaluate_classifier, perplexity
-from lmcompress.models import load_model
-from lmcompress.recipe import CorpusSpec, TaskSpec
+from lmcompress.formats import load_model
 from lmcompress.report.tables import markdown_table
 from lmcompress.surgery.autoencoder import AutoencoderConfig
 from lmcompress.surgery.calibration import calibration_batches, collect_stats
@@ -157,16 +157,16 @@ def finetuned_minilm(task, args):
         model, tokenizer = load_model(args.minilm_model, task="sequence-classification")
         return model, tokenizer, f"given: {args.minilm_model}"
     try:
-        from lmcompress.distill.stage import FinetuneStage  # noqa: F401  (branch distill)
+        from lmcompress.recipe.stages.train import FinetuneStage  # noqa: F401  (branch distill)
     except ImportError:
         model, tokenizer = load_model("minilm-l6", task="sequence-classification", num_labels=task.num_labels)
         torch.manual_seed(args.seed)
         _head_only_finetune(model, tokenizer, task, args)
         return model, tokenizer, f"head-only (pooler + classifier, {max(1, args.finetune_steps // 10)} epochs, bench loop)"
-    from lmcompress.pipeline import run_recipe
     from lmcompress.recipe import Recipe
+    from lmcompress.recipe.runner import run_recipe
 
-    recipe = Recipe.model_validate({
+    recipe = Recipe.parse({
         "name": "minilm-finetune", "teacher": "minilm-l6", "seed": args.seed,
         "task": {"name": "fine-foods", "train_limit": args.train_limit, "test_limit": args.test_limit},
         "stages": [{"stage": "load"}, {"stage": "finetune", "steps": args.finetune_steps, "batch_size": 16,

@@ -47,13 +47,14 @@ from pathlib import Path
 
 import torch
 
-import lmcompress.quant.contrastive  # noqa: F401  registers the `contrastive` loss
+import lmcompress.distill.contrastive  # noqa: F401  registers the `contrastive` loss
 from lmcompress.distill import TrainConfig, build_objective, parse_loss, train
 from lmcompress.distill.trainer import pad_collate
 from lmcompress.evaluate import evaluate_classifier, perplexity
-from lmcompress.pipeline import Run
-from lmcompress.quant import export_packed, quantize_, size_accounting
+from lmcompress.formats.packed import export_packed, size_accounting
+from lmcompress.quant import quantize_
 from lmcompress.recipe import Recipe
+from lmcompress.recipe.run import Run
 from lmcompress.report.plots import tradeoff_plot
 from lmcompress.report.tables import markdown_table
 from lmcompress.surgery.truncate import resolve_layers, truncate_layers
@@ -101,7 +102,7 @@ def _packed_size(model, tokenizer, folder: Path, teacher_bytes: int) -> dict:
 
 
 def bench_smollm2(args) -> tuple[list[dict], dict]:
-    recipe = Recipe.model_validate({"name": "bench-qat", "teacher": "smollm2-135m", "corpus": {"name": "sotu"},
+    recipe = Recipe.parse({"name": "bench-qat", "teacher": "smollm2-135m", "corpus": {"name": "sotu"},
                                     "block_size": args.block_size, "seed": args.seed, "stages": [{"stage": "load"}]})
     run = Run(recipe=recipe, out_dir=args.out)
     recipe.stages[0].run(run)
@@ -146,7 +147,7 @@ def bench_minilm(args) -> tuple[list[dict], dict]:
     task = {"name": "fine-foods", "max_length": 128}
     if args.task_limit:
         task.update(train_limit=args.task_limit, test_limit=args.task_limit)
-    recipe = Recipe.model_validate({
+    recipe = Recipe.parse({
         "name": "bench-qat-minilm", "teacher": "minilm-l6", "task": task, "seed": args.seed,
         "stages": [{"stage": "load"}, {"stage": "finetune", "steps": args.teacher_steps, "batch_size": 32,
                                        "lr": 5e-5, "warmup_steps": max(1, args.teacher_steps // 10),

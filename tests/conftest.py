@@ -57,7 +57,9 @@ def family(request):
 
 
 def real_assets_available() -> bool:
-    from lmcompress import assets
+    import lmcompress.data
+    import lmcompress.models  # noqa: F401  (the built-in assets register on import)
+    from lmcompress.core import assets
 
     return all(a.ready for a in assets.ASSETS.values())
 

@@ -3,7 +3,7 @@ import torch
 from conftest import tiny_model
 from torch import nn
 
-from lmcompress.errors import RecipeError, UnsupportedArchitectureError
+from lmcompress.core.errors import RecipeError, UnsupportedArchitectureError
 from lmcompress.models import get_adapter, linear_weight, select_modules
 
 

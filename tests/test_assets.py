@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from lmcompress import assets
-from lmcompress.errors import AssetError
+from lmcompress.core import assets
+from lmcompress.core.errors import AssetError
 
 
 def test_a_failing_asset_is_named_and_the_others_still_arrive(tmp_path, monkeypatch):
@@ -13,7 +13,7 @@ def test_a_failing_asset_is_named_and_the_others_still_arrive(tmp_path, monkeypa
         (target / "data.txt").write_text("ok")
 
     def bad(downloads: Path, target: Path) -> None:
-        assets._run(["sh", "-c", "echo registry said no >&2; exit 3"], downloads, "downloading broken")
+        assets.run_command(["sh", "-c", "echo registry said no >&2; exit 3"], downloads, "downloading broken")
 
     fake = {
         "broken": assets.Asset("broken", "corpus", "always fails", bad),

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 
+from lmcompress.core.errors import RecipeError
 from lmcompress.data.cleaning.config import (
     BoilerplateConfig,
     CleanConfig,
@@ -45,7 +46,6 @@ from lmcompress.data.cleaning.filters import (
     top_ngram_fraction,
 )
 from lmcompress.data.cleaning.normalize import normalize_text
-from lmcompress.errors import RecipeError
 
 PROSE = ("The committee met on Tuesday to review the budget for the coming year, and after a long debate "
          "it agreed that the roads and schools of the county should have the first claim on new funds.")

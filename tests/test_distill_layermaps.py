@@ -2,8 +2,8 @@
 
 import pytest
 
+from lmcompress.core.errors import RecipeError
 from lmcompress.distill.layermaps import default_upper_middle, layer_map
-from lmcompress.errors import RecipeError
 
 
 def teachers(pairs):

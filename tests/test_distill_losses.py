@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
+from lmcompress.core.errors import RecipeError
 from lmcompress.distill.capture import Needs, capture
 from lmcompress.distill.losses import build_objective, parse_loss, relation_kl
-from lmcompress.errors import RecipeError
 
 DISTILL_LOSSES = [
     {"type": "logits", "temperature": 2.0},
@@ -165,7 +165,7 @@ def test_capture_stops_after_the_deepest_needed_block():
 
 
 def test_attention_capture_needs_eager_attention():
-    from lmcompress.errors import LmcompressError
+    from lmcompress.core.errors import LmcompressError
 
     model = tiny_model("llama")
     model.set_attn_implementation("sdpa")

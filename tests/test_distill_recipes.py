@@ -7,8 +7,8 @@ import pytest
 import yaml
 from conftest import integration
 
-from lmcompress.pipeline import run_recipe
 from lmcompress.recipe import Recipe, load_recipe
+from lmcompress.recipe.runner import run_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DISTILL_RECIPES = ["distilgpt2-od", "minilmv2-relations", "hidden-uniform-last", "truncate-continued-pretraining",
@@ -32,7 +32,7 @@ def tiny_budget(name: str, **top) -> Recipe:
             stage.update(steps=2, batch_size=2, warmup_steps=0, eval_batches=1, checkpoint_every=0)
         if stage["stage"] == "evaluate" and "perplexity" in stage.get("metrics", []):
             stage["max_tokens"] = 256
-    return Recipe.model_validate(data)
+    return Recipe.parse(data)
 
 
 @integration

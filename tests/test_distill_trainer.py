@@ -9,9 +9,9 @@ import torch
 from conftest import tiny_model
 from torch import nn
 
+from lmcompress.core.errors import TrainingDiverged
 from lmcompress.distill.losses import build_objective, parse_loss
 from lmcompress.distill.trainer import BatchOrder, TrainConfig, _lr_lambda, checkpoints, pad_collate, train
-from lmcompress.errors import TrainingDiverged
 
 logging.getLogger("accelerate").setLevel(logging.ERROR)  # "Removed shared tensor" notes for tied weights
 

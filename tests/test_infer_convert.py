@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from lmcompress.errors import LmcompressError, RecipeError
+from lmcompress.core.errors import LmcompressError, RecipeError
 from lmcompress.infer import PackedEmbedding, PackedLinear, apply_dequantized, rtn_weights, to_inference
 
 BITS = [1, "ternary", 2, 4, 8]

@@ -12,9 +12,9 @@ import transformers
 from conftest import tiny_model
 from test_infer_kernels import random_weight
 
-from lmcompress.errors import UnsupportedArchitectureError
+from lmcompress.core.errors import UnsupportedArchitectureError
+from lmcompress.formats.gguf import export_gguf, pack_weight
 from lmcompress.infer import IntWeight, apply_dequantized, rtn_weight, rtn_weights
-from lmcompress.infer.gguf import export_gguf, pack_weight
 
 T = gguf.GGMLQuantizationType
 ALL = ("attention", "mlp", "embeddings", "head")
@@ -130,7 +130,7 @@ def test_gguf_from_a_model_quantized_by_the_quant_stage(tmp_path, tokenizer):
 
 
 def test_export_model_writes_gguf_on_request(tmp_path, tokenizer):
-    from lmcompress.export import export_model
+    from lmcompress.formats import export_model
     from lmcompress.quant import quantize_
 
     model = tiny_model("llama", hidden=64, layers=1, vocab_size=VOCAB)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmcompress.errors import LmcompressError
+from lmcompress.core.errors import LmcompressError
 from lmcompress.infer.kernels import (
     FbgemmGroupSplit,
     FbgemmRows,

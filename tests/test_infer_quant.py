@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from lmcompress.formats import load_inference
+from lmcompress.formats.packed import export_packed
 from lmcompress.infer import PackedEmbedding, PackedLinear, to_inference
-from lmcompress.infer.from_quant import load_inference
 from lmcompress.quant import quantize_
-from lmcompress.quant.export import export_packed
 
 CONFIGS = {  # every bit-width; embeddings quantized too (the tied head then multiplies by their codes)
     "binary": {"bits": 1, "embedding_bits": 8},

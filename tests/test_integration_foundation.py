@@ -6,13 +6,14 @@ import pytest
 import torch
 from conftest import integration
 
-from lmcompress import assets
 from lmcompress.cli import main
+from lmcompress.core import assets
+from lmcompress.core.files import sha256
 from lmcompress.data.corpus import load_corpus, token_stream
+from lmcompress.data.specs import CorpusSpec, TaskSpec
 from lmcompress.data.tasks import load_task
 from lmcompress.evaluate import perplexity
-from lmcompress.models import get_adapter, load_model
-from lmcompress.recipe import CorpusSpec, TaskSpec
+from lmcompress.models import builtin, get_adapter, load_model
 
 pytestmark = [pytest.mark.integration, integration]
 
@@ -20,7 +21,7 @@ pytestmark = [pytest.mark.integration, integration]
 def test_assets_are_cached():
     for asset in assets.ASSETS.values():
         assert asset.ready, f"{asset.name} not ready at {asset.path}"
-    assert assets.sha256(assets.home() / "downloads" / "smollm2-gguf" / assets.SMOLLM2_GGUF) == assets.SMOLLM2_SHA256
+    assert sha256(assets.home() / "downloads" / "smollm2-gguf" / builtin.SMOLLM2_GGUF) == builtin.SMOLLM2_SHA256
 
 
 def test_sotu_corpus_splits_by_address():

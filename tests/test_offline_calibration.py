@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from lmcompress.errors import LmcompressError
+from lmcompress.core.errors import LmcompressError
 from lmcompress.models import linear_weight
 from lmcompress.surgery.calibration import calibration_batches, collect_stats
 from lmcompress.surgery.factorize import select_for_factorization

@@ -7,11 +7,10 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from lmcompress.errors import LmcompressError
-from lmcompress.export import load_compressed
-from lmcompress.models import load_model
+from lmcompress.core.errors import LmcompressError
+from lmcompress.formats import load_compressed, load_model
+from lmcompress.formats.factorized import export_factorized, factorized_bytes, is_factorized
 from lmcompress.surgery.autoencoder import AutoencoderConfig
-from lmcompress.surgery.export import export_factorized, factorized_bytes, is_factorized
 from lmcompress.surgery.factorize import factorize_
 from lmcompress.surgery.lowrank import LowRankLinear
 
@@ -102,7 +101,7 @@ def test_size_report_counts_what_the_export_stores(family, method):
 
 
 def test_generic_export_picks_the_factorized_format_and_honours_bf16(tmp_path):
-    from lmcompress.export import export_model
+    from lmcompress.formats import export_model
 
     model = _model("gpt2")
     factorize_(model, "autoencoder", patterns=["mlp"], ratio=2, autoencoder=QUICK_AE, progress=False)

@@ -5,10 +5,10 @@ import torch
 from conftest import integration
 
 from lmcompress.evaluate import size_report
-from lmcompress.models import load_model
+from lmcompress.formats import load_model
+from lmcompress.formats.factorized import export_factorized, factorized_bytes
 from lmcompress.surgery.autoencoder import AutoencoderConfig
 from lmcompress.surgery.calibration import calibration_batches
-from lmcompress.surgery.export import export_factorized, factorized_bytes
 from lmcompress.surgery.factorize import factorize_
 
 pytestmark = [pytest.mark.integration, integration]
@@ -38,8 +38,8 @@ def test_smollm2_query_key_at_2x_svd_and_shared_autoencoder(tmp_path):
 
 
 def test_minilm_classifier_fwsvd_with_task_calibration(tmp_path):
+    from lmcompress.data.specs import TaskSpec
     from lmcompress.data.tasks import load_task
-    from lmcompress.recipe import TaskSpec
 
     task = load_task(TaskSpec(name="fine-foods", train_limit=32, test_limit=8, max_length=64))
     model, tokenizer = load_model("minilm-l6", task="sequence-classification", num_labels=task.num_labels)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from lmcompress.errors import LmcompressError, RecipeError
+from lmcompress.core.errors import LmcompressError, RecipeError
 from lmcompress.surgery.autoencoder import AutoencoderConfig, autoencoded
 from lmcompress.surgery.factorize import factorize_, select_for_factorization
 from lmcompress.surgery.lowrank import LowRankLinear, low_rank_unit

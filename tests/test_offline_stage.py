@@ -5,10 +5,10 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from lmcompress.errors import RecipeError
-from lmcompress.pipeline import Run
+from lmcompress.core.errors import RecipeError
+from lmcompress.formats.factorized import factorized_bytes
 from lmcompress.recipe import Recipe, load_recipe
-from lmcompress.surgery.export import factorized_bytes
+from lmcompress.recipe.run import Run
 
 
 def _recipe(tmp_path, stage: str, extra: str = "") -> Recipe:

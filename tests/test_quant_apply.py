@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from lmcompress.errors import RecipeError
+from lmcompress.core.errors import RecipeError
 from lmcompress.models.adapters import get_adapter
 from lmcompress.quant import QuantConfig, parse_wea, quantize_
 from lmcompress.quant.modules import QuantEmbedding, QuantLinear, QuantTiedHead, quantized_modules

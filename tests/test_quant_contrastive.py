@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
+from lmcompress.core.errors import RecipeError
 from lmcompress.distill.capture import capture
+from lmcompress.distill.contrastive import MemoryBank, token_contrastive_loss
 from lmcompress.distill.losses import parse_loss
-from lmcompress.errors import RecipeError
-from lmcompress.quant.contrastive import MemoryBank, token_contrastive_loss
 
 
 def _pair(seed=0, B=2, T=16, D=32, noise=0.2):

@@ -7,11 +7,11 @@ import torch
 from conftest import tiny_model
 from safetensors import safe_open
 
-from lmcompress.errors import LmcompressError
+from lmcompress.core.errors import LmcompressError
 from lmcompress.evaluate.size import size_report
-from lmcompress.export import export_model
-from lmcompress.models.loading import load_model
-from lmcompress.quant import export_packed, quantize_, size_accounting
+from lmcompress.formats import export_model, load_model
+from lmcompress.formats.packed import export_packed, size_accounting
+from lmcompress.quant import quantize_
 from lmcompress.quant.modules import PackedEmbedding, PackedLinear, PackedTiedHead
 
 CONFIGS = {

@@ -5,8 +5,9 @@ import pytest
 import torch
 from conftest import integration
 
-from lmcompress.models.loading import load_model
-from lmcompress.quant import export_packed, quantize_, size_accounting
+from lmcompress.formats import load_model
+from lmcompress.formats.packed import export_packed, size_accounting
+from lmcompress.quant import quantize_
 
 
 @integration

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmcompress.errors import LmcompressError
+from lmcompress.core.errors import LmcompressError
 from lmcompress.quant.packing import CodeFormat, pack, packed_nbytes, unpack
 
 FORMATS = ["trits"] + [f"bits{k}" for k in range(1, 9)]

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from lmcompress.errors import RecipeError
+from lmcompress.core.errors import RecipeError
 from lmcompress.quant.quantizers import (
     TERNARY_THRESHOLD,
     ActQuantizer,

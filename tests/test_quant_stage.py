@@ -8,23 +8,24 @@ import pytest
 import yaml
 from conftest import integration, tiny_model
 
-from lmcompress.errors import RecipeError
-from lmcompress.pipeline import Run, run_recipe
+from lmcompress.core.errors import RecipeError
 from lmcompress.quant.modules import QuantEmbedding, is_quantized
 from lmcompress.recipe import Recipe, load_recipe
+from lmcompress.recipe.run import Run
+from lmcompress.recipe.runner import run_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def _recipe(**stage):
-    return Recipe.model_validate({"teacher": "smollm2-135m", "stages": [{"stage": "quantize", **stage}]})
+    return Recipe.parse({"teacher": "smollm2-135m", "stages": [{"stage": "quantize", **stage}]})
 
 
 def test_stage_swaps_modules_and_reports_the_size(tmp_path):
     recipe = _recipe(bits="2-2-8", scale="dynamic")
     run = Run(recipe=recipe, out_dir=tmp_path)
     run.student = tiny_model("llama", hidden=64)
-    run.state["teacher_bytes"] = 4 * sum(p.numel() for p in run.student.parameters())
+    run.teacher_bytes = 4 * sum(p.numel() for p in run.student.parameters())
     recipe.stages[0].run(run)
     assert is_quantized(run.student) and isinstance(run.student.model.embed_tokens, QuantEmbedding)
     row = run.report.rows[-1]
@@ -70,7 +71,7 @@ def _tiny_budget(name: str, **top) -> Recipe:
                          checkpoint_every=0)
         if stage["stage"] == "evaluate" and "perplexity" in stage.get("metrics", []):
             stage["max_tokens"] = 256
-    return Recipe.model_validate(data)
+    return Recipe.parse(data)
 
 
 @integration

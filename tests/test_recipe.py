@@ -2,7 +2,7 @@ import textwrap
 
 import pytest
 
-from lmcompress.errors import RecipeError
+from lmcompress.core.errors import RecipeError
 from lmcompress.recipe import load_recipe
 
 

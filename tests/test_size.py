@@ -1,9 +1,9 @@
 import torch
 from conftest import tiny_model
 
+from lmcompress.core.files import folder_bytes
 from lmcompress.evaluate import size_report
-from lmcompress.export import folder_bytes
-from lmcompress.models import save_model_atomic
+from lmcompress.formats.hf import save_model_atomic
 
 
 def test_size_counts_tied_weights_once_and_by_kind():

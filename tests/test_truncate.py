@@ -2,8 +2,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from lmcompress.errors import RecipeError
-from lmcompress.models import get_adapter, load_model, save_model_atomic
+from lmcompress.core.errors import RecipeError
+from lmcompress.formats.hf import save_model_atomic
+from lmcompress.models import get_adapter, load_model
 from lmcompress.surgery.truncate import resolve_layers, truncate_layers
 
 
@@ -75,7 +76,7 @@ def _load_without_tokenizer(path, task):
 
 
 def test_load_model_rejects_missing_folder(tmp_path):
-    from lmcompress.errors import LmcompressError
+    from lmcompress.core.errors import LmcompressError
 
     with pytest.raises(LmcompressError, match="not a model folder: it has no config.json"):
         load_model(tmp_path)

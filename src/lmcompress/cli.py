@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from lmcompress.errors import LmcompressError
+from lmcompress.core.errors import LmcompressError
 
 
 def _quiet_libraries() -> None:
@@ -31,7 +31,7 @@ def _quiet_libraries() -> None:
 
 
 def cmd_assets(args: argparse.Namespace) -> int:
-    from lmcompress import assets
+    from lmcompress.core import assets
 
     results = assets.fetch_all(args.only or None)
     width = max(len(n) for n in results)
@@ -44,8 +44,8 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from lmcompress.pipeline import run_recipe
     from lmcompress.recipe import load_recipe
+    from lmcompress.recipe.runner import run_recipe
 
     recipe = load_recipe(args.recipe, args.set)
     out = Path(args.out or Path("runs") / recipe.name)
@@ -56,10 +56,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lmcompress.pipeline import run_recipe
-    from lmcompress.recipe import CorpusSpec, Recipe, TaskSpec
+    from lmcompress.data.specs import CorpusSpec, TaskSpec
+    from lmcompress.recipe import Recipe
+    from lmcompress.recipe.runner import run_recipe
+    from lmcompress.recipe.stages.basic import EvaluateStage, LoadStage
     from lmcompress.report.tables import markdown_table
-    from lmcompress.stages import EvaluateStage, LoadStage
 
     metrics = ["perplexity" if args.corpus else "accuracy", "size"] + (["speed"] if args.speed else [])
     recipe = Recipe(
@@ -83,8 +84,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lmcompress.export import export_model
-    from lmcompress.models.loading import load_model
+    from lmcompress.formats import export_model, load_model
 
     model, tokenizer = load_model(args.model)
     path, fmt = export_model(model, tokenizer, args.out, dtype=args.dtype, format=args.format)
@@ -93,8 +93,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from lmcompress.formats import load_model
     from lmcompress.models.adapters import get_adapter
-    from lmcompress.models.loading import load_model
 
     model, _ = load_model(args.model)
     a = get_adapter(model)

@@ -12,8 +12,9 @@ from pathlib import Path
 import datasets
 import torch
 
-from lmcompress.errors import DataError
-from lmcompress.recipe import CorpusSpec
+from lmcompress.core.assets import ensure
+from lmcompress.core.errors import DataError
+from lmcompress.data.specs import CorpusSpec
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 SPLITS = ("train", "validation", "test")
@@ -51,8 +52,6 @@ def _read_local(path: Path, text_column: str) -> datasets.Dataset:
 
 def _read_source(spec: CorpusSpec) -> datasets.Dataset:
     if spec.name == "sotu":
-        from lmcompress.assets import ensure
-
         return _read_local(ensure("sotu") / "sotu.jsonl", "text")
     path = Path(spec.name).expanduser()
     if path.exists():

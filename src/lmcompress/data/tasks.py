@@ -7,8 +7,9 @@ from pathlib import Path
 
 import datasets
 
-from lmcompress.errors import DataError
-from lmcompress.recipe import TaskSpec
+from lmcompress.core.assets import ensure
+from lmcompress.core.errors import DataError
+from lmcompress.data.specs import TaskSpec
 
 # GLUE tasks: (text column, text pair column, metric). Their test labels are hidden: we test on validation.
 GLUE = {
@@ -119,8 +120,6 @@ def load_task(spec: TaskSpec) -> TaskData:
     label_names = None
     metric = "accuracy"
     if name == "fine-foods":
-        from lmcompress.assets import ensure
-
         folder = ensure("fine-foods")
         train, test = _load_local(folder, spec.model_copy(update={"text_column": "text", "label_column": "label"}))
         label_names, metric = ["other", "great"], "f1"

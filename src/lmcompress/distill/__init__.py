@@ -6,17 +6,18 @@
                                                    parse_loss({"type": "hidden", "layer_map": "uniform+last"})])
     result = train(objective, blocks, TrainConfig(steps=1000, batch_size=8, bf16=True), out_dir)
 
-The recipe stages (`distill`, `finetune`, `student`) live in `lmcompress.distill.stage`.
+The recipe stages (`distill`, `finetune`, `student`) live in `lmcompress.recipe.stages.train`.
 """
 
+from lmcompress.distill import contrastive  # noqa: F401, E402  (registers the `contrastive` loss)
 from lmcompress.distill.capture import Capture, Needs, capture
 from lmcompress.distill.layermaps import layer_map
 from lmcompress.distill.losses import (
+    LOSSES,
     DistillationObjective,
     DistillLoss,
     LossConfig,
     build_objective,
-    loss_types,
     parse_loss,
     register_loss,
 )
@@ -24,5 +25,5 @@ from lmcompress.distill.trainer import TrainConfig, TrainResult, train
 
 __all__ = [
     "Capture", "DistillLoss", "DistillationObjective", "LossConfig", "Needs", "TrainConfig", "TrainResult",
-    "build_objective", "capture", "layer_map", "loss_types", "parse_loss", "register_loss", "train",
+    "build_objective", "capture", "layer_map", "LOSSES", "parse_loss", "register_loss", "train",
 ]

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
-from lmcompress.errors import LmcompressError
+from lmcompress.core.errors import LmcompressError
 from lmcompress.models.adapters import ArchAdapter, get_adapter
 
 # Keys of a batch that are not model inputs: labels are read by the losses, never passed to the model.

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lmcompress.errors import RecipeError
+from lmcompress.core.errors import RecipeError
 
 STRATEGIES = ("uniform", "last", "uniform+last", "uniform-consecutive")
 LayerMapSpec = str | Sequence[int] | Sequence[Sequence[int]]

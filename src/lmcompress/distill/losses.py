@@ -8,29 +8,27 @@ A loss type is two small pieces:
   `forward(teacher_capture, student_capture, batch) -> scalar`. It may own learnable parameters (the
   hidden-state projection); they are trained with the student.
 
-Built-in types: `ce`, `logits`, `hidden`, `attention`, `relations`. Another package adds a type with
-`@register_loss` on its config class and by listing its module in `stage.LOSS_MODULES`.
+Built-in types: `ce`, `logits`, `hidden`, `attention`, `relations`, and QuantGPT's `contrastive`
+(`distill/contrastive.py`). A new type declares `type: Literal["<name>"]` and registers once with
+`@register_loss`; `LOSSES.union()` is the discriminated union a distill stage's `losses:` list takes.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationError
-from pydantic_core import PydanticCustomError
+from pydantic import Field, TypeAdapter, ValidationError
 from torch import nn
 
+from lmcompress.core.config import Strict, format_validation_errors
+from lmcompress.core.errors import LmcompressError, RecipeError
+from lmcompress.core.registry import Registry
 from lmcompress.distill.capture import Capture, Needs, capture
 from lmcompress.distill.layermaps import LayerMap, default_upper_middle, layer_map
-from lmcompress.errors import LmcompressError, RecipeError
 from lmcompress.models.adapters import ArchAdapter, get_adapter
-from lmcompress.plugins import registrar
-from lmcompress.recipe import Strict, _format_errors
-
-_LOSSES: dict[str, type[LossConfig]] = {}
 
 
 class LossConfig(Strict):
@@ -38,7 +36,6 @@ class LossConfig(Strict):
 
     type: str
     weight: float = Field(1.0, ge=0, description="factor of this term in the summed objective")
-    kind: ClassVar[str] = ""
 
     def build(self, teacher: nn.Module | None, student: nn.Module) -> DistillLoss:
         raise NotImplementedError
@@ -58,32 +55,19 @@ class DistillLoss(nn.Module):
         raise NotImplementedError
 
 
-register_loss = registrar(_LOSSES, "distillation loss (`{type: <kind>}` in `losses:`)")
+LOSSES: Registry[type[LossConfig]] = Registry("type", "loss")
+register_loss = LOSSES.register
 
 
-def loss_types() -> dict[str, type[LossConfig]]:
-    return dict(_LOSSES)
-
-
-def parse_loss(raw: Any, where: str = "losses[0]") -> LossConfig:
-    """Validate one `{type: ..., ...}` mapping into its registered config; errors name `where.field`.
-
-    Raises a pydantic error (so it surfaces inside a stage's validation as `stages[i]: losses[j].field: ...`).
-    """
+def parse_loss(raw: Any) -> LossConfig:
+    """One `{type: ..., ...}` mapping validated into its registered config (for Python callers; a recipe
+    validates its `losses:` list as the union directly). A bad field raises RecipeError naming it."""
     if isinstance(raw, LossConfig):
         return raw
-    if not isinstance(raw, dict) or "type" not in raw:
-        raise _error(f"{where}: each loss is a mapping with a `type:` key")
-    if raw["type"] not in _LOSSES:
-        raise _error(f"{where}.type: unknown loss {raw['type']!r}; allowed: {', '.join(sorted(_LOSSES))}")
     try:
-        return _LOSSES[raw["type"]].model_validate(raw)
+        return TypeAdapter(LOSSES.union()).validate_python(raw)
     except ValidationError as exc:
-        raise _error("; ".join(_format_errors(exc, where))) from None
-
-
-def _error(message: str) -> PydanticCustomError:
-    return PydanticCustomError("loss_config", "{message}", {"message": message})
+        raise RecipeError("; ".join(format_validation_errors(exc, "loss", unions=(LOSSES,)))) from None
 
 
 # --- shared pieces --------------------------------------------------------------------------------
@@ -143,7 +127,6 @@ def _widths(adapter: ArchAdapter) -> dict[str, int]:
 class CEConfig(LossConfig):
     """Hard-label loss of the student alone: LM cross-entropy (causal), masked-LM CE or task CE."""
 
-    kind: ClassVar[str] = "ce"
     type: Literal["ce"] = "ce"
 
     def build(self, teacher, student):
@@ -167,7 +150,6 @@ class LogitsConfig(LossConfig):
     With `hard_weight` a > 0 the term is (1 - a) * KD + a * hard-label CE.
     """
 
-    kind: ClassVar[str] = "logits"
     type: Literal["logits"] = "logits"
     temperature: float = Field(2.0, gt=0)
     hard_weight: float = Field(0.0, ge=0, le=1)
@@ -212,7 +194,6 @@ class HiddenConfig(LossConfig):
     large-magnitude residual features from dominating the MSE.
     """
 
-    kind: ClassVar[str] = "hidden"
     type: Literal["hidden"] = "hidden"
     distance: Literal["mse", "cosine"] = "mse"
     layer_map: str | list[int] | list[list[int]] = "uniform"
@@ -276,7 +257,6 @@ class AttentionConfig(LossConfig):
     need the same number of attention heads.
     """
 
-    kind: ClassVar[str] = "attention"
     type: Literal["attention"] = "attention"
     layer_map: str | list[int] | list[list[int]] = "uniform"
     k: int | None = Field(None, ge=1)
@@ -361,7 +341,6 @@ class RelationsConfig(LossConfig):
     relation distribution; padding queries are left out of the mean.
     """
 
-    kind: ClassVar[str] = "relations"
     type: Literal["relations"] = "relations"
     relation_heads: int | None = Field(None, ge=1)
     teacher_layer: int | None = None

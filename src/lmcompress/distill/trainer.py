@@ -26,7 +26,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,37 +35,46 @@ import torch.nn.functional as F
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.tracking import GeneralTracker
+from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
-from lmcompress.errors import LmcompressError, TrainingDiverged
-from lmcompress.export import write_json_atomic
+from lmcompress.core.config import Strict
+from lmcompress.core.errors import LmcompressError, TrainingDiverged
+from lmcompress.core.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 
 
-@dataclass
-class TrainConfig:
-    steps: int
-    batch_size: int = 8  # per process, per micro-batch
-    grad_accum: int = 1
-    lr: float = 1e-4
-    warmup_steps: int = 0
+class TrainSettings(Strict):
+    """What a user sets for a training run (every training stage of a recipe takes these fields)."""
+
+    steps: int = Field(gt=0, description="optimizer steps")
+    batch_size: int = Field(8, gt=0, description="examples per process per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
     schedule: Literal["linear", "cosine", "constant"] = "linear"
-    weight_decay: float = 0.01
-    max_grad_norm: float | None = 1.0
-    bf16: bool = False
-    eval_every: int = 0  # optimizer steps; 0 = only at the end (when an eval function is given)
-    checkpoint_every: int = 0  # optimizer steps; 0 = only the final checkpoint
-    keep_checkpoints: int = 2
-    save_final: bool = True  # checkpoint the last step too (lets a resumed pipeline skip finished training)
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm; null disables")
+    bf16: bool = Field(False, description="bf16 autocast (about 2x faster on CPUs with avx512_bf16)")
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
+    eval_batches: int = Field(8, ge=0, description="batches of held-out data per evaluation (0: none)")
+    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only the final one)")
+    keep_checkpoints: int = Field(2, gt=0)
     log_with: Literal["csv", "tensorboard", "none"] = "csv"
-    log_every: int = 10
+    log_every: int = Field(10, gt=0)
+
+
+class TrainConfig(TrainSettings):
+    """The settings plus what the caller decides: seed, run name, progress bar, final checkpoint."""
+
     seed: int = 0
     progress: bool = True
     run_name: str = "train"
+    save_final: bool = Field(True, description="checkpoint the last step too (a resumed pipeline skips finished training)")
 
 
 @dataclass
@@ -305,7 +314,7 @@ def train(
                          final=state.get("final", {}), world_size=world)
     if state["step"] >= config.steps:
         return result
-    accelerator.init_trackers(config.run_name, config={k: v for k, v in asdict(config).items()
+    accelerator.init_trackers(config.run_name, config={k: v for k, v in config.model_dump().items()
                                                       if isinstance(v, int | float | str | bool)})
     bar = tqdm(total=config.steps, initial=state["step"], desc=config.run_name,
                disable=not (config.progress and accelerator.is_local_main_process))
@@ -399,3 +408,22 @@ def train(
 def _kept(ckpt_dir: Path) -> str:
     found = checkpoints(ckpt_dir)
     return f"; last good checkpoint: {found[-1]}" if found else "; no checkpoint was written yet"
+
+
+def objective_eval(rows, collate, batch_size: int, batches: int):
+    """Mean of every objective term over the first `batches` held-out batches (teacher included)."""
+    count = min(len(rows), batch_size * batches)
+
+    def evaluate(objective: nn.Module) -> dict[str, float]:
+        device = next(objective.parameters()).device
+        sums: dict[str, float] = {}
+        n = 0
+        for start in range(0, count, batch_size):
+            batch = collate([rows[i] for i in range(start, min(start + batch_size, count))])
+            out = objective({k: v.to(device) for k, v in batch.items()})
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n += 1
+        return {k: v / max(n, 1) for k, v in sums.items()}
+
+    return evaluate

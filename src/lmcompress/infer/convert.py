@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from lmcompress.errors import LmcompressError
+from lmcompress.core.errors import LmcompressError
 from lmcompress.infer.kernels import IntWeight
 from lmcompress.infer.modules import PackedEmbedding, PackedLinear
 from lmcompress.models.adapters import get_adapter, is_linear, linear_weight

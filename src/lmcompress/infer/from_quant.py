@@ -3,8 +3,7 @@
 Registers an extractor that reads the integer codes of every quantized module of `lmcompress.quant` —
 fake-quant (`QuantLinear`, `QuantEmbedding`, `QuantTiedHead`) or reloaded from a `packed-quant` folder
 (`PackedLinear`, `PackedEmbedding`, `PackedTiedHead`) — as the neutral `IntWeight`, so `to_inference` and
-`export_gguf` take those models as they are. `load_inference(folder)` loads a packed folder straight
-into the inference form.
+`export_gguf` take those models as they are.
 
 Code conventions of the quant package (see quant/quantizers.py): binary c in {0,1} means 2c-1; ternary
 c-1; symmetric k-bit c-(2^(k-1)-1); asymmetric c-zero. Scales are bf16 per tensor, row or group.
@@ -12,12 +11,10 @@ c-1; symmetric k-bit c-(2^(k-1)-1); asymmetric c-zero. Scales are bf16 per tenso
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from lmcompress.infer.convert import register_extractor, to_inference
+from lmcompress.infer.convert import register_extractor
 from lmcompress.infer.kernels import IntWeight
 from lmcompress.quant.modules import (
     PackedEmbedding,
@@ -69,12 +66,3 @@ def extract_quant_module(module: nn.Module):
     if isinstance(module, QuantModule | PackedModule):
         raise TypeError(f"no inference form for {type(module).__name__}")
     return None
-
-
-def load_inference(folder: str | Path, kernel: str = "auto", prefer: str = "speed"):
-    """(model, tokenizer) from a `packed-quant` folder, with integer-kernel modules in place of the packed
-    ones (the codes are unpacked once and packed for the kernel; no float weight is built)."""
-    from lmcompress.export import load_compressed
-
-    model, tokenizer = load_compressed(folder)
-    return to_inference(model, kernel=kernel, prefer=prefer), tokenizer

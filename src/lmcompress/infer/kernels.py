@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmcompress.errors import LmcompressError
+from lmcompress.core.errors import LmcompressError
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 SCHEMES = ("binary", "ternary", "int")

@@ -22,7 +22,7 @@ import shutil
 
 import torch
 
-from lmcompress.errors import LmcompressError
+from lmcompress.core.errors import LmcompressError
 from lmcompress.infer.kernels import IntWeight, Kernel, cpu_flags
 
 SOURCE = r"""

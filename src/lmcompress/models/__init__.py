@@ -1,5 +1,6 @@
+from lmcompress.models import builtin  # noqa: F401  (registers the built-in models)
 from lmcompress.models.adapters import ArchAdapter, get_adapter, linear_weight, supported_model_types
-from lmcompress.models.loading import load_model, save_model_atomic
+from lmcompress.models.loading import load_model
 from lmcompress.models.select import select_modules, set_module
 
 __all__ = [
@@ -7,7 +8,6 @@ __all__ = [
     "get_adapter",
     "linear_weight",
     "load_model",
-    "save_model_atomic",
     "select_modules",
     "set_module",
     "supported_model_types",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lmcompress.errors import UnsupportedArchitectureError
+from lmcompress.core.errors import UnsupportedArchitectureError
 
 # Module kinds used by patterns in recipes (quantize, factorize) and by size accounting.
 KINDS = ("embeddings", "attention", "mlp", "head", "norm", "other")

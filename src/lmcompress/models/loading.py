@@ -14,10 +14,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lmcompress.errors import LmcompressError
+from lmcompress.core.assets import ASSETS, ensure
+from lmcompress.core.errors import LmcompressError
 
 Task = Literal["causal-lm", "masked-lm", "sequence-classification", "base"]
-BUILTIN_MODELS = {"smollm2-135m", "minilm-l6"}
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -50,9 +50,7 @@ def default_task(config) -> Task:
 def resolve(name_or_path: str | Path) -> tuple[str, str | None]:
     """(folder or hub id, gguf file name or None) for a built-in name, folder, .gguf file or hub id."""
     text = str(name_or_path)
-    if text in BUILTIN_MODELS:
-        from lmcompress.assets import ensure
-
+    if text in ASSETS and ASSETS[text].kind == "model":
         return str(ensure(text)), None
     path = Path(text).expanduser()
     if path.suffix == ".gguf":
@@ -94,11 +92,7 @@ def load_model(
     """
     import transformers
 
-    from lmcompress.export import is_compressed_folder, load_compressed
-
     source, gguf_file = resolve(name_or_path)
-    if gguf_file is None and is_compressed_folder(source):
-        return load_compressed(source)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     common = {"trust_remote_code": trust_remote_code, "revision": revision}
     if gguf_file:
@@ -135,16 +129,3 @@ def convert_gguf_to_safetensors(gguf_path: Path, target: Path) -> None:
     config = json.loads((target / "config.json").read_text())
     if "quantization_config" in config:
         raise LmcompressError(f"GGUF conversion of {gguf_path} left a quantization_config in {target}")
-
-
-def save_model_atomic(model: nn.Module, tokenizer, target: Path, dtype: str = "fp32") -> Path:
-    """save_pretrained into a temporary sibling folder, then rename over `target`."""
-    from lmcompress.export import atomic_folder
-
-    with atomic_folder(target) as tmp:
-        # Cast a copy of the weights, never the live model (fp32 -> bf16 -> fp32 would lose precision).
-        state = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(target)

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 from torch import nn
 
-from lmcompress.errors import RecipeError
+from lmcompress.core.errors import RecipeError
 from lmcompress.models.adapters import get_adapter, is_linear
 from lmcompress.models.select import select_modules, set_module
 from lmcompress.quant.modules import QuantEmbedding, QuantLinear, QuantTiedHead, is_quantized
@@ -243,7 +243,7 @@ def as_config(config: QuantConfig | dict | None, field: str = "quantize") -> Qua
     try:
         return QuantConfig.model_validate(config or {})
     except ValidationError as exc:
-        from lmcompress.recipe import _format_errors
+        from lmcompress.core.config import format_validation_errors as _format_errors
 
         raise RecipeError("; ".join(_format_errors(exc, field))) from None
 

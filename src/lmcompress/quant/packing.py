@@ -20,7 +20,7 @@ Formats (`CodeFormat.name`):
   is padded with code 0. Row bytes: `ceil(n/5)`.
 
 What a code means (the scale/zero-point formulas) is defined by the quantizer that produced it; see
-`lmcompress.quant.quantizers.dequantize` and the docstring of `lmcompress.quant.export`.
+`lmcompress.quant.quantizers.dequantize` and the docstring of `lmcompress.formats.packed`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmcompress.errors import LmcompressError
+from lmcompress.core.errors import LmcompressError
 
 
 @dataclass(frozen=True)

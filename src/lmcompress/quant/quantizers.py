@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from lmcompress.errors import RecipeError
+from lmcompress.core.errors import RecipeError
 from lmcompress.quant.packing import CodeFormat
 
 SCHEMES = ("binary", "ternary", "sym", "asym")

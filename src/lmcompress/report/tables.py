@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmcompress.export import write_json_atomic
+from lmcompress.core.files import write_json_atomic
 
 
 @dataclass

@@ -27,9 +27,9 @@ from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
-from lmcompress.errors import LmcompressError
+from lmcompress.core.config import Strict
+from lmcompress.core.errors import LmcompressError
 from lmcompress.models.adapters import ArchAdapter, linear_weight
-from lmcompress.recipe import Strict
 from lmcompress.surgery.solver import Unit
 
 

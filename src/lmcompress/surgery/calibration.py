@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lmcompress.errors import DataError, LmcompressError
+from lmcompress.core.errors import DataError, LmcompressError
 from lmcompress.models.adapters import linear_weight
 
 

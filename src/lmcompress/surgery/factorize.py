@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lmcompress.errors import LmcompressError
+from lmcompress.core.errors import LmcompressError
 from lmcompress.models.adapters import get_adapter, linear_weight
 from lmcompress.models.select import select_modules, set_module
 from lmcompress.surgery.autoencoder import (

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from lmcompress.errors import LmcompressError
+from lmcompress.core.errors import LmcompressError
 from lmcompress.models.adapters import linear_weight
 from lmcompress.surgery.solver import Unit
 

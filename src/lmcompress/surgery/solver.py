@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from lmcompress.errors import LmcompressError
+from lmcompress.core.errors import LmcompressError
 
 
 @dataclass

@@ -6,7 +6,7 @@ from typing import Literal
 
 from torch import nn
 
-from lmcompress.errors import RecipeError
+from lmcompress.core.errors import RecipeError
 from lmcompress.models.adapters import get_adapter
 
 KeepRule = Literal["every-other", "first-k", "last-k"]

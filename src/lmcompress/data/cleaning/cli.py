@@ -55,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from lmcompress.errors import LmcompressError
+    from lmcompress.core.errors import LmcompressError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     parser = argparse.ArgumentParser(prog="python -m lmcompress.data.cleaning.cli")

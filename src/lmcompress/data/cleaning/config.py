@@ -21,7 +21,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lmcompress.errors import RecipeError
+from lmcompress.core.errors import RecipeError
 
 
 class _Settings(BaseModel):
@@ -231,6 +231,6 @@ def load_clean_config(path: str | Path | None, **overrides) -> CleanConfig:
     try:
         return CleanConfig.model_validate(data)
     except ValidationError as exc:
-        from lmcompress.recipe import _format_errors
+        from lmcompress.core.config import format_validation_errors as _format_errors
 
         raise RecipeError(f"{path or 'cleaning config'}: " + "; ".join(_format_errors(exc))) from exc

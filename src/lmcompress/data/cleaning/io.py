@@ -14,7 +14,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lmcompress.errors import DataError
+from lmcompress.core import assets
+from lmcompress.core.errors import DataError, RecipeError
+from lmcompress.data.specs import CorpusSpec
 
 SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
 Record = dict[str, Any]
@@ -163,3 +165,28 @@ class CorpusWriter:
             self.close()
         else:
             self.abort()
+
+
+def corpus_source(spec: CorpusSpec):
+    """(open_records, inputs) for the corpus a recipe names; `open_records()` starts over on each call."""
+    if spec.name in assets.ASSETS and assets.ASSETS[spec.name].kind == "corpus":
+        files = expand_inputs([assets.ensure(spec.name)])
+    elif Path(spec.name).exists():
+        files = expand_inputs([spec.name])
+    else:
+        return (lambda: _hub_records(spec)), [spec.name]
+    return (lambda: iter_records(files, spec.text_column)), [str(f) for f in files]
+
+
+def _hub_records(spec: CorpusSpec) -> Iterator[tuple[str, dict]]:
+    import datasets  # lazy: ~1 s to import, and only a hub corpus needs it here
+
+    try:
+        data = datasets.load_dataset(spec.name, spec.config, split=spec.split, streaming=True)
+    except Exception as exc:  # the hub, a missing dataset or a bad config: tell which corpus failed
+        raise RecipeError(f"corpus.name: {spec.name!r} is not a built-in corpus, a local path, or a readable "
+                          f"hub dataset ({type(exc).__name__}: {exc})") from exc
+    splits = data.items() if isinstance(data, datasets.IterableDatasetDict) else [(spec.split or "data", data)]
+    for split, part in splits:
+        for i, record in enumerate(part):
+            yield f"{spec.name}/{split}:{i + 1}", record

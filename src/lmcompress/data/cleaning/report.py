@@ -177,7 +177,7 @@ class CleaningReport:
         return "\n".join(parts) + "\n"
 
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
-        from lmcompress.export import write_json_atomic
+        from lmcompress.core.files import write_json_atomic
 
         out_dir = Path(out_dir)
         json_path, md_path = out_dir / "clean_report.json", out_dir / "clean_report.md"

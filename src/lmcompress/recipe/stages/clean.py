@@ -10,9 +10,9 @@ The stage takes every field of `CleanConfig` (the same as `lmcompress clean --co
 corpus's source files (built-in name, local file or folder; a hub id is streamed with `datasets`), writes
 `<out_dir>/clean/corpus.jsonl` (or .parquet) with `clean_report.{json,md}`, and then:
 
-- `run.state["clean_corpus"]` is the path of the cleaned corpus file;
-- `run.recipe.corpus.name` is replaced by that path (and cached corpus/token blocks are dropped), so later
-  stages (`run.corpus`, `run.lm_blocks(...)`) read the cleaned text. The corpus is re-split into
+- the run's data cache reads the cleaned file from now on (`run.data.replace_corpus`: cached documents,
+  token blocks and streams of the uncleaned corpus are dropped), so later stages (`run.corpus`,
+  `run.lm_blocks(...)`) read the cleaned text. The corpus is re-split into
   train/validation/test by document as usual, so its test split is cleaned text too.
 
 With `lmcompress run --resume`, a stage whose report shows the same inputs and settings reuses its output.
@@ -21,53 +21,25 @@ With `lmcompress run --resume`, a stage whose report shows the same inputs and s
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import Literal
 
+from lmcompress.core.errors import RecipeError
 from lmcompress.data.cleaning.config import CleanConfig
-from lmcompress.errors import RecipeError
-from lmcompress.recipe import CorpusSpec, StageConfig, register_stage
-
-if TYPE_CHECKING:
-    from lmcompress.pipeline import Run
-
-
-def corpus_source(spec: CorpusSpec):
-    """(open_records, inputs) for the corpus a recipe names; `open_records()` starts over on each call."""
-    from lmcompress import assets
-    from lmcompress.data.cleaning.io import expand_inputs, iter_records
-
-    if spec.name in assets.ASSETS and assets.ASSETS[spec.name].kind == "corpus":
-        files = expand_inputs([assets.ensure(spec.name)])
-    elif Path(spec.name).exists():
-        files = expand_inputs([spec.name])
-    else:
-        return (lambda: _hub_records(spec)), [spec.name]
-    return (lambda: iter_records(files, spec.text_column)), [str(f) for f in files]
-
-
-def _hub_records(spec: CorpusSpec) -> Iterator[tuple[str, dict]]:
-    import datasets
-
-    try:
-        data = datasets.load_dataset(spec.name, spec.config, split=spec.split, streaming=True)
-    except Exception as exc:  # the hub, a missing dataset or a bad config: tell which corpus failed
-        raise RecipeError(f"corpus.name: {spec.name!r} is not a built-in corpus, a local path, or a readable "
-                          f"hub dataset ({type(exc).__name__}: {exc})") from exc
-    splits = data.items() if isinstance(data, datasets.IterableDatasetDict) else [(spec.split or "data", data)]
-    for split, part in splits:
-        for i, record in enumerate(part):
-            yield f"{spec.name}/{split}:{i + 1}", record
+from lmcompress.data.cleaning.io import corpus_source
+from lmcompress.data.specs import CorpusSpec
+from lmcompress.recipe.base import StageConfig, register_stage
+from lmcompress.recipe.run import Run
 
 
 @register_stage
 class CleanStage(CleanConfig, StageConfig):
     """Clean the recipe's corpus (normalize, filter lines and documents, de-duplicate)."""
 
-    kind: ClassVar[str] = "clean"
-    needs: ClassVar[tuple[str, ...]] = ("corpus",)
     stage: Literal["clean"]
+
+    def needs(self) -> tuple[str, ...]:
+        return ("corpus",)
 
     def cleaning_config(self, spec: CorpusSpec) -> CleanConfig:
         if "text_column" in self.model_fields_set and self.text_column != spec.text_column:
@@ -80,20 +52,15 @@ class CleanStage(CleanConfig, StageConfig):
     def run(self, run: Run) -> None:
         from lmcompress.data.cleaning.pipeline import clean_records
 
-        spec = run.recipe.corpus
+        spec = run.data.corpus_spec
         cfg = self.cleaning_config(spec)
         open_records, inputs = corpus_source(spec)
         out_dir = run.out_dir / "clean"
-        result = _previous_result(out_dir, cfg, inputs) if run.state.get("resume") else None
+        result = _previous_result(out_dir, cfg, inputs) if run.resume else None
         if result is None:
             result = clean_records(open_records, out_dir, cfg, inputs).to_dict()
 
-        run.state["clean_corpus"] = result["output"]
-        run.recipe = run.recipe.model_copy(
-            update={"corpus": spec.model_copy(update={"name": result["output"], "config": None, "split": None})})
-        run.__dict__.pop("corpus", None)  # the cached_property of the uncleaned corpus
-        for key in [k for k in run.state if isinstance(k, tuple) and k and k[0] == "blocks"]:
-            del run.state[key]
+        run.data.replace_corpus(spec.model_copy(update={"name": result["output"], "config": None, "split": None}))
 
         run.report.add(stage=self.label, documents_in=result["documents_in"], documents_out=result["documents_out"],
                        mb_in=round(result["bytes_in"] / 1e6, 3), mb_out=round(result["bytes_out"] / 1e6, 3),

@@ -1,4 +1,4 @@
-"""Saving and loading compressed models.
+"""The registry of on-disk formats: which format a model is saved in, and which loader reads a folder.
 
 A plain (fp32/bf16) model is a normal `save_pretrained` folder. A compressed model whose weights are not
 plain tensors (packed low-bit codes, factorized or autoencoded weights) is a folder with the usual
@@ -9,15 +9,11 @@ loader here so `load_model` and `lmcompress eval` read every kind of output the 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lmcompress.errors import LmcompressError
+from lmcompress.core.errors import LmcompressError
 
 if TYPE_CHECKING:  # torch costs ~200 MB; the cleaner imports this module without needing it
     from torch import nn
@@ -55,9 +51,8 @@ def register_exporter(name: str, applies_to: Callable[[nn.Module], bool]):
 def export_model(model: nn.Module, tokenizer, target: str | Path, dtype: str = "fp32",
                  format: str = "auto") -> tuple[Path, str]:
     """Write `model` in `format` (auto: the compressed format its modules need, else a plain HF folder)."""
-    from lmcompress.models.loading import save_model_atomic
+    from lmcompress.formats.hf import save_model_atomic
 
-    _import_formats()
     if format == "auto":
         format = next((name for name, (applies, _) in _EXPORTERS.items() if applies(model)), "hf")
     if format == "hf":
@@ -75,52 +70,9 @@ def read_marker(path: str | Path) -> dict:
     return json.loads((Path(path) / MARKER).read_text())
 
 
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-@contextmanager
-def atomic_folder(target: str | Path) -> Iterator[Path]:
-    """Build a folder in a temporary sibling and move it over `target` only if the block succeeds.
-
-    A killed or failed write never leaves a half-written folder where a finished one is expected.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    tmp.chmod(0o755)
-    try:
-        yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def load_compressed(path: str | Path):
     """(model, tokenizer) from a compressed folder written by one of the registered formats."""
-    _import_formats()
     fmt = read_marker(path).get("format")
     if fmt not in _LOADERS:
         raise LmcompressError(f"{path}/{MARKER}: unknown format {fmt!r}; known: {sorted(_LOADERS)}")
     return _LOADERS[fmt](Path(path))
-
-
-FORMAT_MODULES = ("lmcompress.quant.export", "lmcompress.surgery.export", "lmcompress.infer.gguf")
-
-
-def _import_formats() -> None:
-    # Formats register themselves on import.
-    from lmcompress.plugins import import_present
-
-    import_present(FORMAT_MODULES)
-
-
-def folder_bytes(path: str | Path) -> int:
-    """Bytes on disk of every file in a folder (what a user copies to the device)."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmcompress.errors import LmcompressError, UnsupportedArchitectureError
-from lmcompress.export import register_exporter
+from lmcompress.core.errors import LmcompressError, UnsupportedArchitectureError
+from lmcompress.formats.base import register_exporter
 from lmcompress.infer.kernels import IntWeight
 from lmcompress.models.adapters import get_adapter
 

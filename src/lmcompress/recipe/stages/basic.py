@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
-from lmcompress.errors import LmcompressError
-from lmcompress.pipeline import Run
-from lmcompress.recipe import StageConfig, register_stage
+from lmcompress.core.errors import LmcompressError
+from lmcompress.recipe.base import StageConfig, register_stage
+from lmcompress.recipe.run import Run
 
 
 @register_stage
 class LoadStage(StageConfig):
     """Load the teacher (the recipe's `teacher`, or `model` here) and make the student a copy of it."""
 
-    kind: ClassVar[str] = "load"
     stage: Literal["load"] = "load"
     model: str | None = Field(None, description="load this instead of the recipe's teacher")
     dtype: Literal["fp32", "bf16"] = "fp32"
@@ -25,7 +24,7 @@ class LoadStage(StageConfig):
 
     def run(self, run: Run) -> None:
         from lmcompress.evaluate.size import size_report
-        from lmcompress.models.loading import load_model
+        from lmcompress.formats import load_model
 
         recipe = run.recipe
         num_labels = run.task.num_labels if recipe.model_task == "sequence-classification" else None
@@ -39,7 +38,7 @@ class LoadStage(StageConfig):
             run.student = copy.deepcopy(run.teacher)
             for p in run.student.parameters():
                 p.requires_grad_(True)
-        run.state["teacher_bytes"] = size_report(run.teacher)["bytes"]
+        run.teacher_bytes = size_report(run.teacher)["bytes"]
         run.report.meta["teacher_params"] = sum(p.numel() for p in run.teacher.parameters())
 
 
@@ -47,7 +46,6 @@ class LoadStage(StageConfig):
 class TruncateStage(StageConfig):
     """Layer reduction: keep an explicit layer list, every other layer, or the first/last k layers."""
 
-    kind: ClassVar[str] = "truncate"
     stage: Literal["truncate"] = "truncate"
     keep: list[int] | Literal["every-other", "first-k", "last-k"]
     k: int | None = Field(None, gt=0, description="number of layers for first-k / last-k")
@@ -66,7 +64,6 @@ class TruncateStage(StageConfig):
 class EvaluateStage(StageConfig):
     """Measure quality (perplexity or task metrics), size and speed of the student or the teacher."""
 
-    kind: ClassVar[str] = "evaluate"
     stage: Literal["evaluate"] = "evaluate"
     model: Literal["student", "teacher"] = "student"
     metrics: list[Literal["perplexity", "accuracy", "size", "speed"]] | None = None
@@ -82,7 +79,7 @@ class EvaluateStage(StageConfig):
             raise ValueError(f"stride ({self.stride}) must not exceed window ({self.window})")
         return self
 
-    def required_sections(self) -> tuple[str, ...]:
+    def needs(self) -> tuple[str, ...]:
         metrics = self.metrics or []
         return (("corpus",) if {"perplexity", "speed"} & set(metrics) else ()) + (
             ("task",) if "accuracy" in metrics else ())
@@ -92,14 +89,6 @@ class EvaluateStage(StageConfig):
             return self.metrics
         quality = ["perplexity"] if run.recipe.corpus else ["accuracy"] if run.recipe.task else []
         return [*quality, "size"]
-
-    def _stream(self, run: Run):
-        from lmcompress.data.corpus import token_stream
-
-        key = ("stream", self.split)
-        if key not in run.state:
-            run.state[key] = token_stream(run.corpus[self.split], run.tokenizer)
-        return run.state[key]
 
     def run(self, run: Run) -> None:
         from lmcompress.evaluate import (
@@ -118,7 +107,7 @@ class EvaluateStage(StageConfig):
         metrics = self._metrics(run)
         window = self.window or run.recipe.block_size
         if "perplexity" in metrics:
-            ppl = perplexity(model, self._stream(run), window=window, stride=self.stride,
+            ppl = perplexity(model, run.token_stream(self.split), window=window, stride=self.stride,
                              max_tokens=self.max_tokens, batch_size=self.batch_size)
             row.update(perplexity=round(ppl["perplexity"], 3), eval_tokens=ppl["tokens"],
                        eval_tokens_per_s=round(ppl["eval_tokens_per_s"], 1))
@@ -127,12 +116,12 @@ class EvaluateStage(StageConfig):
             scores = evaluate_classifier(model, run.tokenizer, run.task, split, batch_size=max(self.batch_size, 16))
             row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()})
         if "size" in metrics:
-            size = size_report(model, teacher_bytes=run.state.get("teacher_bytes"))
+            size = size_report(model, teacher_bytes=run.teacher_bytes)
             row.update(params=size["params"], size_mb=round(size["mb"], 2),
                        bits_per_param=round(size["bits_per_param"], 3),
                        compression_ratio=round(size.get("compression_ratio", 1.0), 3))
         if "speed" in metrics:
-            ids = self._stream(run)[: 2 * window].view(2, window)
+            ids = run.token_stream(self.split)[: 2 * window].view(2, window)
             row["prefill_tokens_per_s"] = round(prefill_speed(model, ids), 1)
             row["decode_tokens_per_s"] = round(decode_speed(model, ids[:1, :32]), 1)
         run.report.add(**row)
@@ -142,7 +131,6 @@ class EvaluateStage(StageConfig):
 class ExportStage(StageConfig):
     """Save the student: plain safetensors (fp32/bf16), or the compressed form its modules need."""
 
-    kind: ClassVar[str] = "export"
     stage: Literal["export"] = "export"
     path: str | None = Field(None, description="output folder (default: <out>/model)")
     dtype: Literal["fp32", "bf16"] = "fp32"
@@ -150,7 +138,8 @@ class ExportStage(StageConfig):
         "auto", description="auto: packed/factorized when the student has such modules, else hf")
 
     def run(self, run: Run) -> None:
-        from lmcompress.export import export_model, folder_bytes
+        from lmcompress.core.files import folder_bytes
+        from lmcompress.formats import export_model
 
         student = run.require_student(self.stage)
         target = Path(self.path) if self.path else run.out_dir / ("model.gguf" if self.format == "gguf" else "model")
@@ -158,6 +147,6 @@ class ExportStage(StageConfig):
         disk = folder_bytes(written) if Path(written).is_dir() else Path(written).stat().st_size
         row = {"stage": self.label, "model": "student", "format": fmt, "path": str(written),
                "disk_mb": round(disk / 1e6, 2)}
-        if run.state.get("teacher_bytes"):
-            row["disk_compression_ratio"] = round(run.state["teacher_bytes"] / disk, 3)
+        if run.teacher_bytes:
+            row["disk_compression_ratio"] = round(run.teacher_bytes / disk, 3)
         run.report.add(**row)

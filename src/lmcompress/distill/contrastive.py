@@ -22,14 +22,17 @@ by default the last block of both models).
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from lmcompress.errors import LmcompressError, RecipeError
+from lmcompress.core.errors import LmcompressError, RecipeError
+from lmcompress.distill.capture import Needs
+from lmcompress.distill.losses import DistillLoss, LossConfig, register_loss
+from lmcompress.models.adapters import get_adapter
 
 
 def token_contrastive_loss(
@@ -116,57 +119,47 @@ class MemoryBank(nn.Module):
 
 
 # --- registration as a distillation loss ------------------------------------------------------------
-try:
-    from lmcompress.distill.capture import Needs
-    from lmcompress.distill.losses import DistillLoss, LossConfig, register_loss
-except ModuleNotFoundError as exc:  # the distillation engine is not installed in this build
-    if not (exc.name or "").startswith("lmcompress.distill"):
-        raise
-else:
 
-    @register_loss
-    class ContrastiveConfig(LossConfig):
-        """QuantGPT token-level contrastive distillation on one block's output (default: the last of each)."""
+@register_loss
+class ContrastiveConfig(LossConfig):
+    """QuantGPT token-level contrastive distillation on one block's output (default: the last of each)."""
 
-        kind: ClassVar[str] = "contrastive"
-        type: Literal["contrastive"] = "contrastive"
-        weight: float = Field(0.1, ge=0, description="lambda: factor of this term in the objective")
-        temperature: float = Field(0.1, gt=0, description="tau")
-        bank_size: int = Field(4096, ge=0, description="memory-bank slots (0: in-sequence negatives only)")
-        momentum: float = Field(0.9, ge=0, lt=1, description="memory-bank momentum")
-        teacher_layer: int = Field(-1, description="teacher block whose output is compared (negative: from the end)")
-        student_layer: int = Field(-1, description="student block whose output is compared")
+    type: Literal["contrastive"] = "contrastive"
+    weight: float = Field(0.1, ge=0, description="lambda: factor of this term in the objective")
+    temperature: float = Field(0.1, gt=0, description="tau")
+    bank_size: int = Field(4096, ge=0, description="memory-bank slots (0: in-sequence negatives only)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="memory-bank momentum")
+    teacher_layer: int = Field(-1, description="teacher block whose output is compared (negative: from the end)")
+    student_layer: int = Field(-1, description="student block whose output is compared")
 
-        def build(self, teacher, student):
-            from lmcompress.models.adapters import get_adapter
+    def build(self, teacher, student):
+        t, s = get_adapter(teacher), get_adapter(student)
+        if t.hidden_size != s.hidden_size:
+            raise RecipeError(f"contrastive: teacher hidden size {t.hidden_size} != student {s.hidden_size}; "
+                              "token representations are compared directly")
+        t_layer = _block_index(self.teacher_layer, t.num_layers, "contrastive.teacher_layer")
+        s_layer = _block_index(self.student_layer, s.num_layers, "contrastive.student_layer")
+        return ContrastiveLoss(t_layer, s_layer, s.hidden_size, self.temperature, self.bank_size, self.momentum)
 
-            t, s = get_adapter(teacher), get_adapter(student)
-            if t.hidden_size != s.hidden_size:
-                raise RecipeError(f"contrastive: teacher hidden size {t.hidden_size} != student {s.hidden_size}; "
-                                  "token representations are compared directly")
-            t_layer = _block_index(self.teacher_layer, t.num_layers, "contrastive.teacher_layer")
-            s_layer = _block_index(self.student_layer, s.num_layers, "contrastive.student_layer")
-            return ContrastiveLoss(t_layer, s_layer, s.hidden_size, self.temperature, self.bank_size, self.momentum)
+class ContrastiveLoss(DistillLoss):
+    """Token-level contrastive term between teacher and student block outputs, with a memory bank."""
 
-    class ContrastiveLoss(DistillLoss):
-        """Token-level contrastive term between teacher and student block outputs, with a memory bank."""
+    def __init__(self, teacher_layer: int, student_layer: int, dim: int, temperature: float = 0.1,
+                 bank_size: int = 4096, momentum: float = 0.9):
+        super().__init__()
+        self.teacher_layer, self.student_layer, self.temperature = teacher_layer, student_layer, temperature
+        self.bank = MemoryBank(bank_size, dim, momentum) if bank_size else None
+        self.teacher_needs = Needs(hidden=frozenset({teacher_layer}))
+        self.student_needs = Needs(hidden=frozenset({student_layer}))
 
-        def __init__(self, teacher_layer: int, student_layer: int, dim: int, temperature: float = 0.1,
-                     bank_size: int = 4096, momentum: float = 0.9):
-            super().__init__()
-            self.teacher_layer, self.student_layer, self.temperature = teacher_layer, student_layer, temperature
-            self.bank = MemoryBank(bank_size, dim, momentum) if bank_size else None
-            self.teacher_needs = Needs(hidden=frozenset({teacher_layer}))
-            self.student_needs = Needs(hidden=frozenset({student_layer}))
-
-        def forward(self, teacher, student, batch):
-            t, s = teacher.hidden[self.teacher_layer], student.hidden[self.student_layer]
-            ids, mask = batch["input_ids"], student.attention_mask
-            bank, bank_ids = self.bank.entries() if self.bank is not None else (None, None)
-            loss = token_contrastive_loss(s, t, self.temperature, mask, ids, bank, bank_ids)
-            if self.bank is not None and self.training:
-                self.bank.update(t, ids, mask)
-            return loss
+    def forward(self, teacher, student, batch):
+        t, s = teacher.hidden[self.teacher_layer], student.hidden[self.student_layer]
+        ids, mask = batch["input_ids"], student.attention_mask
+        bank, bank_ids = self.bank.entries() if self.bank is not None else (None, None)
+        loss = token_contrastive_loss(s, t, self.temperature, mask, ids, bank, bank_ids)
+        if self.bank is not None and self.training:
+            self.bank.update(t, ids, mask)
+        return loss
 
 
 def _block_index(index: int, num_layers: int, field: str) -> int:

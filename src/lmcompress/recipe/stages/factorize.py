@@ -13,24 +13,23 @@ export writes and the time spent calibrating and fitting.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
-from lmcompress.errors import LmcompressError
-from lmcompress.recipe import StageConfig, register_stage
+from lmcompress.core.errors import LmcompressError
+from lmcompress.formats.factorized import factorized_bytes
+from lmcompress.recipe.base import StageConfig, register_stage
 from lmcompress.surgery.autoencoder import AutoencoderConfig
 from lmcompress.surgery.calibration import calibration_batches
-from lmcompress.surgery.export import factorized_bytes
 from lmcompress.surgery.factorize import factorize_, stats_needed
 
 if TYPE_CHECKING:
-    from lmcompress.pipeline import Run
+    from lmcompress.recipe.run import Run
 
 
 @register_stage
 class FactorizeStage(StageConfig):
-    kind: ClassVar[str] = "factorize"
     stage: Literal["factorize"]
     method: Literal["svd", "fwsvd", "asvd", "autoencoder"] = "svd"
     patterns: list[str] = Field(["attention", "mlp"], min_length=1,
@@ -58,7 +57,6 @@ class FactorizeStage(StageConfig):
             raise ValueError(f"give exactly one of ratio or {what}")
         return self
 
-    @property
     def needs(self) -> tuple[str, ...]:
         """Top-level recipe sections this stage reads (only when it needs calibration data)."""
         if not self._uses_calibration() or self.calibration_data == "auto":
@@ -99,5 +97,4 @@ class FactorizeStage(StageConfig):
             rank=self.rank, calibration=calibration, autoencoder=self.autoencoder, asvd_alpha=self.asvd_alpha,
             eval_batches=eval_batches,
         )
-        run.state["factorize"] = result
         run.report.add(stage=self.label, **result.summary(), model_bytes=factorized_bytes(model))

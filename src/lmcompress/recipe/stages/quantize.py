@@ -11,31 +11,30 @@
         - {patterns: ["*.mlp.*"], scheme: ternary}
 
 Every field of `lmcompress.quant.QuantConfig` is a field of the stage. Training happens in a following
-`distill` stage; a following `export` stage writes the packed format (`lmcompress.quant.export`).
+`distill` stage; a following `export` stage writes the packed format (`lmcompress.formats.packed`).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import ClassVar, Literal
+from typing import Literal
 
-from lmcompress.pipeline import Run
 from lmcompress.quant.apply import QuantConfig, quantize_
-from lmcompress.recipe import StageConfig, register_stage
+from lmcompress.recipe.base import StageConfig, register_stage
+from lmcompress.recipe.run import Run
 
 
 @register_stage
 class QuantizeStage(StageConfig, QuantConfig):
     """Quantization-aware training setup: binary / ternary / k-bit weights, learnable scales, A8/A4 inputs."""
 
-    kind: ClassVar[str] = "quantize"
     stage: Literal["quantize"] = "quantize"
 
     def config(self) -> QuantConfig:
         return QuantConfig.model_validate(self.model_dump(include=set(QuantConfig.model_fields)))
 
     def run(self, run: Run) -> None:
-        from lmcompress.quant.export import size_accounting
+        from lmcompress.formats.packed import size_accounting
 
         student = run.require_student(self.label)
         specs = quantize_(student, self.config(), field=self.label)
@@ -52,6 +51,6 @@ class QuantizeStage(StageConfig, QuantConfig):
             "size_mb": round(account.tensor_bytes / 1e6, 3),
             "bits_per_param": round(account.bits_per_param, 3),
         }
-        if run.state.get("teacher_bytes"):
-            row["compression_ratio"] = round(run.state["teacher_bytes"] / account.tensor_bytes, 3)
+        if run.teacher_bytes:
+            row["compression_ratio"] = round(run.teacher_bytes / account.tensor_bytes, 3)
         run.report.add(**row)

@@ -43,16 +43,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmcompress.errors import LmcompressError
-from lmcompress.export import (
-    MARKER,
-    atomic_folder,
-    folder_bytes,
-    read_marker,
-    register_exporter,
-    register_format,
-    write_json_atomic,
-)
+from lmcompress.core.errors import LmcompressError
+from lmcompress.core.files import atomic_folder, folder_bytes, write_json_atomic
+from lmcompress.formats.base import MARKER, read_marker, register_exporter, register_format
 from lmcompress.quant.modules import (
     PackedEmbedding,
     PackedLinear,
@@ -109,7 +102,7 @@ def _storage_dtype(t: torch.Tensor, float_dtype: torch.dtype) -> torch.dtype:
 
 
 def _kind_of(model: nn.Module) -> Callable[[str], str]:
-    from lmcompress.errors import UnsupportedArchitectureError
+    from lmcompress.core.errors import UnsupportedArchitectureError
     from lmcompress.models.adapters import get_adapter
 
     try:

@@ -21,15 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmcompress.errors import LmcompressError
-from lmcompress.export import (
-    MARKER,
-    atomic_folder,
-    read_marker,
-    register_exporter,
-    register_format,
-    write_json_atomic,
-)
+from lmcompress.core.errors import LmcompressError
+from lmcompress.core.files import atomic_folder, write_json_atomic
+from lmcompress.formats.base import MARKER, read_marker, register_exporter, register_format
 from lmcompress.models.adapters import linear_weight
 from lmcompress.models.loading import DTYPES
 from lmcompress.models.select import set_module

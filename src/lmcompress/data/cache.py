@@ -1,0 +1,70 @@
+"""The data a run reads, loaded on first use and kept: corpus documents, token blocks and streams, the task.
+
+One object owns every cached form of the data, so a stage that changes the data (cleaning replaces the
+corpus) asks it to, and every later stage sees the change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+import torch
+
+from lmcompress.core.errors import DataError
+from lmcompress.data.corpus import load_corpus, pack_blocks, token_stream
+from lmcompress.data.specs import CorpusSpec, TaskSpec
+from lmcompress.data.tasks import TaskData, load_task
+
+
+class DataCache:
+    def __init__(self, corpus: CorpusSpec | None, task: TaskSpec | None, block_size: int):
+        self.corpus_spec, self.task_spec, self.block_size = corpus, task, block_size
+        self.tokenizer: Any = None  # set once the model is loaded
+        self._corpus: datasets.DatasetDict | None = None
+        self._task: TaskData | None = None
+        self._blocks: dict[tuple[str, int], datasets.Dataset] = {}
+        self._streams: dict[str, torch.Tensor] = {}
+
+    @property
+    def corpus(self) -> datasets.DatasetDict:
+        """The corpus as documents split train/validation/test."""
+        if self._corpus is None:
+            if self.corpus_spec is None:
+                raise DataError("this recipe has no `corpus:` section, but a stage needs one")
+            self._corpus = load_corpus(self.corpus_spec)
+        return self._corpus
+
+    @property
+    def task(self) -> TaskData:
+        """The labelled task (train/test with `text`, `label`, and its metric)."""
+        if self._task is None:
+            if self.task_spec is None:
+                raise DataError("this recipe has no `task:` section, but a stage needs one")
+            self._task = load_task(self.task_spec)
+        return self._task
+
+    def lm_blocks(self, split: str, block_size: int | None = None) -> datasets.Dataset:
+        """Token blocks (`input_ids`) of one corpus split."""
+        size = block_size or self.block_size
+        if (split, size) not in self._blocks:
+            self._blocks[split, size] = pack_blocks(self.corpus[split], self._need_tokenizer(), size)
+        return self._blocks[split, size]
+
+    def token_stream(self, split: str) -> torch.Tensor:
+        """One corpus split as a single 1-D token tensor (documents separated by EOS)."""
+        if split not in self._streams:
+            self._streams[split] = token_stream(self.corpus[split], self._need_tokenizer())
+        return self._streams[split]
+
+    def replace_corpus(self, spec: CorpusSpec) -> None:
+        """Read `spec` from now on (e.g. the cleaned copy); every cached form of the old corpus is dropped."""
+        self.corpus_spec = spec
+        self._corpus = None
+        self._blocks.clear()
+        self._streams.clear()
+
+    def _need_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise DataError("the corpus is tokenized with the model's tokenizer, and no model is loaded yet")
+        return self.tokenizer

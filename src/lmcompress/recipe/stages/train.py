@@ -1,0 +1,212 @@
+"""Recipe stages of the distillation engine: `distill`, `finetune` and `student`.
+
+```yaml
+- stage: student          # optional: a fresh, smaller student initialised from the teacher
+  layers: 6
+  hidden_size: 384
+- stage: finetune         # task KD: give the teacher a task head and fine-tune it first
+  steps: 500
+- stage: distill
+  data: corpus            # or task
+  steps: 1000
+  losses:
+    - {type: logits, temperature: 2.0, weight: 1.0}
+    - {type: hidden, layer_map: uniform+last, weight: 1.0}
+```
+
+`lmcompress run --resume` sets `run.resume`; training stages then continue from their newest
+checkpoint (a stage that had finished loads its final weights and skips training).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from lmcompress.core.errors import LmcompressError
+from lmcompress.distill.batches import mlm_collate
+from lmcompress.distill.heads import copy_head, is_classifier, with_classification_head
+from lmcompress.distill.losses import LOSSES, CELoss, DistillationObjective, build_objective, freeze
+from lmcompress.distill.student import build_student, smaller_config
+from lmcompress.distill.trainer import (
+    TrainConfig,
+    TrainResult,
+    TrainSettings,
+    objective_eval,
+    pad_collate,
+    train,
+)
+from lmcompress.models.adapters import get_adapter
+from lmcompress.recipe.base import StageConfig, register_stage
+from lmcompress.recipe.run import Run
+
+
+class TrainingStage(StageConfig, TrainSettings):
+    """Every stage that trains through `distill.trainer.train` takes the `TrainSettings` fields."""
+
+    def train_config(self, run: Run, run_name: str) -> TrainConfig:
+        settings = self.model_dump(include=set(TrainSettings.model_fields))
+        return TrainConfig(**settings, seed=run.recipe.seed, run_name=run_name)
+
+    def _run_name(self, run: Run) -> str:
+        # Unique and stable across a resumed pipeline: stages re-run in the same order.
+        run.training_runs += 1
+        return f"{run.training_runs:02d}-{self.label}"
+
+    def fit(self, run: Run, objective: nn.Module, rows, eval_rows, collate) -> TrainResult:
+        """Train `objective` on `rows` with this stage's settings; add a report row."""
+        name = self._run_name(run)
+        eval_fn = None
+        if eval_rows is not None and self.eval_batches > 0:
+            eval_fn = objective_eval(eval_rows, collate, self.batch_size, self.eval_batches)
+        result = train(objective, rows, self.train_config(run, name), run.out_dir, collate=collate,
+                       eval_fn=eval_fn, resume=run.resume)
+        row: dict[str, Any] = {"stage": self.label, "train_steps": result.steps, "train_tokens": result.tokens,
+                               "train_tokens_per_s": round(result.tokens_per_s, 1),
+                               "train_s": round(result.seconds, 1), "processes": result.world_size}
+        row.update({k if k == "loss" else f"loss_{k}": round(v, 4)
+                    for k, v in result.final.items() if k != "grad_norm"})
+        if result.evals:
+            row.update({f"eval_{k}": round(v, 4) for k, v in result.evals[-1].items() if k != "step"})
+        run.report.add(**row)
+        return result
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+
+
+@register_stage
+class DistillStage(TrainingStage):
+    """Train the student against the frozen teacher with a weighted sum of losses.
+
+    `data: corpus` trains on the recipe corpus in blocks of `block_size` tokens (task-agnostic; encoders
+    see masked inputs when `mlm_probability` > 0); `data: task` on the labelled task (task-specific KD).
+    """
+
+    stage: Literal["distill"] = "distill"
+    data: Literal["corpus", "task"] = "corpus"
+    block_size: int | None = Field(None, gt=0, description="tokens per block (default: the recipe's)")
+    mlm_probability: float = Field(0.15, ge=0, lt=1, description="masking rate for encoder students on a corpus")
+    losses: list[LOSSES.union()] = Field(min_length=1)
+
+    def needs(self) -> tuple[str, ...]:
+        return (self.data,)
+
+    def training_data(self, run: Run):
+        """(train rows, held-out rows, collate) for this stage's data."""
+        student = run.require_student(self.stage)
+        pad = _pad_id(run.tokenizer)
+        if self.data == "task":
+            max_length = run.recipe.task.max_length if run.recipe.task else None
+            return (run.task.tokenized(run.tokenizer, "train", max_length),
+                    run.task.tokenized(run.tokenizer, "test", max_length), lambda rows: pad_collate(rows, pad))
+        size = self.block_size or run.recipe.block_size
+        collate = (mlm_collate(run.tokenizer, self.mlm_probability, pad)
+                   if not get_adapter(student).causal and self.mlm_probability > 0
+                   else lambda rows: pad_collate(rows, pad))
+        return run.lm_blocks("train", size), run.lm_blocks("validation", size), collate
+
+    def run(self, run: Run) -> None:
+        student = run.require_student(self.stage)
+        torch.manual_seed(run.recipe.seed)  # loss parameters (projections) start the same on resume
+        objective = build_objective(run.teacher, student, self.losses)
+        if objective.teacher_needs.attentions:
+            run.teacher.set_attn_implementation("eager")
+        if objective.student_needs.attentions:
+            student.set_attn_implementation("eager")
+        rows, eval_rows, collate = self.training_data(run)
+        student.train()
+        try:
+            self.fit(run, objective, rows, eval_rows, collate)
+        finally:
+            student.eval()
+
+
+@register_stage
+class FinetuneStage(TrainingStage):
+    """Give the teacher a task head and fine-tune it on the recipe's task (cross-entropy), for task KD.
+
+    A teacher that already is a classifier for this task is left as it is unless `always` is set.
+    `student: copy` makes the student a copy of the fine-tuned teacher (then truncate / distill it);
+    `student: head` keeps the student's transformer and gives it the teacher's fine-tuned head.
+    """
+
+    stage: Literal["finetune"] = "finetune"
+    lr: float = Field(5e-5, gt=0)
+    student: Literal["copy", "head"] = "copy"
+    always: bool = Field(False, description="fine-tune even if the teacher already has a head for this task")
+
+    def needs(self) -> tuple[str, ...]:
+        return ("task",)
+
+    def run(self, run: Run) -> None:
+        from lmcompress.evaluate import evaluate_classifier
+
+        if run.teacher is None:
+            raise LmcompressError(f"{self.label}: no teacher loaded")
+        task = run.task
+        teacher = run.teacher
+        has_head = is_classifier(teacher) and teacher.config.num_labels == task.num_labels
+        if not has_head:
+            torch.manual_seed(run.recipe.seed)
+            teacher = with_classification_head(teacher, task.num_labels, task.label_names,
+                                               _pad_id(run.tokenizer))
+        if not has_head or self.always:
+            teacher.requires_grad_(True)
+            teacher.train()
+            objective = DistillationObjective(teacher, None, [("ce", 1.0, CELoss())])
+            pad = _pad_id(run.tokenizer)
+            max_length = run.recipe.task.max_length
+            self.fit(run, objective, task.tokenized(run.tokenizer, "train", max_length),
+                     task.tokenized(run.tokenizer, "test", max_length), lambda rows: pad_collate(rows, pad))
+        run.teacher = freeze(teacher)
+        if self.student == "copy" or run.student is None:
+            run.student = copy.deepcopy(teacher).requires_grad_(True)
+        elif not is_classifier(run.student):
+            run.student = with_classification_head(run.student, task.num_labels, task.label_names,
+                                                   _pad_id(run.tokenizer))
+            copy_head(teacher, run.student)
+        else:
+            copy_head(teacher, run.student)
+        scores = evaluate_classifier(teacher, run.tokenizer, task, "test")
+        run.report.add(stage=self.label, model="teacher (fine-tuned)" if not has_head or self.always else "teacher",
+                       **{k: round(v, 4) for k, v in scores.items() if isinstance(v, float)})
+
+
+@register_stage
+class StudentStage(StageConfig):
+    """Replace the student by a fresh smaller model of the teacher's architecture.
+
+    Widths and depth default to the teacher's. With `init: teacher`, student block i starts from the
+    teacher block chosen by `layer_map` (default `uniform`: evenly spaced from the first), embeddings and
+    heads from the teacher's; a narrower tensor takes the leading slice of every dimension (the first
+    heads, channels and rows). Tensors that cannot be sliced keep their random initialisation.
+    """
+
+    stage: Literal["student"] = "student"
+    layers: int | None = Field(None, gt=0)
+    hidden_size: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)
+    num_heads: int | None = Field(None, gt=0)
+    num_kv_heads: int | None = Field(None, gt=0)
+    init: Literal["teacher", "random"] = "teacher"
+    layer_map: str | list[int] = "uniform"
+
+    def run(self, run: Run) -> None:
+        teacher = run.teacher
+        if teacher is None:
+            raise LmcompressError(f"{self.label}: no teacher loaded")
+        config = smaller_config(teacher, self.layers, self.hidden_size, self.intermediate_size,
+                                self.num_heads, self.num_kv_heads)
+        student = build_student(teacher, config, self.init, self.layer_map, field=f"{self.label}.layer_map")
+        run.student = student
+        adapter = get_adapter(student)
+        run.report.meta["student"] = (f"{adapter.num_layers} layers, hidden {adapter.hidden_size}, "
+                                      f"{adapter.num_heads} heads, init {self.init}")
+
+

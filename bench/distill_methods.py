@@ -38,7 +38,7 @@ from lmcompress.distill import TrainConfig, build_objective, parse_loss, train
 from lmcompress.evaluate import perplexity
 from lmcompress.models.adapters import get_adapter
 from lmcompress.recipe import Recipe
-from lmcompress.recipe.run import Run
+from lmcompress.recipe.base import Run
 from lmcompress.report.tables import markdown_table
 from lmcompress.surgery.truncate import resolve_layers, truncate_layers
 

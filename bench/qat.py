@@ -54,7 +54,7 @@ from lmcompress.evaluate import evaluate_classifier, perplexity
 from lmcompress.formats.packed import export_packed, size_accounting
 from lmcompress.quant import quantize_
 from lmcompress.recipe import Recipe
-from lmcompress.recipe.run import Run
+from lmcompress.recipe.base import Run
 from lmcompress.report.plots import tradeoff_plot
 from lmcompress.report.tables import markdown_table
 from lmcompress.surgery.truncate import resolve_layers, truncate_layers

@@ -1,72 +1,11 @@
-"""Shared fixtures: tiny random-init models of each supported family, and the real built-in assets."""
-
-from __future__ import annotations
-
-import os
+"""Fixtures shared by the tests (helpers that tests import live in helpers.py)."""
 
 import pytest
-import torch
 import transformers
 
 transformers.logging.set_verbosity_error()
-
-VOCAB = 128
-
-
-def tiny_config(family: str, layers: int = 4, hidden: int = 32, heads: int = 4, kv_heads: int = 2, **extra):
-    common = {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
-    if family == "llama":
-        cfg = transformers.LlamaConfig(
-            hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-            num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
-            tie_word_embeddings=True, **common,
-        )
-    elif family == "gpt2":
-        cfg = transformers.GPT2Config(
-            n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256, **common,
-        )
-    elif family == "bert":
-        cfg = transformers.BertConfig(
-            hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-            num_attention_heads=heads, max_position_embeddings=256, **common,
-        )
-    else:
-        raise ValueError(family)
-    for k, v in extra.items():
-        setattr(cfg, k, v)
-    cfg._attn_implementation = "eager"
-    return cfg
-
-
-def tiny_model(family: str, task: str | None = None, seed: int = 0, **kw):
-    """A tiny random-init model: causal LM for llama/gpt2, masked LM or classifier for bert."""
-    torch.manual_seed(seed)
-    cfg = tiny_config(family, **kw)
-    if family == "bert":
-        cls = (transformers.BertForSequenceClassification if task == "sequence-classification"
-               else transformers.BertForMaskedLM)
-    else:
-        cls = transformers.AutoModelForCausalLM
-    model = cls.from_config(cfg) if cls is transformers.AutoModelForCausalLM else cls(cfg)
-    return model.eval()
 
 
 @pytest.fixture(params=["llama", "gpt2", "bert"])
 def family(request):
     return request.param
-
-
-def real_assets_available() -> bool:
-    import lmcompress.data
-    import lmcompress.models  # noqa: F401  (the built-in assets register on import)
-    from lmcompress.core import assets
-
-    return all(a.ready for a in assets.ASSETS.values())
-
-
-# Integration tests need the real assets, which `make test` fetches first. Without them (a bare
-# `pytest` on a machine that never ran `lmcompress assets`) they are skipped with the reason.
-integration = pytest.mark.skipif(
-    not real_assets_available() and not os.environ.get("CI"),
-    reason="built-in assets not fetched; run `lmcompress assets` (make test does)",
-)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from helpers import tiny_model
 
 from lmcompress.core.errors import RecipeError
 from lmcompress.distill.capture import Needs, capture

@@ -20,7 +20,7 @@ def worker(out_dir: str) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     import torch
     from accelerate import PartialState
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     from lmcompress.distill.losses import build_objective, parse_loss
     from lmcompress.distill.trainer import TrainConfig, train

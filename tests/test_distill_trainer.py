@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from torch import nn
 
 from lmcompress.core.errors import TrainingDiverged

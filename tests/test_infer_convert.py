@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from lmcompress.core.errors import LmcompressError, RecipeError
 from lmcompress.infer import PackedEmbedding, PackedLinear, apply_dequantized, rtn_weights, to_inference

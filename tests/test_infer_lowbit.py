@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from lmcompress.infer import PackedLinear, apply_dequantized, rtn_weight, rtn_weights, to_inference
 from lmcompress.infer.lowbit import Lowbit2Rows, available

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from lmcompress.formats import load_inference
 from lmcompress.formats.packed import export_packed

@@ -3,7 +3,7 @@ reloads to the same logits."""
 
 import pytest
 import torch
-from conftest import integration
+from helpers import integration
 
 from lmcompress.formats import load_model
 from lmcompress.formats.packed import export_packed, size_accounting

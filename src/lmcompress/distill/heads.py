@@ -11,10 +11,6 @@ from lmcompress.core.errors import LmcompressError
 from lmcompress.models.adapters import get_adapter
 
 
-def is_classifier(model: nn.Module) -> bool:
-    return type(model).__name__.endswith("ForSequenceClassification")
-
-
 def with_classification_head(model: nn.Module, num_labels: int, label_names: list[str] | None = None,
                              pad_token_id: int | None = None) -> nn.Module:
     """An `AutoModelForSequenceClassification` with `model`'s transformer weights and a fresh head."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -19,48 +17,16 @@ def _slice_to(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
     return tensor[tuple(slice(0, s) for s in shape)]
 
 
-def smaller_config(teacher: nn.Module, layers: int | None = None, hidden_size: int | None = None,
-                   intermediate_size: int | None = None, num_heads: int | None = None,
-                   num_kv_heads: int | None = None):
-    """The teacher's config with fewer layers and/or narrower widths (same head_dim unless heads change)."""
-    adapter = get_adapter(teacher)
-    config = copy.deepcopy(teacher.config)
-    hidden = hidden_size or adapter.hidden_size
-    heads = num_heads or (adapter.num_heads if hidden_size is None
-                          else max(1, hidden // adapter.head_dim))
-    if hidden % heads:
-        raise RecipeError(f"student: hidden_size {hidden} is not divisible by num_heads {heads}")
-    kv_heads = num_kv_heads or min(adapter.num_kv_heads, heads)
-    if heads % kv_heads:
-        raise RecipeError(f"student: num_heads {heads} is not a multiple of num_kv_heads {kv_heads}")
-    if num_kv_heads is not None and not adapter.supports_kv_heads:
-        raise RecipeError(f"student.num_kv_heads: {adapter.family} models have no grouped-query attention")
-    config.num_hidden_layers = layers or adapter.num_layers
-    config.hidden_size = hidden
-    config.num_attention_heads = heads
-    if adapter.supports_kv_heads:
-        config.num_key_value_heads = kv_heads
-    if getattr(config, "head_dim", None) is not None:
-        config.head_dim = hidden // heads
-    if intermediate_size is not None:
-        setattr(config, adapter.intermediate_size_attr, intermediate_size)
-    elif hidden_size is not None:
-        teacher_inter = getattr(config, adapter.intermediate_size_attr, None) or 4 * adapter.hidden_size
-        setattr(config, adapter.intermediate_size_attr, teacher_inter * hidden // adapter.hidden_size)
-    return config
-
-
 def build_student(teacher: nn.Module, config, init: str = "teacher", map_spec: str | list[int] = "uniform",
                   field: str = "layer_map") -> nn.Module:
     """A model of `teacher`'s class with `config`, initialised from the teacher where shapes allow."""
     t_adapter = get_adapter(teacher)
-    layer_types = getattr(config, "layer_types", None)
-    pairs = layer_map(map_spec, t_adapter.num_layers, config.num_hidden_layers, field=field)
+    depth = t_adapter.config_layers(config)
+    pairs = layer_map(map_spec, t_adapter.num_layers, depth, field=field)
     source_of = {s: ts[0] for s, ts in pairs}
-    if len(source_of) != config.num_hidden_layers:
+    if len(source_of) != depth:
         raise RecipeError(f"{field}: needs a teacher block for every student block")
-    if layer_types:
-        config.layer_types = [layer_types[source_of[i]] for i in range(config.num_hidden_layers)]
+    t_adapter.keep_config_layers(config, [source_of[i] for i in range(depth)])  # per-layer types follow
     student = type(teacher)(config).to(next(teacher.parameters()).dtype)
     if init == "teacher":
         prefix = t_adapter.blocks_prefix + "."

@@ -6,12 +6,13 @@ module `model.layers.2.mlp.up_proj`" and never checks `model_type` itself.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lmcompress.core.errors import UnsupportedArchitectureError
+from lmcompress.core.errors import RecipeError, UnsupportedArchitectureError
 
 # Module kinds used by patterns in recipes (quantize, factorize) and by size accounting.
 KINDS = ("embeddings", "attention", "mlp", "head", "norm", "other")
@@ -126,13 +127,61 @@ class ArchAdapter:
                 return name
         raise RuntimeError("block list not found among the model's modules")
 
-    def layer_count_attr(self) -> str:
-        return "num_hidden_layers"
+    # --- configs ---------------------------------------------------------------------------------
+    @staticmethod
+    def config_layers(config) -> int:
+        """Number of blocks a config describes."""
+        return config.num_hidden_layers
+
+    @staticmethod
+    def keep_config_layers(config, indices: list[int]) -> None:
+        """Make `config` describe blocks `indices` of the model it described (depth and per-layer types)."""
+        config.num_hidden_layers = len(indices)
+        if getattr(config, "layer_types", None):
+            config.layer_types = [config.layer_types[i] for i in indices]
+
+    def resized_config(self, layers: int | None = None, hidden_size: int | None = None,
+                       intermediate_size: int | None = None, num_heads: int | None = None,
+                       num_kv_heads: int | None = None):
+        """A copy of the model's config with fewer layers and/or narrower widths (same head_dim unless the
+        heads change); the widths not given follow the hidden size."""
+        config = copy.deepcopy(self.config)
+        hidden = hidden_size or self.hidden_size
+        heads = num_heads or (self.num_heads if hidden_size is None else max(1, hidden // self.head_dim))
+        if hidden % heads:
+            raise RecipeError(f"student: hidden_size {hidden} is not divisible by num_heads {heads}")
+        kv_heads = num_kv_heads or min(self.num_kv_heads, heads)
+        if heads % kv_heads:
+            raise RecipeError(f"student: num_heads {heads} is not a multiple of num_kv_heads {kv_heads}")
+        if num_kv_heads is not None and not self.supports_kv_heads:
+            raise RecipeError(f"student.num_kv_heads: {self.family} models have no grouped-query attention")
+        config.num_hidden_layers = layers or self.num_layers
+        config.hidden_size = hidden
+        config.num_attention_heads = heads
+        if self.supports_kv_heads:
+            config.num_key_value_heads = kv_heads
+        if getattr(config, "head_dim", None) is not None:
+            config.head_dim = hidden // heads
+        if intermediate_size is not None:
+            setattr(config, self.intermediate_size_attr, intermediate_size)
+        elif hidden_size is not None:
+            teacher_inter = getattr(config, self.intermediate_size_attr, None) or 4 * self.hidden_size
+            setattr(config, self.intermediate_size_attr, teacher_inter * hidden // self.hidden_size)
+        return config
+
+
+def weight_is_transposed(module: nn.Module) -> bool:
+    """True for HF's GPT-2 `Conv1D`: a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D"
 
 
 def _is_linear(module: nn.Module) -> bool:
-    # HF's GPT-2 Conv1D is a linear layer with a transposed weight.
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, nn.Linear) or weight_is_transposed(module)
+
+
+def is_sequence_classifier(model: nn.Module) -> bool:
+    """True for a Hugging Face `*ForSequenceClassification` model (a transformer with a task head)."""
+    return type(model).__name__.endswith("ForSequenceClassification")
 
 
 class LlamaAdapter(ArchAdapter):
@@ -324,7 +373,7 @@ def get_adapter(model: nn.Module) -> ArchAdapter:
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """Weight as (out_features, in_features) for nn.Linear and GPT-2 Conv1D alike (a view, not a copy)."""
-    if type(module).__name__ == "Conv1D":
+    if weight_is_transposed(module):
         return module.weight.t()
     return module.weight
 

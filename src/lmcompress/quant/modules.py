@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmcompress.models.adapters import weight_is_transposed
 from lmcompress.quant.quantizers import ActQuantizer, QuantizedWeight, QuantSpec, WeightQuantizer
 
 
@@ -104,7 +105,7 @@ class QuantLinear(QuantModule):
 
     @classmethod
     def from_module(cls, module: nn.Module, spec: QuantSpec, act_quantizer: ActQuantizer | None = None) -> QuantLinear:
-        conv1d = type(module).__name__ == "Conv1D"
+        conv1d = weight_is_transposed(module)
         return cls(module.weight, module.bias, spec, act_quantizer, conv1d_layout=conv1d)
 
     def weight_2d(self) -> torch.Tensor:

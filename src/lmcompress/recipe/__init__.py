@@ -1,7 +1,6 @@
 """The recipe engine: the schema (`Recipe`, every stage), the typed `Run`, and `run_recipe`."""
 
-from lmcompress.recipe.base import STAGES, RecipeSettings, StageConfig, register_stage
-from lmcompress.recipe.run import Run
+from lmcompress.recipe.base import STAGES, RecipeSettings, Run, StageConfig, register_stage
 from lmcompress.recipe.runner import run_recipe
 from lmcompress.recipe.schema import Recipe, load_recipe
 

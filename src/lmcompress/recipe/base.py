@@ -1,4 +1,5 @@
-"""What every recipe has besides its stages, and the base of every stage.
+"""What every recipe has besides its stages, the state a run carries from stage to stage, and the base
+of every stage.
 
 A stage is a pydantic model whose `stage: Literal["<name>"]` field is its name (declared once) and which
 registers once with `@register_stage`; the recipe's `stages:` list is the discriminated union of every
@@ -8,16 +9,22 @@ one fails before any work.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
+import datasets
+import torch
 from pydantic import Field
+from torch import nn
 
 from lmcompress.core.config import Strict
+from lmcompress.core.errors import LmcompressError
 from lmcompress.core.registry import Registry
+from lmcompress.data.cache import DataCache
 from lmcompress.data.specs import CorpusSpec, TaskSpec
-
-if TYPE_CHECKING:  # the Run module imports this one
-    from lmcompress.recipe.run import Run
+from lmcompress.data.tasks import TaskData
+from lmcompress.report.tables import Report
 
 ModelTask = Literal["causal-lm", "masked-lm", "sequence-classification", "base"]
 DataSection = Literal["corpus", "task"]
@@ -36,6 +43,59 @@ class RecipeSettings(Strict):
     task: TaskSpec | None = None
     block_size: int = Field(256, gt=0, description="tokens per training/evaluation block")
     seed: int = 0
+
+
+@dataclass
+class Run:
+    recipe: RecipeSettings
+    out_dir: Path
+    teacher: nn.Module | None = None
+    student: nn.Module | None = None
+    report: Report = field(default_factory=Report)
+    resume: bool = False  # training stages continue from their newest checkpoint
+    teacher_bytes: float | None = None  # the teacher's size, for compression ratios
+    training_runs: int = 0  # training stages so far; names their checkpoint folders
+    data: DataCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.data = DataCache(self.recipe.corpus, self.recipe.task, self.recipe.block_size)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.data.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        self.data.tokenizer = tokenizer
+
+    def require_student(self, stage: str) -> nn.Module:
+        if self.student is None:
+            raise LmcompressError(f"stage {stage!r} needs a model; put a `load` stage before it")
+        return self.student
+
+    def require_teacher(self, stage: str) -> nn.Module:
+        if self.teacher is None:
+            raise LmcompressError(f"stage {stage!r} needs a teacher; put a `load` stage before it")
+        return self.teacher
+
+    @property
+    def corpus(self) -> datasets.DatasetDict:
+        return self.data.corpus
+
+    @property
+    def task(self) -> TaskData:
+        return self.data.task
+
+    def lm_blocks(self, split: str, block_size: int | None = None) -> datasets.Dataset:
+        return self.data.lm_blocks(split, block_size)
+
+    def token_stream(self, split: str) -> torch.Tensor:
+        return self.data.token_stream(split)
+
+    def save_report(self) -> None:
+        self.report.write(self.out_dir, title=self.recipe.name)
 
 
 class StageConfig(Strict):

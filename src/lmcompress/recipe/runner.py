@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmcompress.recipe.run import Run
+from lmcompress.recipe.base import Run
 from lmcompress.recipe.schema import Recipe
 from lmcompress.recipe.stages.basic import LoadStage
 

@@ -44,7 +44,5 @@ def truncate_layers(model: nn.Module, layers: list[int]) -> nn.Module:
             if hasattr(sub, "layer_idx"):
                 sub.layer_idx = new_index
     adapter.set_blocks(kept)
-    model.config.num_hidden_layers = len(layers)
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = [model.config.layer_types[i] for i in layers]
+    adapter.keep_config_layers(model.config, layers)
     return model

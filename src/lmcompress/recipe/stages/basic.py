@@ -9,8 +9,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from lmcompress.core.errors import LmcompressError
-from lmcompress.recipe.base import StageConfig, register_stage
-from lmcompress.recipe.run import Run
+from lmcompress.recipe.base import Run, StageConfig, register_stage
 
 
 @register_stage

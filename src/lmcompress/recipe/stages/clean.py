@@ -28,8 +28,7 @@ from lmcompress.core.errors import RecipeError
 from lmcompress.data.cleaning.config import CleanConfig
 from lmcompress.data.cleaning.io import corpus_source
 from lmcompress.data.specs import CorpusSpec
-from lmcompress.recipe.base import StageConfig, register_stage
-from lmcompress.recipe.run import Run
+from lmcompress.recipe.base import Run, StageConfig, register_stage
 
 
 @register_stage

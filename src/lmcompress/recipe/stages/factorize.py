@@ -25,7 +25,7 @@ from lmcompress.surgery.calibration import calibration_batches
 from lmcompress.surgery.factorize import factorize_, stats_needed
 
 if TYPE_CHECKING:
-    from lmcompress.recipe.run import Run
+    from lmcompress.recipe.base import Run
 
 
 @register_stage

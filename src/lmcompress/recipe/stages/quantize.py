@@ -20,8 +20,7 @@ from collections import Counter
 from typing import Literal
 
 from lmcompress.quant.apply import QuantConfig, quantize_
-from lmcompress.recipe.base import StageConfig, register_stage
-from lmcompress.recipe.run import Run
+from lmcompress.recipe.base import Run, StageConfig, register_stage
 
 
 @register_stage

@@ -29,9 +29,9 @@ from torch import nn
 
 from lmcompress.core.errors import LmcompressError
 from lmcompress.distill.batches import mlm_collate
-from lmcompress.distill.heads import copy_head, is_classifier, with_classification_head
+from lmcompress.distill.heads import copy_head, with_classification_head
 from lmcompress.distill.losses import LOSSES, CELoss, DistillationObjective, build_objective, freeze
-from lmcompress.distill.student import build_student, smaller_config
+from lmcompress.distill.student import build_student
 from lmcompress.distill.trainer import (
     TrainConfig,
     TrainResult,
@@ -40,9 +40,8 @@ from lmcompress.distill.trainer import (
     pad_collate,
     train,
 )
-from lmcompress.models.adapters import get_adapter
-from lmcompress.recipe.base import StageConfig, register_stage
-from lmcompress.recipe.run import Run
+from lmcompress.models.adapters import get_adapter, is_sequence_classifier
+from lmcompress.recipe.base import Run, StageConfig, register_stage
 
 
 class TrainingStage(StageConfig, TrainSettings):
@@ -151,7 +150,7 @@ class FinetuneStage(TrainingStage):
             raise LmcompressError(f"{self.label}: no teacher loaded")
         task = run.task
         teacher = run.teacher
-        has_head = is_classifier(teacher) and teacher.config.num_labels == task.num_labels
+        has_head = is_sequence_classifier(teacher) and teacher.config.num_labels == task.num_labels
         if not has_head:
             torch.manual_seed(run.recipe.seed)
             teacher = with_classification_head(teacher, task.num_labels, task.label_names,
@@ -167,7 +166,7 @@ class FinetuneStage(TrainingStage):
         run.teacher = freeze(teacher)
         if self.student == "copy" or run.student is None:
             run.student = copy.deepcopy(teacher).requires_grad_(True)
-        elif not is_classifier(run.student):
+        elif not is_sequence_classifier(run.student):
             run.student = with_classification_head(run.student, task.num_labels, task.label_names,
                                                    _pad_id(run.tokenizer))
             copy_head(teacher, run.student)
@@ -201,8 +200,8 @@ class StudentStage(StageConfig):
         teacher = run.teacher
         if teacher is None:
             raise LmcompressError(f"{self.label}: no teacher loaded")
-        config = smaller_config(teacher, self.layers, self.hidden_size, self.intermediate_size,
-                                self.num_heads, self.num_kv_heads)
+        config = get_adapter(teacher).resized_config(self.layers, self.hidden_size, self.intermediate_size,
+                                                     self.num_heads, self.num_kv_heads)
         student = build_student(teacher, config, self.init, self.layer_map, field=f"{self.label}.layer_map")
         run.student = student
         adapter = get_adapter(student)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from lmcompress.models import linear_weight
 from lmcompress.surgery.factorize import factorize_

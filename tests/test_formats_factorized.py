@@ -5,7 +5,7 @@ import struct
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_lm_or_classifier
 
 from lmcompress.core.errors import LmcompressError
 from lmcompress.formats import load_compressed, load_model
@@ -15,10 +15,6 @@ from lmcompress.surgery.factorize import factorize_
 from lmcompress.surgery.lowrank import LowRankLinear
 
 QUICK_AE = AutoencoderConfig(steps=30, eval_every=10)
-
-
-def _model(family):
-    return tiny_model(family, task="sequence-classification" if family == "bert" else None, hidden=64)
 
 
 def _logits(model, x):
@@ -35,7 +31,7 @@ def _payload_bytes(path):
 
 @pytest.mark.parametrize("how", ["svd", "autoencoder", "mixed"])
 def test_export_reload_gives_same_outputs_and_the_reported_size(family, how, tmp_path):
-    model = _model(family)
+    model = tiny_lm_or_classifier(family, hidden=64)
     if how in ("svd", "mixed"):
         factorize_(model, "svd", patterns=["attention"] if how == "mixed" else ["attention", "mlp"], ratio=2,
                    progress=False)
@@ -59,7 +55,7 @@ def test_export_reload_gives_same_outputs_and_the_reported_size(family, how, tmp
 
 
 def test_exported_file_is_smaller_by_the_ratio_on_the_compressed_part(tmp_path):
-    model = _model("llama")
+    model = tiny_lm_or_classifier("llama", hidden=64)
     dense = factorized_bytes(model)
     result = factorize_(model, "autoencoder", patterns=["attention", "mlp"], ratio=4, autoencoder=QUICK_AE,
                         progress=False)
@@ -70,7 +66,7 @@ def test_exported_file_is_smaller_by_the_ratio_on_the_compressed_part(tmp_path):
 
 
 def test_tied_embeddings_are_stored_once_and_stay_tied(tmp_path):
-    model = _model("llama")  # tie_word_embeddings=True
+    model = tiny_lm_or_classifier("llama", hidden=64)  # tie_word_embeddings=True
     factorize_(model, "svd", patterns=["mlp"], ratio=2, progress=False)
     loaded, _ = load_compressed(export_factorized(model, None, tmp_path / "out"))
     marker = json.loads((tmp_path / "out" / "lmcompress.json").read_text())
@@ -79,7 +75,7 @@ def test_tied_embeddings_are_stored_once_and_stay_tied(tmp_path):
 
 
 def test_changed_autoencoded_weights_are_not_exported_silently(tmp_path):
-    model = _model("gpt2")
+    model = tiny_lm_or_classifier("gpt2", hidden=64)
     factorize_(model, "autoencoder", patterns=["mlp"], ratio=2, autoencoder=QUICK_AE, progress=False)
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight.mul_(2)
@@ -92,7 +88,7 @@ def test_changed_autoencoded_weights_are_not_exported_silently(tmp_path):
 def test_size_report_counts_what_the_export_stores(family, method):
     from lmcompress.evaluate import size_report
 
-    model = _model(family)
+    model = tiny_lm_or_classifier(family, hidden=64)
     dense = size_report(model)
     factorize_(model, method, patterns=["attention", "mlp"], ratio=3, autoencoder=QUICK_AE, progress=False)
     size = size_report(model)
@@ -103,7 +99,7 @@ def test_size_report_counts_what_the_export_stores(family, method):
 def test_generic_export_picks_the_factorized_format_and_honours_bf16(tmp_path):
     from lmcompress.formats import export_model
 
-    model = _model("gpt2")
+    model = tiny_lm_or_classifier("gpt2", hidden=64)
     factorize_(model, "autoencoder", patterns=["mlp"], ratio=2, autoencoder=QUICK_AE, progress=False)
     folder, fmt = export_model(model, None, tmp_path / "out", dtype="bf16")
     assert fmt == "factorized"

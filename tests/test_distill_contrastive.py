@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from helpers import tiny_model
 
 from lmcompress.core.errors import RecipeError
 from lmcompress.distill.capture import capture

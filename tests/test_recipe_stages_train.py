@@ -6,17 +6,14 @@ import logging
 import datasets
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from lmcompress.core.errors import RecipeError
+from lmcompress.distill.batches import mlm_collate
+from lmcompress.distill.heads import copy_head, with_classification_head
+from lmcompress.models import get_adapter
 from lmcompress.recipe import Recipe
-from lmcompress.recipe.run import Run
-from lmcompress.recipe.stages.train import (
-    copy_head,
-    mlm_collate,
-    smaller_config,
-    with_classification_head,
-)
+from lmcompress.recipe.base import Run
 
 logging.getLogger("accelerate").setLevel(logging.ERROR)
 
@@ -138,16 +135,16 @@ def test_student_stage_same_width_copies_the_mapped_blocks(tmp_path):
     assert run.student.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 8)
 
 
-def test_smaller_config_errors():
+def test_resized_config_errors():
     with pytest.raises(RecipeError, match="not divisible"):
-        smaller_config(tiny_model("llama"), hidden_size=20, num_heads=3)
+        get_adapter(tiny_model("llama")).resized_config(hidden_size=20, num_heads=3)
     with pytest.raises(RecipeError, match="no grouped-query attention"):
-        smaller_config(tiny_model("gpt2"), num_kv_heads=2)
+        get_adapter(tiny_model("gpt2")).resized_config(num_kv_heads=2)
 
 
 def test_classification_head_keeps_the_transformer_and_copies_to_the_student():
     import transformers
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     base = transformers.BertModel(tiny_config("bert")).eval()
     model = with_classification_head(base, 2, ["other", "great"])
@@ -192,7 +189,7 @@ def toy_task(n=64, length=10):
 
 def test_finetune_gives_a_bare_encoder_a_trained_head_and_the_student_a_copy(tmp_path):
     import transformers
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     stage = {"stage": "finetune", "steps": 40, "batch_size": 16, "lr": 2e-3, "log_with": "none",
              "log_every": 5}

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import integration
+from helpers import integration
 
 from lmcompress.evaluate import size_report
 from lmcompress.formats import load_model

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from torch import nn
 
 from lmcompress.core.errors import RecipeError, UnsupportedArchitectureError

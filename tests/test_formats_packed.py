@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from safetensors import safe_open
 
 from lmcompress.core.errors import LmcompressError

@@ -1,16 +1,13 @@
 """The distillation recipes validate, and two of them run end to end on the real assets with a tiny budget."""
 
 import logging
-from pathlib import Path
 
 import pytest
-import yaml
-from conftest import integration
+from helpers import RECIPES, integration, tiny_budget
 
-from lmcompress.recipe import Recipe, load_recipe
+from lmcompress.recipe import load_recipe
 from lmcompress.recipe.runner import run_recipe
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DISTILL_RECIPES = ["distilgpt2-od", "minilmv2-relations", "hidden-uniform-last", "truncate-continued-pretraining",
                    "kd-minilm-fine-foods"]
 
@@ -23,16 +20,6 @@ def test_recipe_validates(name):
     assert any(stage.stage == "distill" for stage in recipe.stages)
 
 
-def tiny_budget(name: str, **top) -> Recipe:
-    """The recipe with 2 training steps per stage, small batches and short evaluations."""
-    data = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
-    data.update(top)
-    for stage in data["stages"]:
-        if "steps" in stage:
-            stage.update(steps=2, batch_size=2, warmup_steps=0, eval_batches=1, checkpoint_every=0)
-        if stage["stage"] == "evaluate" and "perplexity" in stage.get("metrics", []):
-            stage["max_tokens"] = 256
-    return Recipe.parse(data)
 
 
 @integration

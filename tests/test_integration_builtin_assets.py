@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import integration
+from helpers import integration
 
 from lmcompress.cli import main
 from lmcompress.core import assets

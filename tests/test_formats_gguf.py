@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import tiny_model
+from helpers import tiny_model
 from test_infer_kernels import random_weight
 
 from lmcompress.core.errors import UnsupportedArchitectureError

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from lmcompress.core.errors import LmcompressError, RecipeError
 from lmcompress.surgery.autoencoder import AutoencoderConfig, autoencoded

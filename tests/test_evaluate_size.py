@@ -1,5 +1,5 @@
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from lmcompress.core.files import folder_bytes
 from lmcompress.evaluate import size_report

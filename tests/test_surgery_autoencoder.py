@@ -1,7 +1,7 @@
 """The row autoencoder: reconstructs low-rank structure, keeps norms, shares across layers, stops early."""
 
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from lmcompress.models import get_adapter
 from lmcompress.surgery.autoencoder import AutoencoderConfig, decoder_numel, fit_autoencoder, group_modules

@@ -3,12 +3,12 @@
 import datasets
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from lmcompress.core.errors import RecipeError
 from lmcompress.formats.factorized import factorized_bytes
 from lmcompress.recipe import Recipe, load_recipe
-from lmcompress.recipe.run import Run
+from lmcompress.recipe.base import Run
 
 
 def _recipe(tmp_path, stage: str, extra: str = "") -> Recipe:

@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import integration
+from helpers import integration
 
 from lmcompress.data.cleaning import CleanConfig, clean_files
 from lmcompress.data.cleaning.config import NormalizeConfig

@@ -2,19 +2,15 @@
 
 import json
 import logging
-from pathlib import Path
 
 import pytest
-import yaml
-from conftest import integration, tiny_model
+from helpers import RECIPES, integration, tiny_budget, tiny_model
 
 from lmcompress.core.errors import RecipeError
 from lmcompress.quant.modules import QuantEmbedding, is_quantized
 from lmcompress.recipe import Recipe, load_recipe
-from lmcompress.recipe.run import Run
+from lmcompress.recipe.base import Run
 from lmcompress.recipe.runner import run_recipe
-
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def _recipe(**stage):
@@ -61,24 +57,13 @@ def test_shipped_recipes_validate(name):
     assert any(s.stage == "quantize" for s in recipe.stages)
 
 
-def _tiny_budget(name: str, **top) -> Recipe:
-    """The recipe with 2 training steps per stage, small batches and short evaluations."""
-    data = yaml.safe_load((RECIPES / name).read_text())
-    data.update(top)
-    for stage in data["stages"]:
-        if "steps" in stage:
-            stage.update(steps=2, batch_size=2, grad_accum=1, warmup_steps=0, eval_every=0, eval_batches=1,
-                         checkpoint_every=0)
-        if stage["stage"] == "evaluate" and "perplexity" in stage.get("metrics", []):
-            stage["max_tokens"] = 256
-    return Recipe.parse(data)
 
 
 @integration
 @pytest.mark.integration
 def test_quantgpt_recipe_runs_on_smollm2_and_exports_packed(tmp_path):
     logging.getLogger("accelerate").setLevel(logging.ERROR)
-    run = run_recipe(_tiny_budget("quantgpt-smollm2.yaml", block_size=64), tmp_path)
+    run = run_recipe(tiny_budget("quantgpt-smollm2.yaml", block_size=64), tmp_path)
     rows = {row["stage"]: row for row in run.report.rows}
     assert rows["quantize"]["schemes"].startswith("int2-sym") and rows["quantize"]["activation_bits"] == 8
     assert rows["distill"]["loss_contrastive"] > 0 and rows["distill"]["loss_logits"] > 0
@@ -92,7 +77,7 @@ def test_quantgpt_recipe_runs_on_smollm2_and_exports_packed(tmp_path):
 def test_xtc_recipe_runs_on_minilm(tmp_path):
     logging.getLogger("accelerate").setLevel(logging.ERROR)
     task = {"name": "fine-foods", "max_length": 64, "train_limit": 32, "test_limit": 32}
-    run = run_recipe(_tiny_budget("xtc-minilm.yaml", task=task), tmp_path)
+    run = run_recipe(tiny_budget("xtc-minilm.yaml", task=task), tmp_path)
     rows = {row["stage"]: row for row in run.report.rows}
     assert rows["xtc-student"]["layers"] == 3 and 0 <= rows["xtc-student"]["accuracy"] <= 1
     assert rows["xtc-student"]["compression_ratio"] > 10

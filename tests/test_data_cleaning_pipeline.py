@@ -212,7 +212,7 @@ def test_cli_bad_config_names_file_and_field(tmp_path):
 
 def test_clean_stage_points_later_stages_at_the_cleaned_corpus(corpus, tmp_path):
     from lmcompress.recipe import Recipe
-    from lmcompress.recipe.run import Run
+    from lmcompress.recipe.base import Run
 
     path, docs = corpus
     recipe = Recipe.parse({
@@ -242,7 +242,7 @@ def test_clean_stage_points_later_stages_at_the_cleaned_corpus(corpus, tmp_path)
 
 def test_clean_stage_text_column_conflict(tmp_path):
     from lmcompress.recipe import Recipe
-    from lmcompress.recipe.run import Run
+    from lmcompress.recipe.base import Run
 
     path = write_jsonl(tmp_path / "in.jsonl", [{"body": make_doc(0)}])
     recipe = Recipe.parse({"teacher": "unused", "corpus": {"name": str(path), "text_column": "body"},

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from lmcompress.core.errors import RecipeError
 from lmcompress.formats.hf import save_model_atomic

@@ -3,7 +3,7 @@
 import datasets
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_lm_or_classifier, tiny_model
 
 from lmcompress.core.errors import LmcompressError
 from lmcompress.models import linear_weight
@@ -22,12 +22,8 @@ def _data(family, n=12, length=10):
     })
 
 
-def _model(family):
-    return tiny_model(family, task="sequence-classification" if family == "bert" else None)
-
-
 def test_fisher_rows_are_summed_squared_gradients_of_the_models_own_loss(family):
-    model = _model(family)
+    model = tiny_lm_or_classifier(family)
     modules = select_for_factorization(model, ["attention", "mlp"])
     batches = calibration_batches(_data(family), 12, batch_size=4)
     stats = collect_stats(model, modules, batches, fisher=True, activations=False, progress=False)
@@ -48,7 +44,7 @@ def test_fisher_rows_are_summed_squared_gradients_of_the_models_own_loss(family)
 
 
 def test_input_magnitudes_average_real_tokens_only():
-    model = _model("bert")
+    model = tiny_lm_or_classifier("bert")
     name = "bert.encoder.layer.0.attention.self.query"
     modules = {name: model.get_submodule(name)}
     batches = calibration_batches(_data("bert"), 12, batch_size=4)

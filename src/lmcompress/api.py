@@ -1,0 +1,1 @@
+"""The Python face of lmcompress (see `lmcompress/__init__.py`)."""

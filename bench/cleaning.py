@@ -29,8 +29,9 @@ import threading
 import time
 from pathlib import Path
 
+from pollute import perturb_words, pollute
+
 from lmcompress.core import assets
-from lmcompress.data.cleaning.pollute import perturb_words, pollute
 from lmcompress.report.tables import markdown_table
 
 PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ import torch
 import transformers
 import yaml
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+sys.path.insert(0, str(ROOT / "bench"))  # bench/pollute.py: the synthetic polluter tests share with the bench
 VOCAB = 128
 
 
@@ -87,3 +90,32 @@ def tiny_budget(name: str, **top):
         if stage["stage"] == "evaluate" and "perplexity" in stage.get("metrics", []):
             stage["max_tokens"] = 256
     return Recipe.parse(data)
+
+
+WORDS = ("the union is strong and the people are free to work for peace trade law war tax school "
+         "farm bank road army navy state nation year").split()
+
+
+def tiny_tokenizer():
+    """A real fast tokenizer built offline: whitespace words over a VOCAB-sized word-level vocabulary
+    (special tokens 0..3, then WORDS, then filler), so corpora of WORDS tokenize without a hub."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + WORDS + [f"w{i}" for i in range(VOCAB - 4 - len(WORDS))])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>", unk_token="<unk>")
+
+
+def write_word_corpus(path: Path, documents: int = 40, words: int = 120, seed: int = 0) -> Path:
+    """A .jsonl corpus of `documents` random-word texts over WORDS (one `text` per line)."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(documents):
+            f.write(json.dumps({"id": f"d{i}", "text": " ".join(rng.choice(WORDS) for _ in range(words))}) + "\n")
+    return path

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 from helpers import integration
+from pollute import PollutedCorpus, pollute
 
 from lmcompress.data.cleaning import CleanConfig, clean_files
 from lmcompress.data.cleaning.config import NormalizeConfig
 from lmcompress.data.cleaning.normalize import normalize_text
-from lmcompress.data.cleaning.pollute import PollutedCorpus, pollute
 
 pytestmark = [pytest.mark.integration, integration]
 

@@ -1,6 +1,8 @@
 """The `lmcompress` command. Thin: parses arguments and calls the API.
 
 Errors print as one line (`error: ...`) with a non-zero exit code; `--debug` shows the traceback.
+Each command imports what it needs when it runs (torch and transformers take seconds to import), so
+`lmcompress --help` starts at once.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def _quiet_libraries() -> None:
 
 
 def cmd_assets(args: argparse.Namespace) -> int:
+    import lmcompress.data
+    import lmcompress.models  # noqa: F401  (the built-in assets register on import)
     from lmcompress.core import assets
 
     results = assets.fetch_all(args.only or None)
@@ -44,21 +48,22 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from lmcompress import api
     from lmcompress.recipe import load_recipe
-    from lmcompress.recipe.runner import run_recipe
 
     recipe = load_recipe(args.recipe, args.set)
-    out = Path(args.out or Path("runs") / recipe.name)
-    run = run_recipe(recipe, out, resume=args.resume)
-    print((run.out_dir / "report.md").read_text())
-    print(f"report: {run.out_dir / 'report.md'}  ({run.out_dir / 'report.json'})")
+    if recipe.teacher is None:
+        raise LmcompressError(f"{args.recipe}: teacher: a recipe run from the command line names its teacher model")
+    result = api.compress(recipe.teacher, recipe, out_dir=args.out or Path("runs") / recipe.name,
+                          resume=args.resume)
+    print((result.out_dir / "report.md").read_text())
+    print(f"report: {result.out_dir / 'report.md'}  ({result.out_dir / 'report.json'})")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from lmcompress.data.specs import CorpusSpec, TaskSpec
-    from lmcompress.recipe import Recipe
-    from lmcompress.recipe.runner import run_recipe
+    from lmcompress.recipe import Recipe, run_recipe
     from lmcompress.recipe.stages.basic import EvaluateStage, LoadStage
     from lmcompress.report.tables import markdown_table
 
@@ -84,19 +89,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lmcompress.formats import export_model, load_model
+    from lmcompress import api
+    from lmcompress.formats import export_model
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = api.load(args.model)
     path, fmt = export_model(model, tokenizer, args.out, dtype=args.dtype, format=args.format)
     print(f"wrote {fmt} model to {path}")
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from lmcompress.formats import load_model
+    from lmcompress import api
     from lmcompress.models.adapters import get_adapter
 
-    model, _ = load_model(args.model)
+    model, _ = api.load(args.model)
     a = get_adapter(model)
     print(f"{type(model).__name__} ({a.family} adapter): {a.num_layers} layers, hidden {a.hidden_size}, "
           f"{a.num_heads} heads / {a.num_kv_heads} kv heads, {sum(p.numel() for p in model.parameters()):,} params")

@@ -99,7 +99,7 @@ def ensure(name: str) -> Path:
 
 def fetch_all(names: list[str] | None = None) -> dict[str, str]:
     """Fetch every asset; a failure is recorded and the others still arrive. Returns {name: status}."""
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # lazy: core stays import-light (tqdm pulls in its own dependencies)
 
     results: dict[str, str] = {}
     names = names or list(ASSETS)

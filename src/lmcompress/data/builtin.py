@@ -8,10 +8,14 @@
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
+import lzma
 import struct
 import tarfile
+import warnings
+import zlib
 from pathlib import Path
 
 from lmcompress.core.assets import register_asset, run_command
@@ -41,10 +45,6 @@ def _build_sotu(downloads: Path, target: Path) -> None:
 
 def _r_lazyload_chunk(blob: bytes) -> bytes:
     """Decompress one chunk of an R lazy-load database (.rdb): 4-byte length, then a type byte."""
-    import bz2
-    import lzma
-    import zlib
-
     size = struct.unpack(">I", blob[:4])[0]
     kind = blob[4:5]
     if kind == b"Z":
@@ -63,9 +63,7 @@ def _r_lazyload_chunk(blob: bytes) -> bytes:
 
 @register_asset("fine-foods", "task", "Amazon fine-food reviews, great vs other (4,000 / 1,000)")
 def _build_fine_foods(downloads: Path, target: Path) -> None:
-    import warnings
-
-    import rdata
+    import rdata  # lazy: only building this asset parses R data
 
     debs = sorted(downloads.glob("r-cran-modeldata_*.deb"))
     if not debs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import transformers
 from torch import nn
 
 from lmcompress.core.errors import LmcompressError
@@ -14,8 +15,6 @@ from lmcompress.models.adapters import get_adapter
 def with_classification_head(model: nn.Module, num_labels: int, label_names: list[str] | None = None,
                              pad_token_id: int | None = None) -> nn.Module:
     """An `AutoModelForSequenceClassification` with `model`'s transformer weights and a fresh head."""
-    import transformers
-
     config = copy.deepcopy(model.config)
     config.num_labels = num_labels
     if label_names:

@@ -47,10 +47,6 @@ class DistillLoss(nn.Module):
     teacher_needs: Needs = Needs()
     student_needs: Needs = Needs()
 
-    @property
-    def uses_teacher(self) -> bool:
-        return not self.teacher_needs.empty
-
     def forward(self, teacher: Capture | None, student: Capture, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 

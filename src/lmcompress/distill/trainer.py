@@ -1,4 +1,7 @@
-"""The one training loop: everything lmcompress trains (distillation, fine-tuning, QAT) goes through `train`.
+"""The training loop for models: distillation, fine-tuning and QAT of a student all go through `train`.
+
+(Fitting the offline autoencoder of `surgery/autoencoder.py` is not model training: it is a small
+reconstruction fit on weight rows, with its own few-line loop, no data sharding and no checkpoints.)
 
 `train(objective, data, config, out_dir)` trains any `nn.Module` whose `forward(batch)` returns a dict with
 a scalar `"loss"` (and optionally other scalar terms to log), e.g. a `DistillationObjective` wrapping a

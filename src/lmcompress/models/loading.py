@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import transformers
 from torch import nn
 
 from lmcompress.core.assets import ASSETS, ensure
@@ -25,8 +26,6 @@ log = logging.getLogger(__name__)
 
 
 def _auto_class(task: Task):
-    import transformers
-
     return {
         "causal-lm": transformers.AutoModelForCausalLM,
         "masked-lm": transformers.AutoModelForMaskedLM,
@@ -90,8 +89,6 @@ def load_model(
 
     `attn_implementation` defaults to eager so attention probabilities can be captured for distillation.
     """
-    import transformers
-
     source, gguf_file = resolve(name_or_path)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     common = {"trust_remote_code": trust_remote_code, "revision": revision}

@@ -21,10 +21,10 @@ def tradeoff_plot(
 
     `reference` draws horizontal lines (e.g. {"teacher": 45.3}) for an uncompressed baseline.
     """
-    import matplotlib
+    import matplotlib  # lazy: ~0.5 s to import, and only plots need it
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # no display: PNG files only
+    import matplotlib.pyplot as plt  # after choosing the backend
 
     groups: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for row in rows:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmcompress.core.files import write_json_atomic
+from lmcompress.core.files import write_json_atomic, write_text_atomic
 
 
 @dataclass
@@ -25,10 +25,7 @@ class Report:
     def write(self, out_dir: str | Path, title: str = "run") -> None:
         out_dir = Path(out_dir)
         write_json_atomic(out_dir / "report.json", self.to_dict())
-        text = markdown_report(self, title)
-        tmp = out_dir / ".report.md.tmp"
-        tmp.write_text(text)
-        tmp.replace(out_dir / "report.md")
+        write_text_atomic(out_dir / "report.md", markdown_report(self, title))
 
 
 def _fmt(value: Any) -> str:

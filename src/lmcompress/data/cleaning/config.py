@@ -21,6 +21,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lmcompress.core.config import format_validation_errors
 from lmcompress.core.errors import RecipeError
 
 
@@ -231,6 +232,4 @@ def load_clean_config(path: str | Path | None, **overrides) -> CleanConfig:
     try:
         return CleanConfig.model_validate(data)
     except ValidationError as exc:
-        from lmcompress.core.config import format_validation_errors as _format_errors
-
-        raise RecipeError(f"{path or 'cleaning config'}: " + "; ".join(_format_errors(exc))) from exc
+        raise RecipeError(f"{path or 'cleaning config'}: " + "; ".join(format_validation_errors(exc))) from exc

@@ -81,7 +81,7 @@ def _jsonl_records(path: Path, text_column: str) -> Iterator[tuple[str, Record]]
 
 
 def _parquet_records(path: Path, text_column: str) -> Iterator[tuple[str, Record]]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: only parquet inputs need pyarrow
 
     pf = pq.ParquetFile(path)
     if text_column not in pf.schema_arrow.names:
@@ -124,8 +124,8 @@ class CorpusWriter:
             self._flush_parquet()
 
     def _flush_parquet(self) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow as pa  # lazy: only parquet outputs need pyarrow
+        import pyarrow.parquet as pq  # (as above)
 
         if self._parquet is None:
             # An empty corpus still gets a readable file with a text column.

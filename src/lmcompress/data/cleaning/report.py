@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmcompress.core.files import write_json_atomic
+
 EXAMPLE_CHARS = 200
 
 # Filters in the order the pipeline applies them (and the report lists them).
@@ -177,8 +179,6 @@ class CleaningReport:
         return "\n".join(parts) + "\n"
 
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
-        from lmcompress.core.files import write_json_atomic
-
         out_dir = Path(out_dir)
         json_path, md_path = out_dir / "clean_report.json", out_dir / "clean_report.md"
         write_json_atomic(json_path, self.to_dict())

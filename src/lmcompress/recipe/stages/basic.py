@@ -14,7 +14,8 @@ from lmcompress.recipe.base import Run, StageConfig, register_stage
 
 @register_stage
 class LoadStage(StageConfig):
-    """Load the teacher (the recipe's `teacher`, or `model` here) and make the student a copy of it."""
+    """Load the teacher (the recipe's `teacher`, or `model` here; or take the model `compress` was given)
+    and make the student a copy of it."""
 
     stage: Literal["load"] = "load"
     model: str | None = Field(None, description="load this instead of the recipe's teacher")
@@ -26,11 +27,15 @@ class LoadStage(StageConfig):
         from lmcompress.formats import load_model
 
         recipe = run.recipe
-        num_labels = run.task.num_labels if recipe.model_task == "sequence-classification" else None
-        run.teacher, run.tokenizer = load_model(
-            self.model or recipe.teacher, task=recipe.model_task, dtype=self.dtype,
-            num_labels=num_labels, trust_remote_code=recipe.trust_remote_code,
-        )
+        source = self.model or recipe.teacher
+        if source is not None:
+            num_labels = run.task.num_labels if recipe.model_task == "sequence-classification" else None
+            run.teacher, run.tokenizer = load_model(
+                source, task=recipe.model_task, dtype=self.dtype,
+                num_labels=num_labels, trust_remote_code=recipe.trust_remote_code,
+            )
+        elif run.teacher is None:
+            raise LmcompressError(f"{self.label}: the recipe names no `teacher:` and no model was given")
         for p in run.teacher.parameters():
             p.requires_grad_(False)
         if self.copy_student:

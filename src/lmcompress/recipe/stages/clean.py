@@ -27,6 +27,7 @@ from typing import Literal
 from lmcompress.core.errors import RecipeError
 from lmcompress.data.cleaning.config import CleanConfig
 from lmcompress.data.cleaning.io import corpus_source
+from lmcompress.data.cleaning.pipeline import clean_records
 from lmcompress.data.specs import CorpusSpec
 from lmcompress.recipe.base import Run, StageConfig, register_stage
 
@@ -49,8 +50,6 @@ class CleanStage(CleanConfig, StageConfig):
         return CleanConfig.model_validate(fields)
 
     def run(self, run: Run) -> None:
-        from lmcompress.data.cleaning.pipeline import clean_records
-
         spec = run.data.corpus_spec
         cfg = self.cleaning_config(spec)
         open_records, inputs = corpus_source(spec)

@@ -40,6 +40,7 @@ from lmcompress.distill.trainer import (
     pad_collate,
     train,
 )
+from lmcompress.evaluate import evaluate_classifier
 from lmcompress.models.adapters import get_adapter, is_sequence_classifier
 from lmcompress.recipe.base import Run, StageConfig, register_stage
 
@@ -144,8 +145,6 @@ class FinetuneStage(TrainingStage):
         return ("task",)
 
     def run(self, run: Run) -> None:
-        from lmcompress.evaluate import evaluate_classifier
-
         if run.teacher is None:
             raise LmcompressError(f"{self.label}: no teacher loaded")
         task = run.task

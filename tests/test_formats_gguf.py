@@ -62,7 +62,7 @@ def test_packed_blocks_reproduce_the_codes(bits, group, shape, expected):
 
 
 def test_asymmetric_codes_use_q4_1_exactly():
-    weight = random_weight(8, 64, bits=4, group_size=32, asymmetric=True)
+    weight = random_weight(8, 64, bits=4, scheme="asym", group_size=32)
     array, qtype = pack_weight(weight)
     assert qtype == T.Q4_1
     ref = fp16_scales(weight).dequantize().numpy()

@@ -11,26 +11,26 @@ from lmcompress.infer.kernels import (
     FbgemmRows,
     Int4Groups,
     Int8PackRows,
-    IntWeight,
     build_kernel,
     choose_kernel,
 )
 from lmcompress.infer.modules import PackedLinear
+from lmcompress.quant.codes import IntWeight
 
 
-def random_weight(out_f, in_f, bits=2, scheme="int", group_size=None, asymmetric=False, seed=0) -> IntWeight:
+def random_weight(out_f, in_f, bits=2, scheme="sym", group_size=None, seed=0) -> IntWeight:
     g = torch.Generator().manual_seed(seed)
     n_groups = 1 if group_size is None else -(-in_f // group_size)
     if scheme == "binary":
         codes = torch.randint(0, 2, (out_f, in_f), generator=g) * 2 - 1
     elif scheme == "ternary":
         codes = torch.randint(-1, 2, (out_f, in_f), generator=g)
-    elif asymmetric:
+    elif scheme == "asym":
         codes = torch.randint(0, 1 << bits, (out_f, in_f), generator=g)
     else:
         codes = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (out_f, in_f), generator=g)
     scale = torch.rand(out_f, n_groups, generator=g) + 0.25
-    zero = torch.randint(0, 1 << bits, (out_f, n_groups), generator=g).float() if asymmetric else None
+    zero = torch.randint(0, 1 << bits, (out_f, n_groups), generator=g).float() if scheme == "asym" else None
     return IntWeight(codes=codes.to(torch.int8 if bits < 8 else torch.int16), scale=scale, bits=bits,
                      scheme=scheme, zero=zero, group_size=group_size)
 
@@ -46,21 +46,21 @@ def exact_activations(tokens, in_f, group_size=None, seed=1):
     return x
 
 
-CASES = [  # (out, in, bits, scheme, group_size, asymmetric)
-    (7, 13, 1, "binary", None, False),
-    (33, 100, 2, "ternary", None, False),
-    (33, 100, 2, "int", None, False),
-    (17, 50, 4, "int", 16, False),
-    (5, 70, 8, "int", 32, True),
-    (24, 40, 3, "int", 7, True),
+CASES = [  # (out, in, bits, scheme, group_size)
+    (7, 13, 1, "binary", None),
+    (33, 100, 2, "ternary", None),
+    (33, 100, 2, "sym", None),
+    (17, 50, 4, "sym", 16),
+    (5, 70, 8, "asym", 32),
+    (24, 40, 3, "asym", 7),
 ]
 
 
 @pytest.mark.parametrize("kernel", ["fbgemm-int8", "fbgemm-int8-groups"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[3]}{c[2]}-g{c[4]}")
 def test_fbgemm_kernels_are_exact_on_odd_shapes(case, kernel):
-    out_f, in_f, bits, scheme, group, asym = case
-    weight = random_weight(out_f, in_f, bits, scheme, group, asym)
+    out_f, in_f, bits, scheme, group = case
+    weight = random_weight(out_f, in_f, bits, scheme, group)
     if kernel == "fbgemm-int8" and not weight.per_row:
         pytest.skip("per-row kernel")
     bias = torch.randn(out_f)
@@ -70,10 +70,10 @@ def test_fbgemm_kernels_are_exact_on_odd_shapes(case, kernel):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
-@pytest.mark.parametrize("scheme,bits", [("binary", 1), ("ternary", 2), ("int", 2), ("int", 4)])
+@pytest.mark.parametrize("scheme,bits", [("binary", 1), ("ternary", 2), ("sym", 2), ("asym", 4)])
 @pytest.mark.parametrize("group", [None, 32, 64])
 def test_int4_kernel_matches_within_bf16(scheme, bits, group):
-    weight = random_weight(48, 128, bits, scheme, group, asymmetric=(scheme == "int" and bits == 4))
+    weight = random_weight(48, 128, bits, scheme, group)
     assert Int4Groups.supports(weight)
     x = torch.randn(5, 128)
     y = build_kernel(weight, None, kernel="int4pack")(x)
@@ -90,9 +90,9 @@ def test_int4_kernel_refuses_shapes_it_cannot_take():
         Int4Groups(random_weight(40, 128, 2))
 
 
-@pytest.mark.parametrize("asymmetric", [False, True])
-def test_int8pack_kernel_matches_within_bf16(asymmetric):
-    weight = random_weight(24, 96, 8, asymmetric=asymmetric)
+@pytest.mark.parametrize("scheme", ["sym", "asym"])
+def test_int8pack_kernel_matches_within_bf16(scheme):
+    weight = random_weight(24, 96, 8, scheme)
     x = torch.randn(3, 96)
     y = build_kernel(weight, torch.ones(24), kernel="int8pack")(x)
     ref = x @ weight.dequantize().t() + 1
@@ -126,7 +126,15 @@ def test_bad_int_weight_is_named():
     with pytest.raises(LmcompressError, match="IntWeight.codes"):
         IntWeight(codes=torch.zeros(4, 8), scale=torch.ones(4), bits=2)
     with pytest.raises(LmcompressError, match="do not fit"):
-        IntWeight(codes=torch.full((4, 8), 300, dtype=torch.int16), scale=torch.ones(4), bits=8).signed()
+        IntWeight(codes=torch.full((4, 8), 300, dtype=torch.int16), scale=torch.ones(4), bits=8)
+    with pytest.raises(LmcompressError, match=r"IntWeight.codes: values 2..2 do not fit sym 2-bit levels \[-2, 1\]"):
+        IntWeight(codes=torch.full((4, 8), 2, dtype=torch.int8), scale=torch.ones(4), bits=2)
+    with pytest.raises(LmcompressError, match="IntWeight.scheme: 'int' is not one of binary, ternary, sym, asym"):
+        IntWeight(codes=torch.zeros(4, 8, dtype=torch.int8), scale=torch.ones(4), bits=2, scheme="int")
+    with pytest.raises(LmcompressError, match="IntWeight.zero: asym weights need a zero point"):
+        IntWeight(codes=torch.zeros(4, 8, dtype=torch.int8), scale=torch.ones(4), bits=4, scheme="asym")
+    with pytest.raises(LmcompressError, match="IntWeight.bits: binary weights are 1-bit"):
+        IntWeight(codes=torch.ones(4, 8, dtype=torch.int8), scale=torch.ones(4), bits=2, scheme="binary")
 
 
 @pytest.mark.parametrize("kernel", ["fbgemm-int8", "fbgemm-int8-groups"])

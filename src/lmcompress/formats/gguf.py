@@ -5,7 +5,7 @@ llama.cpp's own converter does (`convert_hf_to_gguf.py`): llama architecture key
 ("gpt2") vocabulary with merges and special ids, q/k rows permuted for llama.cpp's rotary layout, the
 LM head omitted when it is tied to the embeddings.
 
-Quantized weights (`IntWeight`s, see kernels.py) are written in a GGUF block type that reproduces them
+Quantized weights (`IntWeight`s, see `lmcompress.quant.codes`) are written in a GGUF block type that reproduces them
 exactly (each block's fp16 scale is the weight's scale, rounded to fp16):
 
 | weights | GGUF type | condition |
@@ -34,8 +34,8 @@ from torch import nn
 
 from lmcompress.core.errors import LmcompressError, UnsupportedArchitectureError
 from lmcompress.formats.base import register_exporter
-from lmcompress.infer.kernels import IntWeight
 from lmcompress.models.adapters import get_adapter
+from lmcompress.quant.codes import IntWeight
 
 QK = 32  # elements per Q4_0 / Q4_1 / Q8_0 block
 QK_K = 256  # elements per TQ1_0 / TQ2_0 / Q2_K super-block

@@ -7,8 +7,9 @@ from lmcompress.infer.convert import (
     rtn_weights,
     to_inference,
 )
-from lmcompress.infer.kernels import IntWeight, build_kernel, choose_kernel
+from lmcompress.infer.kernels import build_kernel, choose_kernel
 from lmcompress.infer.modules import PackedEmbedding, PackedLinear
+from lmcompress.quant.codes import IntWeight  # what `to_inference(weights=...)` takes
 
 __all__ = [
     "IntWeight",

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from lmcompress.core.errors import LmcompressError
-from lmcompress.infer.kernels import IntWeight
 from lmcompress.infer.modules import PackedEmbedding, PackedLinear
 from lmcompress.models.adapters import get_adapter, is_linear, linear_weight
 from lmcompress.models.select import select_modules, set_module
+from lmcompress.quant.codes import IntWeight
 
 # fn(module) -> (IntWeight, bias, is_embedding) for a module it recognises as quantized, else None
 Extractor = Callable[[nn.Module], "tuple[IntWeight, torch.Tensor | None, bool] | None"]
@@ -123,13 +123,13 @@ def apply_dequantized(model: nn.Module, weights: Mapping[str, IntWeight]) -> nn.
 # --- round-to-nearest into the neutral form -----------------------------------------------------------
 
 def scheme_of(bits: int | str) -> tuple[str, int]:
-    """("binary", 1), ("ternary", 2) or ("int", k) from 1, "ternary" or k in 2..8."""
+    """("binary", 1), ("ternary", 2) or ("sym", k) from 1, "ternary" or k in 2..8."""
     if bits in ("binary", 1):
         return "binary", 1
     if bits in ("ternary", 1.58, "1.58"):
         return "ternary", 2
     if isinstance(bits, int) and 2 <= bits <= 8:
-        return "int", bits
+        return "sym", bits
     raise LmcompressError(f"bits: expected 1, 'ternary' or 2..8, got {bits!r}")
 
 

@@ -1,7 +1,7 @@
 """Integer matmul kernels for quantized linears on CPU, built once from integer codes.
 
-The neutral input is an `IntWeight`: integer codes with float scales per output row or per group of
-`group_size` input columns, optional zero points, so that
+The neutral input is an `IntWeight` (`lmcompress.quant.codes`): integer levels with float scales per output
+row or per group of `group_size` input columns, zero points for asym, so that
 
     W[o, i] = scale[o, i // G] * (codes[o, i] - zero[o, i // G])
 
@@ -39,110 +39,13 @@ from __future__ import annotations
 
 import functools
 import warnings
-from dataclasses import dataclass
 
 import torch
 
 from lmcompress.core.errors import LmcompressError
+from lmcompress.quant.codes import IntWeight
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-SCHEMES = ("binary", "ternary", "int")
-
-
-@dataclass
-class IntWeight:
-    """One quantized weight in neutral form (see the module docstring for the formula).
-
-    codes: integer tensor [out, in] (any integer dtype); binary codes are -1/+1, ternary -1/0/+1, k-bit
-    symmetric codes lie in [-2^(k-1), 2^(k-1)-1], asymmetric ones in [0, 2^k - 1] with `zero` set.
-    scale: float [out, n_groups] (n_groups = ceil(in / group_size)) or [out, 1] / [out] for per-row.
-    zero: float or integer [out, n_groups] or None (symmetric).
-    group_size: columns per scale group; None means one group per row.
-    """
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    bits: int
-    scheme: str = "int"
-    zero: torch.Tensor | None = None
-    group_size: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.codes.dim() != 2 or self.codes.dtype.is_floating_point:
-            raise LmcompressError(f"IntWeight.codes: expected a 2-D integer tensor, got {self.codes.dtype} "
-                                  f"{tuple(self.codes.shape)}")
-        if self.scheme not in SCHEMES:
-            raise LmcompressError(f"IntWeight.scheme: {self.scheme!r} is not one of {SCHEMES}")
-        if not 1 <= self.bits <= 8:
-            raise LmcompressError(f"IntWeight.bits: {self.bits} is outside 1..8")
-        out_f, in_f = self.codes.shape
-        if self.scale.dim() == 1:
-            self.scale = self.scale[:, None]
-        if self.group_size is not None and self.group_size >= in_f:
-            self.group_size = None
-        n_groups = 1 if self.group_size is None else -(-in_f // self.group_size)
-        if tuple(self.scale.shape) != (out_f, n_groups):
-            raise LmcompressError(f"IntWeight.scale: expected shape {(out_f, n_groups)} for codes "
-                                  f"{tuple(self.codes.shape)} and group_size {self.group_size}, got "
-                                  f"{tuple(self.scale.shape)}")
-        if self.zero is not None:
-            if self.zero.dim() == 1:
-                self.zero = self.zero[:, None]
-            if self.zero.shape != self.scale.shape:
-                raise LmcompressError(f"IntWeight.zero: expected shape {tuple(self.scale.shape)}, got "
-                                      f"{tuple(self.zero.shape)}")
-
-    @property
-    def out_features(self) -> int:
-        return self.codes.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.codes.shape[1]
-
-    @property
-    def n_groups(self) -> int:
-        return self.scale.shape[1]
-
-    @property
-    def per_row(self) -> bool:
-        return self.group_size is None
-
-    def signed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(int8 codes, fp32 scale, fp32 offset or None) with W = scale * codes + offset per row/group.
-
-        Asymmetric codes in [0, 2^k) are shifted by 2^(k-1) so that they fit int8 for every k <= 8;
-        the zero point then becomes the float offset -scale * (zero - 2^(k-1)). Rows whose scale is 0
-        get codes 0 and scale 1 (fbgemm cannot take a zero scale; the weight is 0 either way).
-        """
-        codes = self.codes.to(torch.int16)
-        scale = self.scale.float()
-        offset = None
-        if self.zero is not None:
-            half = 1 << (self.bits - 1)
-            codes = codes - half
-            offset = -scale * (self.zero.float() - half)
-        lo, hi = int(codes.min()), int(codes.max())
-        if lo < -128 or hi > 127:
-            raise LmcompressError(f"IntWeight.codes: values {lo}..{hi} do not fit {self.bits} bits "
-                                  f"({'asymmetric' if self.zero is not None else 'symmetric'})")
-        dead = scale == 0
-        if dead.any():
-            codes = codes.masked_fill(self.expand(dead), 0)
-            scale = scale.masked_fill(dead, 1.0)
-        return codes.to(torch.int8), scale, offset
-
-    def expand(self, per_group: torch.Tensor) -> torch.Tensor:
-        """A [out, n_groups] tensor repeated to [out, in] along the groups."""
-        if self.per_row:
-            return per_group.expand(-1, self.in_features)
-        return per_group.repeat_interleave(self.group_size, 1)[:, : self.in_features]
-
-    def dequantize(self) -> torch.Tensor:
-        """The fp32 weight (reference for tests and for formats that store floats; not used by kernels)."""
-        codes, scale, offset = self.signed()
-        weight = codes.float() * self.expand(scale)
-        return weight if offset is None else weight + self.expand(offset)
 
 
 class Kernel:

@@ -23,7 +23,8 @@ import shutil
 import torch
 
 from lmcompress.core.errors import LmcompressError
-from lmcompress.infer.kernels import IntWeight, Kernel, cpu_flags
+from lmcompress.infer.kernels import Kernel, cpu_flags
+from lmcompress.quant.codes import IntWeight
 
 SOURCE = r"""
 #include <torch/extension.h>

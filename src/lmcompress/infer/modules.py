@@ -1,7 +1,7 @@
 """Inference-form modules: compute from integer codes through an integer kernel, hold no float weight.
 
 `PackedLinear` replaces an `nn.Linear` (or GPT-2 `Conv1D`) and `PackedEmbedding` an `nn.Embedding`.
-They are built once from an `IntWeight` (see kernels.py) and are inference only (no gradients).
+They are built once from an `IntWeight` (`lmcompress.quant.codes`) and are inference only (no gradients).
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmcompress.infer.kernels import IntWeight, Kernel, build_kernel
+from lmcompress.infer.kernels import Kernel, build_kernel
+from lmcompress.quant.codes import IntWeight
 
 
 class PackedLinear(nn.Module):

@@ -8,6 +8,7 @@
 """
 
 from lmcompress.quant.apply import QuantConfig, QuantRule, parse_wea, quantize_
+from lmcompress.quant.codes import IntWeight
 from lmcompress.quant.modules import (
     PackedEmbedding,
     PackedLinear,
@@ -22,8 +23,8 @@ from lmcompress.quant.packing import CodeFormat, pack, unpack
 from lmcompress.quant.quantizers import ActQuantizer, QuantizedWeight, QuantSpec, WeightQuantizer, dequantize
 
 __all__ = [
-    "ActQuantizer", "CodeFormat", "PackedEmbedding", "PackedLinear", "PackedTiedHead", "QuantConfig",
-    "QuantEmbedding", "QuantLinear", "QuantRule", "QuantSpec", "QuantTiedHead", "QuantizedWeight", "SizeAccount",
+    "ActQuantizer", "CodeFormat", "IntWeight", "PackedEmbedding", "PackedLinear", "PackedTiedHead", "QuantConfig",
+    "QuantEmbedding", "QuantLinear", "QuantRule", "QuantSpec", "QuantTiedHead", "QuantizedWeight",
     "WeightQuantizer", "dequantize", "is_quantized", "pack", "parse_wea",
     "quantize_", "quantized_modules", "unpack",
 ]

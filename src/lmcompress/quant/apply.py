@@ -216,21 +216,7 @@ class ResolvedRule:
         return ".".join(p for p in (prefix, self.where, name) if p)
 
     def spec(self) -> QuantSpec:
-        w = dict(self.weight)
-        scheme = w["scheme"]
-        bits = w["bits"]
-        if scheme is None:
-            scheme = "binary" if bits == 1 else "sym"
-        if bits is None:
-            bits = {"binary": 1, "ternary": 2}.get(scheme)
-            if bits is None:
-                raise QuantSpecError(f"bits: scheme {scheme} needs a bit width (2..8)")
-        if scheme == "ternary" and bits != 2:
-            raise QuantSpecError(f"bits: ternary weights have 3 levels; leave bits unset (got {bits})")
-        if scheme == "asym" and bits == 1:
-            raise QuantSpecError("scheme: binary (1-bit) weights are symmetric only; asym needs 2..8 bits")
-        granularity = w["granularity"] or ("group" if w["group_size"] else "row")
-        return QuantSpec(scheme=scheme, bits=bits, granularity=granularity, group_size=w["group_size"], scale=w["scale"])
+        return QuantSpec.resolve(**self.weight)
 
     def activation(self) -> ActQuantizer | None:
         return ActQuantizer(self.activation_bits, self.activation_granularity) if self.activation_bits else None

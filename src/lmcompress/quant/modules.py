@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmcompress.models.adapters import weight_is_transposed
-from lmcompress.quant.quantizers import ActQuantizer, QuantizedWeight, QuantSpec, WeightQuantizer
+from lmcompress.quant.packing import packed_row_bytes, unpack
+from lmcompress.quant.quantizers import (
+    SCALE_DTYPE,
+    ZERO_DTYPE,
+    ActQuantizer,
+    QuantizedWeight,
+    QuantSpec,
+    WeightQuantizer,
+)
 
 
 class _CachedWeight:
@@ -181,13 +189,10 @@ class PackedModule(nn.Module):
 
     This reference path dequantizes the codes once (on first use, cached) and runs a float matmul; integer
     kernels replace `forward` without changing the buffers. See `lmcompress.quant.packing` for the layout of
-    `qweight` and `lmcompress.quant.quantizers.dequantize` for what codes mean.
+    `qweight` and `lmcompress.quant.codes` for what codes mean.
     """
 
     def _init_packed(self, spec: QuantSpec, shape: tuple[int, int]) -> None:
-        from lmcompress.quant.packing import packed_row_bytes
-        from lmcompress.quant.quantizers import SCALE_DTYPE, ZERO_DTYPE
-
         self.spec = spec
         self.shape = (int(shape[0]), int(shape[1]))
         rows, cols, _ = spec.group_shape(self.shape)
@@ -202,8 +207,6 @@ class PackedModule(nn.Module):
         super()._apply(fn, recurse)
         # `model.to(torch.bfloat16)` must not re-round the stored scales; it sets the compute dtype.
         self.compute_dtype = fn(torch.zeros((), dtype=torch.float32)).dtype
-        from lmcompress.quant.quantizers import SCALE_DTYPE
-
         self.scales = self.scales.to(SCALE_DTYPE)
         return self
 
@@ -213,20 +216,18 @@ class PackedModule(nn.Module):
     def stored_bits(self) -> float:
         return 8 * sum(self.spec.storage_bytes(self.shape).values()) + _bias_bits(getattr(self, "bias", None))
 
-    def codes(self) -> torch.Tensor:
-        from lmcompress.quant.packing import unpack
-
-        return unpack(self.qweight, self.shape[1], self.spec.code_format)
+    def quantize(self) -> QuantizedWeight:
+        """The stored codes (unpacked), scales and zero points: what `QuantModule.quantize()` gave the export."""
+        codes = unpack(self.qweight, self.shape[1], self.spec.code_format)
+        return QuantizedWeight(codes, self.scales, self.zeros, self.spec)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) weight the codes stand for, computed once per dtype and cached."""
-        from lmcompress.quant.quantizers import dequantize
-
         key = tuple((b.data_ptr(), b._version) for b in (self.qweight, self.scales))
         if key != self._dense_key:
             self._dense, self._dense_key = {}, key
         if dtype not in self._dense:
-            w = dequantize(self.codes(), self.scales, self.zeros, self.spec)
+            w = self.quantize().dequantize()
             self._dense[dtype] = w.to(device=self.qweight.device, dtype=dtype)
         return self._dense[dtype]
 

@@ -3,14 +3,15 @@
 A weight quantizer sees a weight as `(out, in)` (the `nn.Linear` layout; callers transpose GPT-2's `Conv1D`)
 and splits it into groups along the input dimension: one group for the whole tensor (`tensor`), one per
 output row (`row`), or one per `group_size` consecutive inputs of a row (`group`). Every group has a scale
-(and for `asym` an integer zero point). Schemes, with the integer grid `q` and what a stored code `c` means:
+(and for `asym` an integer zero point). Schemes, with the integer grid `q` (what a stored code means is
+`lmcompress.quant.codes`):
 
-| scheme  | grid q                    | value      | code c       | c -> value        | static scale (`mean`/`absmax`)   |
-|---------|---------------------------|------------|--------------|-------------------|----------------------------------|
-| binary  | sign(w) in {-1, +1}       | s*q        | (q+1)/2      | s*(2c - 1)        | mean|w| of the group             |
-| ternary | {-1, 0, +1}               | s*q        | q + 1        | s*(c - 1)         | threshold 0.7*mean|w|; s = mean of the kept |w| |
-| sym k   | round(w/s) in [-Q, Q]     | s*q        | q + Q        | s*(c - Q)         | s = max|w| / Q, Q = 2**(k-1) - 1 |
-| asym k  | round(w/s)+z in [0, 2^k-1]| s*(q - z)  | q            | s*(c - z)         | s = (max - min)/(2^k - 1), z = round(-min/s); min <= 0 <= max |
+| scheme  | grid q                    | value      | static scale (`mean`/`absmax`)   |
+|---------|---------------------------|------------|----------------------------------|
+| binary  | sign(w) in {-1, +1}       | s*q        | mean|w| of the group             |
+| ternary | {-1, 0, +1}               | s*q        | threshold 0.7*mean|w|; s = mean of the kept |w| |
+| sym k   | round(w/s) in [-Q, Q]     | s*q        | s = max|w| / Q, Q = 2**(k-1) - 1 |
+| asym k  | round(w/s)+z in [0, 2^k-1]| s*(q - z)  | s = (max - min)/(2^k - 1), z = round(-min/s); min <= 0 <= max |
 
 `sym` uses the restricted range [-Q, Q] (2^k - 1 levels, zero representable, as in TernaryBERT/QuantGPT's
 code); at 2 bits that is a 3-level grid stored at 2 bits, whereas `ternary` stores 3 levels at 1.6 bits.
@@ -34,16 +35,30 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-from lmcompress.core.errors import RecipeError
-from lmcompress.quant.packing import CodeFormat
+from lmcompress.core.errors import LmcompressError, RecipeError
+from lmcompress.quant.codes import (
+    IMPLIED_BITS,
+    SCHEMES,
+    IntWeight,
+    Scheme,
+    bits_problem,
+    code_format,
+    codes_of,
+    grid,
+    levels_of,
+)
+from lmcompress.quant.packing import CodeFormat, packed_nbytes
 
-SCHEMES = ("binary", "ternary", "sym", "asym")
-GRANULARITIES = ("tensor", "row", "group")
-SCALES = ("absmax", "mean", "lsq", "dynamic")
+Granularity = Literal["tensor", "row", "group"]
+ScaleKind = Literal["absmax", "mean", "lsq", "dynamic"]
+ActGranularity = Literal["token", "tensor"]
+GRANULARITIES: tuple[str, ...] = get_args(Granularity)
+ACT_GRANULARITIES: tuple[str, ...] = get_args(ActGranularity)
 ALLOWED_SCALES = {
     "binary": ("mean", "lsq", "dynamic"),
     "ternary": ("mean", "lsq", "dynamic"),
@@ -58,64 +73,87 @@ EPS = 1e-8
 
 
 class QuantSpecError(RecipeError, ValueError):
-    """A bad quantization setting. A ValueError too, so pydantic validators report it with the field path."""
+    """A bad quantization setting: `reason` says what is wrong with `field`. A ValueError too, so that
+    pydantic validators can report it under the field's path."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+def check_weight_bits(bits: int) -> int:
+    """`bits` if a weight can take it (1..8, 1 = binary); which scheme it fits is `QuantSpec`'s check."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise QuantSpecError("bits", f"{bits!r} is out of range: weight bits are 1..8 (1 = binary); "
+                                     "use scheme: ternary for 3 levels")
+    return bits
+
+
+def check_activation_bits(bits: int) -> int:
+    """`bits` if activations can take it (2..8)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise QuantSpecError("activation_bits", f"{bits!r} is out of range: activations take 2..8 bits")
+    return bits
 
 
 @dataclass(frozen=True)
 class QuantSpec:
     """How one weight tensor is quantized. `bits` is 1 for binary and 2 for ternary (stored as trits)."""
 
-    scheme: str = "sym"
+    scheme: Scheme = "sym"
     bits: int = 8
-    granularity: str = "row"
+    granularity: Granularity = "row"
     group_size: int | None = None
-    scale: str | None = None
+    scale: ScaleKind | None = None
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
-            raise QuantSpecError(f"scheme: {self.scheme!r} is not one of {', '.join(SCHEMES)}")
-        if self.scheme == "binary" and self.bits != 1:
-            raise QuantSpecError(f"bits: binary weights take 1 bit, got {self.bits}")
-        if self.scheme == "ternary" and self.bits != 2:
-            raise QuantSpecError(f"bits: ternary weights are stored as trits (nominal 2 bits), got {self.bits}")
-        if self.scheme in ("sym", "asym"):
-            if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
-                hint = "; 1-bit weights are binary (scheme: binary), which is symmetric only" if self.bits == 1 else ""
-                raise QuantSpecError(f"bits: {self.scheme} weights take 2..8 bits, got {self.bits!r}{hint}")
+            raise QuantSpecError("scheme", f"{self.scheme!r} is not one of {', '.join(SCHEMES)}")
+        problem = bits_problem(self.scheme, self.bits)
+        if problem:
+            raise QuantSpecError("bits", problem)
         if self.granularity not in GRANULARITIES:
-            raise QuantSpecError(f"granularity: {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
+            raise QuantSpecError("granularity", f"{self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
         if self.granularity == "group":
-            if not isinstance(self.group_size, int) or self.group_size <= 0:
-                raise QuantSpecError(f"group_size: granularity 'group' needs a positive group_size, got {self.group_size!r}")
+            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
+                raise QuantSpecError("group_size", f"granularity 'group' needs a positive group_size, got {self.group_size!r}")
         elif self.group_size is not None:
-            raise QuantSpecError(f"group_size: only used with granularity 'group' (granularity is {self.granularity!r})")
+            raise QuantSpecError("group_size", f"only used with granularity 'group' (granularity is {self.granularity!r})")
         scale = self.scale or DEFAULT_SCALE[self.scheme]
         if scale not in ALLOWED_SCALES[self.scheme]:
             raise QuantSpecError(
-                f"scale: {scale!r} does not apply to scheme {self.scheme}; allowed: {', '.join(ALLOWED_SCALES[self.scheme])}"
+                "scale", f"{scale!r} does not apply to scheme {self.scheme}; allowed: {', '.join(ALLOWED_SCALES[self.scheme])}"
             )
         object.__setattr__(self, "scale", scale)
+
+    @classmethod
+    def resolve(cls, scheme: str | None = None, bits: int | None = None, granularity: str | None = None,
+                group_size: int | None = None, scale: str | None = None) -> QuantSpec:
+        """The spec that partial settings (a config's unset fields are None) stand for: 1 bit means binary and
+        any other width sym; binary and ternary need no width; a group size means granularity `group`, else
+        `row`; the scale defaults per scheme."""
+        if scheme is None:
+            scheme = "binary" if bits == 1 else "sym"
+        if bits is None:
+            bits = IMPLIED_BITS.get(scheme)
+            if bits is None:
+                raise QuantSpecError("bits", f"scheme {scheme} needs a bit width (2..8)")
+        granularity = granularity or ("group" if group_size else "row")
+        return cls(scheme=scheme, bits=bits, granularity=granularity, group_size=group_size, scale=scale)
 
     # --- grid -------------------------------------------------------------------------------------
     @property
     def qmax(self) -> int:
         """Largest grid value (Q): 1 for binary/ternary, 2**(k-1)-1 for sym, 2**k-1 for asym."""
-        if self.scheme in ("binary", "ternary"):
-            return 1
-        return 2 ** (self.bits - 1) - 1 if self.scheme == "sym" else 2**self.bits - 1
+        return grid(self.scheme, self.bits)[1]
 
     @property
     def qmin(self) -> int:
-        return 0 if self.scheme == "asym" else -self.qmax
-
-    @property
-    def code_offset(self) -> int:
-        """code = q + offset for ternary/sym (binary maps -1/+1 to 0/1; asym codes are q)."""
-        return {"binary": 0, "ternary": 1, "sym": self.qmax, "asym": 0}[self.scheme]
+        return grid(self.scheme, self.bits)[0]
 
     @property
     def code_format(self) -> CodeFormat:
-        return CodeFormat("trits") if self.scheme == "ternary" else CodeFormat.for_bits(self.bits)
+        return code_format(self.scheme, self.bits)
 
     @property
     def learnable(self) -> bool:
@@ -140,14 +178,12 @@ class QuantSpec:
             return out_features, 1, in_features
         if in_features % self.group_size:
             raise QuantSpecError(
-                f"group_size: {self.group_size} does not divide the input size {in_features} of a {tuple(shape)} weight"
+                "group_size", f"{self.group_size} does not divide the input size {in_features} of a {tuple(shape)} weight"
             )
         return out_features, in_features // self.group_size, self.group_size
 
     def storage_bytes(self, shape: tuple[int, ...]) -> dict[str, int]:
         """Exact bytes of the packed codes, scales and zero points of a weight of `shape` (out, in)."""
-        from lmcompress.quant.packing import packed_nbytes
-
         rows, cols, _ = self.group_shape(shape)
         return {
             "codes": packed_nbytes(shape, self.code_format),
@@ -168,20 +204,27 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.codes, self.scales, self.zeros, self.spec)
 
+    def to_int_weight(self) -> IntWeight:
+        """The same weight as levels with one scale per row or group: what the integer kernels and GGUF read."""
+        spec = self.spec
+        scale, zero = self.scales.float(), self.zeros
+        if scale.shape[0] == 1 and self.codes.shape[0] > 1:  # per-tensor: the one scale on every row
+            scale = scale.expand(self.codes.shape[0], -1)
+            zero = None if zero is None else zero.expand(self.codes.shape[0], -1)
+        return IntWeight(codes=levels_of(self.codes, spec.scheme, spec.bits), scale=scale, bits=spec.bits,
+                         scheme=spec.scheme, zero=None if zero is None else zero.float(),
+                         group_size=spec.group_size if spec.granularity == "group" else None)
+
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spec: QuantSpec,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Weight `(out, in)` from codes `(out, in)`, scales `(R, C)` and zero points (asym), per the table above."""
+    """Weight `(out, in)` from codes `(out, in)`, scales `(R, C)` and zero points (asym); see `quant.codes`."""
     shape = tuple(codes.shape)
     rows, cols, size = spec.group_shape(shape)
-    c = codes.reshape(rows, cols, size).to(torch.float32)
+    q = levels_of(codes, spec.scheme, spec.bits).reshape(rows, cols, size).to(torch.float32)
+    if spec.scheme == "asym":
+        q = q - zeros.to(torch.float32).unsqueeze(-1)
     s = scales.to(torch.float32).unsqueeze(-1)
-    if spec.scheme == "binary":
-        q = 2 * c - 1
-    elif spec.scheme == "asym":
-        q = c - zeros.to(torch.float32).unsqueeze(-1)
-    else:
-        q = c - spec.code_offset
     return (q * s).reshape(shape).to(dtype)
 
 
@@ -250,7 +293,7 @@ class WeightQuantizer(nn.Module):
         self.spec = spec
         self.shape = tuple(weight.shape)
         if len(self.shape) != 2:
-            raise QuantSpecError(f"weight quantizers take a 2-D (out, in) weight, got shape {self.shape}")
+            raise LmcompressError(f"weight quantizers take a 2-D (out, in) weight, got shape {self.shape}")
         self.groups = spec.group_shape(self.shape)
         with torch.no_grad():
             mean_abs = self._grouped(weight.detach().float()).abs().mean(dim=-1, keepdim=True).clamp_min(EPS)
@@ -280,7 +323,7 @@ class WeightQuantizer(nn.Module):
 
     def _grouped(self, w: torch.Tensor) -> torch.Tensor:
         if tuple(w.shape) != self.shape:
-            raise QuantSpecError(f"weight of shape {tuple(w.shape)} given to a quantizer built for {self.shape}")
+            raise LmcompressError(f"weight of shape {tuple(w.shape)} given to a quantizer built for {self.shape}")
         return w.reshape(self.groups)
 
     def storage_bytes(self) -> dict[str, int]:
@@ -342,15 +385,10 @@ class WeightQuantizer(nn.Module):
         wg = self._grouped(w.float())
         q, s, zero, _, _ = self._grid(wg)
         spec = self.spec
-        if spec.scheme == "binary":
-            codes = (q > 0)
-        elif spec.scheme == "asym":
-            codes = q + zero
-        else:
-            codes = q + spec.code_offset
+        levels = q + zero if spec.scheme == "asym" else q
         rows, cols, _ = self.groups
         return QuantizedWeight(
-            codes=codes.to(torch.uint8).reshape(self.shape),
+            codes=codes_of(levels, spec.scheme, spec.bits).reshape(self.shape),
             scales=s.detach().reshape(rows, cols).to(SCALE_DTYPE),
             zeros=None if zero is None else zero.reshape(rows, cols).to(ZERO_DTYPE),
             spec=spec,
@@ -358,19 +396,15 @@ class WeightQuantizer(nn.Module):
 
 
 # --- activation quantizer ------------------------------------------------------------------------
-ACT_GRANULARITIES = ("token", "tensor")
-
-
 class ActQuantizer(nn.Module):
     """Dynamic symmetric quantization of a linear layer's input: scale = max|x| / (2**(bits-1) - 1) per token
     (last dimension) or per tensor, computed on the fly; straight-through gradient. Nothing to store."""
 
     def __init__(self, bits: int = 8, granularity: str = "token"):
         super().__init__()
-        if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
-            raise QuantSpecError(f"activation_bits: activations take 2..8 bits, got {bits!r}")
+        check_activation_bits(bits)
         if granularity not in ACT_GRANULARITIES:
-            raise QuantSpecError(f"activation_granularity: {granularity!r} is not one of {', '.join(ACT_GRANULARITIES)}")
+            raise QuantSpecError("activation_granularity", f"{granularity!r} is not one of {', '.join(ACT_GRANULARITIES)}")
         self.bits = bits
         self.granularity = granularity
 

@@ -104,7 +104,7 @@ def run_hf(config: str, prefill: int, new_tokens: int) -> dict:
     import torch
     import transformers
 
-    from lmcompress.infer import PackedEmbedding, PackedLinear, apply_dequantized, rtn_weights, to_inference
+    from lmcompress.infer import KernelEmbedding, KernelLinear, apply_dequantized, rtn_weights, to_inference
     from lmcompress.models.adapters import is_linear
 
     base_rss = rss_bytes()
@@ -137,9 +137,9 @@ def run_hf(config: str, prefill: int, new_tokens: int) -> dict:
         del logits_check, fast
         unique = {id(w): w for w in weights.values()}.values()
         row["stored_bytes"] = sum(packed_weight_bytes(w) for w in unique) + tensor_bytes(model.parameters())
-        row["kernels"] = sorted({m.kernel.name for m in model.modules() if isinstance(m, PackedLinear)})
-        matmul_bytes = sum(m.nbytes for m in model.modules() if isinstance(m, PackedLinear))
-        row["embedding_bytes"] = sum(m.nbytes for m in model.modules() if isinstance(m, PackedEmbedding))
+        row["kernels"] = sorted({m.kernel.name for m in model.modules() if isinstance(m, KernelLinear)})
+        matmul_bytes = sum(m.nbytes for m in model.modules() if isinstance(m, KernelLinear))
+        row["embedding_bytes"] = sum(m.nbytes for m in model.modules() if isinstance(m, KernelEmbedding))
     else:
         row["stored_bytes"] = tensor_bytes(model.parameters())
         linears = [m.weight for n, m in model.named_modules() if is_linear(m)]

@@ -9,7 +9,7 @@ import torch
 from helpers import tiny_model
 
 from lmcompress.core.errors import LmcompressError, RecipeError
-from lmcompress.infer import PackedEmbedding, PackedLinear, apply_dequantized, rtn_weights, to_inference
+from lmcompress.infer import KernelEmbedding, KernelLinear, apply_dequantized, rtn_weights, to_inference
 
 BITS = [1, "ternary", 2, 4, 8]
 ALL = ("attention", "mlp", "embeddings", "head")
@@ -38,8 +38,8 @@ def test_inference_form_matches_fake_quant(family, bits, group_size, prefer):
     ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
     assert relative_error(reference, fast, ids) < TOLERANCE
     for name in weights:  # every selected module was swapped
-        assert isinstance(fast.get_submodule(name), (PackedLinear, PackedEmbedding)), name
-    packed = [m for m in fast.modules() if isinstance(m, PackedLinear)]
+        assert isinstance(fast.get_submodule(name), (KernelLinear, KernelEmbedding)), name
+    packed = [m for m in fast.modules() if isinstance(m, KernelLinear)]
     if prefer == "memory" and bits != 8:
         assert {m.kernel.name for m in packed} == {"int4pack"}
     if prefer == "accuracy":  # bf16-activation kernels only
@@ -75,7 +75,7 @@ def test_odd_shapes_run_through_the_fallback():
     weights = rtn_weights(model, 2, ("attention", "mlp"), group_size=24)
     reference = apply_dequantized(copy.deepcopy(model), weights)
     fast = to_inference(model, weights)
-    kernels = {m.kernel.name for m in fast.modules() if isinstance(m, PackedLinear)}
+    kernels = {m.kernel.name for m in fast.modules() if isinstance(m, KernelLinear)}
     assert kernels == {"fbgemm-int8-groups"}
     ids = torch.randint(3, 128, (1, 16))
     assert relative_error(reference, fast, ids) < TOLERANCE

@@ -14,7 +14,7 @@ from lmcompress.infer.kernels import (
     build_kernel,
     choose_kernel,
 )
-from lmcompress.infer.modules import PackedLinear
+from lmcompress.infer.modules import KernelLinear
 from lmcompress.quant.codes import IntWeight
 
 
@@ -110,9 +110,9 @@ def test_choose_kernel():
     assert choose_kernel(random_weight(48, 128, 2), prefer="accuracy") is Int4Groups
 
 
-def test_packed_linear_holds_no_float_weight():
+def test_kernel_linear_holds_no_float_weight():
     weight = random_weight(64, 96, 2, "ternary")
-    layer = PackedLinear(weight, torch.zeros(64))
+    layer = KernelLinear(weight, torch.zeros(64))
     assert not any(p.dtype.is_floating_point and p.numel() >= 64 * 96 for p in layer.parameters())
     assert not any(b.dtype.is_floating_point and b.numel() >= 64 * 96 for b in layer.buffers())
     held = [v for v in vars(layer.kernel).values() if isinstance(v, torch.Tensor)]

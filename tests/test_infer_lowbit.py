@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import tiny_model
 
-from lmcompress.infer import PackedLinear, apply_dequantized, rtn_weight, rtn_weights, to_inference
+from lmcompress.infer import KernelLinear, apply_dequantized, rtn_weight, rtn_weights, to_inference
 from lmcompress.infer.lowbit import Lowbit2Rows, available
 
 pytestmark = [pytest.mark.slow,
@@ -41,7 +41,7 @@ def test_model_runs_lowbit_where_it_applies_and_falls_back_elsewhere():
     weights.update(rtn_weights(model, 8, ("embeddings", "head")))
     reference = apply_dequantized(copy.deepcopy(model), weights)
     fast = to_inference(model, weights, kernel="lowbit2")
-    kernels = {n: m.kernel.name for n, m in fast.named_modules() if isinstance(m, PackedLinear)}
+    kernels = {n: m.kernel.name for n, m in fast.named_modules() if isinstance(m, KernelLinear)}
     assert kernels.pop("lm_head") == "fbgemm-int8"  # 8-bit head: fallback
     assert set(kernels.values()) == {"lowbit2-avx512"}
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -10,7 +10,7 @@ from helpers import tiny_model
 
 from lmcompress.formats import load_inference
 from lmcompress.formats.packed import export_packed
-from lmcompress.infer import PackedEmbedding, PackedLinear, to_inference
+from lmcompress.infer import KernelEmbedding, KernelLinear, to_inference
 from lmcompress.quant import quantize_
 
 CONFIGS = {  # every bit-width; embeddings quantized too (the tied head then multiplies by their codes)
@@ -41,8 +41,8 @@ def test_fake_quant_model_in_inference_form(family, name):
     fast = to_inference(copy.deepcopy(model))
     ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     assert relative_error(model, fast, ids) < TOLERANCE
-    assert any(isinstance(m, PackedEmbedding) for m in fast.modules())
-    assert sum(isinstance(m, PackedLinear) for m in fast.modules()) >= 8
+    assert any(isinstance(m, KernelEmbedding) for m in fast.modules())
+    assert sum(isinstance(m, KernelLinear) for m in fast.modules()) >= 8
     out = fast.generate(ids[:1, :4], max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 8)
 

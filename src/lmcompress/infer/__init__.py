@@ -8,13 +8,13 @@ from lmcompress.infer.convert import (
     to_inference,
 )
 from lmcompress.infer.kernels import build_kernel, choose_kernel
-from lmcompress.infer.modules import PackedEmbedding, PackedLinear
+from lmcompress.infer.modules import KernelEmbedding, KernelLinear
 from lmcompress.quant.codes import IntWeight  # what `to_inference(weights=...)` takes
 
 __all__ = [
     "IntWeight",
-    "PackedEmbedding",
-    "PackedLinear",
+    "KernelEmbedding",
+    "KernelLinear",
     "apply_dequantized",
     "build_kernel",
     "choose_kernel",

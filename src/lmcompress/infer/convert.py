@@ -1,6 +1,6 @@
 """Turn a quantized model into its inference form, in place.
 
-`to_inference(model)` swaps every quantized module for a `PackedLinear` / `PackedEmbedding` that computes
+`to_inference(model)` swaps every quantized module for a `KernelLinear` / `KernelEmbedding` that computes
 from integer codes. It understands:
 - a `weights` mapping {module name: IntWeight} (the neutral form: what a packed folder holds, or what
   `rtn_weights` makes for a float model);
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lmcompress.core.errors import LmcompressError
-from lmcompress.infer.modules import PackedEmbedding, PackedLinear
+from lmcompress.infer.modules import KernelEmbedding, KernelLinear
 from lmcompress.models.adapters import get_adapter, is_linear, linear_weight
 from lmcompress.models.select import select_modules, set_module
 from lmcompress.quant.codes import IntWeight
@@ -102,9 +102,9 @@ def to_inference(model: nn.Module, weights: Mapping[str, IntWeight] | None = Non
     for name, (weight, bias, is_embedding) in targets.items():
         module = model.get_submodule(name)
         if is_embedding:
-            new = PackedEmbedding(weight, padding_idx=getattr(module, "padding_idx", None))
+            new = KernelEmbedding(weight, padding_idx=getattr(module, "padding_idx", None))
         else:
-            new = PackedLinear(weight, bias, kernel=kernel, prefer=prefer)
+            new = KernelLinear(weight, bias, kernel=kernel, prefer=prefer)
         set_module(model, name, new)
     _unshare_storages(model)
     return model.eval()

@@ -1,6 +1,6 @@
 """Inference-form modules: compute from integer codes through an integer kernel, hold no float weight.
 
-`PackedLinear` replaces an `nn.Linear` (or GPT-2 `Conv1D`) and `PackedEmbedding` an `nn.Embedding`.
+`KernelLinear` replaces an `nn.Linear` (or GPT-2 `Conv1D`) and `KernelEmbedding` an `nn.Embedding`.
 They are built once from an `IntWeight` (`lmcompress.quant.codes`) and are inference only (no gradients).
 """
 
@@ -14,7 +14,7 @@ from lmcompress.infer.kernels import Kernel, build_kernel
 from lmcompress.quant.codes import IntWeight
 
 
-class PackedLinear(nn.Module):
+class KernelLinear(nn.Module):
     """y = x @ W.T + b with W held only as packed integer codes and scales inside `self.kernel`."""
 
     def __init__(self, weight: IntWeight, bias: torch.Tensor | None = None, kernel: str = "auto",
@@ -43,7 +43,7 @@ class PackedLinear(nn.Module):
                 f"{self.scheme} {self.bits}-bit, {group} scales, kernel={self.kernel.name}")
 
 
-class PackedEmbedding(nn.Module):
+class KernelEmbedding(nn.Module):
     """Embedding lookup from int8 codes: only the looked-up rows are scaled to floats."""
 
     def __init__(self, weight: IntWeight, padding_idx: int | None = None):

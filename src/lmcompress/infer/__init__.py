@@ -1,5 +1,6 @@
 """Inference form of quantized models: packed integer codes run by integer CPU kernels, GGUF export."""
 
+from lmcompress.infer import from_quant, lowbit  # noqa: F401  (they register an extractor and a kernel)
 from lmcompress.infer.convert import (
     apply_dequantized,
     register_extractor,

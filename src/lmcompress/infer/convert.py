@@ -5,7 +5,8 @@ from integer codes. It understands:
 - a `weights` mapping {module name: IntWeight} (the neutral form: what a packed folder holds, or what
   `rtn_weights` makes for a float model);
 - modules for which an extractor is registered with `register_extractor`: `infer/from_quant.py` registers
-  one for the fake-quant and packed modules of `lmcompress.quant`, giving the codes their forward uses.
+  one for the fake-quant and packed modules of `lmcompress.quant` (imported by the package, so it is
+  always registered), giving the codes their forward uses.
 
 `rtn_weights` is plain round-to-nearest quantization into the neutral form; it serves the speed
 benchmark and the tests (trained models come from the quant stage).
@@ -43,17 +44,6 @@ def _extract(module: nn.Module):
     return None
 
 
-def _import_extractors() -> None:
-    import importlib
-
-    for name in ("lmcompress.infer.from_quant",):
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-
-
 def _unshare_storages(model: nn.Module) -> None:
     """Give the remaining (float) parameters and buffers storage of their own.
 
@@ -68,7 +58,6 @@ def _unshare_storages(model: nn.Module) -> None:
 
 def find_quantized(model: nn.Module) -> dict[str, tuple[IntWeight, torch.Tensor | None, bool]]:
     """{name: (IntWeight, bias, is_embedding)} of the modules a registered extractor recognises."""
-    _import_extractors()
     found = {}
     for name, module in model.named_modules():
         extracted = _extract(module)

@@ -24,7 +24,9 @@ Which op when (measured on a 2-core AVX-512/VNNI EPYC with torch 2.13, see bench
 - `Int8PackRows`: `_weight_int8pack_mm` (int8 weights, bf16 activations) for prefer="accuracy": no
   activation quantization, slower (the 49152-row LM head takes 4.3 ms per token against fbgemm's 0.8 ms).
 - `lowbit.Lowbit2Rows` (opt-in, kernel="lowbit2"): 2-bit codes read by an AVX-512 VNNI C++ extension, the
-  only path that reads fewer bytes than int8 at decode (see lowbit.py).
+  only path that reads fewer bytes than int8 at decode (see lowbit.py, which registers it here).
+
+Every kernel registers the `kernel=` option that selects it with `register_kernel`.
 
 On SmolLM2 (outlier channels) 8-bit activations cost accuracy: an int8 round-to-nearest model's logits
 differ from its fake-quant form by 0.77 std (94% same top-1) with fbgemm, 0.11 std (97%) with
@@ -39,6 +41,8 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -49,9 +53,16 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
 class Kernel:
-    """`kernel(x2d) -> y2d` for x of shape [tokens, in]; packs its weights once in __init__."""
+    """`kernel(x2d) -> y2d` for x of shape [tokens, in]; packs its weights once in __init__.
+
+    `name` says which kernel runs (module reprs, benchmarks); `supports(weight)` whether it takes a weight.
+    """
 
     name = "kernel"
+
+    @staticmethod
+    def supports(weight: IntWeight) -> bool:
+        return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -107,13 +118,37 @@ def _linear_dynamic_per_token(x: torch.Tensor, packed, reduce_range: bool) -> to
     return torch.ops.quantized.linear_dynamic(x / s, packed, reduce_range).mul_(s)
 
 
+K = TypeVar("K", bound=type[Kernel])
+# `kernel=` option -> (kernel class, whether weights it does not support get the automatic choice instead)
+_KERNELS: dict[str, tuple[type[Kernel], bool]] = {}
+
+
+def register_kernel(option: str, fallback: bool = False) -> Callable[[K], K]:
+    """Class decorator: `build_kernel(weight, kernel=option)` builds this kernel. With `fallback` the option is
+    an opt-in for the weights the kernel supports (a special low-bit kernel for part of a model); the other
+    weights get the "auto" choice. Without it, a weight the kernel cannot take is the kernel's error."""
+
+    def register(cls: K) -> K:
+        if option == "auto" or option in _KERNELS:
+            raise TypeError(f"kernel option {option!r} is taken")
+        _KERNELS[option] = (cls, fallback)
+        return cls
+
+    return register
+
+
+@register_kernel("fbgemm-int8")
 class FbgemmRows(Kernel):
     """Per-row scales: one fbgemm int8 linear (dynamic uint8 activations, fp32 in/out)."""
 
     name = "fbgemm-int8"
 
+    @staticmethod
+    def supports(weight: IntWeight) -> bool:
+        return weight.per_row
+
     def __init__(self, weight: IntWeight, bias: torch.Tensor | None = None):
-        if not weight.per_row:
+        if not self.supports(weight):
             raise LmcompressError("FbgemmRows needs per-row scales; use FbgemmGroupSplit for groups")
         codes, scale, offset = weight.signed()
         self.out_features, self.in_features = codes.shape
@@ -135,6 +170,7 @@ class FbgemmRows(Kernel):
         return self.out_features * (self.in_features + 4) + extra
 
 
+@register_kernel("fbgemm-int8-groups")
 class FbgemmGroupSplit(Kernel):
     """Per-group scales for any shape: one fbgemm per-row linear per input group, partial sums added."""
 
@@ -167,6 +203,7 @@ class FbgemmGroupSplit(Kernel):
         return self.out_features * (self.in_features + 4 * n * (1 if self.offset is None else 2))
 
 
+@register_kernel("int4pack")
 class Int4Groups(Kernel):
     """int4 codes (with bf16 scale and zero per group) through `_weight_int4pack_mm_for_cpu`."""
 
@@ -213,6 +250,7 @@ class Int4Groups(Kernel):
         return self.packed.numel() + self.scale_zeros.numel() * 2
 
 
+@register_kernel("int8pack")
 class Int8PackRows(Kernel):
     """Per-row int8 codes through `_weight_int8pack_mm` with bf16 activations (no activation quantization:
     closest to a weight-only fake-quant model). Needs in % 16 == 0 (the op crashes otherwise)."""
@@ -250,7 +288,6 @@ def _fits_int4(weight: IntWeight) -> bool:
     return codes.numel() == 0 or (int(codes.min()) >= -8 and int(codes.max()) <= 7)
 
 
-KERNELS = {k.name: k for k in (FbgemmRows, FbgemmGroupSplit, Int4Groups, Int8PackRows)}
 PREFER = ("speed", "memory", "accuracy")
 
 
@@ -274,18 +311,14 @@ def choose_kernel(weight: IntWeight, prefer: str = "speed") -> type[Kernel]:
 
 def build_kernel(weight: IntWeight, bias: torch.Tensor | None = None, kernel: str = "auto",
                  prefer: str = "speed") -> Kernel:
-    """Pack `weight` for the kernel named `kernel`: "auto" picks with `choose_kernel`; "lowbit2" uses the
-    2-bit AVX-512 kernel of lowbit.py where it applies (per-row codes in [-2, 1]) and "auto" elsewhere."""
-    if kernel == "lowbit2":
-        from lmcompress.infer.lowbit import Lowbit2Rows
-
-        if Lowbit2Rows.supports(weight):
-            return Lowbit2Rows(weight, bias)
-        kernel = "auto"
+    """Pack `weight` for the kernel registered as `kernel`: "auto" picks with `choose_kernel`, and so does an
+    opt-in kernel such as "lowbit2" (the 2-bit AVX-512 kernel of lowbit.py) for a weight it does not take."""
     if kernel == "auto":
         cls = choose_kernel(weight, prefer)
-    elif kernel in KERNELS:
-        cls = KERNELS[kernel]
+    elif kernel in _KERNELS:
+        cls, fallback = _KERNELS[kernel]
+        if fallback and not cls.supports(weight):
+            cls = choose_kernel(weight, prefer)
     else:
-        raise LmcompressError(f"kernel: {kernel!r} is not one of {['auto', 'lowbit2', *KERNELS]}")
+        raise LmcompressError(f"kernel: {kernel!r} is not one of {', '.join(['auto', *_KERNELS])}")
     return cls(weight, bias)

@@ -23,7 +23,7 @@ import shutil
 import torch
 
 from lmcompress.core.errors import LmcompressError
-from lmcompress.infer.kernels import Kernel, cpu_flags
+from lmcompress.infer.kernels import Kernel, cpu_flags, register_kernel
 from lmcompress.quant.codes import IntWeight
 
 SOURCE = r"""
@@ -154,12 +154,14 @@ def extension():
     """Build (once; cached by torch under ~/.cache/torch_extensions) and return the extension module."""
     if not available():
         raise LmcompressError("the lowbit2 kernel needs a C++ compiler and a CPU with AVX-512 VNNI")
+    # torch's C++ extension builder (and the compiler it runs) is needed only when this kernel is used.
     from torch.utils.cpp_extension import load_inline
 
     return load_inline("lmc_lowbit2", cpp_sources=[SOURCE], with_cuda=False, verbose=False,
                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
 
 
+@register_kernel("lowbit2", fallback=True)
 class Lowbit2Rows(Kernel):
     """Codes in [-2, 1] (ternary, binary, symmetric int2) with per-row scales, 2 bits resident."""
 

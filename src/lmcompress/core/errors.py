@@ -22,4 +22,8 @@ class DataError(LmcompressError):
 
 
 class TrainingDiverged(LmcompressError):
-    """A loss turned NaN or infinite; the last good checkpoint is kept."""
+    """A loss turned NaN/infinite or spiked; checkpoints holding the weights that produced it are removed."""
+
+
+class CheckpointError(LmcompressError):
+    """A training checkpoint cannot be written or resumed (a write failed, a pickle, changed settings)."""

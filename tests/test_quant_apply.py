@@ -75,6 +75,13 @@ def test_tied_head_multiplies_by_the_quantized_table():
     torch.testing.assert_close(model.lm_head(h), F.linear(h, model.model.embed_tokens.quantized_weight()))
 
 
+def test_a_rule_with_its_own_width_does_not_inherit_a_fixed_width_scheme():
+    config = QuantConfig(scheme="ternary", rules=[{"patterns": ["attention"], "bits": 4}, {"patterns": ["mlp"]}])
+    assert [r.spec.label for r in config.resolved_rules()] == ["int4-sym", "ternary"]
+    config = QuantConfig(bits=4, rules=[{"patterns": ["attention"], "scheme": "binary"}, {"patterns": ["mlp"]}])
+    assert [r.spec.label for r in config.resolved_rules()] == ["binary", "int4-sym"]
+
+
 def test_head_is_excluded_by_default_and_can_be_included():
     model = tiny_model("llama", tie_word_embeddings=False)
     quantize_(model, {"bits": 4})
@@ -85,14 +92,20 @@ def test_head_is_excluded_by_default_and_can_be_included():
 
 
 @pytest.mark.parametrize("config,message", [
-    ({"bits": 0}, r"quantize\.bits: 0 is out of range"),
-    ({"bits": 9}, r"quantize\.bits: 9 is out of range"),
+    ({"bits": 0}, r"quantize\.bits: out of range: weights take 1\.\.8 bits .*\(got 0\)"),
+    ({"bits": 9}, r"quantize\.bits: out of range: .*\(got 9\)"),
+    ({"bits": "2-x-8"}, r"quantize\.bits: embedding part 'x': not a bit width .*\(got '2-x-8'\)"),
+    ({"bits": "t-t-1"}, r"quantize\.bits: activation part '1': activations take 2\.\.8 bits"),
+    ({"bits": "t-2-8", "scheme": "sym"}, r"quantize: bits: the shorthand says ternary weights but scheme is 'sym'"),
+    ({"rules": [{"patterns": ["mlp"], "scheme": "ternary", "bits": 4}]}, r"quantize: rules\[0\]\.bits: ternary weights are 2-bit"),
+    ({"rules": [{"patterns": ["mlp"], "bits": 4, "activation_bits": 12}]}, r"quantize\.rules\[0\]\.activation_bits: out of range"),
+    ({"bits": 4, "embedding_bits": 1, "embedding_scheme": "asym"}, r"quantize: embedding_bits: asym weights take 2\.\.8 bits"),
     ({"bits": 1, "scheme": "asym"}, "binary .* symmetric only"),
     ({"bits": 4, "patterns": ["*.no_such_module"]}, r"quantize\.patterns: pattern\(s\) \['\*\.no_such_module'\] match no module"),
     ({"rules": [{"patterns": ["mlp"], "bits": 4}, {"patterns": ["nothing*"], "bits": 2}]}, r"quantize\.rules\[1\]\.patterns"),
     ({"bits": 4, "granularity": "group", "group_size": 5}, "group_size: 5 does not divide"),
     ({"bits": "2-2"}, "three parts"),
-    ({"bits": 4, "activation_bits": 1}, "activation_bits"),
+    ({"bits": 4, "activation_bits": 1}, r"quantize\.activation_bits: out of range"),
 ])
 def test_bad_configs_fail_with_clear_errors(config, message):
     with pytest.raises(RecipeError, match=message):

@@ -7,6 +7,7 @@ import pytest
 from helpers import RECIPES, integration, tiny_budget, tiny_model
 
 from lmcompress.core.errors import RecipeError
+from lmcompress.quant import QuantConfig
 from lmcompress.quant.modules import QuantEmbedding, is_quantized
 from lmcompress.recipe import Recipe, load_recipe
 from lmcompress.recipe.base import Run
@@ -37,10 +38,25 @@ def test_stage_swaps_modules_and_reports_the_size(tmp_path):
     ({"bits": 2, "granularity": "blocks"}, r"stages\[0\]\.granularity"),
     ({"bits": 2, "activation_bits": 12}, r"stages\[0\]\.activation_bits"),
     ({"bits": 2, "typo": 1}, r"stages\[0\]\.typo: unknown field"),
+    ({"bits": "2-9-8"}, r"stages\[0\]\.bits: embedding part '9': out of range"),
+    ({"rules": [{"patterns": ["mlp"], "scheme": "sym"}]}, r"stages\[0\]: rules\[0\]\.bits: scheme sym needs a bit width"),
 ])
 def test_bad_stage_fields_fail_before_anything_runs(stage, field):
     with pytest.raises(RecipeError, match=field):
         _recipe(**stage)
+
+
+def test_the_stage_is_the_config_it_runs_with(tmp_path, monkeypatch):
+    # Validated and resolved once, with the recipe: running the stage neither re-validates nor re-resolves.
+    recipe = _recipe(bits="4-8-8", rules=[{"patterns": ["attention"], "bits": 2}, {"patterns": ["mlp"], "scheme": "ternary"}])
+    stage = recipe.stages[0]
+    assert [r.spec.label for r in stage.resolved_rules()] == ["int2-sym", "ternary", "int8-sym"]
+    monkeypatch.setattr(QuantConfig, "model_validate", lambda *a, **k: pytest.fail("re-validated"))
+    monkeypatch.setattr(QuantConfig, "_resolved_rules", lambda self: pytest.fail("re-resolved"))
+    run = Run(recipe=recipe, out_dir=tmp_path)
+    run.student = tiny_model("llama")
+    stage.run(run)
+    assert run.report.rows[-1]["schemes"] == "int2-sym x16, ternary x12, int8-sym x2"  # + the tied head
 
 
 def test_pattern_matching_nothing_fails_at_run_time_naming_the_stage(tmp_path):

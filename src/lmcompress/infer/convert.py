@@ -24,6 +24,8 @@ from lmcompress.infer.modules import KernelEmbedding, KernelLinear
 from lmcompress.models.adapters import get_adapter, is_linear, linear_weight
 from lmcompress.models.select import select_modules, set_module
 from lmcompress.quant.codes import IntWeight
+from lmcompress.quant.config import parse_bits
+from lmcompress.quant.quantizers import TERNARY_THRESHOLD, QuantSpec, QuantSpecError
 
 # fn(module) -> (IntWeight, bias, is_embedding) for a module it recognises as quantized, else None
 Extractor = Callable[[nn.Module], "tuple[IntWeight, torch.Tensor | None, bool] | None"]
@@ -111,21 +113,22 @@ def apply_dequantized(model: nn.Module, weights: Mapping[str, IntWeight]) -> nn.
 
 # --- round-to-nearest into the neutral form -----------------------------------------------------------
 
-def scheme_of(bits: int | str) -> tuple[str, int]:
-    """("binary", 1), ("ternary", 2) or ("sym", k) from 1, "ternary" or k in 2..8."""
-    if bits in ("binary", 1):
-        return "binary", 1
-    if bits in ("ternary", 1.58, "1.58"):
-        return "ternary", 2
-    if isinstance(bits, int) and 2 <= bits <= 8:
-        return "sym", bits
-    raise LmcompressError(f"bits: expected 1, 'ternary' or 2..8, got {bits!r}")
+def _scheme_and_bits(bits: int | str) -> tuple[str, int]:
+    """("binary", 1), ("ternary", 2) or ("sym", k) for a width written as a recipe writes it (1, t, 2..8)."""
+    try:
+        width, scheme = parse_bits(bits)
+        if width is None:
+            raise QuantSpecError("bits", "round-to-nearest weights need a width: 1 (binary), t (ternary) or 2..8")
+        spec = QuantSpec.resolve(scheme=scheme, bits=width)
+    except QuantSpecError as exc:
+        raise QuantSpecError(exc.field, f"{exc.reason} (got {bits!r})") from None
+    return spec.scheme, spec.bits
 
 
 def rtn_weight(weight: torch.Tensor, bits: int | str, group_size: int | None = None) -> IntWeight:
     """Round-to-nearest codes of a float [out, in] weight (binary: sign * mean|w|; ternary: threshold
     0.7 * mean|w| with scale = mean of kept |w|; k-bit: symmetric, scale = max|w| / (2^(k-1) - 1))."""
-    scheme, nbits = scheme_of(bits)
+    scheme, nbits = _scheme_and_bits(bits)
     w = weight.detach().float()
     out_f, in_f = w.shape
     if group_size is not None and group_size >= in_f:
@@ -141,7 +144,7 @@ def rtn_weight(weight: torch.Tensor, bits: int | str, group_size: int | None = N
         codes = torch.where(groups >= 0, 1, -1)
         scale = mean_abs
     elif scheme == "ternary":
-        keep = groups.abs() > 0.7 * mean_abs[..., None]
+        keep = groups.abs() > TERNARY_THRESHOLD * mean_abs[..., None]
         codes = torch.sign(groups) * keep
         scale = (groups.abs() * keep).sum(-1) / keep.sum(-1).clamp_min(1)
     else:

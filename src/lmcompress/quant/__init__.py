@@ -7,8 +7,9 @@
     lmcompress.save(model, tokenizer, "out/w2")                      # packed codes (lmcompress.formats)
 """
 
-from lmcompress.quant.apply import QuantConfig, QuantRule, parse_wea, quantize_
+from lmcompress.quant.apply import quantize_
 from lmcompress.quant.codes import IntWeight
+from lmcompress.quant.config import QuantConfig, QuantRule, parse_wea
 from lmcompress.quant.modules import (
     PackedEmbedding,
     PackedLinear,

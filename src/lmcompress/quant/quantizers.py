@@ -82,17 +82,18 @@ class QuantSpecError(RecipeError, ValueError):
 
 
 def check_weight_bits(bits: int) -> int:
-    """`bits` if a weight can take it (1..8, 1 = binary); which scheme it fits is `QuantSpec`'s check."""
+    """`bits` if a weight can take it (1..8, 1 = binary); which scheme it fits is `QuantSpec`'s check.
+    The reason does not repeat the value: a config's error report appends it."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise QuantSpecError("bits", f"{bits!r} is out of range: weight bits are 1..8 (1 = binary); "
-                                     "use scheme: ternary for 3 levels")
+        raise QuantSpecError("bits", "out of range: weights take 1..8 bits (1 = binary); "
+                                     "use scheme: ternary (or t) for 3 levels")
     return bits
 
 
 def check_activation_bits(bits: int) -> int:
     """`bits` if activations can take it (2..8)."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise QuantSpecError("activation_bits", f"{bits!r} is out of range: activations take 2..8 bits")
+        raise QuantSpecError("activation_bits", "out of range: activations take 2..8 bits")
     return bits
 
 

@@ -48,10 +48,11 @@ from pathlib import Path
 import torch
 
 import lmcompress.distill.contrastive  # noqa: F401  registers the `contrastive` loss
+from lmcompress.core.files import folder_bytes
 from lmcompress.distill import TrainConfig, build_objective, parse_loss, train
 from lmcompress.distill.trainer import pad_collate
 from lmcompress.evaluate import evaluate_classifier, perplexity
-from lmcompress.formats.packed import export_packed, size_accounting
+from lmcompress.formats import export_model, size_report
 from lmcompress.quant import quantize_
 from lmcompress.recipe import Recipe
 from lmcompress.recipe.base import Run
@@ -95,10 +96,10 @@ def _train(objective, rows, args, steps: int, batch_size: int, grad_accum: int, 
 
 
 def _packed_size(model, tokenizer, folder: Path, teacher_bytes: int) -> dict:
-    result = export_packed(model, tokenizer, folder, float_dtype="fp16")
-    return {"bits_per_param": round(result["bits_per_param"], 3), "size_mb": round(result["tensor_bytes"] / 1e6, 2),
-            "disk_mb": round(result["folder_bytes"] / 1e6, 2),
-            "compression": round(teacher_bytes / result["tensor_bytes"], 2)}
+    size = size_report(model, "fp16")  # what the export below stores
+    export_model(model, tokenizer, folder, dtype="fp16", format="packed-quant")
+    return {"bits_per_param": round(size["bits_per_param"], 3), "size_mb": round(size["mb"], 2),
+            "disk_mb": round(folder_bytes(folder) / 1e6, 2), "compression": round(teacher_bytes / size["bytes"], 2)}
 
 
 def bench_smollm2(args) -> tuple[list[dict], dict]:
@@ -116,7 +117,7 @@ def bench_smollm2(args) -> tuple[list[dict], dict]:
         return round(perplexity(model, test_blocks, window=args.block_size, max_tokens=args.eval_tokens,
                                 batch_size=4, progress=False)["perplexity"], 3)
 
-    teacher_bytes = size_accounting(teacher, "fp32").tensor_bytes
+    teacher_bytes = size_report(teacher, "fp32")["bytes"]
     rows = [{"model": "smollm2-135m", "setting": "fp32", "method": "teacher", "perplexity": ppl(teacher),
              "bits_per_param": 32.0, "size_mb": round(teacher_bytes / 1e6, 2), "compression": 1.0, "train_tokens": 0}]
     print(markdown_table(rows[-1:]))
@@ -156,7 +157,7 @@ def bench_minilm(args) -> tuple[list[dict], dict]:
     for stage in recipe.stages:
         stage.run(run)  # load, then fine-tune the teacher (and report its accuracy)
     teacher, tokenizer = run.teacher, run.tokenizer
-    teacher_bytes = size_accounting(teacher, "fp32").tensor_bytes
+    teacher_bytes = size_report(teacher, "fp32")["bytes"]
     train_rows = run.task.tokenized(tokenizer, "train", 128)
     pad = tokenizer.pad_token_id or 0
 

@@ -1,4 +1,4 @@
-"""Packed export: reloaded logits match the fake-quant model, and the size accounting is what lands on disk."""
+"""Packed export: reloaded logits match the fake-quant model, and its plan is what lands on disk."""
 
 import json
 
@@ -8,9 +8,9 @@ from helpers import tiny_model
 from safetensors import safe_open
 
 from lmcompress.core.errors import LmcompressError
-from lmcompress.evaluate.size import size_report
-from lmcompress.formats import export_model, load_model
-from lmcompress.formats.packed import export_packed, size_accounting
+from lmcompress.core.files import folder_bytes
+from lmcompress.formats import export_model, get_format, load_model, read_marker, size_report
+from lmcompress.formats.common import safetensors_payload_bytes
 from lmcompress.quant import quantize_
 from lmcompress.quant.modules import PackedEmbedding, PackedLinear, PackedTiedHead
 
@@ -32,6 +32,12 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
+def export_packed(model, folder, dtype):
+    path, fmt = export_model(model, None, folder, dtype=dtype, format="packed-quant")
+    assert fmt == "packed-quant"
+    return path
+
+
 def _train_a_little(model, steps=3):
     # Move latent weights and learnable scales away from their init so the test covers trained states.
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -50,12 +56,12 @@ def test_reloaded_model_matches_fake_quant(family, name, tmp_path):
     _train_a_little(model)
     ids = torch.randint(3, 128, (2, 9))
     expected = _logits(model, ids)
-    export_packed(model, None, tmp_path / "fp32", float_dtype="fp32")
+    export_packed(model, tmp_path / "fp32", "fp32")
     reloaded, _ = load_model(tmp_path / "fp32")
     assert any(isinstance(m, PackedLinear) for m in reloaded.modules())
     torch.testing.assert_close(_logits(reloaded, ids), expected, atol=FP32_ATOL, rtol=0)
 
-    export_packed(model, None, tmp_path / "fp16", float_dtype="fp16")
+    export_packed(model, tmp_path / "fp16", "fp16")
     reloaded16, _ = load_model(tmp_path / "fp16")
     diff = (_logits(reloaded16, ids) - expected).abs().max()
     assert diff <= FP16_RTOL * expected.abs().max()
@@ -64,7 +70,7 @@ def test_reloaded_model_matches_fake_quant(family, name, tmp_path):
 def test_tied_table_is_stored_once_and_reloaded_as_a_tied_head(tmp_path):
     model = tiny_model("llama")
     quantize_(model, {"bits": "2-2-8"})
-    export_packed(model, None, tmp_path / "m")
+    export_packed(model, tmp_path / "m", "fp16")
     with safe_open(tmp_path / "m" / "model.safetensors", "pt") as f:
         names = set(f.keys())
     assert "model.embed_tokens.qweight" in names and not any(n.startswith("lm_head") for n in names)
@@ -76,48 +82,46 @@ def test_tied_table_is_stored_once_and_reloaded_as_a_tied_head(tmp_path):
 
 
 @pytest.mark.parametrize("float_dtype", ["fp16", "fp32"])
-def test_accounting_counts_every_tensor_written(family, float_dtype, tmp_path):
+def test_plan_is_every_tensor_written(family, float_dtype, tmp_path):
     model = tiny_model(family, hidden=64)
     quantize_(model, {"bits": "2-2-8", "scale": "dynamic"})
-    account = size_accounting(model, float_dtype)
-    result = export_packed(model, None, tmp_path / "m", float_dtype=float_dtype)
+    plan = get_format("packed-quant").plan(model, float_dtype)
+    export_packed(model, tmp_path / "m", float_dtype)
     path = tmp_path / "m" / "model.safetensors"
     with safe_open(path, "pt") as f:
-        stored = {n: f.get_tensor(n) for n in f.keys()}
-    planned = {t.name: t for t in account.tensors}
-    assert set(stored) == set(planned)
-    for name, tensor in stored.items():
-        assert tensor.dtype == planned[name].dtype and tuple(tensor.shape) == planned[name].shape, name
-    assert sum(t.numel() * t.element_size() for t in stored.values()) == account.tensor_bytes
-    # model.safetensors = tensors + header; the predicted header is an estimate.
-    assert abs(path.stat().st_size - account.file_bytes) <= 0.01 * account.file_bytes
-    assert result["accounting_error"] <= 0.01
-    # The whole folder: the weights file plus config/marker files, nothing unaccounted.
-    assert result["folder_bytes"] == result["safetensors_bytes"] + result["other_files_bytes"]
-    assert result["total_bytes"] == account.file_bytes + result["other_files_bytes"]
-    marker = json.loads((tmp_path / "m" / "lmcompress.json").read_text())
-    assert marker["format"] == "packed-quant" and marker["size"]["tensor_bytes"] == account.tensor_bytes
+        stored = {n: f.get_slice(n) for n in f.keys()}
+        planned = {t.name: t for t in plan}
+        assert set(stored) == set(planned)
+        for name, tensor in stored.items():
+            assert (tensor.get_dtype(), tuple(tensor.get_shape())) == (planned[name].dtype, planned[name].shape), name
+    # model.safetensors = its header + exactly the planned tensor bytes, which the size report counts
+    assert safetensors_payload_bytes(path) == sum(t.nbytes for t in plan) == size_report(model, float_dtype)["bytes"]
+    # The whole folder: the files the marker lists and the marker, nothing unaccounted.
+    marker = read_marker(tmp_path / "m")
+    listed = sum(f["bytes"] for f in marker["files"].values())
+    assert folder_bytes(tmp_path / "m") == listed + (tmp_path / "m" / "lmcompress.json").stat().st_size
+    assert marker["format"] == "packed-quant" and marker["size"]["bytes"] == sum(t.nbytes for t in plan)
 
 
-def test_accounting_params_and_bits():
+def test_plan_params_and_bits():
     model = tiny_model("llama", hidden=64)
     dense_params = sum(p.numel() for p in model.parameters())
     quantize_(model, {"scheme": "ternary", "embedding_bits": "t"})
-    account = size_accounting(model, "fp16")
-    assert account.params == dense_params  # the tied table is counted once; scales are not parameters
-    assert account.quantized_params == sum(t.params for t in account.tensors if t.role == "codes")
-    codes = sum(t.nbytes for t in account.tensors if t.role == "codes")
-    assert 8 * codes / account.quantized_params == pytest.approx(1.6, abs=0.05)
-    assert account.bits_per_param < 2.5 and account.compression_vs_fp32 > 12
+    plan = get_format("packed-quant").plan(model, "fp16")
+    size = size_report(model, "fp16", teacher_bytes=4 * dense_params)
+    assert size["params"] == dense_params  # the tied table is counted once; scales are not parameters
+    codes = [t for t in plan if t.role == "codes"]
+    assert 8 * sum(t.nbytes for t in codes) / sum(t.params for t in codes) == pytest.approx(1.6, abs=0.05)
+    assert size["bits_per_param"] < 2.5 and size["compression_ratio"] > 12
 
 
-def test_foundation_size_report_agrees_with_the_export_accounting():
+def test_size_report_of_a_quantized_model_is_its_packed_plan():
     model = tiny_model("gpt2", hidden=64)
     quantize_(model, {"bits": "4-8-8"})
-    report = size_report(model)
-    account = size_accounting(model, "fp32")  # size_report counts float tensors at their dtype (fp32)
-    assert report["params"] == account.params
-    assert report["bytes"] == pytest.approx(account.tensor_bytes, rel=0.01)
+    report = size_report(model)  # the model's float dtype: fp32
+    plan = get_format("packed-quant").plan(model, "fp32")
+    assert report["params"] == sum(t.params for t in plan) == sum(p.numel() for p in tiny_model("gpt2", hidden=64).parameters())
+    assert report["bytes"] == sum(t.nbytes for t in plan)
 
 
 def test_export_stage_route_picks_the_packed_format(tmp_path):
@@ -130,7 +134,8 @@ def test_export_stage_route_picks_the_packed_format(tmp_path):
 
 def test_export_of_a_plain_model_is_refused(tmp_path):
     with pytest.raises(LmcompressError, match="no quantized modules"):
-        export_packed(tiny_model("llama"), None, tmp_path / "m")
+        export_packed(tiny_model("llama"), tmp_path / "m", "fp32")
+    assert not (tmp_path / "m").exists()
 
 
 def test_reloaded_model_runs_in_bf16_and_keeps_its_scales(tmp_path):
@@ -138,7 +143,7 @@ def test_reloaded_model_runs_in_bf16_and_keeps_its_scales(tmp_path):
     quantize_(model, {"bits": "4-4-8"})
     ids = torch.randint(3, 128, (1, 6))
     expected = _logits(model, ids)
-    export_packed(model, None, tmp_path / "m", float_dtype="fp32")
+    export_packed(model, tmp_path / "m", "fp32")
     reloaded, _ = load_model(tmp_path / "m")
     scales = reloaded.model.layers[0].mlp.up_proj.scales.clone()
     reloaded.to(torch.bfloat16)

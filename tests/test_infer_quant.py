@@ -8,8 +8,7 @@ import pytest
 import torch
 from helpers import tiny_model
 
-from lmcompress.formats import load_inference
-from lmcompress.formats.packed import export_packed
+from lmcompress.formats import export_model, load_inference
 from lmcompress.infer import KernelEmbedding, KernelLinear, to_inference
 from lmcompress.quant import quantize_
 
@@ -50,7 +49,7 @@ def test_fake_quant_model_in_inference_form(family, name):
 def test_packed_folder_loads_into_inference_form(tmp_path):
     model = tiny_model("llama", hidden=64, layers=2)
     quantize_(model, CONFIGS["ternary"])
-    export_packed(model, None, tmp_path / "packed", float_dtype="fp32")
+    export_model(model, None, tmp_path / "packed", dtype="fp32", format="packed-quant")
     fast, _ = load_inference(tmp_path / "packed")
     ids = torch.randint(3, 128, (1, 16), generator=torch.Generator().manual_seed(1))
     assert relative_error(model, fast, ids) < TOLERANCE

@@ -5,8 +5,9 @@ import pytest
 import torch
 from helpers import integration
 
-from lmcompress.formats import load_model
-from lmcompress.formats.packed import export_packed, size_accounting
+from lmcompress.core.files import folder_bytes
+from lmcompress.formats import MARKER, export_model, load_model, read_marker, size_report
+from lmcompress.formats.common import safetensors_payload_bytes
 from lmcompress.quant import quantize_
 
 
@@ -14,15 +15,19 @@ from lmcompress.quant import quantize_
 @pytest.mark.integration
 def test_smollm2_ternary_export_size_and_reload(tmp_path):
     model, tokenizer = load_model("smollm2-135m")
-    teacher_bytes = size_accounting(model, "fp32").tensor_bytes
+    teacher_bytes = size_report(model)["bytes"]
     quantize_(model, {"bits": "t-t-8"})
-    predicted = size_accounting(model, "fp16", tokenizer=tokenizer)
-    result = export_packed(model, tokenizer, tmp_path / "ternary", float_dtype="fp16")
-    # The folder on disk is what the accounting predicted (weights, scales, norms, config, tokenizer).
-    assert abs(result["folder_bytes"] - predicted.total_bytes) <= 0.05 * result["folder_bytes"]
-    assert result["accounting_error"] <= 0.01
-    assert 1.6 <= predicted.bits_per_param <= 1.7  # 1.6-bit trits + bf16 row scales + fp16 norms
-    assert teacher_bytes / predicted.tensor_bytes > 18
+    predicted = size_report(model, "fp16", teacher_bytes=teacher_bytes)
+    folder, _ = export_model(model, tokenizer, tmp_path / "ternary", dtype="fp16")
+    # model.safetensors holds exactly the planned tensors (weights, scales, norms), within 1% with its header
+    weights = folder / "model.safetensors"
+    assert safetensors_payload_bytes(weights) == predicted["bytes"]
+    assert weights.stat().st_size - predicted["bytes"] <= 0.01 * predicted["bytes"]
+    # and the folder is those files plus config, tokenizer and marker, each listed with its size
+    listed = sum(f["bytes"] for f in read_marker(folder)["files"].values())
+    assert folder_bytes(folder) == listed + (folder / MARKER).stat().st_size
+    assert 1.6 <= predicted["bits_per_param"] <= 1.7  # 1.6-bit trits + bf16 row scales + fp16 norms
+    assert predicted["compression_ratio"] > 18
 
     ids = tokenizer("The state of the union is strong, and", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -6,7 +6,7 @@ import torch
 from helpers import tiny_model
 
 from lmcompress.core.errors import RecipeError
-from lmcompress.formats.factorized import factorized_bytes
+from lmcompress.formats import size_report
 from lmcompress.recipe import Recipe, load_recipe
 from lmcompress.recipe.base import Run
 
@@ -37,7 +37,7 @@ def test_stage_compresses_and_reports_asked_and_achieved(tmp_path, method):
     (row,) = run.report.rows
     assert row["stage"] == "factorize" and row["method"] == method
     assert row["ratio_asked"] == 3 and 3 <= row["ratio_achieved"] < 3.3
-    assert row["model_bytes"] == factorized_bytes(run.student)
+    assert row["model_bytes"] == size_report(run.student)["bytes"]
     assert (row["calibration_s"] > 0) == (method in ("fwsvd", "asvd"))
     assert not torch.equal(run.student(torch.arange(3, 11)[None]).logits, before)
 

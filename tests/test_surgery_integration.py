@@ -4,14 +4,21 @@ import pytest
 import torch
 from helpers import integration
 
-from lmcompress.evaluate import size_report
-from lmcompress.formats import load_model
-from lmcompress.formats.factorized import export_factorized, factorized_bytes
+from lmcompress.formats import export_model, load_model, size_report
+from lmcompress.formats.common import safetensors_payload_bytes
 from lmcompress.surgery.autoencoder import AutoencoderConfig
 from lmcompress.surgery.calibration import calibration_batches
 from lmcompress.surgery.factorize import factorize_
 
 pytestmark = [pytest.mark.integration, integration]
+
+
+def export_factorized(model, tokenizer, folder):
+    return export_model(model, tokenizer, folder, format="factorized")[0]
+
+
+def factorized_bytes(model):
+    return size_report(model)["bytes"]
 
 
 def _reload_matches(model, tokenizer, folder, inputs):
@@ -20,6 +27,7 @@ def _reload_matches(model, tokenizer, folder, inputs):
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=1e-4, rtol=1e-4)
     weights = folder / "model.safetensors"
+    assert safetensors_payload_bytes(weights) == factorized_bytes(model)
     assert abs(weights.stat().st_size - factorized_bytes(model)) / factorized_bytes(model) < 0.01
     assert size_report(loaded)["bytes"] == pytest.approx(factorized_bytes(model), rel=1e-6)
 

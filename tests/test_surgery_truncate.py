@@ -3,7 +3,7 @@ import torch
 from helpers import tiny_model
 
 from lmcompress.core.errors import RecipeError
-from lmcompress.formats.hf import save_model_atomic
+from lmcompress.formats import export_model
 from lmcompress.models import get_adapter, load_model
 from lmcompress.surgery.truncate import resolve_layers, truncate_layers
 
@@ -49,7 +49,7 @@ def test_truncated_model_save_reload_identical_logits(family, tmp_path):
     ids = torch.randint(3, 128, (2, 11))
     with torch.no_grad():
         before = model(ids).logits
-    save_model_atomic(model, None, tmp_path / "m")
+    export_model(model, None, tmp_path / "m", format="hf")
     task = "masked-lm" if family == "bert" else "causal-lm"
     reloaded, _ = _load_without_tokenizer(tmp_path / "m", task)
     with torch.no_grad():

@@ -1,8 +1,12 @@
 """Every on-disk format of lmcompress: plain HF safetensors, packed quantized codes, factorized weights, GGUF.
 
-    from lmcompress.formats import export_model, load_model
+    from lmcompress.formats import export_model, load_model, size_report
     path, fmt = export_model(model, tokenizer, "out/w2")       # format auto: what the model's modules need
     model, tokenizer = load_model("out/w2")                     # an export, or anything `models.load_model` takes
+    size_report(model)["mb"]                                    # what that export stores, from the same plan
+
+Each format is one `Format` object (`base.py`): `plan` (the tensors it stores, `plan.py`), `save`, `load`,
+`applies_to`. Every export's folder holds `lmcompress.json` (`marker.py`), checked on load.
 """
 
 from __future__ import annotations
@@ -10,35 +14,36 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmcompress.formats import factorized, gguf, packed  # noqa: F401  (each registers its format)
-from lmcompress.formats.base import (
-    MARKER,
+from lmcompress.formats.base import Format
+from lmcompress.formats.marker import MARKER, is_export, read_marker
+from lmcompress.formats.plan import PlannedTensor
+from lmcompress.formats.registry import (
+    FORMATS,
+    auto_format,
     export_model,
-    is_compressed_folder,
-    load_compressed,
-    read_marker,
-    register_exporter,
-    register_format,
+    get_format,
+    load_export,
+    size_report,
 )
+from lmcompress.infer import to_inference
 from lmcompress.models import loading
 
 
 def load_model(name_or_path: str | Path, **options: Any):
-    """(model, tokenizer) from a folder lmcompress exported (any format), or else through
-    `lmcompress.models.load_model` (built-in name, HF folder, .gguf file, hub id) with `options`."""
-    if is_compressed_folder(name_or_path):
-        return load_compressed(name_or_path)
+    """(model, tokenizer) from a folder lmcompress exported (any format, verified against its marker), or
+    else through `lmcompress.models.load_model` (built-in name, HF folder, .gguf file, hub id); `options`
+    are what that takes (task, dtype, num_labels, trust_remote_code, ...)."""
+    if is_export(name_or_path):
+        return load_export(name_or_path, **options)
     return loading.load_model(name_or_path, **options)
 
 
 def load_inference(folder: str | Path, kernel: str = "auto", prefer: str = "speed"):
     """(model, tokenizer) from a `packed-quant` folder, with integer-kernel modules in place of the packed
     ones (the codes are unpacked once and packed for the kernel; no float weight is built)."""
-    from lmcompress.infer import to_inference
-
-    model, tokenizer = load_compressed(folder)
+    model, tokenizer = get_format("packed-quant").load(folder)
     return to_inference(model, kernel=kernel, prefer=prefer), tokenizer
 
 
-__all__ = ["MARKER", "export_model", "is_compressed_folder", "load_compressed", "load_inference", "load_model",
-           "read_marker", "register_exporter", "register_format"]
+__all__ = ["FORMATS", "MARKER", "Format", "PlannedTensor", "auto_format", "export_model", "get_format",
+           "is_export", "load_export", "load_inference", "load_model", "read_marker", "size_report"]

@@ -1,78 +1,82 @@
-"""The registry of on-disk formats: which format a model is saved in, and which loader reads a folder.
+"""The protocol every on-disk format follows.
 
-A plain (fp32/bf16) model is a normal `save_pretrained` folder. A compressed model whose weights are not
-plain tensors (packed low-bit codes, factorized or autoencoded weights) is a folder with the usual
-`config.json` and tokenizer files plus `lmcompress.json`, which names the format; each format registers a
-loader here so `load_model` and `lmcompress eval` read every kind of output the same way.
+A format is one object: its `name` and `format_version` (both recorded in the folder's `lmcompress.json`),
+`applies_to(model)` (whether `export_model(format="auto")` should choose it for this model), `plan(model,
+dtype)` (every tensor it will store, see `plan.py`), `save(...)` and `load(...)`. A format implements
+`layout` (the plan and the marker keys that describe it), `write` (the files, given the layout) and
+`read` (the model back, after the marker is checked); `save` and `load` around them are the same for
+all: the folder is built in a temporary sibling and renamed over the target with the marker written
+last, and a load verifies the marker (format, version, every file's size and sha256) before a tensor
+is read.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, ClassVar
 
-from lmcompress.core.errors import LmcompressError
+from torch import nn
 
-if TYPE_CHECKING:  # torch costs ~200 MB; the cleaner imports this module without needing it
-    from torch import nn
+from lmcompress.core.files import atomic_folder
+from lmcompress.formats.marker import check_marker, write_marker
+from lmcompress.formats.plan import PlannedTensor, summarize
 
-MARKER = "lmcompress.json"
-_LOADERS: dict[str, Callable[[Path], tuple]] = {}
-# name -> (applies_to(model) -> bool, save(model, tokenizer, target, **options) -> path)
-_EXPORTERS: dict[str, tuple[Callable, Callable]] = {}
+log = logging.getLogger(__name__)
 
 
-def register_format(name: str):
-    """Decorator: `fn(folder) -> (model, tokenizer)` loads folders whose marker says `format: name`."""
+@dataclass
+class Layout:
+    """What an export of one model holds: every tensor (the plan) and the format's own marker keys."""
 
-    def wrap(fn: Callable[[Path], tuple]):
-        _LOADERS[name] = fn
-        return fn
-
-    return wrap
+    tensors: list[PlannedTensor]
+    fields: dict[str, Any]
 
 
-def register_exporter(name: str, applies_to: Callable[[nn.Module], bool]):
-    """Decorator: `save(model, tokenizer, target, dtype=...) -> path` writes format `name`.
+class Format(ABC):
+    """One on-disk format. Subclasses set `name` and `format_version` and fill in the abstract methods."""
 
-    `applies_to(model)` tells `export_model(format="auto")` to choose this format for such a model
-    (for instance one holding quantized or factorized modules).
-    """
+    name: ClassVar[str]
+    format_version: ClassVar[int]
 
-    def wrap(save: Callable):
-        _EXPORTERS[name] = (applies_to, save)
-        return save
+    @abstractmethod
+    def applies_to(self, model: nn.Module) -> bool:
+        """True when `export_model(format="auto")` should write `model` in this format."""
 
-    return wrap
+    def plan(self, model: nn.Module, dtype: str = "fp32") -> list[PlannedTensor]:
+        """Every tensor an export of `model` stores, floats left unquantized cast to `dtype`."""
+        return self.layout(model, dtype).tensors
 
+    @abstractmethod
+    def layout(self, model: nn.Module, dtype: str) -> Layout:
+        """The plan of an export of `model` at `dtype`, and the marker keys that describe it."""
 
-def export_model(model: nn.Module, tokenizer, target: str | Path, dtype: str = "fp32",
-                 format: str = "auto") -> tuple[Path, str]:
-    """Write `model` in `format` (auto: the compressed format its modules need, else a plain HF folder)."""
-    from lmcompress.formats.hf import save_model_atomic
+    @abstractmethod
+    def write(self, model: nn.Module, tokenizer, folder: Path, layout: Layout) -> None:
+        """Write the format's files (all but the marker) into the empty `folder`."""
 
-    if format == "auto":
-        format = next((name for name, (applies, _) in _EXPORTERS.items() if applies(model)), "hf")
-    if format == "hf":
-        return save_model_atomic(model, tokenizer, Path(target), dtype=dtype), "hf"
-    if format not in _EXPORTERS:
-        raise LmcompressError(f"export format {format!r} is not available; known: hf, {', '.join(_EXPORTERS)}")
-    return Path(_EXPORTERS[format][1](model, tokenizer, Path(target), dtype=dtype)), format
+    @abstractmethod
+    def read(self, folder: Path, marker: dict[str, Any], trust_remote_code: bool = False, **options: Any):
+        """(model, tokenizer) from a folder whose marker has been checked."""
 
+    def save(self, model: nn.Module, tokenizer, target: str | Path, dtype: str = "fp32") -> Path:
+        """Write `model` (with `tokenizer`, if given) as the folder `target`, replacing it atomically."""
+        layout = self.layout(model, dtype)
+        size = summarize(layout.tensors)
+        with atomic_folder(target) as tmp:
+            self.write(model, tokenizer, tmp, layout)
+            write_marker(tmp, self.name, self.format_version, {"size": size, **layout.fields})
+        log.info("exported %s (%s): %.2f MB of tensors, %.2f bits/param", target, self.name, size["mb"],
+                 size["bits_per_param"])
+        return Path(target)
 
-def is_compressed_folder(path: str | Path) -> bool:
-    return (Path(path) / MARKER).is_file()
-
-
-def read_marker(path: str | Path) -> dict:
-    return json.loads((Path(path) / MARKER).read_text())
-
-
-def load_compressed(path: str | Path):
-    """(model, tokenizer) from a compressed folder written by one of the registered formats."""
-    fmt = read_marker(path).get("format")
-    if fmt not in _LOADERS:
-        raise LmcompressError(f"{path}/{MARKER}: unknown format {fmt!r}; known: {sorted(_LOADERS)}")
-    return _LOADERS[fmt](Path(path))
+    def load(self, folder: str | Path, trust_remote_code: bool = False, **options: Any):
+        """(model, tokenizer) from an export in this format. `trust_remote_code` lets a model class that
+        ships with the model's own code be built; `options` are what `lmcompress.models.load_model` takes
+        (task, dtype, num_labels), used by the formats that load through it (hf, gguf) and ignored by
+        those that rebuild the exported class themselves."""
+        folder = Path(folder)
+        marker = check_marker(folder, self.name, self.format_version)
+        return self.read(folder, marker, trust_remote_code=trust_remote_code, **options)

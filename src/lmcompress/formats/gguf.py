@@ -17,7 +17,14 @@ exactly (each block's fp16 scale is the weight's scale, rounded to fp16):
 | int5..8 symmetric | Q8_0 (8.5 bpw) | rows a multiple of 32, scale constant per 32 |
 | anything else | F16 (or `float_type`) of the dequantized weight | |
 
-Norms are F32; float weights that were not quantized are `float_type` (F16 by default).
+Norms are F32; float weights that were not quantized are `float_type` (F16 by default). A model with a
+tensor GGUF cannot hold (low-rank factors, quantizer state without integer codes) is refused with the
+tensor's name, never written without it.
+
+On disk: a target ending in `.gguf` is that one file; any other target is a folder with `model.gguf` and
+`lmcompress.json` (`GGUFFormat`), which `lmcompress.formats.load_model` reads back through transformers'
+GGUF loader (dequantized to float). Architecture facts (llama.cpp's tensor names, the q/k row order) come
+from the model's adapter (`gguf_architecture`, `gguf_tensor_name`, `gguf_row_order`).
 """
 
 from __future__ import annotations
@@ -27,16 +34,22 @@ import json
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from lmcompress.core.errors import LmcompressError, UnsupportedArchitectureError
-from lmcompress.formats.base import register_exporter
+from lmcompress.formats.base import Format, Layout
+from lmcompress.formats.common import module_kinds, owner, unique_tensors
+from lmcompress.formats.plan import PlannedTensor
+from lmcompress.infer.convert import find_quantized
+from lmcompress.models import loading
 from lmcompress.models.adapters import get_adapter
 from lmcompress.quant.codes import IntWeight
 
+GGUF_FILE = "model.gguf"
 QK = 32  # elements per Q4_0 / Q4_1 / Q8_0 block
 QK_K = 256  # elements per TQ1_0 / TQ2_0 / Q2_K super-block
 
@@ -59,7 +72,7 @@ _PRE_BY_HASH = {
 
 
 def _gguf():
-    import gguf
+    import gguf  # the gguf package (and its numpy quantizers) only once a GGUF file is written
 
     return gguf
 
@@ -168,12 +181,6 @@ def _float_array(tensor: torch.Tensor, float_type: str):
 
 # --- llama specifics ----------------------------------------------------------------------------------
 
-def _llama_permutation(rows: int, n_head: int) -> torch.Tensor:
-    """Row order llama.cpp expects for q/k (its rotary pairs are adjacent, HF's are half a head apart)."""
-    idx = torch.arange(rows)
-    return idx.reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(rows)
-
-
 def _permute_int_weight(weight: IntWeight, order: torch.Tensor) -> IntWeight:
     return IntWeight(codes=weight.codes[order], scale=weight.scale[order], bits=weight.bits,
                      scheme=weight.scheme, zero=None if weight.zero is None else weight.zero[order],
@@ -268,92 +275,91 @@ def _same_weight(a: IntWeight, b: IntWeight | None) -> bool:
                                          and torch.equal(a.scale, b.scale) and a.group_size == b.group_size))
 
 
-def export_gguf(model: nn.Module, tokenizer, path: str | Path, weights: Mapping[str, IntWeight] | None = None,
-                float_type: str = "F16", ternary_type: str = "TQ1_0", name: str | None = None) -> Path:
-    """Write `model` (LLaMA family) with `tokenizer` to the GGUF file `path`; returns the path.
+def _covering(tensor_name: str, weights: Mapping[str, IntWeight]) -> str | None:
+    """The module in `weights` that `tensor_name` belongs to (its weight, bias or quantizer state), if any."""
+    parts = tensor_name.split(".")
+    return next((m for m in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)) if m in weights), None)
 
-    weights: {module name: IntWeight} of the quantized modules (their codes are written in an exact
-    block type, see the module docstring); without it, quantized modules are found through the
-    extractors registered for `to_inference`, and every other weight is written as `float_type`.
-    ternary_type: "TQ1_0" (smaller) or "TQ2_0" (faster in llama.cpp).
-    """
-    gguf = _gguf()
+
+def gguf_plan(model: nn.Module, weights: Mapping[str, IntWeight] | None = None, float_type: str = "F16",
+              ternary_type: str = "TQ1_0") -> list[PlannedTensor]:
+    """Every tensor of the GGUF file, already packed (the block type is found by packing): llama.cpp
+    names, GGUF types, q/k rows in llama.cpp's order. A model tensor that GGUF cannot hold (quantizer
+    state without an integer weight, packed codes no extractor reads, factors llama.cpp has no name for)
+    is refused, never skipped."""
+    T = _gguf().GGMLQuantizationType
     if ternary_type not in ("TQ1_0", "TQ2_0"):
         raise LmcompressError(f"ternary_type: expected TQ1_0 or TQ2_0, got {ternary_type!r}")
     adapter = get_adapter(model)
-    if adapter.family != "llama":
+    if adapter.gguf_architecture is None:
         raise UnsupportedArchitectureError(f"GGUF export supports LLaMA-family models; this is {adapter.family}")
     if weights is None:
-        from lmcompress.infer.convert import find_quantized
-
         weights = {n: w for n, (w, _, _) in find_quantized(model).items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    kind = module_kinds(model)
+    plan: list[PlannedTensor] = []
 
-    tensor_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, adapter.num_layers)
-    heads, kv_heads = adapter.num_heads, adapter.num_kv_heads
-    embed_name = next(n for n, m in model.named_modules() if m is adapter.embeddings)
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    written_types = []
+    def add(hf_name: str, module_name: str, shape, params: int, packed) -> None:
+        array, qtype = packed
+        plan.append(PlannedTensor(adapter.gguf_tensor_name(hf_name), qtype.name, tuple(shape), int(array.nbytes),
+                                  params, kind(module_name), "float" if qtype in (T.F32, T.F16) else "codes",
+                                  make=lambda a=array: a))
 
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    _write_llama_metadata(writer, model, name or getattr(model.config, "_name_or_path", "") or "model")
-
-    def gguf_name(hf_name: str) -> str:
-        found = tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if found is None:
-            raise UnsupportedArchitectureError(f"GGUF export: no llama.cpp name for tensor {hf_name!r}")
-        return found
-
-    def add(hf_name: str, array: np.ndarray, qtype) -> None:
-        raw_dtype = None if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else qtype
-        writer.add_tensor(gguf_name(hf_name), array, raw_dtype=raw_dtype)
-        written_types.append(qtype)
-
-    def order_for(module_name: str, rows: int) -> torch.Tensor | None:
-        leaf = module_name.rsplit(".", 1)[-1]
-        if leaf == "q_proj":
-            return _llama_permutation(rows, heads)
-        if leaf == "k_proj":
-            return _llama_permutation(rows, kv_heads)
-        return None
-
+    unique, _ = unique_tensors(model.state_dict(keep_vars=True).items())
     done_modules = set()
-    for param_name, param in model.named_parameters(remove_duplicate=True):
-        module_name, _, leaf = param_name.rpartition(".")
-        if module_name in done_modules:
-            continue
-        module = model.get_submodule(module_name)
-        if module_name in weights:
+    for tensor_name, tensor in unique.items():
+        module_name = _covering(tensor_name, weights)
+        if module_name is not None:
+            if module_name in done_modules:
+                continue
+            done_modules.add(module_name)
             weight = weights[module_name]
-            order = order_for(module_name, weight.out_features)
+            order = adapter.gguf_row_order(module_name, weight.out_features)
             if order is not None:
                 weight = _permute_int_weight(weight, order)
-            add(f"{module_name}.weight", *pack_weight(weight, float_type, ternary_type))
-            bias = getattr(module, "bias", None)
+            add(f"{module_name}.weight", module_name, weight.codes.shape, weight.codes.numel(),
+                pack_weight(weight, float_type, ternary_type))
+            bias = getattr(model.get_submodule(module_name), "bias", None)
             if bias is not None:
-                add(f"{module_name}.bias", *_float_array(bias if order is None else bias[order], "F32"))
-            done_modules.add(module_name)
+                add(f"{module_name}.bias", module_name, bias.shape, bias.numel(),
+                    _float_array(bias if order is None else bias[order], "F32"))
             continue
-        if leaf not in ("weight", "bias"):
-            continue  # quantizer state of a quantized module that has no IntWeight here
-        tensor = param.detach()
-        order = order_for(module_name, tensor.shape[0])
+        module_name = owner(tensor_name)
+        module = model.get_submodule(module_name)
+        if not set(module.state_dict()) <= {"weight", "bias"}:
+            raise LmcompressError(f"GGUF export: cannot write {tensor_name!r}: {type(module).__name__} "
+                                  f"{module_name!r} is not a plain float layer and no integer weight was found for it")
+        value = tensor.detach()
+        order = adapter.gguf_row_order(module_name, value.shape[0])
         if order is not None:
-            tensor = tensor[order]
-        add(param_name, *_float_array(tensor, "F32" if tensor.dim() == 1 else float_type))
+            value = value[order]
+        add(tensor_name, module_name, value.shape, value.numel() if isinstance(tensor, nn.Parameter) else 0,
+            _float_array(value, "F32" if value.dim() == 1 else float_type))
 
     # A tied head reads the embedding table in llama.cpp; write it only when it differs (quantized
-    # separately from the embeddings).
+    # separately from the embeddings). It stands for no parameters of its own.
+    embed_name = next(n for n, m in model.named_modules() if m is adapter.embeddings)
     head = adapter.head
     head_name = next((n for n, m in model.named_modules() if m is head), None)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     if tied and head_name in weights and not _same_weight(weights[head_name], weights.get(embed_name)):
-        add(f"{head_name}.weight", *pack_weight(weights[head_name], float_type, ternary_type))
+        weight = weights[head_name]
+        add(f"{head_name}.weight", head_name, weight.codes.shape, 0, pack_weight(weight, float_type, ternary_type))
     elif tied and head_name is not None and embed_name in weights and head_name not in weights:
-        add(f"{head_name}.weight", *_float_array(head.weight.detach(), float_type))
+        add(f"{head_name}.weight", head_name, head.weight.shape, 0, _float_array(head.weight.detach(), float_type))
+    return plan
 
-    writer.add_file_type(_file_type(written_types))
+
+def _write_gguf(model: nn.Module, tokenizer, path: Path, plan: list[PlannedTensor], name: str | None) -> Path:
+    gguf = _gguf()
+    T = gguf.GGMLQuantizationType
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    writer = gguf.GGUFWriter(tmp, get_adapter(model).gguf_architecture)
+    _write_llama_metadata(writer, model, name or getattr(model.config, "_name_or_path", "") or "model")
+    for t in plan:
+        qtype = T[t.dtype]
+        writer.add_tensor(t.name, t.make(), raw_dtype=None if qtype in (T.F32, T.F16) else qtype)
+    writer.add_file_type(_file_type([T[t.dtype] for t in plan]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_tokenizer(writer, tokenizer, model.config.vocab_size)
     writer.write_header_to_file()
@@ -364,10 +370,53 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, weights: Mapping[
     return path
 
 
-@register_exporter("gguf", applies_to=lambda model: False)  # only on request: `--format gguf`
-def _export_for_cli(model: nn.Module, tokenizer, target: Path, dtype: str = "fp32") -> Path:
-    """`lmcompress export --format gguf`: `target` is a .gguf file, or a folder that gets `model.gguf`.
-    Quantized modules keep their codes; other weights are F32 (`--dtype fp32`) or F16 (`--dtype bf16`)."""
-    target = Path(target)
-    path = target if target.suffix == ".gguf" else target / "model.gguf"
-    return export_gguf(model, tokenizer, path, float_type="F32" if dtype == "fp32" else "F16")
+def export_gguf(model: nn.Module, tokenizer, path: str | Path, weights: Mapping[str, IntWeight] | None = None,
+                float_type: str = "F16", ternary_type: str = "TQ1_0", name: str | None = None) -> Path:
+    """Write `model` (LLaMA family) with `tokenizer` to the GGUF file `path`; returns the path.
+
+    weights: {module name: IntWeight} of the quantized modules (their codes are written in an exact
+    block type, see the module docstring); without it, quantized modules are found through the
+    extractors registered for `to_inference`, and every other weight is written as `float_type`.
+    ternary_type: "TQ1_0" (smaller) or "TQ2_0" (faster in llama.cpp).
+    """
+    return _write_gguf(model, tokenizer, Path(path), gguf_plan(model, weights, float_type, ternary_type), name)
+
+
+def _float_type(dtype: str) -> str:
+    # Weights left in float: F32 for an fp32 export, F16 otherwise (GGUF has no bf16 type llama.cpp's CPU
+    # path handles everywhere).
+    return "F32" if dtype == "fp32" else "F16"
+
+
+class GGUFFormat(Format):
+    """llama.cpp's single-file format, on request only (`format="gguf"`, `lmcompress export --format gguf`).
+
+    A target ending in `.gguf` is written as that one file (GGUF carries its own metadata); any other
+    target is a folder holding `model.gguf` and the marker `{"format": "gguf", "format_version": 1,
+    "files", "size", "gguf_file", "float_type"}`. Quantized modules keep their codes; other weights are
+    F32 (dtype fp32) or F16.
+    """
+
+    name = "gguf"
+    format_version = 1
+
+    def applies_to(self, model: nn.Module) -> bool:
+        return False  # never chosen by `format="auto"`
+
+    def layout(self, model: nn.Module, dtype: str) -> Layout:
+        float_type = _float_type(dtype)
+        return Layout(gguf_plan(model, float_type=float_type), {"gguf_file": GGUF_FILE, "float_type": float_type})
+
+    def save(self, model: nn.Module, tokenizer, target: str | Path, dtype: str = "fp32") -> Path:
+        target = Path(target)
+        if target.suffix == ".gguf":
+            return _write_gguf(model, tokenizer, target, self.plan(model, dtype), None)
+        super().save(model, tokenizer, target, dtype)
+        return target / GGUF_FILE
+
+    def write(self, model: nn.Module, tokenizer, folder: Path, layout: Layout) -> None:
+        _write_gguf(model, tokenizer, folder / GGUF_FILE, layout.tensors, None)
+
+    def read(self, folder: Path, marker: dict[str, Any], trust_remote_code: bool = False, **options: Any):
+        return loading.load_model(folder / marker.get("gguf_file", GGUF_FILE), trust_remote_code=trust_remote_code,
+                                  **options)

@@ -169,6 +169,18 @@ class ArchAdapter:
             setattr(config, self.intermediate_size_attr, teacher_inter * hidden // self.hidden_size)
         return config
 
+    # --- GGUF (llama.cpp) --------------------------------------------------------------------------
+    gguf_architecture: str | None = None  # llama.cpp's name for the architecture; None: no GGUF export
+
+    def gguf_tensor_name(self, hf_name: str) -> str:
+        """llama.cpp's name for the model tensor `hf_name` (`model.layers.0.self_attn.q_proj.weight` ->
+        `blk.0.attn_q.weight`)."""
+        raise UnsupportedArchitectureError(f"GGUF export supports LLaMA-family models; this is {self.family}")
+
+    def gguf_row_order(self, module_name: str, rows: int) -> torch.Tensor | None:
+        """The order llama.cpp expects the output rows of module `module_name` in, or None to keep them."""
+        return None
+
 
 def weight_is_transposed(module: nn.Module) -> bool:
     """True for HF's GPT-2 `Conv1D`: a linear layer whose weight is stored (in, out)."""
@@ -222,6 +234,26 @@ class LlamaAdapter(ArchAdapter):
 
     def mlp_linears(self, block: nn.Module) -> list[nn.Module]:
         return [m for m in block.mlp.modules() if _is_linear(m)]
+
+    gguf_architecture = "llama"
+
+    def gguf_tensor_name(self, hf_name: str) -> str:
+        if not hasattr(self, "_gguf_names"):
+            import gguf  # only GGUF export needs the gguf package's name tables
+
+            self._gguf_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, self.num_layers)
+        found = self._gguf_names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if found is None:
+            raise UnsupportedArchitectureError(f"GGUF export: no llama.cpp name for tensor {hf_name!r}")
+        return found
+
+    def gguf_row_order(self, module_name: str, rows: int) -> torch.Tensor | None:
+        # llama.cpp's rotary embedding pairs adjacent q/k rows; HF's pairs rows half a head apart.
+        leaf = module_name.rsplit(".", 1)[-1]
+        heads = {"q_proj": self.num_heads, "k_proj": self.num_kv_heads}.get(leaf)
+        if heads is None:
+            return None
+        return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(rows)
 
     def module_kind(self, name: str, module: nn.Module) -> str:
         if name.endswith("embed_tokens"):

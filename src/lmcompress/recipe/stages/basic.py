@@ -23,8 +23,7 @@ class LoadStage(StageConfig):
     copy_student: bool = Field(True, description="make the student a copy of the teacher (off for eval only)")
 
     def run(self, run: Run) -> None:
-        from lmcompress.evaluate.size import size_report
-        from lmcompress.formats import load_model
+        from lmcompress.formats import load_model, size_report
 
         recipe = run.recipe
         source = self.model or recipe.teacher
@@ -100,8 +99,8 @@ class EvaluateStage(StageConfig):
             evaluate_classifier,
             perplexity,
             prefill_speed,
-            size_report,
         )
+        from lmcompress.formats import size_report
         from lmcompress.models.adapters import get_adapter
 
         model = run.teacher if self.model == "teacher" else run.require_student(self.stage)

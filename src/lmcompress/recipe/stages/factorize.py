@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, model_validator
 
 from lmcompress.core.errors import LmcompressError
-from lmcompress.formats.factorized import factorized_bytes
+from lmcompress.formats import size_report
 from lmcompress.recipe.base import StageConfig, register_stage
 from lmcompress.surgery.autoencoder import AutoencoderConfig
 from lmcompress.surgery.calibration import calibration_batches
@@ -97,4 +97,4 @@ class FactorizeStage(StageConfig):
             rank=self.rank, calibration=calibration, autoencoder=self.autoencoder, asvd_alpha=self.asvd_alpha,
             eval_batches=eval_batches,
         )
-        run.report.add(stage=self.label, **result.summary(), model_bytes=factorized_bytes(model))
+        run.report.add(stage=self.label, **result.summary(), model_bytes=size_report(model)["bytes"])

@@ -33,12 +33,12 @@ class QuantizeStage(StageConfig, QuantConfig):
         return QuantConfig.model_validate(self.model_dump(include=set(QuantConfig.model_fields)))
 
     def run(self, run: Run) -> None:
-        from lmcompress.formats.packed import size_accounting
+        from lmcompress.formats import size_report
 
         student = run.require_student(self.label)
         specs = quantize_(student, self.config(), field=self.label)
         # Size as the export stage writes it by default (fp32 for the tensors left in float).
-        account = size_accounting(student, float_dtype="fp32")
+        size = size_report(student, dtype="fp32", teacher_bytes=run.teacher_bytes)
         schemes = Counter(spec.label for spec in specs.values())
         row = {
             "stage": self.label,
@@ -46,10 +46,10 @@ class QuantizeStage(StageConfig, QuantConfig):
             "quantized_modules": len(specs),
             "schemes": ", ".join(f"{label} x{n}" for label, n in schemes.most_common()),
             "activation_bits": self.config().activation_bits,
-            "params": account.params,
-            "size_mb": round(account.tensor_bytes / 1e6, 3),
-            "bits_per_param": round(account.bits_per_param, 3),
+            "params": size["params"],
+            "size_mb": round(size["mb"], 3),
+            "bits_per_param": round(size["bits_per_param"], 3),
         }
-        if run.teacher_bytes:
-            row["compression_ratio"] = round(run.teacher_bytes / account.tensor_bytes, 3)
+        if "compression_ratio" in size:
+            row["compression_ratio"] = round(size["compression_ratio"], 3)
         run.report.add(**row)

@@ -1,0 +1,177 @@
+"""The plumbing the folder formats share: which tensors to store once, config/tokenizer files, the
+safetensors weights file written from a plan (`SafetensorsFolderFormat`), the model skeleton rebuilt
+from a config, the tokenizer reloaded.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.initialization import no_init_weights
+
+from lmcompress.core.errors import LmcompressError, UnsupportedArchitectureError
+from lmcompress.formats.base import Format, Layout
+from lmcompress.formats.marker import MARKER
+from lmcompress.formats.plan import SAFETENSORS_DTYPES, PlannedTensor, planned_tensor
+from lmcompress.models.adapters import get_adapter
+from lmcompress.models.loading import DTYPES, _auto_class, default_task
+
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+# --- dtypes and kinds --------------------------------------------------------------------------------
+def torch_dtype(name: str, field: str = "dtype") -> torch.dtype:
+    """The torch dtype of a dtype name (fp32, bf16, fp16, ...), or an error naming `field`."""
+    if name not in DTYPES:
+        raise LmcompressError(f"{field}: got {name!r}, allowed: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def float_dtype_name(model: nn.Module) -> str:
+    """The name of the dtype the model's float parameters have now (fp32 if it has none)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return _DTYPE_NAMES.get(dtype, "fp32")
+
+
+def module_kinds(model: nn.Module) -> Callable[[str], str]:
+    """module name -> its kind (embeddings, attention, mlp, head, norm, other), as the model's adapter says;
+    every module is `other` for an architecture without an adapter."""
+    try:
+        adapter = get_adapter(model)
+    except UnsupportedArchitectureError:
+        return lambda name: "other"
+
+    def kind(name: str) -> str:
+        try:
+            return adapter.module_kind(name, model.get_submodule(name))
+        except AttributeError:  # not a module of the model (a pattern, a stored-only name)
+            return "other"
+
+    return kind
+
+
+def owner(tensor_name: str) -> str:
+    """The module a state-dict entry belongs to (`model.norm.weight` -> `model.norm`)."""
+    return tensor_name.rpartition(".")[0]
+
+
+# --- what to store -----------------------------------------------------------------------------------
+def unique_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """({name: tensor} stored once each, {alias: stored name}): a tensor sharing storage with an earlier one
+    (a tied head and embedding table) is kept once, under its first name."""
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in named:
+        identity = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if tensor.numel() and identity in seen:
+            aliases[name] = seen[identity]
+            continue
+        seen[identity] = name
+        unique[name] = tensor
+    return unique, aliases
+
+
+def stored_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype, kind: str,
+                  params: int | None = None) -> PlannedTensor:
+    """A model tensor stored as it is, floats cast to `dtype`; a parameter stands for its own numel
+    unless `params` says otherwise, a buffer for none."""
+    stored = dtype if tensor.is_floating_point() else tensor.dtype
+    if params is None:
+        params = tensor.numel() if isinstance(tensor, nn.Parameter) else 0
+    return planned_tensor(name, stored, tensor.shape, params=params, kind=kind,
+                          make=lambda t=tensor, d=stored: t.detach().to(d))
+
+
+# --- writing -----------------------------------------------------------------------------------------
+def write_config_and_tokenizer(model: nn.Module, tokenizer, folder: Path) -> None:
+    """config.json (naming the model class), generation_config.json for generative models, tokenizer files."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(folder)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and getattr(model, "can_generate", lambda: False)():
+        generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def write_safetensors(plan: Iterable[PlannedTensor], path: Path) -> None:
+    """Write the planned tensors to one safetensors file, each checked against its plan."""
+    tensors = {}
+    for t in plan:
+        value = t.make().detach().to("cpu").contiguous()
+        if tuple(value.shape) != t.shape or SAFETENSORS_DTYPES.get(value.dtype) != t.dtype:
+            raise LmcompressError(f"{t.name}: planned {t.dtype} {t.shape}, produced {value.dtype} {tuple(value.shape)}")
+        tensors[t.name] = value
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+class SafetensorsFolderFormat(Format):
+    """A format whose folder is `model.safetensors` (exactly the plan) plus config and tokenizer files."""
+
+    def write(self, model: nn.Module, tokenizer, folder: Path, layout: Layout) -> None:
+        write_safetensors(layout.tensors, folder / WEIGHTS_FILE)
+        write_config_and_tokenizer(model, tokenizer, folder)
+
+
+def safetensors_payload_bytes(path: Path) -> int:
+    """Bytes of tensor data in a safetensors file: the file less its 8-byte length and JSON header."""
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return path.stat().st_size - 8 - header
+
+
+# --- loading -----------------------------------------------------------------------------------------
+def read_weights(folder: Path, name: str = WEIGHTS_FILE) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / name))
+
+
+def build_skeleton(folder: Path, model_class: str, dtype: torch.dtype = torch.float32,
+                   trust_remote_code: bool = False) -> nn.Module:
+    """The model `config.json` describes, as class `model_class`, with eager attention and uninitialised
+    weights (every one is overwritten by the stored tensors)."""
+    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    cls = getattr(transformers, model_class or "", None)
+    with no_init_weights():
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            model = cls._from_config(config, dtype=dtype, attn_implementation="eager")
+        elif trust_remote_code:
+            model = _auto_class(default_task(config)).from_config(config, dtype=dtype, attn_implementation="eager",
+                                                                  trust_remote_code=True)
+        else:
+            raise LmcompressError(f"{folder}/{MARKER}: model_class {model_class!r} is not a transformers class; "
+                                  "if it comes with the model's own code, load with trust_remote_code=True")
+    model.tie_weights()  # skipped under no_init_weights; a tied head must share the table again
+    return model
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], aliases: dict[str, str], path: Path,
+               regenerated: Iterable[str] = ()) -> None:
+    """Load stored tensors (and their aliases) into `model`; every model tensor must be stored, except
+    the `regenerated` ones a format rebuilds itself."""
+    state = dict(state)
+    for alias, stored in aliases.items():
+        state[alias] = state[stored]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = sorted(set(missing) - set(regenerated))
+    if missing or unexpected:
+        raise LmcompressError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {sorted(unexpected)[:5]}")
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False):
+    """The tokenizer saved in `folder` (pad token defaulting to eos), or None if it holds none."""
+    if not any((folder / name).exists() for name in TOKENIZER_FILES):
+        return None
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

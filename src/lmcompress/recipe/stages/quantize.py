@@ -19,24 +19,25 @@ from __future__ import annotations
 from collections import Counter
 from typing import Literal
 
-from lmcompress.quant.apply import QuantConfig, quantize_
+from lmcompress.quant.apply import quantize_
+from lmcompress.quant.config import QuantConfig
 from lmcompress.recipe.base import Run, StageConfig, register_stage
 
 
 @register_stage
 class QuantizeStage(StageConfig, QuantConfig):
-    """Quantization-aware training setup: binary / ternary / k-bit weights, learnable scales, A8/A4 inputs."""
+    """Quantization-aware training setup: binary / ternary / k-bit weights, learnable scales, A8/A4 inputs.
+
+    The stage is a QuantConfig, validated and resolved once with the recipe; `run` hands it to `quantize_`.
+    """
 
     stage: Literal["quantize"] = "quantize"
-
-    def config(self) -> QuantConfig:
-        return QuantConfig.model_validate(self.model_dump(include=set(QuantConfig.model_fields)))
 
     def run(self, run: Run) -> None:
         from lmcompress.formats import size_report
 
         student = run.require_student(self.label)
-        specs = quantize_(student, self.config(), field=self.label)
+        specs = quantize_(student, self, field=self.label)
         # Size as the export stage writes it by default (fp32 for the tensors left in float).
         size = size_report(student, dtype="fp32", teacher_bytes=run.teacher_bytes)
         schemes = Counter(spec.label for spec in specs.values())
@@ -45,7 +46,7 @@ class QuantizeStage(StageConfig, QuantConfig):
             "model": "student",
             "quantized_modules": len(specs),
             "schemes": ", ".join(f"{label} x{n}" for label, n in schemes.most_common()),
-            "activation_bits": self.config().activation_bits,
+            "activation_bits": self.activation_bits,
             "params": size["params"],
             "size_mb": round(size["mb"], 3),
             "bits_per_param": round(size["bits_per_param"], 3),

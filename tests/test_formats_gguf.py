@@ -12,7 +12,7 @@ import transformers
 from helpers import tiny_model
 from test_infer_kernels import random_weight
 
-from lmcompress.core.errors import UnsupportedArchitectureError
+from lmcompress.core.errors import LmcompressError, UnsupportedArchitectureError
 from lmcompress.formats.gguf import export_gguf, pack_weight
 from lmcompress.infer import IntWeight, apply_dequantized, rtn_weight, rtn_weights
 
@@ -139,3 +139,45 @@ def test_export_model_writes_gguf_on_request(tmp_path, tokenizer):
     assert fmt == "gguf" and path == tmp_path / "out" / "model.gguf"
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
     assert types["blk.0.ffn_up.weight"] == T.Q4_0 and types["token_embd.weight"] == T.F32
+
+
+def test_tensors_gguf_cannot_hold_are_refused_not_skipped(tmp_path, tokenizer):
+    from lmcompress.quant import quantize_
+    from lmcompress.surgery.factorize import factorize_
+
+    factorized = tiny_model("llama", hidden=64, layers=1, vocab_size=VOCAB)
+    factorize_(factorized, "svd", patterns=["attention"], ratio=2, progress=False)
+    with pytest.raises(UnsupportedArchitectureError, match=r"no llama.cpp name for tensor '.*q_proj\.first\.weight'"):
+        export_gguf(factorized, tokenizer, tmp_path / "m.gguf")
+    quantized = tiny_model("llama", hidden=64, layers=1, vocab_size=VOCAB)
+    quantize_(quantized, {"bits": 4})
+    with pytest.raises(LmcompressError, match=r"'model\.layers\.0\.mlp\.down_proj' is quantized but `weights` has no"):
+        export_gguf(quantized, tokenizer, tmp_path / "m.gguf", weights={})
+    with pytest.raises(LmcompressError, match=r"cannot write '.*up_proj\.weight': Linear .* not a plain float layer"):
+        export_gguf(_with_unknown_quantized_module(), tokenizer, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def _with_unknown_quantized_module():
+    """A model with a module holding state GGUF has no place for (and no extractor reads)."""
+    model = tiny_model("llama", hidden=64, layers=1, vocab_size=VOCAB)
+    up = model.model.layers[0].mlp.up_proj
+    up.weight_quantizer = torch.nn.Module()
+    up.weight_quantizer.register_buffer("scale", torch.ones(1))
+    return model
+
+
+def test_gguf_folder_has_a_marker_and_loads_back(tmp_path, tokenizer):
+    from lmcompress.formats import export_model, load_model, read_marker
+
+    model = tiny_model("llama", hidden=64, layers=1, vocab_size=VOCAB, unk_token_id=0, bos_token_id=1,
+                       eos_token_id=2, pad_token_id=2)
+    path, _ = export_model(model, tokenizer, tmp_path / "out", format="gguf")
+    marker = read_marker(tmp_path / "out")
+    assert marker["format"] == "gguf" and set(marker["files"]) == {"model.gguf"}
+    assert marker["files"]["model.gguf"]["bytes"] == path.stat().st_size
+    loaded, _ = load_model(tmp_path / "out")
+    ids = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, loaded(ids).logits
+    assert float((ours - theirs).abs().max() / ours.std()) < 1e-3  # F32 weights: summation order only

@@ -181,12 +181,6 @@ def _float_array(tensor: torch.Tensor, float_type: str):
 
 # --- llama specifics ----------------------------------------------------------------------------------
 
-def _permute_int_weight(weight: IntWeight, order: torch.Tensor) -> IntWeight:
-    return IntWeight(codes=weight.codes[order], scale=weight.scale[order], bits=weight.bits,
-                     scheme=weight.scheme, zero=None if weight.zero is None else weight.zero[order],
-                     group_size=weight.group_size)
-
-
 def _rope_theta(config) -> float:
     params = getattr(config, "rope_parameters", None) or {}
     scaling = getattr(config, "rope_scaling", None) or {}
@@ -293,8 +287,12 @@ def gguf_plan(model: nn.Module, weights: Mapping[str, IntWeight] | None = None, 
     adapter = get_adapter(model)
     if adapter.gguf_architecture is None:
         raise UnsupportedArchitectureError(f"GGUF export supports LLaMA-family models; this is {adapter.family}")
-    if weights is None:
-        weights = {n: w for n, (w, _, _) in find_quantized(model).items()}
+    found = {n: w for n, (w, _, _) in find_quantized(model).items()}
+    weights = found if weights is None else weights
+    unwritable = sorted(set(found) - set(weights))
+    if unwritable:
+        raise LmcompressError(f"GGUF export: {unwritable[0]!r} is quantized but `weights` has no integer weight "
+                              f"for it ({len(unwritable)} such modules); pass weights=None to use their own codes")
     kind = module_kinds(model)
     plan: list[PlannedTensor] = []
 
@@ -315,7 +313,7 @@ def gguf_plan(model: nn.Module, weights: Mapping[str, IntWeight] | None = None, 
             weight = weights[module_name]
             order = adapter.gguf_row_order(module_name, weight.out_features)
             if order is not None:
-                weight = _permute_int_weight(weight, order)
+                weight = weight.rows(order)
             add(f"{module_name}.weight", module_name, weight.codes.shape, weight.codes.numel(),
                 pack_weight(weight, float_type, ternary_type))
             bias = getattr(model.get_submodule(module_name), "bias", None)

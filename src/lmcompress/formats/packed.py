@@ -10,8 +10,8 @@
     the `(out, in)` weight packed row by row, see `lmcompress.quant.packing`), `NAME.scales` (bfloat16,
     shape `(R, C)`: `(1, 1)` per tensor, `(out, 1)` per row, `(out, in // group_size)` per group),
     `NAME.zeros` (uint8 `(R, C)`, asym only) and `NAME.bias` (float) if it has one. Weight `[o, i]` uses
-    scale `[o if R > 1 else 0, (i // group_size) if C > 1 else 0]`; codes map to values as in
-    `lmcompress.quant.quantizers.dequantize` (binary s*(2c-1), ternary s*(c-1), sym s*(c-Q), asym s*(c-z)).
+    scale `[o if R > 1 else 0, (i // group_size) if C > 1 else 0]`; what a code means per scheme is
+    `lmcompress.quant.codes`.
     GPT-2 Conv1D weights are stored as `(out, in)` too.
   - every other tensor of the state dict under its usual name, floats as the export dtype (a tensor whose
     values overflow fp16 stays fp32 in an fp16 export). Tensors that share storage are written once; the

@@ -1,4 +1,5 @@
-"""Inference form of quantized models: packed integer codes run by integer CPU kernels, GGUF export."""
+"""Inference form of quantized models: integer codes run by integer CPU kernels (a registry of kernels), and
+the bridge that reads `lmcompress.quant`'s modules as the `IntWeight`s the kernels take."""
 
 from lmcompress.infer import from_quant, lowbit  # noqa: F401  (they register an extractor and a kernel)
 from lmcompress.infer.convert import (

@@ -161,6 +161,11 @@ class IntWeight:
     def per_row(self) -> bool:
         return self.group_size is None
 
+    def rows(self, index: torch.Tensor) -> IntWeight:
+        """The weight of output rows `index` (selected or reordered), with their scales and zero points."""
+        return IntWeight(codes=self.codes[index], scale=self.scale[index], bits=self.bits, scheme=self.scheme,
+                         zero=None if self.zero is None else self.zero[index], group_size=self.group_size)
+
     def signed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(int8 codes, fp32 scale, fp32 offset or None) with W = scale * codes + offset per row/group.
 

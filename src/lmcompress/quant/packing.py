@@ -19,8 +19,8 @@ Formats (`CodeFormat.name`):
   byte `i` of a row = `c[5i] + 3*c[5i+1] + 9*c[5i+2] + 27*c[5i+3] + 81*c[5i+4]`; the last byte of a row
   is padded with code 0. Row bytes: `ceil(n/5)`.
 
-What a code means (the scale/zero-point formulas) is defined by the quantizer that produced it; see
-`lmcompress.quant.quantizers.dequantize` and the docstring of `lmcompress.formats.packed`.
+What a code means (its level and value, per scheme) is defined once in `lmcompress.quant.codes`; which format
+a scheme's codes use is `lmcompress.quant.codes.code_format`.
 """
 
 from __future__ import annotations

@@ -49,14 +49,6 @@ class _CachedWeight:
         self.key = self.value = None
 
 
-def _numel(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.numel()
-
-
-def _bias_bits(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.numel() * t.element_size() * 8
-
-
 class QuantModule(nn.Module):
     """Common part of QuantLinear / QuantEmbedding: a latent weight and the quantizer that quantizes it."""
 
@@ -79,13 +71,6 @@ class QuantModule(nn.Module):
     @property
     def spec(self) -> QuantSpec:
         return self.weight_quantizer.spec
-
-    # size protocol of lmcompress.evaluate.size: what an export stores for this module
-    def logical_params(self) -> int:
-        return self.weight.numel() + _numel(getattr(self, "bias", None))
-
-    def stored_bits(self) -> float:
-        return 8 * sum(self.weight_quantizer.storage_bytes().values()) + _bias_bits(getattr(self, "bias", None))
 
     def train(self, mode: bool = True):
         self._cache.clear()
@@ -168,12 +153,6 @@ class QuantTiedHead(nn.Module):
     def source(self) -> QuantEmbedding:
         return self._source[0]
 
-    def logical_params(self) -> int:  # the table is counted with the embedding
-        return _numel(self.bias)
-
-    def stored_bits(self) -> float:
-        return _bias_bits(self.bias)
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tied to a quantized embedding"
 
@@ -209,12 +188,6 @@ class PackedModule(nn.Module):
         self.compute_dtype = fn(torch.zeros((), dtype=torch.float32)).dtype
         self.scales = self.scales.to(SCALE_DTYPE)
         return self
-
-    def logical_params(self) -> int:
-        return self.shape[0] * self.shape[1] + _numel(getattr(self, "bias", None))
-
-    def stored_bits(self) -> float:
-        return 8 * sum(self.spec.storage_bytes(self.shape).values()) + _bias_bits(getattr(self, "bias", None))
 
     def quantize(self) -> QuantizedWeight:
         """The stored codes (unpacked), scales and zero points: what `QuantModule.quantize()` gave the export."""
@@ -276,12 +249,6 @@ class PackedTiedHead(nn.Module):
     @property
     def source(self) -> PackedEmbedding:
         return self._source[0]
-
-    def logical_params(self) -> int:
-        return _numel(self.bias)
-
-    def stored_bits(self) -> float:
-        return _bias_bits(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -142,39 +142,13 @@ def autoencoded(model: nn.Module) -> AutoencodedWeights | None:
     return model.__dict__.get(ATTRIBUTE)
 
 
-class _Constant:
-    """A callable returning a fixed number (deep-copies with the model, unlike a closure over a module)."""
-
-    def __init__(self, value: float):
-        self.value = value
-
-    def __call__(self) -> float:
-        return self.value
-
-
-def _bits(tensors) -> float:
-    return float(sum(t.numel() * t.element_size() * 8 for t in tensors))
-
-
 @torch.no_grad()
 def apply_codes(model: nn.Module, record: AutoencodedWeights) -> None:
-    """Write the regenerated weights into the model's modules and keep the codes on the model for export.
-
-    Each module also gets `stored_bits()` / `logical_params()` (the size-accounting protocol of
-    `lmcompress.evaluate.size`): its latents, norms and bias plus its share (by rows) of its decoder.
-    """
-    group_rows: dict[str, int] = {}
-    for code in record.codes.values():
-        group_rows[code.group] = group_rows.get(code.group, 0) + code.norms.numel()
-    for name, code in record.codes.items():
-        module = model.get_submodule(name)
-        weight = linear_weight(module)
+    """Write the regenerated weights into the model's modules and keep the codes on the model for export
+    (an export stores the codes and decoders instead of these weights)."""
+    for name in record.codes:
+        weight = linear_weight(model.get_submodule(name))
         weight.copy_(record.regenerate(name).to(weight.dtype))
-        bias = getattr(module, "bias", None)
-        decoder_share = _bits(record.decoders[code.group].parameters()) * code.norms.numel() / group_rows[code.group]
-        bits = _bits([code.latents, code.norms] + ([bias] if bias is not None else [])) + decoder_share
-        module.stored_bits = _Constant(bits)
-        module.logical_params = _Constant(weight.numel() + (bias.numel() if bias is not None else 0))
     existing = autoencoded(model)
     if existing is None:
         model.__dict__[ATTRIBUTE] = record

@@ -5,7 +5,8 @@
 
 The low-rank methods (svd, fwsvd, asvd) swap each selected module for a `LowRankLinear`; the autoencoder
 method regenerates the weights into the existing modules and keeps its codes on the model for export.
-Either way the model stays a normal Hugging Face model and `export_factorized` writes it small.
+Either way the model stays a normal Hugging Face model and an export (`lmcompress.formats`, format
+`factorized`) writes it small.
 """
 
 from __future__ import annotations

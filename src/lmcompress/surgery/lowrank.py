@@ -52,13 +52,6 @@ class LowRankLinear(nn.Module):
         """The (out, in) weight this module applies."""
         return self.second.weight @ self.first.weight
 
-    # Size accounting (lmcompress.evaluate.size): the dense layer this stands for, and what it stores.
-    def logical_params(self) -> int:
-        return self.in_features * self.out_features + (self.out_features if self.second.bias is not None else 0)
-
-    def stored_bits(self) -> float:
-        return float(sum(p.numel() * p.element_size() * 8 for p in self.parameters()))
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 

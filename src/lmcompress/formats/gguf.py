@@ -220,12 +220,12 @@ def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     gguf = _gguf()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}
-    model_type = (spec.get("model") or {}).get("type")
+    tokenizer_kind = (spec.get("model") or {}).get("type")
     decoder = (spec.get("decoder") or {}).get("type")
-    if model_type != "BPE" or decoder != "ByteLevel":
+    if tokenizer_kind != "BPE" or decoder != "ByteLevel":
         raise UnsupportedArchitectureError(
             f"GGUF export supports byte-level BPE tokenizers (GPT-2 / Llama-3 / SmolLM style); this one is "
-            f"{model_type or type(tokenizer).__name__} with decoder {decoder}")
+            f"{tokenizer_kind or type(tokenizer).__name__} with decoder {decoder}")
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
         raise LmcompressError(f"tokenizer has ids up to {max(vocab.values())} but the model's vocab_size is "

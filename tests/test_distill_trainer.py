@@ -73,28 +73,30 @@ def test_resume_of_a_finished_run_trains_nothing(tmp_path):
     assert set(result.final) >= {"loss", "logits", "hidden", "ce"}  # read back from the checkpoint
 
 
-class NaNAfter(nn.Module):
-    """A toy objective whose loss turns NaN on the n-th call."""
+class Toy(nn.Module):
+    """A toy objective: loss = sum(w^2) x `factor(n)` on the n-th call (to make it NaN, spike, ...)."""
 
-    def __init__(self, n):
+    def __init__(self, factor):
         super().__init__()
         self.w = nn.Parameter(torch.ones(3))
-        self.calls, self.n = 0, n
+        self.calls, self.factor = 0, factor
 
     def forward(self, batch):
         self.calls += 1
-        x = batch["input_ids"].float().mean() * self.w.sum() / 100
-        bad = torch.tensor(float("nan")) if self.calls >= self.n else torch.tensor(0.0)
-        return {"loss": x + bad, "toy": x.detach() + bad, "fine": x.detach()}
+        fine = (self.w ** 2).sum()
+        loss = fine * self.factor(self.calls)
+        return {"loss": loss, "toy": loss.detach(), "fine": fine.detach()}
 
 
-def test_nan_loss_stops_with_training_diverged_and_keeps_the_checkpoint(tmp_path):
-    model = NaNAfter(n=4)
+def test_nan_loss_stops_with_training_diverged_and_keeps_the_good_checkpoints(tmp_path):
+    model = Toy(lambda n: float("nan") if n >= 4 else 1.0)
     config = TrainConfig(steps=10, batch_size=2, checkpoint_every=1, keep_checkpoints=5, progress=False)
-    with pytest.raises(TrainingDiverged, match=r"loss term 'toy' became nan at step 4.*step-00000003"):
+    # Step 4's loss came from step 3's weights: that checkpoint is removed, step 2 is the last good one.
+    with pytest.raises(TrainingDiverged, match=r"at step 4: loss term 'toy' became nan; last good checkpoint: "
+                                               r"\S*step-00000002 "):
         train(model, blocks(), config, tmp_path)
     kept = checkpoints(tmp_path / "checkpoints/train")
-    assert [p.name for p in kept] == ["step-00000001", "step-00000002", "step-00000003"]
+    assert [p.name for p in kept] == ["step-00000001", "step-00000002"]
     assert torch.isfinite(model.w).all()  # the optimizer never stepped on the NaN gradients
 
 

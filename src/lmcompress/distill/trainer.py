@@ -12,20 +12,30 @@ Data order is ours, not a DataLoader's: each epoch is a permutation seeded by (s
 batch is `batch_size x processes` examples and process r takes its r-th slice. The position in that stream
 is a single integer (micro-batches consumed), so a checkpoint resumes at exactly the next batch.
 
-Checkpoints: `out_dir/checkpoints/<run_name>/step-NNNNNNNN/` holds `accelerator.save_state` (model, optimizer,
-scheduler, RNG states of every process) plus `trainer_state.json` (step, data position, tokens, seconds).
-They are written to a temporary folder and renamed, the last `keep_checkpoints` are kept, and the final
-step is always saved so a resumed pipeline skips finished training. Metrics go to accelerate trackers:
-`out_dir/logs/<run_name>/metrics.csv` (CSVTracker, default) or TensorBoard events in the same folder.
+Checkpoints: `out_dir/checkpoints/<run_name>/step-NNNNNNNN/` holds safetensors and JSON only (model,
+optimizer, scheduler, the RNG states of every process, step, data position, and the settings that shape
+the result; see `checkpoint.py`), so resuming runs no code from the folder, and resuming with changed
+settings is refused. They are written to a temporary folder and renamed, the newest `keep_checkpoints`
+(at least two) are kept, and the final step is always saved so a resumed pipeline skips finished training.
+
+Divergence: a non-finite loss term or gradient norm, or a loss spike (over `spike_factor` x the median of
+the recent steps' losses and above the first step's), stops the run before the optimizer steps. The
+weights of step N produce the loss of step N+1, so the checkpoint of the step before the diverged one is
+removed and the error names the newest remaining one: its weights gave a finite, non-spiking loss.
+
+Metrics go to accelerate trackers: `out_dir/logs/<run_name>/metrics.csv` (CSVTracker, default) or
+TensorBoard events in the same folder. A fresh run starts that folder empty; a resumed one continues it
+from the step it resumes at.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
+import os
 import shutil
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -45,10 +55,24 @@ from tqdm.auto import tqdm
 from lmcompress.core.config import Strict
 from lmcompress.core.errors import LmcompressError, TrainingDiverged
 from lmcompress.core.files import write_json_atomic
+from lmcompress.distill.checkpoint import (
+    check_settings,
+    checkpoints,
+    load_checkpoint,
+    read_state,
+    remove_from,
+    remove_temporary,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.json"
+SPIKE_WINDOW = 16  # recent step losses whose median the spike rule compares with
+# Settings that leave the trained weights alone: a resumed run may change them; all others must match.
+FREE_ON_RESUME = frozenset({"eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "log_with",
+                            "log_every", "spike_factor", "progress", "run_name", "save_final"})
 
 
 class TrainSettings(Strict):
@@ -69,6 +93,9 @@ class TrainSettings(Strict):
     keep_checkpoints: int = Field(2, gt=0)
     log_with: Literal["csv", "tensorboard", "none"] = "csv"
     log_every: int = Field(10, gt=0)
+    spike_factor: float | None = Field(
+        4.0, gt=1, description=f"stop when a step's loss is over this many times the median of the last "
+                               f"{SPIKE_WINDOW} steps' losses and above the first step's; null disables")
 
 
 class TrainConfig(TrainSettings):
@@ -152,7 +179,8 @@ class CSVTracker(GeneralTracker):
     """accelerate tracker writing `<logging_dir>/<run_name>/metrics.csv`: one row per `log` call.
 
     Columns are the union of all keys logged so far; when a new key appears the file is rewritten with
-    the wider header (files stay small: one row per logged step). Appends across resumes.
+    the wider header (files stay small: one row per logged step). `train` prepares the file (fresh for a
+    new run, cut at the resumed step for a resumed one) before the tracker starts appending.
     """
 
     name = "csv"
@@ -161,11 +189,12 @@ class CSVTracker(GeneralTracker):
     def __init__(self, run_name: str, logging_dir: str | Path):
         super().__init__()
         self.path = Path(logging_dir) / run_name / "metrics.csv"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.columns: list[str] = []
-        if self.path.exists():
-            with self.path.open() as f:
-                self.columns = next(csv.reader(f), [])
+
+    def start(self):
+        # `init_trackers` calls this on the main process, after `train` prepared the log folder.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.columns = _read_csv(self.path)[0]
 
     @property
     def tracker(self):
@@ -178,17 +207,29 @@ class CSVTracker(GeneralTracker):
         row = {"step": step, **{k: (v.item() if torch.is_tensor(v) else v) for k, v in values.items()}}
         new = [k for k in row if k not in self.columns]
         if new:
-            rows = []
-            if self.path.exists():
-                with self.path.open() as f:
-                    rows = list(csv.DictReader(f))
             self.columns += new
-            with self.path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, self.columns)
-                writer.writeheader()
-                writer.writerows(rows)
+            _write_csv(self.path, self.columns, _read_csv(self.path)[1])
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, self.columns).writerow(row)
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """(header, rows) of a CSV file; empty if there is none."""
+    if not path.exists():
+        return [], []
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict[str, str]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 def _trackers(config: TrainConfig, out_dir: Path):
@@ -199,33 +240,30 @@ def _trackers(config: TrainConfig, out_dir: Path):
     return None
 
 
-# --- checkpoints ------------------------------------------------------------------------------------
+# --- run folders ------------------------------------------------------------------------------------
 
 
-def checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Finished checkpoints, oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted(p for p in ckpt_dir.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).exists())
+def _settings(config: TrainConfig, world: int, examples: int) -> dict[str, Any]:
+    """What shapes the trained weights; a resumed run must match the checkpoint's."""
+    shaping = {k: v for k, v in config.model_dump().items() if k not in FREE_ON_RESUME}
+    return {**shaping, "processes": world, "examples": examples}
 
 
-def _save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, state: dict, keep: int) -> Path:
-    final = ckpt_dir / f"step-{state['step']:08d}"
-    tmp = ckpt_dir / f".tmp-{final.name}"
+def _prepare_folders(accelerator: Accelerator, ckpt_dir: Path, log_dir: Path, resumed: int | None) -> None:
+    """A fresh run starts without old checkpoints and logs; a resumed one drops the half-written checkpoint
+    and the metric rows that a killed run wrote after the step it resumes from."""
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        if resumed is None:
+            if ckpt_dir.exists():
+                log.info("starting fresh: removing old checkpoints in %s", ckpt_dir)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            shutil.rmtree(log_dir, ignore_errors=True)
+        else:
+            remove_temporary(ckpt_dir)
+            columns, rows = _read_csv(log_dir / "metrics.csv")
+            if columns:
+                _write_csv(log_dir / "metrics.csv", columns, [r for r in rows if int(r["step"]) <= resumed])
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every process writes its RNG state
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json_atomic(tmp / STATE_FILE, state)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in checkpoints(ckpt_dir)[:-max(keep, 1)]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
 
 
 # --- the loop ---------------------------------------------------------------------------------------
@@ -270,6 +308,67 @@ def _accelerator(config: TrainConfig, out_dir: Path) -> Accelerator:
     )
 
 
+def _forward_backward(model: nn.Module, batches: list[dict[str, torch.Tensor]], accelerator: Accelerator,
+                      ) -> tuple[dict[str, float], int]:
+    """Accumulate gradients over the micro-batches of one step; returns every term's mean over them and
+    all processes (reduced once, so every process takes the same decision about divergence), and the
+    tokens seen by all processes."""
+    sums: dict[str, torch.Tensor] = {}
+    tokens = 0
+    for i, batch in enumerate(batches):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model):
+            out = model(batch)
+            accelerator.backward(out["loss"] / len(batches))
+        for name, value in out.items():
+            sums[name] = sums.get(name, 0) + value.detach().float() / len(batches)
+        tokens += count_tokens(batch)
+    names = list(sums)
+    reduced = accelerator.reduce(torch.stack([sums[n] for n in names]
+                                             + [torch.tensor(float(tokens), device=accelerator.device)]),
+                                 reduction="sum")
+    world = accelerator.num_processes
+    return {n: float(reduced[i]) / world for i, n in enumerate(names)}, int(reduced[-1])
+
+
+def _divergence(values: dict[str, float], state: dict, spike_factor: float | None) -> str | None:
+    """Why this step's losses mean the run diverged, or None.
+
+    A spike must be over `spike_factor` x the median of the recent losses (robust to one noisy step) and
+    above the first step's loss: a small, noisy loss late in training (a fine-tuned classifier's) can jump
+    by large factors and still be far below where the run started.
+    """
+    for name in [n for n in values if n != "loss"] + ["loss"]:
+        if not math.isfinite(values[name]):
+            return f"loss term {name!r} became {values[name]}"
+    loss, recent = values["loss"], state["losses"]
+    if spike_factor and recent:
+        median = statistics.median(recent)
+        if 0 < median and loss > spike_factor * median and loss > state["first_loss"]:
+            terms = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k != "loss")
+            return (f"loss {loss:.4g} is over {spike_factor:g}x the median of the last {len(recent)} steps' "
+                    f"({median:.4g}; terms: {terms})")
+    return None
+
+
+def _diverged(accelerator: Accelerator, ckpt_dir: Path, step: int, reason: str,
+              bad_from: int) -> TrainingDiverged:
+    """The error for a diverged step, after removing the checkpoints from step `bad_from` on (their
+    weights produced it)."""
+    if accelerator.is_main_process:
+        for folder in remove_from(ckpt_dir, bad_from):
+            log.warning("removed %s: its weights produced the diverged step %d", folder, step)
+    accelerator.wait_for_everyone()
+    found = checkpoints(ckpt_dir)
+    kept = f"last good checkpoint: {found[-1]}" if found else "no checkpoint was written before it"
+    return TrainingDiverged(f"training diverged at step {step}: {reason}; {kept} "
+                            "(lower lr or set max_grad_norm; raise spike_factor if the loss was fine)")
+
+
+def _finite(params: list[nn.Parameter]) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in params)
+
+
 def train(
     objective: nn.Module,
     data,
@@ -283,42 +382,45 @@ def train(
     """Train `objective` for `config.steps` optimizer steps on `data` (indexable rows, e.g. a Dataset).
 
     `eval_fn(objective)` runs on the main process every `eval_every` steps and at the end (model in eval
-    mode); its metrics are logged with an `eval/` prefix. `on_step(step, metrics)` is called after every
-    optimizer step. With `resume`, training continues from the newest checkpoint in
-    `out_dir/checkpoints/<run_name>`.
-    Raises `TrainingDiverged` if a loss term or the gradient norm turns NaN/inf (before the optimizer
-    step, so the last checkpoint stays good).
+    mode, random generators left as they were); its metrics are logged with an `eval/` prefix.
+    `on_step(step, metrics)` is called after every optimizer step. With `resume`, training continues from
+    the newest checkpoint in `out_dir/checkpoints/<run_name>`; `CheckpointError` if that holds a file
+    other than safetensors/JSON, or was written with other settings (see `FREE_ON_RESUME`), or a checkpoint
+    write fails. `TrainingDiverged` if a loss term or the gradient norm turns NaN/inf or the loss spikes
+    (checked before the optimizer step; see the module docstring for which checkpoint it keeps).
     """
     out_dir = Path(out_dir)
-    ckpt_dir = out_dir / "checkpoints" / config.run_name
+    ckpt_dir, log_dir = out_dir / "checkpoints" / config.run_name, out_dir / "logs" / config.run_name
+    found = checkpoints(ckpt_dir)
+    start = found[-1] if resume and found else None
+    state = (read_state(start) if start else
+             {"step": 0, "position": 0, "tokens": 0, "seconds": 0.0, "first_loss": None, "losses": []})
     accelerator = _accelerator(config, out_dir)
     world = accelerator.num_processes
+    settings = _settings(config, world, len(data))
+    if start:
+        check_settings(start, state.get("settings", {}), settings)
     order = BatchOrder(len(data), config.batch_size, world, accelerator.process_index, config.seed)
 
     objective.to(accelerator.device)
     optimizer = _optimizer(objective, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     model, optimizer = accelerator.prepare(objective, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     params = [p for p in model.parameters() if p.requires_grad]
-
-    state = {"step": 0, "position": 0, "tokens": 0, "seconds": 0.0}
-    found = checkpoints(ckpt_dir)
-    if resume and found:
-        accelerator.load_state(str(found[-1]))
-        state = json.loads((found[-1] / STATE_FILE).read_text())
-        log.info("resumed from %s (step %d)", found[-1], state["step"])
-    elif found and accelerator.is_main_process:
-        log.info("starting fresh: removing old checkpoints in %s", ckpt_dir)
-        shutil.rmtree(ckpt_dir)
-    accelerator.wait_for_everyone()
+    if start:
+        load_checkpoint(start, objective, optimizer, scheduler, state, accelerator.process_index)
+        log.info("resumed from %s (step %d)", start, state["step"])
+    _prepare_folders(accelerator, ckpt_dir, log_dir, state["step"] if start else None)
+    state["settings"] = settings
 
     result = TrainResult(steps=state["step"], tokens=state["tokens"], seconds=state["seconds"],
                          final=state.get("final", {}), world_size=world)
     if state["step"] >= config.steps:
         return result
+    # TensorBoard hides the events a killed run wrote after the step this one resumes at.
     accelerator.init_trackers(config.run_name, config={k: v for k, v in config.model_dump().items()
-                                                      if isinstance(v, int | float | str | bool)})
+                                                      if isinstance(v, int | float | str | bool)},
+                              init_kwargs={"tensorboard": {"purge_step": state["step"] + 1}} if start else {})
     bar = tqdm(total=config.steps, initial=state["step"], desc=config.run_name,
                disable=not (config.progress and accelerator.is_local_main_process))
     window: dict[str, float] = {}
@@ -328,11 +430,15 @@ def train(
         if eval_fn is None:
             return
         if accelerator.is_main_process:
+            # Evaluation may draw random numbers (MLM masking): it must not move training's streams, or
+            # eval cadence and a resume between a checkpoint and its evaluation would change the weights.
+            rng = rng_state()
             unwrapped = accelerator.unwrap_model(model)
             unwrapped.eval()
             with torch.no_grad(), accelerator.autocast():
                 metrics = {k: float(v) for k, v in eval_fn(unwrapped).items()}
             unwrapped.train()
+            set_rng_state(rng)
             result.evals.append({"step": step, **metrics})
             accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
             bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
@@ -342,45 +448,30 @@ def train(
     try:
         while state["step"] < config.steps:
             started = time.perf_counter()
-            sums: dict[str, torch.Tensor] = {}
-            tokens = 0
-            for micro in range(config.grad_accum):
-                batch = collate([data[i] for i in order.indices(state["position"])])
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                state["position"] += 1
-                last = micro == config.grad_accum - 1
-                with nullcontext() if last else accelerator.no_sync(model):
-                    out = model(batch)
-                    accelerator.backward(out["loss"] / config.grad_accum)
-                for name, value in out.items():
-                    sums[name] = sums.get(name, 0) + value.detach().float() / config.grad_accum
-                tokens += count_tokens(batch)
-
-            # Reduce once per step so every process takes the same decision about divergence.
-            names = list(sums)
-            reduced = accelerator.reduce(torch.stack([sums[n] for n in names]
-                                                     + [torch.tensor(float(tokens), device=accelerator.device)]),
-                                         reduction="sum")
-            values = {n: float(reduced[i]) / world for i, n in enumerate(names)}
-            step = state["step"] + 1
-            for name in [n for n in names if n != "loss"] + ["loss"]:
-                if not math.isfinite(values[name]):
-                    raise TrainingDiverged(
-                        f"loss term {name!r} became {values[name]} at step {step}; training stopped"
-                        + _kept(ckpt_dir))
-            if config.max_grad_norm:
-                norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                values["grad_norm"] = float(norm)
-                if not math.isfinite(values["grad_norm"]):
-                    raise TrainingDiverged(f"gradient norm became {values['grad_norm']} at step {step} "
-                                           f"(loss {values['loss']:.4g}); training stopped" + _kept(ckpt_dir))
+            step, position = state["step"] + 1, state["position"]
+            positions = range(position, position + config.grad_accum)
+            values, step_tokens = _forward_backward(
+                model, [collate([data[i] for i in order.indices(p)]) for p in positions], accelerator)
+            # The loss of this step comes from the weights of the previous one: if it diverged, that
+            # step's checkpoint holds bad weights.
+            reason = _divergence(values, state, config.spike_factor)
+            if reason:
+                raise _diverged(accelerator, ckpt_dir, step, reason, bad_from=step - 1)
+            # Clipping at inf only measures the norm (it scales the gradients by exactly 1).
+            values["grad_norm"] = float(accelerator.clip_grad_norm_(params, config.max_grad_norm or math.inf))
+            if not math.isfinite(values["grad_norm"]):
+                raise _diverged(accelerator, ckpt_dir, step, f"gradient norm became {values['grad_norm']} "
+                                f"(loss {values['loss']:.4g})", bad_from=step - 1)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
             elapsed = time.perf_counter() - started
-            step_tokens = int(reduced[-1])
-            state.update(step=step, tokens=state["tokens"] + step_tokens, seconds=state["seconds"] + elapsed)
+            state.update(step=step, position=positions.stop, tokens=state["tokens"] + step_tokens,
+                         seconds=state["seconds"] + elapsed)
+            state["losses"] = (state["losses"] + [values["loss"]])[-SPIKE_WINDOW:]
+            if state["first_loss"] is None:
+                state["first_loss"] = values["loss"]
             for name, value in values.items():
                 window[name] = window.get(name, 0.0) + value
             window_steps, window_tokens, window_seconds = (window_steps + 1, window_tokens + step_tokens,
@@ -395,7 +486,11 @@ def train(
                 window, window_steps, window_tokens, window_seconds = {}, 0, 0, 0.0
             if ((step == config.steps and config.save_final)
                     or (config.checkpoint_every and step % config.checkpoint_every == 0)):
-                _save_checkpoint(accelerator, ckpt_dir, state, config.keep_checkpoints)
+                if not _finite(params):  # never save a checkpoint that could not be good
+                    raise _diverged(accelerator, ckpt_dir, step, "the optimizer step made weights non-finite",
+                                    bad_from=step)
+                save_checkpoint(accelerator, objective, optimizer, scheduler, ckpt_dir, state,
+                                config.keep_checkpoints)
             if step == config.steps or (config.eval_every and step % config.eval_every == 0):
                 run_eval(step)
             if on_step is not None:
@@ -406,11 +501,6 @@ def train(
             tracker.finish()
     result.steps, result.tokens, result.seconds = state["step"], state["tokens"], state["seconds"]
     return result
-
-
-def _kept(ckpt_dir: Path) -> str:
-    found = checkpoints(ckpt_dir)
-    return f"; last good checkpoint: {found[-1]}" if found else "; no checkpoint was written yet"
 
 
 def objective_eval(rows, collate, batch_size: int, batches: int):

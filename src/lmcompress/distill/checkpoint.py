@@ -1,0 +1,277 @@
+"""Training checkpoints without pickles: what `train` writes after a step and reads back to resume.
+
+A checkpoint is a folder `out_dir/checkpoints/<run_name>/step-NNNNNNNN/`:
+
+    model.safetensors       the objective's state dict (student and loss modules; a tied tensor once)
+    optimizer.safetensors   the optimizer's per-parameter tensors, named `<parameter index>.<name>`
+    rng-<rank>.safetensors  each process's random generators: torch's CPU (and accelerator) states as
+                            tensors, Python's and NumPy's as JSON in the file's metadata
+    trainer_state.json      step, data position, tokens, seconds, recent losses, the settings that shape
+                            the result, the LR scheduler's state and the optimizer's param groups
+
+Nothing is pickled, so reading a checkpoint runs no code from it (accelerate's `save_state` pickles the
+scheduler, the RNG states and the optimizer, and loads some with `weights_only=False`). A folder that
+holds any other file, such as an accelerate checkpoint's `*.pkl`/`*.bin`, is refused before anything in it
+is read. Folders are written under a temporary name and renamed, so a kill or a full disk never leaves a
+half-written `step-*` folder.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmcompress.core.errors import CheckpointError
+
+STATE_FILE = "trainer_state.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+SAFE_SUFFIXES = (".safetensors", ".json")
+TEMP_PREFIX = ".tmp-"
+
+
+def checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).exists())
+
+
+def step_of(folder: Path) -> int:
+    return int(folder.name.removeprefix("step-"))
+
+
+def remove_temporary(ckpt_dir: Path) -> None:
+    """Delete half-written checkpoint folders a killed or failed run left behind."""
+    if ckpt_dir.is_dir():
+        for tmp in ckpt_dir.glob(f"{TEMP_PREFIX}*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_from(ckpt_dir: Path, step: int) -> list[Path]:
+    """Delete the checkpoints of `step` and later; returns what was removed."""
+    doomed = [p for p in checkpoints(ckpt_dir) if step_of(p) >= step]
+    for folder in doomed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return doomed
+
+
+# --- random generators ------------------------------------------------------------------------------
+
+
+def _device_rng():
+    """The accelerator's RNG module (torch.cuda, torch.xpu, ...), or None on a CPU-only machine."""
+    if not torch.accelerator.is_available():
+        return None
+    module = torch.get_device_module(torch.accelerator.current_accelerator().type)
+    return module if hasattr(module, "get_rng_state_all") else None
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator this process draws from: torch (CPU and accelerator), Python, NumPy."""
+    device = _device_rng()
+    np_name, np_keys, np_pos, np_gauss, np_cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "device": device.get_rng_state_all() if device else [],
+            "python": random.getstate(), "numpy": [np_name, np_keys.tolist(), np_pos, np_gauss, np_cached]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    device = _device_rng()
+    if device is not None and state["device"]:
+        device.set_rng_state_all(state["device"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng-{rank}.safetensors"
+
+
+# --- files ------------------------------------------------------------------------------------------
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor],
+                  metadata: dict[str, str] | None = None) -> None:
+    """The one writer of checkpoint tensors."""
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@contextmanager
+def _writing(final: Path, name: str) -> Iterator[None]:
+    # A full disk surfaces as OSError from Python and as SafetensorError ("I/O error ... os error 28")
+    # from safetensors' Rust writer: either becomes one line naming the checkpoint and the file.
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        plain = isinstance(err, OSError) and err.strerror
+        reason = f"[Errno {err.errno}] {err.strerror}" if plain else str(err)
+        raise CheckpointError(f"could not write checkpoint {final} ({name}: {reason}); "
+                              "the earlier checkpoints are kept") from err
+
+
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except (OSError, SafetensorError, RuntimeError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint file {path} is damaged or incomplete ({err}); "
+                              "start a fresh run without --resume") from err
+
+
+def _unique_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor once (tied embedding and head): safetensors refuses aliases.
+    The tensors share memory with the module's, so copying into them loads it."""
+    seen: set[tuple] = set()
+    out = {}
+    for name, tensor in module.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.dtype, tensor.shape,
+               tensor.stride())
+        if key not in seen:
+            seen.add(key)
+            out[name] = tensor
+    return out
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    return {f"{index}.{name}": value for index, values in optimizer.state_dict()["state"].items()
+            for name, value in values.items()}
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict],
+                     optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for saved, current in zip(groups, optimizer.param_groups, strict=True):
+        for key, value in saved.items():  # JSON has no tuples (AdamW's betas)
+            if isinstance(current.get(key), tuple):
+                saved[key] = tuple(value)
+    return {"state": state, "param_groups": groups}
+
+
+# --- save and load ----------------------------------------------------------------------------------
+
+
+def save_checkpoint(accelerator: Accelerator, objective: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, ckpt_dir: Path, state: dict,
+                    keep: int) -> Path:
+    """Write `step-<state['step']>` (every process its RNG file, the main process the rest); keep the
+    newest `keep`, and never fewer than two: the newest one is trusted only once the next step's loss
+    confirms it (see `train`)."""
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise CheckpointError("checkpoints support one process or DDP; FSDP/DeepSpeed shard the optimizer "
+                              "state, which this writer does not gather (set checkpoint_every: 0, "
+                              "save_final: false)")
+    final = ckpt_dir / f"step-{state['step']:08d}"
+    tmp = ckpt_dir / f"{TEMP_PREFIX}{final.name}"
+    if accelerator.is_main_process:
+        with _writing(final, tmp.name):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    try:
+        _write_rng(tmp, final, accelerator.process_index)
+        if accelerator.is_main_process:
+            _write_main(tmp, final, objective, optimizer, scheduler, state)
+    except CheckpointError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoints(ckpt_dir)[:-max(keep, 2)]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_rng(tmp: Path, final: Path, rank: int) -> None:
+    rng = rng_state()
+    tensors = {"torch": rng["torch"], **{f"device.{i}": s for i, s in enumerate(rng["device"])}}
+    metadata = {"python": json.dumps(rng["python"]), "numpy": json.dumps(rng["numpy"])}
+    with _writing(final, _rng_file(rank)):
+        write_tensors(tmp / _rng_file(rank), tensors, metadata)
+
+
+def _write_main(tmp: Path, final: Path, objective: nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
+    with _writing(final, MODEL_FILE):
+        write_tensors(tmp / MODEL_FILE, {k: v.contiguous() for k, v in _unique_tensors(objective).items()})
+    with _writing(final, OPTIMIZER_FILE):
+        write_tensors(tmp / OPTIMIZER_FILE, _optimizer_tensors(optimizer))
+    # Plain json.dumps (no default=str): a value JSON cannot hold must fail here, not load back as a string.
+    full = {**state, "scheduler": scheduler.state_dict(),
+            "optimizer_groups": optimizer.state_dict()["param_groups"]}
+    with _writing(final, STATE_FILE):
+        (tmp / STATE_FILE).write_text(json.dumps(full, indent=1))
+
+
+def read_state(folder: Path) -> dict:
+    """The checkpoint's `trainer_state.json`, after refusing a folder that holds anything but
+    safetensors and JSON files (a pickle would run code when loaded)."""
+    for path in sorted(folder.iterdir()):
+        if not path.name.endswith(SAFE_SUFFIXES):
+            raise CheckpointError(f"refusing to resume from {folder}: {path.name} is not a safetensors or "
+                                  "JSON file (lmcompress checkpoints hold no pickles: loading one can run "
+                                  "code); start a fresh run without --resume")
+    with _reading(folder / STATE_FILE):
+        return json.loads((folder / STATE_FILE).read_text())
+
+
+def check_settings(folder: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume when a setting that shapes the result differs from the checkpoint's."""
+    changed = [f"{k} {json.dumps(saved.get(k))} -> {json.dumps(current.get(k))}"
+               for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if changed:
+        steps = ("; extending the steps of a started run is not supported yet"
+                 if saved.get("steps") != current.get("steps") else "")
+        raise CheckpointError(f"cannot resume from {folder}: training settings changed "
+                              f"({', '.join(changed)}); resume with the settings the run started with, "
+                              f"or start a fresh run{steps}")
+
+
+def load_checkpoint(folder: Path, objective: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict, rank: int) -> None:
+    """Restore weights, optimizer, scheduler and this process's RNG from `folder` (read by `read_state`)."""
+    path = folder / MODEL_FILE
+    with _reading(path):
+        weights = load_file(path)
+        expected = _unique_tensors(objective)
+        if weights.keys() != expected.keys():
+            missing = sorted(expected.keys() - weights.keys())[:5]
+            unexpected = sorted(weights.keys() - expected.keys())[:5]
+            raise CheckpointError(f"checkpoint {path} does not match the model (missing {missing}, "
+                                  f"unexpected {unexpected}); start a fresh run without --resume")
+        with torch.no_grad():
+            for name, tensor in expected.items():
+                tensor.copy_(weights[name])  # in place: a tied alias sees it too
+    path = folder / OPTIMIZER_FILE
+    with _reading(path):
+        optimizer.load_state_dict(_optimizer_state(load_file(path), state["optimizer_groups"], optimizer))
+    with _reading(folder / STATE_FILE):
+        scheduler.load_state_dict(state["scheduler"])
+    path = folder / _rng_file(rank)
+    with _reading(path), safe_open(path, "pt") as f:
+        metadata = f.metadata()
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+        set_rng_state({"torch": tensors["torch"],
+                       "device": [tensors[f"device.{i}"] for i in range(len(tensors) - 1)],
+                       "python": json.loads(metadata["python"]), "numpy": json.loads(metadata["numpy"])})

@@ -36,9 +36,10 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, bf16):
     data = blocks(20)  # 2 global batches per epoch: the run crosses epochs
-    config = TrainConfig(**CONFIG, checkpoint_every=2)
+    config = TrainConfig(**CONFIG, checkpoint_every=2, bf16=bf16)
     torch.manual_seed(0)
     whole = gpt2_objective()
     train(whole, data, config, tmp_path / "whole")

@@ -1,4 +1,4 @@
-"""Quantization-aware training: quantizers, quantized modules swapped in place, bit packing, packed export.
+"""Quantization-aware training: quantizers, quantized modules swapped in place, what a code means, bit packing.
 
     from lmcompress.quant import QuantConfig, quantize_
 

@@ -23,3 +23,7 @@ class DataError(LmcompressError):
 
 class TrainingDiverged(LmcompressError):
     """A loss turned NaN or infinite; the last good checkpoint is kept."""
+
+
+class OutputRefused(LmcompressError):
+    """lmcompress will not write there: it would replace or delete something it did not write."""

@@ -13,7 +13,7 @@ export writes and the time spent calibrating and fitting.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 @register_stage
 class FactorizeStage(StageConfig):
+    changes_student: ClassVar[bool] = True
     stage: Literal["factorize"]
     method: Literal["svd", "fwsvd", "asvd", "autoencoder"] = "svd"
     patterns: list[str] = Field(["attention", "mlp"], min_length=1,

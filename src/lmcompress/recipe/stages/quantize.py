@@ -17,7 +17,7 @@ Every field of `lmcompress.quant.QuantConfig` is a field of the stage. Training 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Literal
+from typing import ClassVar, Literal
 
 from lmcompress.quant.apply import QuantConfig, quantize_
 from lmcompress.recipe.base import Run, StageConfig, register_stage
@@ -26,6 +26,8 @@ from lmcompress.recipe.base import Run, StageConfig, register_stage
 @register_stage
 class QuantizeStage(StageConfig, QuantConfig):
     """Quantization-aware training setup: binary / ternary / k-bit weights, learnable scales, A8/A4 inputs."""
+
+    changes_student: ClassVar[bool] = True
 
     stage: Literal["quantize"] = "quantize"
 

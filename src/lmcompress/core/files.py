@@ -73,11 +73,12 @@ def owned_by_lmcompress(folder: str | Path, marker: str) -> bool:
     return (Path(folder) / marker).is_file()
 
 
-def check_output_folder(path: str | Path, what: str, marker: str, replace: bool, hint: str = "--overwrite") -> bool:
+def check_output_folder(path: str | Path, what: str, marker: str, replace: bool,
+                        refusal: str = "already holds lmcompress output; --overwrite replaces it") -> bool:
     """Whether `path` already holds lmcompress output that may be replaced.
 
     A missing or empty folder is fine (False); a folder with `marker` may be replaced only when `replace`
-    (True), else it is refused naming `hint`; anything else (a file, a folder of the user's) is refused.
+    (True), else it is refused saying `refusal`; anything else (a file, a folder of the user's) is refused.
     """
     path = Path(path)
     if not path.exists():
@@ -90,7 +91,7 @@ def check_output_folder(path: str | Path, what: str, marker: str, replace: bool,
         raise OutputRefused(f"{what} {path}: is not empty and was not written by lmcompress (no {marker}); "
                             "name a new folder")
     if not replace:
-        raise OutputRefused(f"{what} {path}: already holds lmcompress output; {hint} replaces it")
+        raise OutputRefused(f"{what} {path}: {refusal}")
     return True
 
 

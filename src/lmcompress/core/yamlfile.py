@@ -25,6 +25,7 @@ MAX_NODES = 20_000
 MAX_DEPTH = 40
 
 FieldPath = tuple[str | int, ...]
+PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null")}
 
 
 class YamlError(LmcompressError):
@@ -92,8 +93,8 @@ class _Builder:
         if depth > MAX_DEPTH:
             raise self._fail(node, f"nested deeper than {MAX_DEPTH} levels")
         if isinstance(node, yaml.ScalarNode):
-            if node.tag.startswith("!") or node.tag in ("tag:yaml.org,2002:binary", "tag:yaml.org,2002:timestamp"):
-                raise self._fail(node, f"the tag {node.tag} is not plain data")
+            if node.tag not in PLAIN_TAGS:
+                raise self._fail(node, f"the tag {node.tag} is not plain data (text, numbers, true/false, null)")
             return self._scalars.construct_object(node)
         if isinstance(node, yaml.SequenceNode):
             items = []

@@ -43,8 +43,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, resume: bool = False, overwr
     stages = list(recipe.stages)
     if stages[0].stage != "load":
         stages.insert(0, LoadStage(stage="load"))
+    _check_export_targets(stages, refuse_unsafe_folder(out_dir, "--out"))
     out = prepare_run_folder(out_dir, recipe.name, resume=resume, overwrite=overwrite)
-    _check_export_targets(stages, out)
     torch.manual_seed(recipe.seed)
     run = Run(recipe=recipe, out_dir=out, resume=resume)
     if model is not None:
@@ -79,8 +79,8 @@ def prepare_run_folder(out_dir: str | Path, name: str, resume: bool, overwrite: 
         raise OutputRefused("--resume continues a run and --overwrite starts it over: pass one of them")
     out = refuse_unsafe_folder(out_dir, "--out")
     earlier = check_output_folder(out, "--out", RUN_MARKER, replace=resume or overwrite,
-                                  hint=f"it holds an earlier run ({_status(out)}): --resume continues it, "
-                                       "--overwrite starts over;")
+                                  refusal=f"holds an earlier run ({_status(out)}): --resume continues it, "
+                                          "--overwrite starts over")
     if earlier and overwrite:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from dataclasses import replace
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -85,6 +85,8 @@ class EvaluateStage(StageConfig):
     window: int | None = Field(None, gt=1, description="perplexity window (default: the recipe's block_size)")
     stride: int | None = Field(None, gt=0, description="sliding-window stride (default: window, i.e. disjoint)")
     batch_size: int = Field(4, gt=0)
+    bos: Literal["auto", "always", "never"] = Field(
+        "auto", description="start each perplexity window with BOS: auto follows the tokenizer (does it add one?)")
 
     @model_validator(mode="after")
     def _stride_fits(self) -> EvaluateStage:
@@ -102,6 +104,17 @@ class EvaluateStage(StageConfig):
             facts.check_length(self.window or recipe.block_size, f"{self.label}.window")
         return facts
 
+    def _bos(self, tokenizer: Any) -> int | None:
+        """The BOS id to start each window with: the tokenizer's convention unless `bos` says otherwise."""
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if self.bos == "never" or bos is None:
+            if self.bos == "always":
+                raise LmcompressError(f"{self.label}.bos: always, but the tokenizer has no BOS token")
+            return None
+        if self.bos == "always":
+            return bos
+        return bos if tokenizer("a")["input_ids"][:1] == [bos] else None  # does it add BOS itself?
+
     def _metrics(self, run: Run) -> list[str]:
         if self.metrics:
             return self.metrics
@@ -117,9 +130,13 @@ class EvaluateStage(StageConfig):
         window = self.window or run.recipe.block_size
         if "perplexity" in metrics:
             ppl = perplexity(model, run.token_stream(self.split), window=window, stride=self.stride,
-                             max_tokens=self.max_tokens, batch_size=self.batch_size)
+                             max_tokens=self.max_tokens, batch_size=self.batch_size,
+                             bos_token_id=self._bos(run.tokenizer))
             row.update(perplexity=round(ppl["perplexity"], 3), eval_tokens=ppl["tokens"],
+                       eval_documents=run.data.documents_within(self.split, ppl["last_token"]),
                        eval_tokens_per_s=round(ppl["eval_tokens_per_s"], 1))
+            if run.data.corpus_counts is not None:
+                run.report.meta["corpus"] = run.data.corpus_counts.summary()
         if "accuracy" in metrics:
             split = "test" if self.split != "train" else "train"
             scores = evaluate_classifier(model, run.tokenizer, run.task, split, batch_size=max(self.batch_size, 16))

@@ -109,7 +109,7 @@ def load_model(
         model, info = _auto_class(task).from_pretrained(source, output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # damaged files, shapes off the config
         reason = str(exc).strip().splitlines()
-        raise LmcompressError(f"could not load model {name_or_path!r} as {task}: "
+        raise LmcompressError(f"could not load model {str(name_or_path)!r} as {task}: "
                               f"{reason[0] if reason else type(exc).__name__}") from exc
     # A head the checkpoint lacks is initialised fresh only where the caller asked for a task the
     # checkpoint was not saved for (a classifier on a bare encoder); anything else missing is damage.

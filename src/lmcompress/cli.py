@@ -62,26 +62,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lmcompress.data.specs import CorpusSpec, TaskSpec
     from lmcompress.recipe import Recipe, run_recipe
     from lmcompress.recipe.runner import earlier_run
-    from lmcompress.recipe.stages.basic import EvaluateStage, LoadStage
     from lmcompress.report.tables import markdown_table
 
     metrics = ["perplexity" if args.corpus else "accuracy", "size"] + (["speed"] if args.speed else [])
-    recipe = Recipe(
-        name="eval",
-        teacher=args.model,
-        model_task="sequence-classification" if args.task else None,
-        corpus=CorpusSpec(name=args.corpus) if args.corpus else None,
-        task=TaskSpec(name=args.task, test_limit=args.limit) if args.task else None,
-        block_size=args.window,
-        stages=[
-            LoadStage(copy_student=False),
-            EvaluateStage(model="teacher", metrics=metrics, split=args.split, max_tokens=args.max_tokens,
-                          stride=args.stride),
-        ],
-    )
+    evaluate = {"stage": "evaluate", "model": "teacher", "metrics": metrics, "split": args.split,
+                "max_tokens": args.max_tokens, "stride": args.stride}
+    data = {"name": "eval", "teacher": args.model, "block_size": args.window,
+            "model_task": "sequence-classification" if args.task else None,
+            "corpus": {"name": args.corpus} if args.corpus else None,
+            "task": {"name": args.task, "test_limit": args.limit} if args.task else None,
+            "stages": [{"stage": "load", "copy_student": False}, evaluate]}
+    # A bad value is reported against the flag that set it.
+    flags = {("block_size",): "--window", ("task", "test_limit"): "--limit", ("stages", 1, "max_tokens"): "--max-tokens",
+             ("stages", 1, "stride"): "--stride", ("corpus",): "--corpus", ("task",): "--task"}
+    recipe = Recipe.parse(data, source="lmcompress eval", lines=flags)
     out = Path(args.out or Path("runs") / "eval")
     run = run_recipe(recipe, out, overwrite=earlier_run(out).get("recipe") == "eval")  # never another recipe's run
     print(markdown_table(run.report.rows))

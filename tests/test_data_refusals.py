@@ -76,3 +76,26 @@ def test_perplexity_follows_or_overrides_the_bos_convention(tmp_path):
         assert row["eval_documents"] >= 1 and "documents" in result.report.meta["corpus"]
     # with BOS in front, every window scores all of its 15 stream tokens; without, 15 of 16 minus the first
     assert scored["always"] > scored["never"] and scored["auto"] == scored["never"]  # this tokenizer adds no BOS
+
+
+def test_the_cleaner_never_overwrites_its_input_or_a_foreign_folder(tmp_path, monkeypatch):
+    from lmcompress.core.errors import OutputRefused
+    from lmcompress.data.cleaning import clean_files
+
+    (tmp_path / "data").mkdir()
+    corpus = write_word_corpus(tmp_path / "data" / "corpus.jsonl", documents=5)
+    before = corpus.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputRefused, match="current folder"):
+        clean_files([corpus], ".")
+    with pytest.raises(OutputRefused, match="would overwrite the input"):
+        clean_files([corpus], tmp_path / "data", overwrite=True)  # data/corpus.jsonl is the input itself
+    assert corpus.read_bytes() == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(OutputRefused, match="not written by lmcompress"):
+        clean_files([corpus], tmp_path / "mine", overwrite=True)
+    clean_files([corpus], tmp_path / "out")
+    with pytest.raises(OutputRefused, match="earlier cleaner output; --overwrite replaces it"):
+        clean_files([corpus], tmp_path / "out")
+    clean_files([corpus], tmp_path / "out", overwrite=True)

@@ -73,3 +73,27 @@ def test_a_fresh_task_head_only_where_a_task_was_asked_for(tmp_path, caplog):
     edit_weights(folder, lambda t: t.pop("encoder.layer.0.attention.self.query.weight"))
     with pytest.raises(LmcompressError, match="missing bert.encoder.layer.0.attention.self.query.weight|missing encoder"):
         load_model(folder, task="sequence-classification", num_labels=2)  # the head may be new, the rest not
+
+
+def test_a_damaged_gguf_file_names_itself(tmp_path):
+    from lmcompress.models.loading import check_gguf_file
+
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\xff" * 64)
+    with pytest.raises(LmcompressError, match=r"junk.gguf: not a readable GGUF file"):
+        check_gguf_file(tmp_path / "junk.gguf")
+
+
+@pytest.mark.integration
+def test_a_truncated_real_gguf_is_refused_before_loading(tmp_path):
+    from lmcompress.core.assets import home
+    from lmcompress.models.builtin import SMOLLM2_GGUF
+    from lmcompress.models.loading import check_gguf_file
+
+    source = home() / "downloads" / "smollm2-gguf" / SMOLLM2_GGUF
+    if not source.exists():
+        pytest.skip("SmolLM2 GGUF not fetched")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(source.read_bytes()[: 50_000_000])
+    with pytest.raises(LmcompressError, match=r"cut.gguf: (not a readable GGUF file|tensor .* past the end)"):
+        check_gguf_file(cut)
+    check_gguf_file(source)  # the intact file passes

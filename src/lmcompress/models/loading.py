@@ -57,6 +57,7 @@ def resolve(name_or_path: str | Path) -> tuple[str, str | None]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise LmcompressError(f"GGUF file not found: {path}")
+        check_gguf_file(path)
         return str(path.parent), path.name
     if path.exists():
         if not (path / "config.json").exists():
@@ -65,6 +66,22 @@ def resolve(name_or_path: str | Path) -> tuple[str, str | None]:
     if text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise LmcompressError(f"model folder not found: {path}")
     return text, None  # a hub id: transformers fetches it (needs network access)
+
+
+def check_gguf_file(path: Path) -> None:
+    """Refuse a damaged GGUF file before transformers reads it: its header must parse and every tensor
+    it declares must lie inside the file (a bit-flipped size would otherwise ask for gigabytes)."""
+    import gguf  # lazy: only .gguf inputs need the reader
+
+    size = path.stat().st_size
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as exc:  # gguf raises ValueError/struct/numpy errors for a damaged header: name the file
+        raise LmcompressError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+    for tensor in reader.tensors:
+        if tensor.data_offset + int(tensor.n_bytes) > size or int(tensor.n_elements) <= 0:
+            raise LmcompressError(f"{path}: tensor {tensor.name} declares {int(tensor.n_bytes):,} bytes at offset "
+                                  f"{tensor.data_offset:,}, past the end of the {size:,}-byte file (damaged)")
 
 
 def _drop_gguf_quantizer(model: nn.Module) -> None:

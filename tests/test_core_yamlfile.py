@@ -45,6 +45,7 @@ def test_a_self_referencing_alias_is_refused():
     ("a: 1\n---\nb: 2\n", "holds 2 YAML documents"),
     ("<<: {a: 1}\n", "merge keys"),
     ("a: !!python/object:os.system x\n", "not plain data"),
+    ("=: 1\n", "not plain data"),
     ("? [1, 2]\n: x\n", "a key must be a plain value"),
 ])
 def test_bad_yaml_is_one_line_naming_the_file(text, message):

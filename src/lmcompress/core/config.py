@@ -36,7 +36,10 @@ def format_validation_errors(exc: ValidationError, prefix: str = "", unions: Seq
             if isinstance(part, str) and part in tags and i > 0 and isinstance(parts[i - 1], int):
                 continue
             path.append(part)
-            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+            if isinstance(part, str) and part.isidentifier() and len(part) <= 40:
+                loc += f".{part}" if loc else part
+            else:  # an index, or a key as odd as a user can type: quoted, never a line break
+                loc += f"[{part}]" if isinstance(part, int) else f"[{_short(part, 30)}]"
         msg = err["msg"]
         ctx = err.get("ctx", {})
         if err["type"] == "extra_forbidden":

@@ -63,9 +63,10 @@ def parse_yaml(text: str, source: str) -> YamlDoc:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}" if mark is not None else source
-        raise YamlError(f"{where}: not valid YAML: {exc.problem or exc.context}") from None
-    except yaml.YAMLError as exc:
-        raise YamlError(f"{source}: not valid YAML: {exc}") from None
+        reason = str(exc.problem or exc.context or "unreadable").strip().splitlines()[0]
+        raise YamlError(f"{where}: not valid YAML: {reason}") from None
+    except yaml.YAMLError as exc:  # e.g. a control character: PyYAML's message runs over several lines
+        raise YamlError(f"{source}: not valid YAML: {str(exc).strip().splitlines()[0]}") from None
     except RecursionError:
         raise YamlError(f"{source}: nested more than Python can parse; a config is a few levels deep") from None
     if len(documents) > 1:
@@ -93,9 +94,7 @@ class _Builder:
         if depth > MAX_DEPTH:
             raise self._fail(node, f"nested deeper than {MAX_DEPTH} levels")
         if isinstance(node, yaml.ScalarNode):
-            if node.tag not in PLAIN_TAGS:
-                raise self._fail(node, f"the tag {node.tag} is not plain data (text, numbers, true/false, null)")
-            return self._scalars.construct_object(node)
+            return self._scalar(node)
         if isinstance(node, yaml.SequenceNode):
             items = []
             for i, item in enumerate(node.value):
@@ -109,10 +108,19 @@ class _Builder:
                     raise self._fail(key_node, "merge keys (`<<:`) are not supported; write the fields out")
                 if not isinstance(key_node, yaml.ScalarNode):
                     raise self._fail(key_node, "a key must be a plain value, not a list or mapping")
-                key = self._scalars.construct_object(key_node)
+                key = self._scalar(key_node)
                 if key in mapping:
                     raise self._fail(key_node, f"key {key!r} appears twice in one mapping")
                 self.lines.setdefault((*path, key), key_node.start_mark.line + 1)
                 mapping[key] = self.build(value_node, (*path, key), depth + 1)
             return mapping
         raise self._fail(node, f"unexpected YAML node {type(node).__name__}")
+
+    def _scalar(self, node: yaml.ScalarNode) -> Any:
+        if node.tag not in PLAIN_TAGS:
+            raise self._fail(node, f"the tag {node.tag.rsplit(':', 1)[-1]} is not plain data "
+                                   "(text, numbers, true/false, null)")
+        try:
+            return self._scalars.construct_object(node)
+        except yaml.YAMLError as exc:  # e.g. an int too odd to read
+            raise self._fail(node, f"cannot read the value: {str(exc).splitlines()[0]}") from None

@@ -92,7 +92,9 @@ def apply_override(doc: YamlDoc, item: str) -> None:
     key, sep, value = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set stages.2.steps=50")
+        raise RecipeError(f"--set {item[:60]!r}: expected KEY=VALUE, e.g. --set stages.2.steps=50")
+    if not key.isprintable() or len(key) > 200:
+        raise RecipeError(f"--set {key[:60]!r}: a key is a dotted path of field names and indices")
     parsed = parse_yaml(value, f"--set {key}").data
     parts = key.split(".")
     node: Any = doc.data

@@ -28,7 +28,7 @@ assets: setup
 	$(RUN)lmcompress assets
 
 demo: assets
-	$(RUN)lmcompress run recipes/demo.yaml --out runs/demo
+	$(RUN)lmcompress run recipes/demo.yaml --out runs/demo --overwrite
 
 test: assets
 	$(RUN)pytest -q

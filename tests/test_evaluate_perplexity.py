@@ -46,3 +46,24 @@ def test_uniform_model_has_vocab_perplexity():
 def test_rejects_bad_stride():
     with pytest.raises(ValueError, match="stride"):
         perplexity(tiny_model("llama"), torch.arange(10), window=4, stride=5, progress=False)
+
+
+def test_bos_windows_score_every_token_once_and_start_with_bos():
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask):
+            seen.append(input_ids.clone())
+            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 50)})()
+
+    ids = torch.arange(3, 23)  # 20 tokens
+    out = perplexity(Recorder(), ids, window=5, bos_token_id=1, batch_size=100, progress=False)
+    assert out["tokens"] == 20 and out["bos"]  # the first token too: it is predicted from BOS
+    windows = seen[0]
+    assert (windows[:, 0] == 1).all() and windows.shape == (5, 5)
+    assert torch.equal(windows[:, 1:].flatten(), ids)  # 4 stream tokens per window, disjoint
+    assert abs(out["perplexity"] - 50) < 1e-3  # uniform logits over 50 tokens

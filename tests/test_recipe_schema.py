@@ -62,9 +62,9 @@ def test_overrides(tmp_path):
     path = write(tmp_path, GOOD)
     recipe = load_recipe(path, ["stages.0.keep=[0, 5]", "block_size=64", "corpus.name=/data/x.jsonl"])
     assert recipe.stages[0].keep == [0, 5] and recipe.block_size == 64 and recipe.corpus.name == "/data/x.jsonl"
-    with pytest.raises(RecipeError, match="not a valid index"):
+    with pytest.raises(RecipeError, match="is not an index into the 2 items of stages"):
         load_recipe(path, ["stages.7.keep=1"])
-    with pytest.raises(RecipeError, match="expected key=value"):
+    with pytest.raises(RecipeError, match="expected KEY=VALUE"):
         load_recipe(path, ["block_size"])
     with pytest.raises(RecipeError, match="block_size"):
         load_recipe(path, ["block_size=-3"])

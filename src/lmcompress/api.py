@@ -39,7 +39,7 @@ class CompressResult:
 
 def compress(model: str | Path | nn.Module, recipe: Recipe | str | Path | dict, *, tokenizer: Any = None,
              out_dir: str | Path | None = None, overrides: list[str] | None = None,
-             resume: bool = False) -> CompressResult:
+             resume: bool = False, overwrite: bool = False) -> CompressResult:
     """Run `recipe` on `model` and return the compressed student.
 
     `model` is what `load` takes (built-in name, folder, .gguf file, hub id; it replaces the recipe's
@@ -53,7 +53,8 @@ def compress(model: str | Path | nn.Module, recipe: Recipe | str | Path | dict, 
     if given and tokenizer is None and (recipe.corpus is not None or recipe.task is not None):
         raise RecipeError("compress: a model object needs its `tokenizer=` to read the recipe's corpus or task")
     out = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
-    run = run_recipe(recipe, out, resume=resume, model=model if given else None, tokenizer=tokenizer)
+    run = run_recipe(recipe, out, resume=resume, overwrite=overwrite, model=model if given else None,
+                     tokenizer=tokenizer)
     return CompressResult(model=run.student if run.student is not None else run.teacher,
                           tokenizer=run.tokenizer, report=run.report, out_dir=run.out_dir, run=run)
 

@@ -55,33 +55,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     if recipe.teacher is None:
         raise LmcompressError(f"{args.recipe}: teacher: a recipe run from the command line names its teacher model")
     result = api.compress(recipe.teacher, recipe, out_dir=args.out or Path("runs") / recipe.name,
-                          resume=args.resume)
+                          resume=args.resume, overwrite=args.overwrite)
     print((result.out_dir / "report.md").read_text())
     print(f"report: {result.out_dir / 'report.md'}  ({result.out_dir / 'report.json'})")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lmcompress.data.specs import CorpusSpec, TaskSpec
     from lmcompress.recipe import Recipe, run_recipe
-    from lmcompress.recipe.stages.basic import EvaluateStage, LoadStage
+    from lmcompress.recipe.runner import earlier_run
     from lmcompress.report.tables import markdown_table
 
     metrics = ["perplexity" if args.corpus else "accuracy", "size"] + (["speed"] if args.speed else [])
-    recipe = Recipe(
-        name="eval",
-        teacher=args.model,
-        model_task="sequence-classification" if args.task else None,
-        corpus=CorpusSpec(name=args.corpus) if args.corpus else None,
-        task=TaskSpec(name=args.task, test_limit=args.limit) if args.task else None,
-        block_size=args.window,
-        stages=[
-            LoadStage(copy_student=False),
-            EvaluateStage(model="teacher", metrics=metrics, split=args.split, max_tokens=args.max_tokens,
-                          stride=args.stride),
-        ],
-    )
-    run = run_recipe(recipe, args.out or Path("runs") / "eval")
+    evaluate = {"stage": "evaluate", "model": "teacher", "metrics": metrics, "split": args.split,
+                "max_tokens": args.max_tokens, "stride": args.stride}
+    data = {"name": "eval", "teacher": args.model, "block_size": args.window,
+            "model_task": "sequence-classification" if args.task else None,
+            "corpus": {"name": args.corpus} if args.corpus else None,
+            "task": {"name": args.task, "test_limit": args.limit} if args.task else None,
+            "stages": [{"stage": "load", "copy_student": False}, evaluate]}
+    # A bad value is reported against the flag that set it.
+    flags = {("block_size",): "--window", ("task", "test_limit"): "--limit", ("stages", 1, "max_tokens"): "--max-tokens",
+             ("stages", 1, "stride"): "--stride", ("corpus",): "--corpus", ("task",): "--task"}
+    recipe = Recipe.parse(data, source="lmcompress eval", lines=flags)
+    out = Path(args.out or Path("runs") / "eval")
+    run = run_recipe(recipe, out, overwrite=earlier_run(out).get("recipe") == "eval")  # never another recipe's run
     print(markdown_table(run.report.rows))
     if args.json:
         print(json.dumps(run.report.rows, indent=2))
@@ -123,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set stages.2.steps=50 (repeatable)")
     p.add_argument("--out", help="output folder (default: runs/<recipe name>)")
-    p.add_argument("--resume", action="store_true", help="continue training stages from their last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (training stages from their last checkpoint)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier lmcompress run in --out (never a folder lmcompress did not write)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("eval", help="evaluate a model on a corpus or task",

@@ -27,3 +27,7 @@ class TrainingDiverged(LmcompressError):
 
 class CheckpointError(LmcompressError):
     """A training checkpoint cannot be written or resumed (a write failed, a pickle, changed settings)."""
+
+
+class OutputRefused(LmcompressError):
+    """lmcompress will not write there: it would replace or delete something it did not write."""

@@ -1,4 +1,9 @@
-"""Atomic file and folder writes, and byte counts. No torch: the cleaner and the CLI import this cheaply."""
+"""Atomic file and folder writes, the rules for writing where a user points, and byte counts.
+
+No torch: the cleaner and the CLI import this cheaply. lmcompress never deletes or overwrites what it
+did not write: a folder counts as its own only when it holds one of its marker files (`lmcompress.json`
+in an export, `lmcompress-run.json` in a run folder), and even then only when the user asked.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from lmcompress.core.errors import OutputRefused
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:
@@ -45,6 +52,47 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+EXPORT_MARKER = "lmcompress.json"
+RUN_MARKER = "lmcompress-run.json"
+
+
+def refuse_unsafe_folder(path: str | Path, what: str) -> Path:
+    """`path` resolved, unless it is the current folder, one above it, the home folder or the root: an
+    output folder there would mix with (or, replaced, delete) the user's own files."""
+    resolved = Path(path).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
+        raise OutputRefused(f"{what} {path}: refusing to write into the current folder or one above it; "
+                            "name a new folder (e.g. runs/my-run)")
+    return resolved
+
+
+def owned_by_lmcompress(folder: str | Path, marker: str) -> bool:
+    return (Path(folder) / marker).is_file()
+
+
+def check_output_folder(path: str | Path, what: str, marker: str, replace: bool,
+                        refusal: str = "already holds lmcompress output; --overwrite replaces it") -> bool:
+    """Whether `path` already holds lmcompress output that may be replaced.
+
+    A missing or empty folder is fine (False); a folder with `marker` may be replaced only when `replace`
+    (True), else it is refused saying `refusal`; anything else (a file, a folder of the user's) is refused.
+    """
+    path = Path(path)
+    if not path.exists():
+        return False
+    if not path.is_dir():
+        raise OutputRefused(f"{what} {path}: exists and is a file; name a new folder")
+    if not any(path.iterdir()):
+        return False
+    if not owned_by_lmcompress(path, marker):
+        raise OutputRefused(f"{what} {path}: is not empty and was not written by lmcompress (no {marker}); "
+                            "name a new folder")
+    if not replace:
+        raise OutputRefused(f"{what} {path}: {refusal}")
+    return True
 
 
 def folder_bytes(path: str | Path) -> int:

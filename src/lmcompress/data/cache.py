@@ -12,7 +12,7 @@ import datasets
 import torch
 
 from lmcompress.core.errors import DataError
-from lmcompress.data.corpus import load_corpus, pack_blocks, token_stream
+from lmcompress.data.corpus import CorpusCounts, load_corpus_counted, pack_blocks, stream_with_lengths
 from lmcompress.data.specs import CorpusSpec, TaskSpec
 from lmcompress.data.tasks import TaskData, load_task
 
@@ -22,9 +22,10 @@ class DataCache:
         self.corpus_spec, self.task_spec, self.block_size = corpus, task, block_size
         self.tokenizer: Any = None  # set once the model is loaded
         self._corpus: datasets.DatasetDict | None = None
+        self.corpus_counts: CorpusCounts | None = None  # documents read and dropped, once the corpus is read
         self._task: TaskData | None = None
         self._blocks: dict[tuple[str, int], datasets.Dataset] = {}
-        self._streams: dict[str, torch.Tensor] = {}
+        self._streams: dict[str, tuple[torch.Tensor, list[int]]] = {}
 
     @property
     def corpus(self) -> datasets.DatasetDict:
@@ -32,7 +33,7 @@ class DataCache:
         if self._corpus is None:
             if self.corpus_spec is None:
                 raise DataError("this recipe has no `corpus:` section, but a stage needs one")
-            self._corpus = load_corpus(self.corpus_spec)
+            self._corpus, self.corpus_counts = load_corpus_counted(self.corpus_spec)
         return self._corpus
 
     @property
@@ -53,14 +54,26 @@ class DataCache:
 
     def token_stream(self, split: str) -> torch.Tensor:
         """One corpus split as a single 1-D token tensor (documents separated by EOS)."""
+        return self._stream(split)[0]
+
+    def documents_within(self, split: str, tokens: int) -> int:
+        """How many documents of `split` have tokens among the first `tokens` of its stream."""
+        total, count = 0, 0
+        for length in self._stream(split)[1]:
+            if total >= tokens:
+                break
+            total, count = total + length, count + 1
+        return count
+
+    def _stream(self, split: str) -> tuple[torch.Tensor, list[int]]:
         if split not in self._streams:
-            self._streams[split] = token_stream(self.corpus[split], self._need_tokenizer())
+            self._streams[split] = stream_with_lengths(self.corpus[split], self._need_tokenizer())
         return self._streams[split]
 
     def replace_corpus(self, spec: CorpusSpec) -> None:
         """Read `spec` from now on (e.g. the cleaned copy); every cached form of the old corpus is dropped."""
         self.corpus_spec = spec
-        self._corpus = None
+        self._corpus, self.corpus_counts = None, None
         self._blocks.clear()
         self._streams.clear()
 

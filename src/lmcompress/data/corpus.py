@@ -7,6 +7,7 @@ split is by document (a hash of the document id), so train and test never share 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -39,15 +40,34 @@ def _read_local(path: Path, text_column: str) -> datasets.Dataset:
     if suffixes == {".txt"}:
         # One document per .txt file.
         rows = {"id": [str(f.relative_to(path) if path.is_dir() else f.name) for f in files],
-                "text": [f.read_text(encoding="utf-8", errors="replace") for f in files]}
+                "text": [read_text_file(f) for f in files]}
         return datasets.Dataset.from_dict(rows)
     if len(suffixes) > 1:
         raise DataError(f"corpus {path}: mixes file types {sorted(suffixes)}; use one kind per corpus")
-    builder = "parquet" if ".parquet" in suffixes else "json"
-    ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    ds = read_data_files(files, "parquet" if ".parquet" in suffixes else "json", f"corpus {path}")
     if text_column not in ds.column_names:
         raise DataError(f"corpus {path}: no column {text_column!r} (columns: {ds.column_names}); set corpus.text_column")
     return ds
+
+
+def read_text_file(path: Path) -> str:
+    """A text document; a binary or non-UTF-8 file is an error naming it (never a document of garbage)."""
+    raw = path.read_bytes()
+    if b"\0" in raw[:8192]:
+        raise DataError(f"corpus {path}: a binary file (NUL bytes), not text; remove it from the corpus folder")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"corpus {path}: not UTF-8 text (byte {exc.start}); convert it or remove it") from None
+
+
+def read_data_files(files: list[Path], builder: str, what: str) -> datasets.Dataset:
+    """json/jsonl/csv/parquet files as one Dataset; a damaged file is one line naming it."""
+    try:
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    except Exception as exc:  # datasets raises DatasetGenerationError/ArrowInvalid/...: name the data, keep the reason
+        reason = str(exc.__cause__ or exc).strip().splitlines()
+        raise DataError(f"{what}: cannot read {builder} data: {reason[-1] if reason else type(exc).__name__}") from exc
 
 
 def _read_source(spec: CorpusSpec) -> datasets.Dataset:
@@ -78,14 +98,41 @@ def split_of(doc_id: str, seed: int, validation_fraction: float, test_fraction: 
     return "train"
 
 
+@dataclass
+class CorpusCounts:
+    """How many documents the source had, and how many were dropped for having no text."""
+
+    documents: int
+    dropped_null: int  # text: null (or missing)
+    dropped_blank: int  # empty or whitespace only
+
+    def summary(self) -> str:
+        kept = self.documents - self.dropped_null - self.dropped_blank
+        dropped = f"; dropped {self.dropped_null} with null text, {self.dropped_blank} blank" if kept < self.documents else ""
+        return f"{kept} of {self.documents} documents{dropped}"
+
+
 def load_corpus(spec: CorpusSpec) -> datasets.DatasetDict:
     """Documents (`text`, `id`) split by document into train/validation/test."""
+    return load_corpus_counted(spec)[0]
+
+
+def load_corpus_counted(spec: CorpusSpec) -> tuple[datasets.DatasetDict, CorpusCounts]:
+    """`load_corpus`, and how many documents it dropped (null or blank text): none go uncounted."""
     ds = _read_source(spec)
     if spec.text_column != "text":
         ds = ds.rename_column(spec.text_column, "text")
     if "id" not in ds.column_names:
         ds = ds.add_column("id", [str(i) for i in range(len(ds))])
-    ds = ds.select_columns(["id", "text"]).filter(lambda r: bool(r["text"] and r["text"].strip()))
+    ds = ds.select_columns(["id", "text"])
+    texts = ds[:]["text"]
+    wrong = next((i for i, t in enumerate(texts) if t is not None and not isinstance(t, str)), None)
+    if wrong is not None:
+        raise DataError(f"corpus {spec.name}: document {ds[wrong]['id']!r} has {type(texts[wrong]).__name__} "
+                        f"in {spec.text_column!r}, not text")
+    counts = CorpusCounts(len(texts), sum(t is None for t in texts),
+                          sum(t is not None and not t.strip() for t in texts))
+    ds = ds.filter(lambda r: bool(r["text"] and r["text"].strip()))
     assignment = [split_of(str(i), spec.seed, spec.validation_fraction, spec.test_fraction) for i in ds["id"]]
     out = {}
     for split in SPLITS:
@@ -93,10 +140,10 @@ def load_corpus(spec: CorpusSpec) -> datasets.DatasetDict:
         out[split] = ds.select(idx)
     if len(out["test"]) == 0 or len(out["train"]) == 0:
         raise DataError(
-            f"corpus {spec.name}: {len(ds)} documents are too few to split into train and test "
+            f"corpus {spec.name}: {len(ds)} documents ({counts.summary()}) are too few to split into train and test "
             f"(test_fraction={spec.test_fraction}); add documents or raise the fraction"
         )
-    return datasets.DatasetDict(out)
+    return datasets.DatasetDict(out), counts
 
 
 def _tokenize_docs(docs: datasets.Dataset, tokenizer) -> datasets.Dataset:
@@ -111,8 +158,13 @@ def _tokenize_docs(docs: datasets.Dataset, tokenizer) -> datasets.Dataset:
 
 def token_stream(docs: datasets.Dataset, tokenizer) -> torch.Tensor:
     """All documents of a split as one 1-D token tensor (documents separated by EOS)."""
-    ids = _tokenize_docs(docs, tokenizer)["ids"]
-    return torch.tensor([t for doc in ids for t in doc], dtype=torch.long)
+    return stream_with_lengths(docs, tokenizer)[0]
+
+
+def stream_with_lengths(docs: datasets.Dataset, tokenizer) -> tuple[torch.Tensor, list[int]]:
+    """The token stream of `token_stream` and the number of tokens of each document in it, in order."""
+    ids = _tokenize_docs(docs, tokenizer)[:]["ids"]
+    return torch.tensor([t for doc in ids for t in doc], dtype=torch.long), [len(doc) for doc in ids]
 
 
 def pack_blocks(docs: datasets.Dataset, tokenizer, block_size: int) -> datasets.Dataset:

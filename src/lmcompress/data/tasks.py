@@ -9,6 +9,7 @@ import datasets
 
 from lmcompress.core.assets import ensure
 from lmcompress.core.errors import DataError
+from lmcompress.data.corpus import read_data_files
 from lmcompress.data.specs import TaskSpec
 
 # GLUE tasks: (text column, text pair column, metric). Their test labels are hidden: we test on validation.
@@ -59,22 +60,50 @@ class TaskData:
 
 
 def _encode_labels(train: datasets.Dataset, test: datasets.Dataset, label_names: list[str] | None, where: str):
-    values = train.unique("label")
-    if all(isinstance(v, int) for v in values):  # already encoded (GLUE, or integer labels in a file)
-        return train, test, label_names or [str(v) for v in range(max(values) + 1)]
+    """Labels as class indices 0..K-1, checked: no missing labels or texts, integer labels without gaps
+    or negatives, test labels seen in training, at least two classes."""
+    columns = {split: ds[:] for split, ds in (("train", train), ("test", test))}
+    for split, rows in columns.items():
+        for column in ("label", "text"):
+            missing = [i for i, v in enumerate(rows[column]) if v is None]
+            if missing:
+                raise DataError(f"{where}: {len(missing)} {split} rows have no {column} (first: row {missing[0]}); "
+                                "fill them in or remove them")
+    train_values, test_values = columns["train"]["label"], columns["test"]["label"]
+    integers = all(isinstance(v, int) and not isinstance(v, bool) for v in train_values + test_values)
+    if integers:  # already class indices (GLUE, or integer labels in a file)
+        classes = sorted(set(train_values) | set(test_values))
+        count = len(label_names) if label_names else classes[-1] + 1
+        if classes[0] < 0 or classes[-1] >= count:
+            raise DataError(f"{where}: label {classes[0] if classes[0] < 0 else classes[-1]} is not a class index "
+                            f"0..{count - 1}; integer labels number the classes from 0")
+        gaps = sorted(set(range(count)) - set(train_values))
+        if gaps and not label_names:
+            raise DataError(f"{where}: integer labels {classes} leave out {gaps[:5]} in train; class indices run "
+                            "0..K-1 without gaps (renumber them, or give the labels as text)")
+        label_names = label_names or [str(v) for v in range(count)]
+        _require_two_classes(set(train_values), label_names, where)
+        return train, test, label_names
     if label_names is None:
-        label_names = sorted(str(v) for v in values)
+        label_names = sorted({str(v) for v in train_values})
+    unseen = sorted({str(v) for v in test_values} - set(label_names))
+    if unseen:
+        raise DataError(f"{where}: test label(s) {unseen[:5]} never appear in train ({label_names[:10]})")
+    _require_two_classes({str(v) for v in train_values}, label_names, where)
     index = {name: i for i, name in enumerate(label_names)}
 
     def enc(row):
-        key = str(row["label"])
-        if key not in index:
-            raise DataError(f"{where}: label {key!r} is not one of {label_names}")
-        return {"label": index[key]}
+        return {"label": index[str(row["label"])]}
 
-    train = train.map(enc)
-    test = test.map(enc)
-    return train.cast_column("label", datasets.Value("int64")), test.cast_column("label", datasets.Value("int64")), label_names
+    train = train.map(enc).cast_column("label", datasets.Value("int64"))
+    test = test.map(enc).cast_column("label", datasets.Value("int64"))
+    return train, test, label_names
+
+
+def _require_two_classes(seen: set, label_names: list[str], where: str) -> None:
+    if len(seen) < 2:
+        raise DataError(f"{where}: the training labels hold {len(seen)} class ({sorted(map(str, seen))}); "
+                        "a classifier needs at least two")
 
 
 def _normalize_columns(ds: datasets.Dataset, spec: TaskSpec, where: str) -> datasets.Dataset:
@@ -108,7 +137,7 @@ def _load_local(path: Path, spec: TaskSpec) -> tuple[datasets.Dataset, datasets.
     loaded = {}
     for split, f in files.items():
         builder = "csv" if f.suffix == ".csv" else "json"
-        loaded[split] = _normalize_columns(datasets.load_dataset(builder, data_files=str(f), split="train"), spec, str(f))
+        loaded[split] = _normalize_columns(read_data_files([f], builder, f"task {f}"), spec, str(f))
     if "all" in loaded:
         parts = loaded["all"].train_test_split(test_size=0.2, seed=0)
         return parts["train"], parts["test"]

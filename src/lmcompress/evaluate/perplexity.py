@@ -26,16 +26,27 @@ def perplexity(
     max_tokens: int | None = None,
     batch_size: int = 4,
     progress: bool = True,
+    bos_token_id: int | None = None,
 ) -> dict:
     """Perplexity of a causal LM over a token stream (1-D tensor) or a Dataset of `input_ids` blocks.
 
     Windows of `window` tokens start every `stride` tokens; only the tokens not scored by an earlier
     window count, so every token is scored exactly once (the first window scores all but its first
     token). `stride == window` gives disjoint blocks; a smaller stride gives each token more context.
+
+    `bos_token_id`: for a model trained with a BOS token in front of every sequence (LLaMA-style
+    tokenizers add one), each window starts with it and holds `window - 1` stream tokens; then the first
+    token of each window is scored too (predicted from BOS). Without it a model that expects BOS looks
+    several times worse than it is.
     """
     stride = stride or window
     if not 0 < stride <= window:
         raise ValueError(f"stride must be in (0, window={window}], got {stride}")
+    prefix = [] if bos_token_id is None else [bos_token_id]
+    content = window - len(prefix)  # stream tokens per window
+    if content < 1:
+        raise ValueError(f"window {window} leaves no room for tokens after BOS")
+    stride = min(stride, content)
     ids = _as_stream(data)
     if max_tokens is not None:
         ids = ids[: max_tokens + 1]
@@ -45,8 +56,9 @@ def perplexity(
     # (start, end, number of target tokens at the end of the window)
     windows, prev_end = [], 0
     for start in range(0, ids.numel() - 1, stride):
-        end = min(start + window, ids.numel())
-        n_new = end - max(prev_end, start + 1) if prev_end else end - start - 1
+        end = min(start + content, ids.numel())
+        first_scorable = start if prefix else start + 1  # a window's first token is predicted from BOS
+        n_new = end - max(prev_end, first_scorable)
         if n_new > 0:
             windows.append((start, end, n_new))
         prev_end = end
@@ -59,17 +71,17 @@ def perplexity(
     bar = tqdm(total=sum(w[2] for w in windows), desc="perplexity", unit="tok", disable=not progress, leave=False)
     for i in range(0, len(windows), batch_size):
         group = windows[i : i + batch_size]
-        length = max(e - s for s, e, _ in group)
+        length = len(prefix) + max(e - s for s, e, _ in group)
         batch = torch.zeros(len(group), length, dtype=torch.long)
         mask = torch.zeros(len(group), length, dtype=torch.long)
         for row, (s, e, _) in enumerate(group):
-            batch[row, : e - s] = ids[s:e]
-            mask[row, : e - s] = 1
+            batch[row, : len(prefix) + e - s] = torch.cat([torch.tensor(prefix, dtype=torch.long), ids[s:e]])
+            mask[row, : len(prefix) + e - s] = 1
         logits = model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits[:, :-1]
         targets = batch[:, 1:].to(device)
         token_nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
         for row, (s, e, n_new) in enumerate(group):
-            last = e - s - 1  # predictions for positions 1..e-s-1 live at 0..last-1
+            last = len(prefix) + e - s - 1  # predictions for row positions 1..last live at 0..last-1
             nll += token_nll[row, last - n_new : last].sum().item()
             scored += n_new
         bar.update(sum(g[2] for g in group))
@@ -82,5 +94,7 @@ def perplexity(
         "tokens": scored,
         "window": window,
         "stride": stride,
+        "bos": bos_token_id is not None,
+        "last_token": windows[-1][1] if windows else 0,  # stream tokens [0, last_token) were read
         "eval_tokens_per_s": scored / elapsed if elapsed > 0 else float("nan"),
     }

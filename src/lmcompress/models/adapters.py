@@ -104,6 +104,11 @@ class ArchAdapter:
         return getattr(self.config, "num_key_value_heads", None) or self.num_heads
 
     @property
+    def max_positions(self) -> int | None:
+        """Longest sequence the model takes (None when its positions are unbounded, e.g. rotary-only)."""
+        return getattr(self.config, "max_position_embeddings", None)
+
+    @property
     def head_dim(self) -> int:
         return getattr(self.config, "head_dim", None) or self.hidden_size // self.num_heads
 

@@ -13,10 +13,12 @@ from typing import Literal
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from torch import nn
 
 from lmcompress.core.assets import ASSETS, ensure
-from lmcompress.core.errors import LmcompressError
+from lmcompress.core.errors import LmcompressError, UnsupportedArchitectureError
+from lmcompress.models.adapters import get_adapter
 
 Task = Literal["causal-lm", "masked-lm", "sequence-classification", "base"]
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -55,6 +57,7 @@ def resolve(name_or_path: str | Path) -> tuple[str, str | None]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise LmcompressError(f"GGUF file not found: {path}")
+        check_gguf_file(path)
         return str(path.parent), path.name
     if path.exists():
         if not (path / "config.json").exists():
@@ -63,6 +66,22 @@ def resolve(name_or_path: str | Path) -> tuple[str, str | None]:
     if text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise LmcompressError(f"model folder not found: {path}")
     return text, None  # a hub id: transformers fetches it (needs network access)
+
+
+def check_gguf_file(path: Path) -> None:
+    """Refuse a damaged GGUF file before transformers reads it: its header must parse and every tensor
+    it declares must lie inside the file (a bit-flipped size would otherwise ask for gigabytes)."""
+    import gguf  # lazy: only .gguf inputs need the reader
+
+    size = path.stat().st_size
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as exc:  # gguf raises ValueError/struct/numpy errors for a damaged header: name the file
+        raise LmcompressError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+    for tensor in reader.tensors:
+        if tensor.data_offset + int(tensor.n_bytes) > size or int(tensor.n_elements) <= 0:
+            raise LmcompressError(f"{path}: tensor {tensor.name} declares {int(tensor.n_bytes):,} bytes at offset "
+                                  f"{tensor.data_offset:,}, past the end of the {size:,}-byte file (damaged)")
 
 
 def _drop_gguf_quantizer(model: nn.Module) -> None:
@@ -104,9 +123,15 @@ def load_model(
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
     try:
-        model = _auto_class(task).from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise LmcompressError(f"could not load model {name_or_path!r} as {task}: {exc}") from exc
+        model, info = _auto_class(task).from_pretrained(source, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # damaged files, shapes off the config
+        reason = str(exc).strip().splitlines()
+        raise LmcompressError(f"could not load model {str(name_or_path)!r} as {task}: "
+                              f"{reason[0] if reason else type(exc).__name__}") from exc
+    # A head the checkpoint lacks is initialised fresh only where the caller asked for a task the
+    # checkpoint was not saved for (a classifier on a bare encoder); anything else missing is damage.
+    new_head_ok = task != default_task(config)
+    check_loaded_weights(model, info, f"{name_or_path}", new_head_ok=new_head_ok)
     if gguf_file:
         _drop_gguf_quantizer(model)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source, **common)
@@ -114,6 +139,42 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def check_loaded_weights(model: nn.Module, info: dict, source: str, new_head_ok: bool = False) -> list[str]:
+    """Refuse a checkpoint whose tensors do not fit the model, in one line naming the tensors: missing
+    (transformers would fill them with random values), unexpected, misshaped, or not finite. Returns the
+    head weights that were initialised fresh (allowed only with `new_head_ok`)."""
+    missing = list(info.get("missing_keys") or [])
+    fresh = [k for k in missing if new_head_ok and _is_head(model, k)]
+    problems = []
+    if set(missing) - set(fresh):
+        problems.append(f"missing {_names(sorted(set(missing) - set(fresh)))}")
+    if info.get("unexpected_keys"):
+        problems.append(f"unexpected {_names(sorted(info['unexpected_keys']))}")
+    if info.get("mismatched_keys"):
+        problems.append(f"misshaped {_names(sorted(str(k[0] if isinstance(k, tuple) else k) for k in info['mismatched_keys']))}")
+    if problems:
+        raise LmcompressError(f"{source}: the weights do not fit the model's config: {'; '.join(problems)}")
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and name not in fresh and not torch.isfinite(t).all()]
+    if bad:
+        raise LmcompressError(f"{source}: weights hold NaN or infinite values: {_names(bad)}")
+    if fresh:
+        log.warning("%s: initialised a new task head (%s); train it before use", source, ", ".join(fresh))
+    return fresh
+
+
+def _is_head(model: nn.Module, tensor_name: str) -> bool:
+    try:
+        return get_adapter(model).module_kind(tensor_name.rsplit(".", 1)[0], None) == "head"
+    except UnsupportedArchitectureError:
+        return False
+
+
+def _names(names: list[str], most: int = 4) -> str:
+    shown = ", ".join(names[:most])
+    return f"{shown} and {len(names) - most} more" if len(names) > most else shown
 
 
 def convert_gguf_to_safetensors(gguf_path: Path, target: Path) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import datasets
 import torch
@@ -19,7 +19,7 @@ from pydantic import Field
 from torch import nn
 
 from lmcompress.core.config import Strict
-from lmcompress.core.errors import LmcompressError
+from lmcompress.core.errors import LmcompressError, RecipeError
 from lmcompress.core.registry import Registry
 from lmcompress.data.cache import DataCache
 from lmcompress.data.specs import CorpusSpec, TaskSpec
@@ -98,11 +98,28 @@ class Run:
         self.report.write(self.out_dir, title=self.recipe.name)
 
 
+@dataclass
+class ModelFacts:
+    """What stages check before any of them runs (right after the model loads), as earlier stages change
+    it: the depths of teacher and student, and the longest sequence the model takes."""
+
+    teacher_layers: int
+    student_layers: int
+    max_positions: int | None
+
+    def check_length(self, tokens: int, field: str) -> None:
+        if self.max_positions is not None and tokens > self.max_positions:
+            raise RecipeError(f"{field}: {tokens} tokens is longer than the model's context "
+                              f"({self.max_positions} positions)")
+
+
 class StageConfig(Strict):
     """Base of every stage. `stage` names the kind; `name` labels it in reports (defaults to `stage`)."""
 
     stage: str
     name: str | None = None
+    # Whether the stage changes the student (a recipe may not do that after its last export).
+    changes_student: ClassVar[bool] = False
 
     @property
     def label(self) -> str:
@@ -111,6 +128,11 @@ class StageConfig(Strict):
     def needs(self) -> tuple[DataSection, ...]:
         """Top-level data sections (`corpus`, `task`) this stage reads."""
         return ()
+
+    def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:
+        """Check this stage's settings against the model before any stage runs; return the facts as they
+        are after this stage (e.g. fewer layers). Errors name the field."""
+        return facts
 
     def run(self, run: Run) -> None:
         raise NotImplementedError

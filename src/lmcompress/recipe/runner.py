@@ -2,12 +2,20 @@
 
 Data flows one way: recipe -> load -> transform student -> train/fit -> evaluate -> export -> report.
 Stages read and replace `run.student` / `run.teacher` and add rows to `run.report`; they never parse
-YAML or call the CLI. The report is rewritten after every stage, so a crash keeps what was measured.
+YAML or call the CLI.
+
+Before any work: the output folder must be new, empty, or an earlier run of lmcompress (then only with
+`resume` to continue it or `overwrite` to start over), and no export may land on the run folder itself.
+Right after the model loads, every later stage checks its settings against it (layer lists, context
+length), so a bad value fails before hours of training. The report is rewritten after every stage and
+says whether the run is `running`, `complete`, `failed` or `interrupted`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -15,30 +23,108 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmcompress.recipe.base import Run
+from lmcompress import __version__
+from lmcompress.core.errors import OutputRefused
+from lmcompress.core.files import RUN_MARKER, check_output_folder, refuse_unsafe_folder, write_json_atomic
+from lmcompress.models.adapters import get_adapter
+from lmcompress.recipe.base import ModelFacts, Run, StageConfig
 from lmcompress.recipe.schema import Recipe
-from lmcompress.recipe.stages.basic import LoadStage
+from lmcompress.recipe.stages.basic import ExportStage, LoadStage
 
 log = logging.getLogger(__name__)
+RUN_FOLDERS = ("checkpoints", "logs", "clean")  # what stages write inside the run folder
 
 
-def run_recipe(recipe: Recipe, out_dir: str | Path, resume: bool = False,
+def run_recipe(recipe: Recipe, out_dir: str | Path, resume: bool = False, overwrite: bool = False,
                model: nn.Module | None = None, tokenizer: Any = None) -> Run:
     """Execute every stage. `model` (with its `tokenizer`) is the teacher to start from instead of
-    loading `recipe.teacher`; the student starts as a copy of it."""
-    torch.manual_seed(recipe.seed)
-    run = Run(recipe=recipe, out_dir=Path(out_dir), resume=resume)
-    if model is not None:
-        run.teacher, run.tokenizer = model, tokenizer
-    teacher = recipe.teacher or (type(model).__name__ if model is not None else None)
-    run.report.meta.update({"recipe": recipe.name, "teacher": teacher})
+    loading `recipe.teacher`; the student starts as a copy of it. `resume` continues an earlier run in
+    `out_dir` (training stages from their last checkpoint); `overwrite` replaces it."""
     stages = list(recipe.stages)
     if stages[0].stage != "load":
         stages.insert(0, LoadStage(stage="load"))
-    for i, stage in enumerate(stages):
-        log.info("stage %d/%d: %s", i + 1, len(stages), stage.label)
-        started = time.perf_counter()
-        stage.run(run)
-        run.report.timings[f"{i}:{stage.label}"] = round(time.perf_counter() - started, 2)
-        run.save_report()
+    _check_export_targets(stages, refuse_unsafe_folder(out_dir, "--out"))
+    out = prepare_run_folder(out_dir, recipe.name, resume=resume, overwrite=overwrite)
+    torch.manual_seed(recipe.seed)
+    run = Run(recipe=recipe, out_dir=out, resume=resume)
+    if model is not None:
+        run.teacher, run.tokenizer = model, tokenizer
+    teacher = recipe.teacher or (type(model).__name__ if model is not None else None)
+    run.report.meta.update({"recipe": recipe.name, "teacher": teacher, "status": "running"})
+    current = stages[0]
+    try:
+        for i, stage in enumerate(stages):
+            current = stage
+            log.info("stage %d/%d: %s", i + 1, len(stages), stage.label)
+            started = time.perf_counter()
+            stage.run(run)
+            run.report.timings[f"{i}:{stage.label}"] = round(time.perf_counter() - started, 2)
+            if i == 0:
+                preflight(stages[1:], run)
+            run.save_report()
+        _finish(run, "complete")
+    except KeyboardInterrupt:
+        _finish(run, f"interrupted in stage {current.label}")
+        raise
+    except BaseException as exc:
+        _finish(run, f"failed in stage {current.label}: {type(exc).__name__}")
+        raise
     return run
+
+
+def prepare_run_folder(out_dir: str | Path, name: str, resume: bool, overwrite: bool) -> Path:
+    """The run folder, made ready: new or empty, or an earlier lmcompress run continued (`resume`) or
+    replaced (`overwrite`). Anything else is refused before any work, and nothing is deleted."""
+    if resume and overwrite:
+        raise OutputRefused("--resume continues a run and --overwrite starts it over: pass one of them")
+    out = refuse_unsafe_folder(out_dir, "--out")
+    earlier = check_output_folder(out, "--out", RUN_MARKER, replace=resume or overwrite,
+                                  refusal=f"holds an earlier run ({_status(out)}): --resume continues it, "
+                                          "--overwrite starts over")
+    if earlier and overwrite:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / RUN_MARKER, {"lmcompress": __version__, "recipe": name, "status": "running"})
+    return out
+
+
+def earlier_run(out: str | Path) -> dict:
+    """The marker of the lmcompress run in `out` ({} when there is none or it cannot be read)."""
+    try:
+        marker = json.loads((Path(out) / RUN_MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def _status(out: Path) -> str:
+    return str(earlier_run(out).get("status", "unknown status"))
+
+
+def _check_export_targets(stages: list[StageConfig], out: Path) -> None:
+    """An export may not land on the run folder, a folder holding it, or the folders its stages write."""
+    for stage in stages:
+        if not isinstance(stage, ExportStage):
+            continue
+        target = stage.target(out).expanduser().resolve()
+        if target == out or target in out.parents or any(
+                target == out / sub or out / sub in target.parents for sub in RUN_FOLDERS):
+            raise OutputRefused(f"{stage.label}.path {stage.path}: is the run folder {out} or holds its checkpoints, "
+                                "logs or report; exporting there would replace them; choose another path")
+
+
+def preflight(stages: list[StageConfig], run: Run) -> None:
+    """Check every stage against the loaded model before any of them runs."""
+    teacher = get_adapter(run.require_teacher("load"))
+    student = get_adapter(run.student) if run.student is not None else teacher
+    facts = ModelFacts(teacher_layers=teacher.num_layers, student_layers=student.num_layers,
+                       max_positions=teacher.max_positions)
+    for stage in stages:
+        facts = stage.preflight(facts, run.recipe)
+
+
+def _finish(run: Run, status: str) -> None:
+    run.report.meta["status"] = status
+    run.save_report()
+    write_json_atomic(run.out_dir / RUN_MARKER, {"lmcompress": __version__, "recipe": run.recipe.name,
+                                                 "status": status})

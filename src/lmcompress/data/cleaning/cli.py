@@ -28,7 +28,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help=".txt (one document per file), .jsonl or .parquet files, or folders of them")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier cleaner output in --out")
     p.add_argument("--config", metavar="YAML", help="filter settings (fields of CleanConfig)")
     p.add_argument("--num-proc", type=int, metavar="N", help="worker processes (default: config, else 1)")
     p.add_argument("--format", choices=["jsonl", "parquet"], help="output format (default jsonl)")
@@ -42,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
 
     cfg = load_clean_config(args.config, num_proc=args.num_proc, output_format=args.format,
                             text_column=args.text_column)
-    report = clean_files(args.inputs, args.out, cfg)
+    report = clean_files(args.inputs, args.out, cfg, overwrite=args.overwrite)
     s = report.stats
     print(f"{s.documents_in:,} documents in, {s.documents_out:,} out; "
           f"{s.bytes_in / 1e6:.1f} MB in, {s.bytes_out / 1e6:.1f} MB out; "

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from lmcompress.core.errors import OutputRefused
+from lmcompress.core.files import check_output_folder, refuse_unsafe_folder
 from lmcompress.data.cleaning.config import CleanConfig
 from lmcompress.data.cleaning.dedup import (
     CountMinSketch,
@@ -38,7 +40,7 @@ from lmcompress.data.cleaning.dedup import (
 from lmcompress.data.cleaning.filters import build_document_filters, build_line_filters, line_key
 from lmcompress.data.cleaning.io import CorpusWriter, Record, expand_inputs, iter_records
 from lmcompress.data.cleaning.normalize import collapse_blank_lines, normalize_text
-from lmcompress.data.cleaning.report import CleaningReport, CleaningStats, utf8_len
+from lmcompress.data.cleaning.report import REPORT_NAME, CleaningReport, CleaningStats, utf8_len
 
 log = logging.getLogger(__name__)
 
@@ -219,20 +221,31 @@ def count_repeated_lines(open_records: RecordSource, cfg: CleanConfig) -> tuple[
     return sketch.table, threshold, documents
 
 
-def clean_files(inputs: Iterable[str | Path], out_dir: str | Path, cfg: CleanConfig | None = None) -> CleaningReport:
+def clean_files(inputs: Iterable[str | Path], out_dir: str | Path, cfg: CleanConfig | None = None,
+                overwrite: bool = False) -> CleaningReport:
     """Clean .txt/.jsonl/.parquet files (or folders of them) into `out_dir/corpus.{jsonl,parquet}` and
-    write `clean_report.{json,md}` next to it."""
+    write `clean_report.{json,md}` next to it (see `clean_records` for when `out_dir` may exist)."""
     cfg = cfg or CleanConfig()
     files = expand_inputs(inputs)
-    return clean_records(lambda: iter_records(files, cfg.text_column), out_dir, cfg, [str(f) for f in files])
+    return clean_records(lambda: iter_records(files, cfg.text_column), out_dir, cfg, [str(f) for f in files],
+                         overwrite=overwrite)
 
 
 def clean_records(open_records: RecordSource, out_dir: str | Path, cfg: CleanConfig | None = None,
-                  inputs: list[str] | None = None) -> CleaningReport:
+                  inputs: list[str] | None = None, overwrite: bool = False) -> CleaningReport:
     """Clean the (where, record) stream that `open_records()` yields; it is called once per pass (twice
-    when `lines.cross_document` is on), so it must start over each time."""
+    when `lines.cross_document` is on), so it must start over each time.
+
+    `out_dir` must be new or empty, or an earlier cleaner output (it has `clean_report.json`) with
+    `overwrite`; it may not be the current folder, and the output file may not be one of the inputs.
+    """
     cfg = cfg or CleanConfig()
-    out_dir = Path(out_dir)
+    out_dir = refuse_unsafe_folder(out_dir, "--out")
+    output = out_dir / f"{OUTPUT_NAME}.{cfg.output_format}"
+    if any(Path(i).expanduser().resolve() == output for i in inputs or []):
+        raise OutputRefused(f"--out {out_dir}: the output {output.name} would overwrite the input {output}")
+    check_output_folder(out_dir, "--out", REPORT_NAME, replace=overwrite,
+                        refusal="holds an earlier cleaner output; --overwrite replaces it")
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
@@ -245,7 +258,6 @@ def clean_records(open_records: RecordSource, out_dir: str | Path, cfg: CleanCon
     stats = CleaningStats(max_examples=cfg.examples)
     exact = SeenHashes() if cfg.exact_dedup.enabled else None
     near = NearDuplicateIndex(cfg.near_dedup) if cfg.near_dedup.enabled else None
-    output = out_dir / f"{OUTPUT_NAME}.{cfg.output_format}"
     chunks = chunked(open_records(), lambda item: len(item[1][cfg.text_column]), cfg.chunk_bytes)
     progress = _Progress(started)
     with CorpusWriter(output, cfg.output_format, cfg.text_column) as writer:

@@ -12,6 +12,8 @@ from typing import Any
 
 from lmcompress.core.files import write_json_atomic
 
+REPORT_NAME = "clean_report.json"  # also how a folder is known as the cleaner's output
+
 EXAMPLE_CHARS = 200
 
 # Filters in the order the pipeline applies them (and the report lists them).
@@ -180,7 +182,7 @@ class CleaningReport:
 
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
         out_dir = Path(out_dir)
-        json_path, md_path = out_dir / "clean_report.json", out_dir / "clean_report.md"
+        json_path, md_path = out_dir / REPORT_NAME, out_dir / "clean_report.md"
         write_json_atomic(json_path, self.to_dict())
         tmp = out_dir / ".clean_report.md.tmp"
         tmp.write_text(self.markdown())

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from lmcompress.core.errors import LmcompressError
-from lmcompress.recipe.base import Run, StageConfig, register_stage
+from lmcompress.core.files import folder_bytes
+from lmcompress.evaluate import decode_speed, evaluate_classifier, perplexity, prefill_speed
+from lmcompress.formats import export_model, load_model, size_report
+from lmcompress.models.adapters import get_adapter
+from lmcompress.recipe.base import ModelFacts, RecipeSettings, Run, StageConfig, register_stage
+from lmcompress.surgery.truncate import resolve_layers, truncate_layers
 
 
 @register_stage
@@ -17,14 +23,14 @@ class LoadStage(StageConfig):
     """Load the teacher (the recipe's `teacher`, or `model` here; or take the model `compress` was given)
     and make the student a copy of it."""
 
+    changes_student: ClassVar[bool] = True
+
     stage: Literal["load"] = "load"
     model: str | None = Field(None, description="load this instead of the recipe's teacher")
     dtype: Literal["fp32", "bf16"] = "fp32"
     copy_student: bool = Field(True, description="make the student a copy of the teacher (off for eval only)")
 
     def run(self, run: Run) -> None:
-        from lmcompress.formats import load_model, size_report
-
         recipe = run.recipe
         source = self.model or recipe.teacher
         if source is not None:
@@ -49,14 +55,17 @@ class LoadStage(StageConfig):
 class TruncateStage(StageConfig):
     """Layer reduction: keep an explicit layer list, every other layer, or the first/last k layers."""
 
+    changes_student: ClassVar[bool] = True
+
     stage: Literal["truncate"] = "truncate"
     keep: list[int] | Literal["every-other", "first-k", "last-k"]
     k: int | None = Field(None, gt=0, description="number of layers for first-k / last-k")
 
-    def run(self, run: Run) -> None:
-        from lmcompress.models.adapters import get_adapter
-        from lmcompress.surgery.truncate import resolve_layers, truncate_layers
+    def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:
+        kept = resolve_layers(self.keep, facts.student_layers, self.k, field=f"{self.label}.keep")
+        return replace(facts, student_layers=len(kept))
 
+    def run(self, run: Run) -> None:
         student = run.require_student(self.stage)
         layers = resolve_layers(self.keep, get_adapter(student).num_layers, self.k, field=f"{self.label}.keep")
         truncate_layers(student, layers)
@@ -75,6 +84,8 @@ class EvaluateStage(StageConfig):
     window: int | None = Field(None, gt=1, description="perplexity window (default: the recipe's block_size)")
     stride: int | None = Field(None, gt=0, description="sliding-window stride (default: window, i.e. disjoint)")
     batch_size: int = Field(4, gt=0)
+    bos: Literal["auto", "always", "never"] = Field(
+        "auto", description="start each perplexity window with BOS: auto follows the tokenizer (does it add one?)")
 
     @model_validator(mode="after")
     def _stride_fits(self) -> EvaluateStage:
@@ -87,6 +98,22 @@ class EvaluateStage(StageConfig):
         return (("corpus",) if {"perplexity", "speed"} & set(metrics) else ()) + (
             ("task",) if "accuracy" in metrics else ())
 
+    def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:
+        if self.window is not None or recipe.corpus is not None:
+            facts.check_length(self.window or recipe.block_size, f"{self.label}.window")
+        return facts
+
+    def _bos(self, tokenizer: Any) -> int | None:
+        """The BOS id to start each window with: the tokenizer's convention unless `bos` says otherwise."""
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if self.bos == "never" or bos is None:
+            if self.bos == "always":
+                raise LmcompressError(f"{self.label}.bos: always, but the tokenizer has no BOS token")
+            return None
+        if self.bos == "always":
+            return bos
+        return bos if tokenizer("a")["input_ids"][:1] == [bos] else None  # does it add BOS itself?
+
     def _metrics(self, run: Run) -> list[str]:
         if self.metrics:
             return self.metrics
@@ -94,15 +121,6 @@ class EvaluateStage(StageConfig):
         return [*quality, "size"]
 
     def run(self, run: Run) -> None:
-        from lmcompress.evaluate import (
-            decode_speed,
-            evaluate_classifier,
-            perplexity,
-            prefill_speed,
-        )
-        from lmcompress.formats import size_report
-        from lmcompress.models.adapters import get_adapter
-
         model = run.teacher if self.model == "teacher" else run.require_student(self.stage)
         if model is None:
             raise LmcompressError(f"{self.label}: no teacher loaded")
@@ -111,9 +129,13 @@ class EvaluateStage(StageConfig):
         window = self.window or run.recipe.block_size
         if "perplexity" in metrics:
             ppl = perplexity(model, run.token_stream(self.split), window=window, stride=self.stride,
-                             max_tokens=self.max_tokens, batch_size=self.batch_size)
+                             max_tokens=self.max_tokens, batch_size=self.batch_size,
+                             bos_token_id=self._bos(run.tokenizer))
             row.update(perplexity=round(ppl["perplexity"], 3), eval_tokens=ppl["tokens"],
+                       eval_documents=run.data.documents_within(self.split, ppl["last_token"]),
                        eval_tokens_per_s=round(ppl["eval_tokens_per_s"], 1))
+            if run.data.corpus_counts is not None:
+                run.report.meta["corpus"] = run.data.corpus_counts.summary()
         if "accuracy" in metrics:
             split = "test" if self.split != "train" else "train"
             scores = evaluate_classifier(model, run.tokenizer, run.task, split, batch_size=max(self.batch_size, 16))
@@ -140,13 +162,14 @@ class ExportStage(StageConfig):
     format: Literal["auto", "hf", "gguf"] = Field(
         "auto", description="auto: packed/factorized when the student has such modules, else hf")
 
-    def run(self, run: Run) -> None:
-        from lmcompress.core.files import folder_bytes
-        from lmcompress.formats import export_model
+    def target(self, out_dir: Path) -> Path:
+        """Where this export writes: `path`, or `<out>/model` (`<out>/model.gguf` for GGUF)."""
+        return Path(self.path) if self.path else Path(out_dir) / ("model.gguf" if self.format == "gguf" else "model")
 
+    def run(self, run: Run) -> None:
         student = run.require_student(self.stage)
-        target = Path(self.path) if self.path else run.out_dir / ("model.gguf" if self.format == "gguf" else "model")
-        written, fmt = export_model(student, run.tokenizer, target, dtype=self.dtype, format=self.format)
+        written, fmt = export_model(student, run.tokenizer, self.target(run.out_dir), dtype=self.dtype,
+                                    format=self.format)
         disk = folder_bytes(written) if Path(written).is_dir() else Path(written).stat().st_size
         row = {"stage": self.label, "model": "student", "format": fmt, "path": str(written),
                "disk_mb": round(disk / 1e6, 2)}

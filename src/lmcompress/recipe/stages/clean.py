@@ -56,7 +56,7 @@ class CleanStage(CleanConfig, StageConfig):
         out_dir = run.out_dir / "clean"
         result = _previous_result(out_dir, cfg, inputs) if run.resume else None
         if result is None:
-            result = clean_records(open_records, out_dir, cfg, inputs).to_dict()
+            result = clean_records(open_records, out_dir, cfg, inputs, overwrite=True).to_dict()  # in our run folder
 
         run.data.replace_corpus(spec.model_copy(update={"name": result["output"], "config": None, "split": None}))
 

@@ -13,23 +13,22 @@ export writes and the time spent calibrating and fitting.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from lmcompress.core.errors import LmcompressError
 from lmcompress.formats import size_report
-from lmcompress.recipe.base import StageConfig, register_stage
+from lmcompress.recipe.base import Run, StageConfig, register_stage
 from lmcompress.surgery.autoencoder import AutoencoderConfig
 from lmcompress.surgery.calibration import calibration_batches
 from lmcompress.surgery.factorize import factorize_, stats_needed
 
-if TYPE_CHECKING:
-    from lmcompress.recipe.base import Run
 
 
 @register_stage
 class FactorizeStage(StageConfig):
+    changes_student: ClassVar[bool] = True
     stage: Literal["factorize"]
     method: Literal["svd", "fwsvd", "asvd", "autoencoder"] = "svd"
     patterns: list[str] = Field(["attention", "mlp"], min_length=1,

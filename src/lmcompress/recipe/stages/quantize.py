@@ -17,8 +17,9 @@ Every field of `lmcompress.quant.QuantConfig` is a field of the stage. Training 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Literal
+from typing import ClassVar, Literal
 
+from lmcompress.formats import size_report
 from lmcompress.quant.apply import quantize_
 from lmcompress.quant.config import QuantConfig
 from lmcompress.recipe.base import Run, StageConfig, register_stage
@@ -31,11 +32,11 @@ class QuantizeStage(StageConfig, QuantConfig):
     The stage is a QuantConfig, validated and resolved once with the recipe; `run` hands it to `quantize_`.
     """
 
+    changes_student: ClassVar[bool] = True
+
     stage: Literal["quantize"] = "quantize"
 
     def run(self, run: Run) -> None:
-        from lmcompress.formats import size_report
-
         student = run.require_student(self.label)
         specs = quantize_(student, self, field=self.label)
         # Size as the export stage writes it by default (fp32 for the tensors left in float).

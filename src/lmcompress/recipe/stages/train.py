@@ -21,7 +21,8 @@ checkpoint (a stage that had finished loads its final weights and skips training
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -30,6 +31,7 @@ from torch import nn
 from lmcompress.core.errors import LmcompressError
 from lmcompress.distill.batches import mlm_collate
 from lmcompress.distill.heads import copy_head, with_classification_head
+from lmcompress.distill.layermaps import layer_map
 from lmcompress.distill.losses import LOSSES, CELoss, DistillationObjective, build_objective, freeze
 from lmcompress.distill.student import build_student
 from lmcompress.distill.trainer import (
@@ -42,7 +44,7 @@ from lmcompress.distill.trainer import (
 )
 from lmcompress.evaluate import evaluate_classifier
 from lmcompress.models.adapters import get_adapter, is_sequence_classifier
-from lmcompress.recipe.base import Run, StageConfig, register_stage
+from lmcompress.recipe.base import ModelFacts, RecipeSettings, Run, StageConfig, register_stage
 
 
 class TrainingStage(StageConfig, TrainSettings):
@@ -88,6 +90,8 @@ class DistillStage(TrainingStage):
     see masked inputs when `mlm_probability` > 0); `data: task` on the labelled task (task-specific KD).
     """
 
+    changes_student: ClassVar[bool] = True
+
     stage: Literal["distill"] = "distill"
     data: Literal["corpus", "task"] = "corpus"
     block_size: int | None = Field(None, gt=0, description="tokens per block (default: the recipe's)")
@@ -96,6 +100,16 @@ class DistillStage(TrainingStage):
 
     def needs(self) -> tuple[str, ...]:
         return (self.data,)
+
+    def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:
+        if self.data == "corpus":
+            facts.check_length(self.block_size or recipe.block_size, f"{self.label}.block_size")
+        for i, loss in enumerate(self.losses):
+            spec = getattr(loss, "layer_map", None)
+            if spec is not None:
+                layer_map(spec, facts.teacher_layers, facts.student_layers, getattr(loss, "k", None),
+                          field=f"{self.label}.losses[{i}].layer_map")
+        return facts
 
     def training_data(self, run: Run):
         """(train rows, held-out rows, collate) for this stage's data."""
@@ -135,6 +149,8 @@ class FinetuneStage(TrainingStage):
     `student: copy` makes the student a copy of the fine-tuned teacher (then truncate / distill it);
     `student: head` keeps the student's transformer and gives it the teacher's fine-tuned head.
     """
+
+    changes_student: ClassVar[bool] = True
 
     stage: Literal["finetune"] = "finetune"
     lr: float = Field(5e-5, gt=0)
@@ -186,6 +202,8 @@ class StudentStage(StageConfig):
     heads, channels and rows). Tensors that cannot be sliced keep their random initialisation.
     """
 
+    changes_student: ClassVar[bool] = True
+
     stage: Literal["student"] = "student"
     layers: int | None = Field(None, gt=0)
     hidden_size: int | None = Field(None, gt=0)
@@ -194,6 +212,11 @@ class StudentStage(StageConfig):
     num_kv_heads: int | None = Field(None, gt=0)
     init: Literal["teacher", "random"] = "teacher"
     layer_map: str | list[int] = "uniform"
+
+    def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:
+        layers = self.layers or facts.teacher_layers
+        layer_map(self.layer_map, facts.teacher_layers, layers, field=f"{self.label}.layer_map")
+        return replace(facts, student_layers=layers)
 
     def run(self, run: Run) -> None:
         teacher = run.teacher

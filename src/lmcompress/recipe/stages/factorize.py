@@ -25,7 +25,6 @@ from lmcompress.surgery.calibration import calibration_batches
 from lmcompress.surgery.factorize import factorize_, stats_needed
 
 
-
 @register_stage
 class FactorizeStage(StageConfig):
     changes_student: ClassVar[bool] = True

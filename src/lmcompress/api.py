@@ -77,10 +77,12 @@ def load(name_or_path: str | Path, **options: Any) -> tuple[nn.Module, Any]:
     return formats.load_model(name_or_path, **options)
 
 
-def save(model: nn.Module, tokenizer: Any, path: str | Path, format: str = "auto", dtype: str = "fp32") -> Path:
+def save(model: nn.Module, tokenizer: Any, path: str | Path, format: str = "auto", dtype: str = "fp32",
+         overwrite: bool = False) -> Path:
     """Write `model` in `format`: `auto` picks the compressed format its modules need (packed codes,
-    factorized weights), else plain safetensors; `gguf` for llama.cpp. Returns the written path."""
-    written, _ = formats.export_model(model, tokenizer, path, dtype=dtype, format=format)
+    factorized weights), else plain safetensors; `gguf` for llama.cpp. Returns the written path. An
+    earlier lmcompress export at `path` is replaced only with `overwrite`; anything else is refused."""
+    written, _ = formats.export_model(model, tokenizer, path, dtype=dtype, format=format, overwrite=overwrite)
     return Path(written)
 
 

@@ -91,7 +91,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from lmcompress.formats import export_model
 
     model, tokenizer = api.load(args.model)
-    path, fmt = export_model(model, tokenizer, args.out, dtype=args.dtype, format=args.format)
+    path, fmt = export_model(model, tokenizer, args.out, dtype=args.dtype, format=args.format,
+                             overwrite=args.overwrite)
     print(f"wrote {fmt} model to {path}")
     return 0
 
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (or .gguf file)")
     p.add_argument("--format", default="auto", help="auto | hf | packed-quant | factorized | gguf")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier lmcompress export at --out (never a folder lmcompress did not write)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("assets", help="fetch and cache the built-in model and data sets")

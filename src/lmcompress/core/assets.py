@@ -87,7 +87,7 @@ def ensure(name: str) -> Path:
     downloads = home() / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     try:
-        with atomic_folder(asset.path) as building:
+        with atomic_folder(asset.path, overwrite=True, marker=".complete", what="asset") as building:
             asset.build(downloads, building)
             (building / ".complete").write_text(json.dumps({"asset": name}))
     except AssetError:

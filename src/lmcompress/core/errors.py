@@ -31,3 +31,7 @@ class CheckpointError(LmcompressError):
 
 class OutputRefused(LmcompressError):
     """lmcompress will not write there: it would replace or delete something it did not write."""
+
+
+class WriteFailed(LmcompressError):
+    """Writing an output failed (a full disk, no permission); what was there before is untouched."""

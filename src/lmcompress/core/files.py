@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lmcompress.core.errors import OutputRefused
+from lmcompress.core.errors import OutputRefused, WriteFailed
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:
@@ -32,26 +32,6 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-@contextmanager
-def atomic_folder(target: str | Path) -> Iterator[Path]:
-    """Build a folder in a temporary sibling and move it over `target` only if the block succeeds.
-
-    A killed or failed write never leaves a half-written folder where a finished one is expected.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    tmp.chmod(0o755)
-    try:
-        yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 EXPORT_MARKER = "lmcompress.json"
@@ -92,6 +72,62 @@ def check_output_folder(path: str | Path, what: str, marker: str, replace: bool,
                             "name a new folder")
     if not replace:
         raise OutputRefused(f"{what} {path}: {refusal}")
+    return True
+
+
+@contextmanager
+def atomic_folder(target: str | Path, overwrite: bool = False, marker: str = EXPORT_MARKER,
+                  what: str = "output") -> Iterator[Path]:
+    """Build a folder in a temporary sibling and move it over `target` only if the block succeeds.
+
+    A killed or failed write never leaves a half-written folder where a finished one is expected, and
+    the temporary folders a killed write left behind are removed on the next write to the same target.
+    `target` must be new or empty; a folder holding `marker` (lmcompress wrote it) is replaced only with
+    `overwrite`; anything else is refused before any work. A write that fails (a full disk) names the
+    path and leaves `target` as it was.
+    """
+    target = refuse_unsafe_folder(target, what)
+    check_output_folder(target, what, marker, replace=overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target) + f"{os.getpid()}-", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        if target.exists():  # ours (checked above): move it aside, put the new one in place, then delete
+            old = target.with_name(f"{_temp_prefix(target)}{os.getpid()}-old")
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except OSError as exc:
+        raise WriteFailed(f"{what} {target}: writing failed ({exc.strerror or exc}); "
+                            f"{'the earlier one is untouched' if target.exists() else 'nothing was written'}") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.lmcompress-tmp-"
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Temporary siblings of `target` whose writing process is gone (it was killed)."""
+    for leftover in target.parent.glob(_temp_prefix(target) + "*"):
+        pid = leftover.name[len(_temp_prefix(target)):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)) and leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
     return True
 
 

@@ -61,11 +61,13 @@ class Format(ABC):
     def read(self, folder: Path, marker: dict[str, Any], trust_remote_code: bool = False, **options: Any):
         """(model, tokenizer) from a folder whose marker has been checked."""
 
-    def save(self, model: nn.Module, tokenizer, target: str | Path, dtype: str = "fp32") -> Path:
-        """Write `model` (with `tokenizer`, if given) as the folder `target`, replacing it atomically."""
+    def save(self, model: nn.Module, tokenizer, target: str | Path, dtype: str = "fp32",
+             overwrite: bool = False) -> Path:
+        """Write `model` (with `tokenizer`, if given) as the folder `target`, atomically. An existing
+        export there is replaced only with `overwrite`; a folder lmcompress did not write, never."""
         layout = self.layout(model, dtype)
         size = summarize(layout.tensors)
-        with atomic_folder(target) as tmp:
+        with atomic_folder(target, overwrite=overwrite, what="export") as tmp:
             self.write(model, tokenizer, tmp, layout)
             write_marker(tmp, self.name, self.format_version, {"size": size, **layout.fields})
         log.info("exported %s (%s): %.2f MB of tensors, %.2f bits/param", target, self.name, size["mb"],

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmcompress.core.errors import LmcompressError, UnsupportedArchitectureError
+from lmcompress.core.errors import LmcompressError, OutputRefused, UnsupportedArchitectureError
 from lmcompress.formats.base import Format, Layout
 from lmcompress.formats.common import module_kinds, owner, unique_tensors
 from lmcompress.formats.plan import PlannedTensor
@@ -334,12 +334,14 @@ def gguf_plan(model: nn.Module, weights: Mapping[str, IntWeight] | None = None, 
             _float_array(value, "F32" if value.dim() == 1 else float_type))
 
     # A tied head reads the embedding table in llama.cpp; write it only when it differs (quantized
-    # separately from the embeddings). It stands for no parameters of its own.
+    # separately from the embeddings). It stands for no parameters of its own. A head reloaded from a
+    # packed folder holds codes of its own (not the shared table), so the loop above wrote it already.
     embed_name = next(n for n, m in model.named_modules() if m is adapter.embeddings)
     head = adapter.head
     head_name = next((n for n, m in model.named_modules() if m is head), None)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    if tied and head_name in weights and not _same_weight(weights[head_name], weights.get(embed_name)):
+    if (tied and head_name in weights and head_name not in done_modules
+            and not _same_weight(weights[head_name], weights.get(embed_name))):
         weight = weights[head_name]
         add(f"{head_name}.weight", head_name, weight.codes.shape, 0, pack_weight(weight, float_type, ternary_type))
     elif tied and head_name is not None and embed_name in weights and head_name not in weights:
@@ -386,6 +388,18 @@ def _float_type(dtype: str) -> str:
     return "F32" if dtype == "fp32" else "F16"
 
 
+def _check_gguf_target(path: Path, overwrite: bool) -> None:
+    """A .gguf file is replaced only with `overwrite`, and only if it is a GGUF file (its magic)."""
+    if not path.exists():
+        return
+    with open(path, "rb") as f:
+        is_gguf = path.is_file() and f.read(4) == b"GGUF"
+    if not is_gguf:
+        raise OutputRefused(f"export {path}: exists and is not a GGUF file; name a new file")
+    if not overwrite:
+        raise OutputRefused(f"export {path}: already exists; --overwrite replaces it")
+
+
 class GGUFFormat(Format):
     """llama.cpp's single-file format, on request only (`format="gguf"`, `lmcompress export --format gguf`).
 
@@ -405,11 +419,13 @@ class GGUFFormat(Format):
         float_type = _float_type(dtype)
         return Layout(gguf_plan(model, float_type=float_type), {"gguf_file": GGUF_FILE, "float_type": float_type})
 
-    def save(self, model: nn.Module, tokenizer, target: str | Path, dtype: str = "fp32") -> Path:
+    def save(self, model: nn.Module, tokenizer, target: str | Path, dtype: str = "fp32",
+             overwrite: bool = False) -> Path:
         target = Path(target)
         if target.suffix == ".gguf":
+            _check_gguf_target(target, overwrite)
             return _write_gguf(model, tokenizer, target, self.plan(model, dtype), None)
-        super().save(model, tokenizer, target, dtype)
+        super().save(model, tokenizer, target, dtype, overwrite=overwrite)
         return target / GGUF_FILE
 
     def write(self, model: nn.Module, tokenizer, folder: Path, layout: Layout) -> None:

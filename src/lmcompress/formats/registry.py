@@ -37,11 +37,12 @@ def auto_format(model: nn.Module) -> Format:
 
 
 def export_model(model: nn.Module, tokenizer, target: str | Path, dtype: str = "fp32",
-                 format: str = "auto") -> tuple[Path, str]:
+                 format: str = "auto", overwrite: bool = False) -> tuple[Path, str]:
     """Write `model` in `format` (auto: the compressed format its modules need, else a plain HF folder);
-    returns (the written path, the format's name)."""
+    returns (the written path, the format's name). An earlier export at `target` is replaced only with
+    `overwrite`; anything else there is refused."""
     fmt = auto_format(model) if format == "auto" else get_format(format)
-    return fmt.save(model, tokenizer, target, dtype=dtype), fmt.name
+    return fmt.save(model, tokenizer, target, dtype=dtype, overwrite=overwrite), fmt.name
 
 
 def load_export(folder: str | Path, trust_remote_code: bool = False, **options: Any):

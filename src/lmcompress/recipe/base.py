@@ -53,6 +53,7 @@ class Run:
     student: nn.Module | None = None
     report: Report = field(default_factory=Report)
     resume: bool = False  # training stages continue from their newest checkpoint
+    overwrite: bool = False  # earlier outputs of lmcompress (an export at a stage's path) may be replaced
     teacher_bytes: float | None = None  # the teacher's size, for compression ratios
     training_runs: int = 0  # training stages so far; names their checkpoint folders
     data: DataCache = field(init=False)

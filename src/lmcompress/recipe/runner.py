@@ -46,7 +46,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, resume: bool = False, overwr
     _check_export_targets(stages, refuse_unsafe_folder(out_dir, "--out"))
     out = prepare_run_folder(out_dir, recipe.name, resume=resume, overwrite=overwrite)
     torch.manual_seed(recipe.seed)
-    run = Run(recipe=recipe, out_dir=out, resume=resume)
+    run = Run(recipe=recipe, out_dir=out, resume=resume, overwrite=overwrite)
     if model is not None:
         run.teacher, run.tokenizer = model, tokenizer
     teacher = recipe.teacher or (type(model).__name__ if model is not None else None)

@@ -168,8 +168,9 @@ class ExportStage(StageConfig):
 
     def run(self, run: Run) -> None:
         student = run.require_student(self.stage)
+        # A resumed run re-runs its export: replacing the one it wrote before is what was asked.
         written, fmt = export_model(student, run.tokenizer, self.target(run.out_dir), dtype=self.dtype,
-                                    format=self.format)
+                                    format=self.format, overwrite=run.resume or run.overwrite)
         disk = folder_bytes(written) if Path(written).is_dir() else Path(written).stat().st_size
         row = {"stage": self.label, "model": "student", "format": fmt, "path": str(written),
                "disk_mb": round(disk / 1e6, 2)}

@@ -119,3 +119,17 @@ def write_word_corpus(path: Path, documents: int = 40, words: int = 120, seed: i
         for i in range(documents):
             f.write(json.dumps({"id": f"d{i}", "text": " ".join(rng.choice(WORDS) for _ in range(words))}) + "\n")
     return path
+
+
+def run_two_processes(script: str | Path, out_dir: Path) -> list[dict]:
+    """Run `script out_dir` under torchrun with two CPU processes (gloo) and return what each rank wrote
+    to `out_dir/rank<r>.json`. (`accelerate launch --cpu --num_processes 2` silently runs one.)"""
+    import json
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    proc = subprocess.run([*torchrun, str(script), str(out_dir)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]

@@ -6,12 +6,11 @@ size each rank saw.
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,12 +40,7 @@ def worker(out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_two_process_cpu_run(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
-    proc = subprocess.run([*torchrun, __file__, str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = run_two_processes(__file__, tmp_path)
     assert [r["world"] for r in ranks] == [2, 2]
     assert all(r["type"] == "DistributedType.MULTI_CPU" for r in ranks)
     assert ranks[0]["tokens"] == 3 * 2 * 2 * 2 * 16  # steps x accum x batch x processes x length

@@ -6,11 +6,11 @@ Uses `torchrun --nproc_per_node 2 --standalone` with this file as the worker scr
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,12 +52,7 @@ def worker(out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_two_process_resume_is_exact(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
-    proc = subprocess.run([*torchrun, __file__, str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = run_two_processes(__file__, tmp_path)
     assert [r["world"] for r in ranks] == [2, 2]
     assert [r["same"] for r in ranks] == [True, True]
     assert ranks[0]["files"] == ["model.safetensors", "optimizer.safetensors", "rng-0.safetensors",

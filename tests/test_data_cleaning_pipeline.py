@@ -204,7 +204,7 @@ def test_cli_bad_config_names_file_and_field(tmp_path):
     config = tmp_path / "clean.yaml"
     config.write_text("lines:\n  shrot: {enabled: false}\n")
     args = _parse(["clean", str(tmp_path), "--out", str(tmp_path / "out"), "--config", str(config)])
-    with pytest.raises(RecipeError, match=r"clean.yaml: lines.shrot: unknown field"):
+    with pytest.raises(RecipeError, match=r"clean.yaml: line 2: lines.shrot: unknown field"):
         args.func(args)
 
 

@@ -18,18 +18,14 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from lmcompress.core.config import format_validation_errors
+from lmcompress.core.config import Strict, format_validation_errors, join_errors
 from lmcompress.core.errors import RecipeError
+from lmcompress.core.yamlfile import YamlDoc, YamlError, read_yaml
 
 
-class _Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class Switch(_Settings):
+class Switch(Strict):
     enabled: bool = True
 
 
@@ -128,7 +124,7 @@ class CrossDocumentLinesConfig(Switch):
     sketch_depth: int = Field(4, ge=1, le=16)
 
 
-class LineFilters(_Settings):
+class LineFilters(Strict):
     duplicate: DuplicateLinesConfig = Field(default_factory=DuplicateLinesConfig)
     boilerplate: BoilerplateConfig = Field(default_factory=BoilerplateConfig)
     short: ShortLinesConfig = Field(default_factory=ShortLinesConfig)
@@ -189,7 +185,7 @@ class StopWordsConfig(Switch):
     min_count: int = Field(2, ge=0)
 
 
-class DocumentFilters(_Settings):
+class DocumentFilters(Strict):
     length: LengthConfig = Field(default_factory=LengthConfig)
     mean_word_length: MeanWordLengthConfig = Field(default_factory=MeanWordLengthConfig)
     repeated_ngrams: RepeatedNgramsConfig = Field(default_factory=RepeatedNgramsConfig)
@@ -199,7 +195,7 @@ class DocumentFilters(_Settings):
 
 # --- the whole cleaner --------------------------------------------------------------------------
 
-class CleanConfig(_Settings):
+class CleanConfig(Strict):
     """What `lmcompress clean` and the `clean` recipe stage do, in this order per document:
     normalize -> line filters -> document filters -> exact de-dup -> near de-dup."""
 
@@ -216,20 +212,22 @@ class CleanConfig(_Settings):
 
 
 def load_clean_config(path: str | Path | None, **overrides) -> CleanConfig:
-    """Read a cleaning YAML (the fields of `CleanConfig`); errors name the file and the field."""
-    data: dict = {}
+    """Read a cleaning YAML (the fields of `CleanConfig`); errors name the file, the line and the field."""
+    doc = YamlDoc(data={})
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"cleaning config not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
+            doc = read_yaml(path)
+        except YamlError as exc:
+            raise RecipeError(str(exc)) from None
+        doc.data = {} if doc.data is None else doc.data
+        if not isinstance(doc.data, dict):
             raise RecipeError(f"{path}: a cleaning config is a YAML mapping of CleanConfig fields")
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    data = {**doc.data, **{k: v for k, v in overrides.items() if v is not None}}
     try:
         return CleanConfig.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(f"{path or 'cleaning config'}: " + "; ".join(format_validation_errors(exc))) from exc
+        raise RecipeError(join_errors(str(path or "cleaning config"),
+                                      format_validation_errors(exc, lines=doc.lines))) from None

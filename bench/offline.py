@@ -131,38 +131,11 @@ def smollm2_rows(args) -> tuple[list[dict], dict]:
     return [baseline, *compress_and_score("smollm2", model, args.lm_patterns, stats, score, args)], info
 
 
-def _head_only_finetune(model, tokenizer, task, args) -> None:
-    """Train the pooler + classifier on frozen encoder features (cached [CLS] states): a short, plain loop."""
-    data = task.tokenized(tokenizer, "train")
-    base, head = model.bert, torch.nn.Sequential(model.bert.pooler, model.dropout, model.classifier)
-    with torch.no_grad():
-        cls = torch.cat([base(input_ids=data[i : i + 64]["input_ids"], attention_mask=data[i : i + 64]["attention_mask"]
-                              ).last_hidden_state[:, :1] for i in range(0, len(data), 64)])
-    labels = torch.as_tensor(data["labels"][:])
-    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(args.seed)
-    head.train()
-    for _ in range(max(1, args.finetune_steps // 10)):  # epochs over the cached features
-        for idx in torch.randperm(len(cls), generator=generator).split(64):
-            loss = torch.nn.functional.cross_entropy(head(cls[idx]), labels[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    head.eval()
-
-
 def finetuned_minilm(task, args):
     """(classifier, tokenizer, how it was fine-tuned)."""
     if args.minilm_model:
         model, tokenizer = load_model(args.minilm_model, task="sequence-classification")
         return model, tokenizer, f"given: {args.minilm_model}"
-    try:
-        from lmcompress.recipe.stages.train import FinetuneStage  # noqa: F401  (branch distill)
-    except ImportError:
-        model, tokenizer = load_model("minilm-l6", task="sequence-classification", num_labels=task.num_labels)
-        torch.manual_seed(args.seed)
-        _head_only_finetune(model, tokenizer, task, args)
-        return model, tokenizer, f"head-only (pooler + classifier, {max(1, args.finetune_steps // 10)} epochs, bench loop)"
     from lmcompress.recipe import Recipe
     from lmcompress.recipe.runner import run_recipe
 

@@ -23,8 +23,6 @@ def test_adapter_finds_blocks_and_sizes(family):
             assert linear_weight(qkv.q).shape == (32, 32)
             kv_out = 16 if family == "llama" else 32
             assert linear_weight(qkv.k).shape == (kv_out, 32)
-        assert linear_weight(a.attention_output(block)).shape == (32, 32)
-        assert len(a.mlp_linears(block)) == (3 if family == "llama" else 2)
 
 
 def test_module_kinds_cover_every_linear(family):
@@ -39,12 +37,6 @@ def test_module_kinds_cover_every_linear(family):
     assert len(kinds["attention"]) == 4 * (2 if family == "gpt2" else 4)
     assert len(kinds["mlp"]) == 4 * (3 if family == "llama" else 2)
     assert "embeddings" in kinds
-
-
-def test_block_index(family):
-    a = get_adapter(tiny_model(family))
-    name = next(n for n, _ in a.model.named_modules() if ".2." in n and a.module_kind(n, _) == "attention")
-    assert a.block_index(name) == 2
 
 
 def test_unsupported_architecture_lists_supported():

@@ -108,7 +108,9 @@ def test_student_stage_narrower_and_shallower_initialised_from_teacher(tmp_path,
 
     t, s = get_adapter(run.teacher), get_adapter(run.student)
     assert (s.num_layers, s.hidden_size, s.num_heads, s.head_dim) == (2, 16, 2, 8)
-    assert {tuple(linear_weight(m).shape) for m in s.mlp_linears(s.blocks[0])} <= {(24, 16), (16, 24)}
+    mlp = [m for n, m in s.blocks[0].named_modules() if s.module_kind(f"{s.blocks_prefix}.0.{n}", m) == "mlp"
+           and hasattr(m, "weight")]
+    assert mlp and {tuple(linear_weight(m).shape) for m in mlp} <= {(24, 16), (16, 24)}
     # Student block 1 starts from teacher block 2 (uniform map): the leading heads and channels of each
     # of q, k and v (GPT-2's fused c_attn is sliced part by part).
     t_qkv, s_qkv = t.qkv(t.blocks[2]), s.qkv(s.blocks[1])

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 from lmcompress.core.errors import LmcompressError
+from lmcompress.data.cleaning.cli import add_parser as add_clean_parser
 
 
 def _quiet_libraries() -> None:
@@ -156,8 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("assets", help="fetch and cache the built-in model and data sets")
     p.add_argument("--only", nargs="*", help="fetch only these assets")
     p.set_defaults(func=cmd_assets)
-
-    from lmcompress.data.cleaning.cli import add_parser as add_clean_parser
 
     add_clean_parser(sub)
 

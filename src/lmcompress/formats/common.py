@@ -20,7 +20,7 @@ from lmcompress.formats.base import Format, Layout
 from lmcompress.formats.marker import MARKER
 from lmcompress.formats.plan import SAFETENSORS_DTYPES, PlannedTensor, planned_tensor
 from lmcompress.models.adapters import get_adapter
-from lmcompress.models.loading import DTYPES, _auto_class, default_task
+from lmcompress.models.loading import DTYPES, _auto_class, _names, default_task
 
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
@@ -92,11 +92,27 @@ def stored_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype, kind: str
 
 
 # --- writing -----------------------------------------------------------------------------------------
-def write_config_and_tokenizer(model: nn.Module, tokenizer, folder: Path) -> None:
-    """config.json (naming the model class), generation_config.json for generative models, tokenizer files."""
+def stored_float_dtype(plan: Iterable[PlannedTensor]) -> torch.dtype | None:
+    """The dtype most of the plan's float tensors are stored in (None if it has none)."""
+    by_name = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+    names = [t.dtype for t in plan if t.role == "float" and t.dtype in by_name]
+    return by_name[max(set(names), key=names.count)] if names else None
+
+
+def write_config(model: nn.Module, folder: Path, dtype: torch.dtype | None) -> None:
+    """config.json naming the model class and the dtype the weights are stored in: the live model is not
+    cast for an export, so its own config says the dtype it computes in, not the one on disk."""
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
+    if dtype is not None:
+        config.dtype = dtype
     config.save_pretrained(folder)
+
+
+def write_config_and_tokenizer(model: nn.Module, tokenizer, folder: Path, dtype: torch.dtype | None) -> None:
+    """config.json (naming the model class and the stored `dtype`), generation_config.json for generative
+    models, tokenizer files."""
+    write_config(model, folder, dtype)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and getattr(model, "can_generate", lambda: False)():
         generation_config.save_pretrained(folder)
@@ -120,7 +136,7 @@ class SafetensorsFolderFormat(Format):
 
     def write(self, model: nn.Module, tokenizer, folder: Path, layout: Layout) -> None:
         write_safetensors(layout.tensors, folder / WEIGHTS_FILE)
-        write_config_and_tokenizer(model, tokenizer, folder)
+        write_config_and_tokenizer(model, tokenizer, folder, stored_float_dtype(layout.tensors))
 
 
 def safetensors_payload_bytes(path: Path) -> int:
@@ -156,15 +172,35 @@ def build_skeleton(folder: Path, model_class: str, dtype: torch.dtype = torch.fl
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], aliases: dict[str, str], path: Path,
                regenerated: Iterable[str] = ()) -> None:
-    """Load stored tensors (and their aliases) into `model`; every model tensor must be stored, except
-    the `regenerated` ones a format rebuilds itself."""
+    """Load stored tensors (and their aliases) into `model`; every model tensor must be stored, in the
+    shape the model has, finite, except the `regenerated` ones a format rebuilds itself."""
     state = dict(state)
+    if not isinstance(aliases, dict):
+        raise LmcompressError(f"{path}: {MARKER} aliases is not a mapping of tensor name to the stored name")
     for alias, stored in aliases.items():
+        if stored not in state:
+            raise LmcompressError(f"{path}: {MARKER} aliases {alias!r} to {stored!r}, which the file does not hold")
         state[alias] = state[stored]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = sorted(set(missing) - set(regenerated))
-    if missing or unexpected:
-        raise LmcompressError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {sorted(unexpected)[:5]}")
+    _check_fits(model, state, path, set(regenerated))
+    model.load_state_dict(state, strict=False)
+
+
+def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: Path, regenerated: set[str]) -> None:
+    # Checked here, not left to load_state_dict: it raises a many-line RuntimeError for a misshaped
+    # tensor (a tampered marker record) and copies NaN/inf (a flipped bit in a legacy, unhashed folder).
+    expected = model.state_dict()
+    problems = []
+    missing = sorted(set(expected) - set(state) - regenerated)
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    for word, names in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)):
+        if names:
+            problems.append(f"{word} {_names(names)}")
+    if problems:
+        raise LmcompressError(f"{path} does not fit the model its config and {MARKER} describe: {'; '.join(problems)}")
+    bad = sorted(k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if bad:
+        raise LmcompressError(f"{path}: weights hold NaN or infinite values: {_names(bad)}")
 
 
 def load_tokenizer(folder: Path, trust_remote_code: bool = False):

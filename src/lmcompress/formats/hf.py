@@ -28,7 +28,9 @@ from lmcompress.formats.common import (
     stored_tensor,
     torch_dtype,
     unique_tensors,
+    write_config,
 )
+from lmcompress.formats.marker import MARKER
 from lmcompress.formats.plan import PlannedTensor
 from lmcompress.models import loading
 
@@ -55,11 +57,14 @@ class HFFormat(Format):
         state = {t.name: t.make() for t in layout.tensors}
         state.update({alias: state[source] for alias, source in layout.fields["aliases"].items()})
         model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+        write_config(model, folder, torch_dtype(layout.fields["dtype"]))  # save_pretrained wrote the live dtype
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         _warn_if_off_plan(folder, layout.tensors)
 
     def read(self, folder: Path, marker: dict[str, Any], trust_remote_code: bool = False, **options: Any):
+        # Without a dtype asked for, the model comes back in the dtype it was stored in.
+        options.setdefault("dtype", torch_dtype(marker.get("dtype", "fp32"), f"{folder / MARKER}: dtype"))
         return loading.load_model(folder, trust_remote_code=trust_remote_code, **options)
 
 

@@ -72,10 +72,15 @@ def check_marker(folder: str | Path, format: str, format_version: int) -> dict[s
     if marker["format"] != format:
         raise LmcompressError(f"{path}: format is {marker['format']!r}, not {format!r}")
     version = marker.get("format_version", 1)
-    if not isinstance(version, int) or version > format_version:
+    if type(version) is not int:  # bool is an int to isinstance; "2" is no version either
+        raise LmcompressError(f"{path}: format_version {version!r} is not a whole number")
+    if version > format_version:
         raise LmcompressError(f"{path}: {format} format_version {version!r} is newer than this lmcompress "
                               f"({__version__}) reads (up to {format_version}); upgrade lmcompress")
-    for name, expected in marker.get("files", {}).items():
+    files = marker.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        raise LmcompressError(f"{path}: files is not a mapping of file name to its bytes and sha256")
+    for name, expected in files.items():
         _check_file(folder / name, expected)
     return marker
 

@@ -55,6 +55,7 @@ from lmcompress.formats.common import (
     torch_dtype,
     unique_tensors,
 )
+from lmcompress.formats.marker import MARKER
 from lmcompress.formats.plan import PlannedTensor, planned_tensor
 from lmcompress.models.select import set_module
 from lmcompress.quant.modules import (
@@ -156,6 +157,23 @@ def _packed_module(record: dict) -> nn.Module:
     return PackedLinear(spec, in_features, out_features, bias=record.get("bias", False), act_quantizer=act_quantizer)
 
 
+def _swap_in_packed_modules(model: nn.Module, modules: Any, where: Path) -> None:
+    """Put the packed module each marker record describes in place of the skeleton's float one (tied
+    heads last: they read their source). A malformed record (a key missing, a value of the wrong type or
+    range, a module the model does not have) is one line naming it."""
+    if not isinstance(modules, dict) or not all(isinstance(r, dict) for r in modules.values()):
+        raise LmcompressError(f"{where}: modules is not a mapping of module name to its record")
+    built: dict[str, nn.Module] = {}
+    for name, record in sorted(modules.items(), key=lambda item: item[1].get("type") == "tied_head"):
+        try:
+            module = (PackedTiedHead(built[record["source"]], bias=record.get("bias", False))
+                      if record.get("type") == "tied_head" else _packed_module(record))
+            set_module(model, name, module)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise LmcompressError(f"{where}: modules.{name}: malformed record ({type(exc).__name__}: {exc})") from None
+        built[name] = module
+
+
 class PackedQuantFormat(SafetensorsFolderFormat):
     """Models holding quantized modules (fake-quant `Quant*` or reloaded `Packed*`)."""
 
@@ -195,15 +213,7 @@ class PackedQuantFormat(SafetensorsFolderFormat):
 
     def read(self, folder: Path, marker: dict[str, Any], trust_remote_code: bool = False, **options: Any):
         model = build_skeleton(folder, marker.get("model_class", ""), trust_remote_code=trust_remote_code)
-        modules: dict[str, dict] = marker["modules"]
-        built: dict[str, nn.Module] = {}
-        for name, record in modules.items():
-            if record["type"] != "tied_head":
-                built[name] = _packed_module(record)
-                set_module(model, name, built[name])
-        for name, record in modules.items():
-            if record["type"] == "tied_head":
-                set_module(model, name, PackedTiedHead(built[record["source"]], bias=record.get("bias", False)))
+        _swap_in_packed_modules(model, marker.get("modules"), folder / MARKER)
         load_state(model, read_weights(folder), marker.get("aliases", {}), folder / WEIGHTS_FILE)
         model.eval()
         return model, load_tokenizer(folder, trust_remote_code)

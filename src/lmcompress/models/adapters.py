@@ -60,13 +60,20 @@ class ArchAdapter:
     def set_blocks(self, blocks: nn.ModuleList) -> None:
         raise NotImplementedError
 
+    def keep_blocks(self, indices: list[int]) -> None:
+        """Keep only blocks `indices` (in order), renumbered so generation's KV cache still lines up, and
+        make the config say so (save/load and generate keep working)."""
+        kept = nn.ModuleList(self.blocks[i] for i in indices)
+        for new_index, block in enumerate(kept):
+            for sub in block.modules():  # HF attention modules index the KV cache by their `layer_idx`
+                if hasattr(sub, "layer_idx"):
+                    sub.layer_idx = new_index
+        self.set_blocks(kept)
+        self.keep_config_layers(self.config, indices)
+
     @property
     def embeddings(self) -> nn.Embedding:
         """Token embedding table."""
-        raise NotImplementedError
-
-    @property
-    def final_norm(self) -> nn.Module | None:
         raise NotImplementedError
 
     @property
@@ -78,12 +85,6 @@ class ArchAdapter:
         raise NotImplementedError
 
     def qkv(self, block: nn.Module) -> QKV:
-        raise NotImplementedError
-
-    def attention_output(self, block: nn.Module) -> nn.Module:
-        raise NotImplementedError
-
-    def mlp_linears(self, block: nn.Module) -> list[nn.Module]:
         raise NotImplementedError
 
     # --- sizes -----------------------------------------------------------------------------------
@@ -116,13 +117,6 @@ class ArchAdapter:
     def module_kind(self, name: str, module: nn.Module) -> str:
         """Classify a named module into one of KINDS (used by recipe patterns and size accounting)."""
         raise NotImplementedError
-
-    def block_index(self, name: str) -> int | None:
-        """Index of the block a module name belongs to, or None."""
-        prefix = self.blocks_prefix + "."
-        if not name.startswith(prefix):
-            return None
-        return int(name[len(prefix) :].split(".", 1)[0])
 
     @property
     def blocks_prefix(self) -> str:
@@ -223,24 +217,12 @@ class LlamaAdapter(ArchAdapter):
     def embeddings(self) -> nn.Embedding:
         return self.base.embed_tokens
 
-    @property
-    def final_norm(self) -> nn.Module:
-        return self.base.norm
-
     def attention(self, block: nn.Module) -> nn.Module:
         return block.self_attn
 
     def qkv(self, block: nn.Module) -> QKV:
         a = block.self_attn
         return QKV(q=a.q_proj, k=a.k_proj, v=a.v_proj)
-
-    def attention_output(self, block: nn.Module) -> nn.Module:
-        return block.self_attn.o_proj
-
-    def mlp_linears(self, block: nn.Module) -> list[nn.Module]:
-        return [m for m in block.mlp.modules() if _is_linear(m)]
-
-    gguf_architecture = "llama"
 
     def gguf_tensor_name(self, hf_name: str) -> str:
         if not hasattr(self, "_gguf_names"):
@@ -297,10 +279,6 @@ class GPT2Adapter(ArchAdapter):
         return self.base.wte
 
     @property
-    def final_norm(self) -> nn.Module:
-        return self.base.ln_f
-
-    @property
     def num_kv_heads(self) -> int:
         return self.num_heads
 
@@ -309,12 +287,6 @@ class GPT2Adapter(ArchAdapter):
 
     def qkv(self, block: nn.Module) -> QKV:
         return QKV(fused=block.attn.c_attn)
-
-    def attention_output(self, block: nn.Module) -> nn.Module:
-        return block.attn.c_proj
-
-    def mlp_linears(self, block: nn.Module) -> list[nn.Module]:
-        return [block.mlp.c_fc, block.mlp.c_proj]
 
     def module_kind(self, name: str, module: nn.Module) -> str:
         leaf = name.rsplit(".", 1)[-1]
@@ -356,23 +328,12 @@ class BertAdapter(ArchAdapter):
     def embeddings(self) -> nn.Embedding:
         return self.base.embeddings.word_embeddings
 
-    @property
-    def final_norm(self) -> nn.Module | None:
-        # BERT normalises inside each block (post-LN); there is no final norm.
-        return None
-
     def attention(self, block: nn.Module) -> nn.Module:
         return block.attention
 
     def qkv(self, block: nn.Module) -> QKV:
         s = block.attention.self
         return QKV(q=s.query, k=s.key, v=s.value)
-
-    def attention_output(self, block: nn.Module) -> nn.Module:
-        return block.attention.output.dense
-
-    def mlp_linears(self, block: nn.Module) -> list[nn.Module]:
-        return [block.intermediate.dense, block.output.dense]
 
     def module_kind(self, name: str, module: nn.Module) -> str:
         leaf = name.rsplit(".", 1)[-1]
@@ -410,9 +371,12 @@ def get_adapter(model: nn.Module) -> ArchAdapter:
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """Weight as (out_features, in_features) for nn.Linear and GPT-2 Conv1D alike (a view, not a copy)."""
-    if weight_is_transposed(module):
-        return module.weight.t()
-    return module.weight
+    return out_in(module, module.weight)
+
+
+def out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like `module.weight` (e.g. its gradient) viewed as (out_features, in_features)."""
+    return tensor.t() if weight_is_transposed(module) else tensor
 
 
 def is_linear(module: nn.Module) -> bool:

@@ -15,6 +15,10 @@ import torch
 import transformers
 from safetensors import SafetensorError
 from torch import nn
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
 
 from lmcompress.core.assets import ASSETS, ensure
 from lmcompress.core.errors import LmcompressError, UnsupportedArchitectureError
@@ -41,11 +45,18 @@ def default_task(config) -> Task:
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith("ForSequenceClassification") for a in archs):
         return "sequence-classification"
-    if getattr(config, "is_decoder", False) or config.model_type in ("llama", "gpt2", "mistral", "qwen2", "qwen3"):
+    if getattr(config, "is_decoder", False) or _decoder_only(config.model_type):
         return "causal-lm"
     if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
         return "causal-lm"
     return "base"
+
+
+def _decoder_only(model_type: str) -> bool:
+    # A config read from a GGUF file names no architectures, so a decoder (phi3, gemma2, falcon, ... as
+    # well as llama) is known by its model type: transformers has a causal-LM class for it and no
+    # masked-LM class (encoders such as BERT have both, encoder-decoders such as BART a masked-LM one).
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def resolve(name_or_path: str | Path) -> tuple[str, str | None]:

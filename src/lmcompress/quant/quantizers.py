@@ -52,7 +52,7 @@ from lmcompress.quant.codes import (
     grid,
     levels_of,
 )
-from lmcompress.quant.packing import CodeFormat, packed_nbytes
+from lmcompress.quant.packing import CodeFormat
 
 Granularity = Literal["tensor", "row", "group"]
 ScaleKind = Literal["absmax", "mean", "lsq", "dynamic"]
@@ -183,14 +183,6 @@ class QuantSpec:
             )
         return out_features, in_features // self.group_size, self.group_size
 
-    def storage_bytes(self, shape: tuple[int, ...]) -> dict[str, int]:
-        """Exact bytes of the packed codes, scales and zero points of a weight of `shape` (out, in)."""
-        rows, cols, _ = self.group_shape(shape)
-        return {
-            "codes": packed_nbytes(shape, self.code_format),
-            "scales": rows * cols * torch.finfo(SCALE_DTYPE).bits // 8,
-            "zeros": rows * cols if self.scheme == "asym" else 0,
-        }
 
 
 @dataclass
@@ -286,7 +278,7 @@ class WeightQuantizer(nn.Module):
     """Fake-quantizes a weight of fixed shape `(out, in)`; holds the learnable scale if the spec has one.
 
     `forward(w)` returns the quantized values (straight-through gradients), `quantize(w)` the integer codes,
-    scales and zero points an export stores, and `storage_bytes()` what those cost.
+    scales and zero points an export stores (what they cost on disk: `lmcompress.formats.size_report`).
     """
 
     def __init__(self, spec: QuantSpec, weight: torch.Tensor):
@@ -327,8 +319,6 @@ class WeightQuantizer(nn.Module):
             raise LmcompressError(f"weight of shape {tuple(w.shape)} given to a quantizer built for {self.shape}")
         return w.reshape(self.groups)
 
-    def storage_bytes(self) -> dict[str, int]:
-        return self.spec.storage_bytes(self.shape)
 
     def _grid(self, wg: torch.Tensor):
         """(q centered so that value = q * s, s with grad where learnable, zero points, clip mask, rounding)."""

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmcompress.core.errors import DataError, LmcompressError
-from lmcompress.models.adapters import linear_weight
+from lmcompress.models.adapters import linear_weight, out_in
 
 
 @dataclass
@@ -179,9 +179,7 @@ def collect_stats(
                     raise LmcompressError(f"calibration loss is {out.loss.item()}; the model or data is broken")
                 out.loss.backward()
                 for name, m in modules.items():
-                    grad = m.weight.grad
-                    if linear_weight(m) is not m.weight:  # GPT-2 Conv1D stores (in, out)
-                        grad = grad.t()
+                    grad = out_in(m, m.weight.grad)
                     fisher_sums[name] += grad.detach().to(torch.float32).pow(2).sum(dim=1).cpu()
                     m.weight.grad = None
     finally:

@@ -43,8 +43,8 @@ from lmcompress.surgery.lowrank import (
 )
 from lmcompress.surgery.solver import Plan, fixed, solve
 
-Method = Literal["svd", "fwsvd", "asvd", "autoencoder"]
 METHODS = (*FACTORIZERS, "autoencoder")
+Method = Literal[METHODS]  # the recipe's `method:` choices, from the one list of factorizers
 
 
 @dataclass
@@ -73,9 +73,12 @@ class FactorizeResult:
 
 
 def stats_needed(method: str, autoencoder: AutoencoderConfig | None = None) -> tuple[bool, bool]:
-    """(needs Fisher information, needs input activation statistics) for a method and its options."""
-    fisher = method == "fwsvd" or (method == "autoencoder" and autoencoder is not None and autoencoder.fisher_weighted)
-    return fisher, method == "asvd"
+    """(needs Fisher information, needs input activation statistics) for a method and its options; the
+    low-rank factorizers declare theirs (`needs`), the autoencoder needs Fisher only to weight rows."""
+    if method == "autoencoder":
+        return autoencoder is not None and autoencoder.fisher_weighted, False
+    needs = FACTORIZERS[method].needs
+    return "fisher" in needs, "activations" in needs
 
 
 def select_for_factorization(model: nn.Module, patterns: Sequence[str], exclude: Sequence[str] = (),

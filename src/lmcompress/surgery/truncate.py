@@ -37,12 +37,5 @@ def truncate_layers(model: nn.Module, layers: list[int]) -> nn.Module:
     """Keep only `layers` (in place) and update the config so save/load and generate still work."""
     adapter = get_adapter(model)
     layers = resolve_layers(layers, adapter.num_layers)
-    kept = nn.ModuleList(adapter.blocks[i] for i in layers)
-    for new_index, block in enumerate(kept):
-        # The KV cache is indexed by each attention module's layer_idx: renumber to the new depth.
-        for sub in block.modules():
-            if hasattr(sub, "layer_idx"):
-                sub.layer_idx = new_index
-    adapter.set_blocks(kept)
-    adapter.keep_config_layers(model.config, layers)
+    adapter.keep_blocks(layers)
     return model

@@ -12,8 +12,8 @@ __all__ = ["CleanConfig", "clean_files", "clean_records", "load_clean_config"]
 
 
 def __getattr__(name: str):
-    # The pipeline imports datasketch (and through it scipy, ~1 s); recipe parsing imports this package
-    # for the `clean` stage's schema only, so the pipeline is imported when first used.
+    # The pipeline imports datasketch (and through it scipy, ~1 s): `lmcompress clean --help` and code
+    # that only reads a CleanConfig import this package without paying for it.
     if name in ("clean_files", "clean_records"):
         from lmcompress.data.cleaning import pipeline
 

@@ -39,7 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from lmcompress.data.cleaning.pipeline import clean_files
+    from lmcompress.data.cleaning.pipeline import clean_files  # lazy: datasketch/scipy (~1 s) only to run
 
     cfg = load_clean_config(args.config, num_proc=args.num_proc, output_format=args.format,
                             text_column=args.text_column)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcompress.core.files import write_json_atomic
+from lmcompress.report.tables import markdown_table
 
 REPORT_NAME = "clean_report.json"  # also how a folder is known as the cleaner's output
 
@@ -151,10 +152,6 @@ class CleaningReport:
         }
 
     def markdown(self) -> str:
-        # Imported here: lmcompress.export imports torch (~200 MB, ~1 s), which the cleaner's workers,
-        # forked before the report is written, should not carry.
-        from lmcompress.report.tables import markdown_table
-
         s = self.stats
         parts = [
             "# Cleaning report\n",

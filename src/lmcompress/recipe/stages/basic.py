@@ -47,8 +47,9 @@ class LoadStage(StageConfig):
             run.student = copy.deepcopy(run.teacher)
             for p in run.student.parameters():
                 p.requires_grad_(True)
-        run.teacher_bytes = size_report(run.teacher)["bytes"]
-        run.report.meta["teacher_params"] = sum(p.numel() for p in run.teacher.parameters())
+        size = size_report(run.teacher)
+        run.teacher_bytes = size["bytes"]
+        run.report.meta["teacher_params"] = size["params"]  # from the export plan: packed codes count too
 
 
 @register_stage

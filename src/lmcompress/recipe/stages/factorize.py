@@ -22,14 +22,14 @@ from lmcompress.formats import size_report
 from lmcompress.recipe.base import Run, StageConfig, register_stage
 from lmcompress.surgery.autoencoder import AutoencoderConfig
 from lmcompress.surgery.calibration import calibration_batches
-from lmcompress.surgery.factorize import factorize_, stats_needed
+from lmcompress.surgery.factorize import Method, factorize_, stats_needed
 
 
 @register_stage
 class FactorizeStage(StageConfig):
     changes_student: ClassVar[bool] = True
     stage: Literal["factorize"]
-    method: Literal["svd", "fwsvd", "asvd", "autoencoder"] = "svd"
+    method: Method = "svd"
     patterns: list[str] = Field(["attention", "mlp"], min_length=1,
                                 description="module kinds (attention, mlp, head, ...) or globs over names")
     exclude: list[str] = Field(default_factory=list)

@@ -133,3 +133,15 @@ def run_two_processes(script: str | Path, out_dir: Path) -> list[dict]:
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def logits(model, ids):
+    """The model's logits for token ids, without gradients."""
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def relative_error(model_a, model_b, ids) -> float:
+    """Largest logit difference of two models on `ids`, relative to the spread of the first's logits."""
+    a, b = logits(model_a, ids), logits(model_b, ids)
+    return float((a - b).abs().max() / a.std())

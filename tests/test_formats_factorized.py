@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_lm_or_classifier
+from helpers import logits, tiny_lm_or_classifier
 
 from lmcompress.core.errors import LmcompressError
 from lmcompress.formats import export_model, get_format, load_export, load_model, size_report
@@ -15,11 +15,6 @@ from lmcompress.surgery.factorize import factorize_
 from lmcompress.surgery.lowrank import LowRankLinear
 
 QUICK_AE = AutoencoderConfig(steps=30, eval_every=10)
-
-
-def _logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
 
 
 def export_factorized(model, tokenizer, folder, dtype="fp32"):
@@ -45,7 +40,7 @@ def test_export_reload_gives_same_outputs_and_the_reported_size(family, how, tmp
     folder = export_factorized(model, None, tmp_path / "out")
 
     loaded, tokenizer = load_model(folder)  # the generic loader dispatches on lmcompress.json
-    torch.testing.assert_close(_logits(loaded, x), _logits(model, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(loaded, x), logits(model, x), atol=1e-5, rtol=1e-5)
     assert type(loaded) is type(model) and tokenizer is None
     # autoencoded modules come back as the model's own linears; low-rank ones as LowRankLinear
     low_rank = {n for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
@@ -105,4 +100,4 @@ def test_generic_export_picks_the_factorized_format_and_honours_bf16(tmp_path):
     assert _payload_bytes(folder / "model.safetensors") == factorized_bytes(model, "bf16") == factorized_bytes(model) // 2
     loaded, _ = load_model(folder)
     x = torch.randint(3, 128, (2, 9))
-    torch.testing.assert_close(_logits(loaded.float(), x), _logits(model, x), atol=0.05, rtol=0.05)
+    torch.testing.assert_close(logits(loaded.float(), x), logits(model, x), atol=0.05, rtol=0.05)

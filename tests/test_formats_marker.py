@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import transformers
-from helpers import tiny_model
+from helpers import logits, tiny_model, tiny_tokenizer
 
 from lmcompress.core.errors import LmcompressError
 from lmcompress.core.files import sha256
@@ -15,18 +15,7 @@ from lmcompress.quant import quantize_
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 128)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                unk_token="<unk>", pad_token="<pad>")
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
+    return tiny_tokenizer()
 
 
 def _edit_marker(folder, **changes):
@@ -46,7 +35,7 @@ def test_hf_export_lists_every_file_and_loads_with_plain_transformers(tmp_path, 
         assert entry == {"bytes": (folder / name).stat().st_size, "sha256": sha256(folder / name)}
     ids = torch.randint(3, 128, (1, 7))
     plain = transformers.AutoModelForCausalLM.from_pretrained(folder)
-    torch.testing.assert_close(_logits(plain, ids), _logits(model, ids), atol=1e-5, rtol=1e-5)  # sdpa vs eager
+    torch.testing.assert_close(logits(plain, ids), logits(model, ids), atol=1e-5, rtol=1e-5)  # sdpa vs eager
     loaded, loaded_tokenizer = load_model(folder, dtype="bf16")  # load_model's options apply to hf folders
     assert loaded.dtype == torch.bfloat16 and loaded_tokenizer("w5 w6")["input_ids"] == tokenizer("w5 w6")["input_ids"]
 
@@ -98,7 +87,7 @@ def test_an_older_export_without_a_file_list_still_loads(tmp_path):
     (folder / MARKER).write_text(json.dumps(marker))
     ids = torch.randint(3, 128, (1, 7))
     loaded, _ = load_model(folder)
-    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=1e-4, rtol=0)
 
 
 def test_a_class_from_remote_code_needs_trust_remote_code(tmp_path):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import logits, tiny_model
 from safetensors import safe_open
 
 from lmcompress.core.errors import LmcompressError
@@ -25,11 +25,6 @@ CONFIGS = {
 FP32_ATOL = 1e-4
 # With fp16 storage, norms/biases/unquantized embeddings are rounded to fp16 (relative error ~5e-4).
 FP16_RTOL = 2e-2
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 def export_packed(model, folder, dtype):
@@ -55,15 +50,15 @@ def test_reloaded_model_matches_fake_quant(family, name, tmp_path):
     quantize_(model, CONFIGS[name])
     _train_a_little(model)
     ids = torch.randint(3, 128, (2, 9))
-    expected = _logits(model, ids)
+    expected = logits(model, ids)
     export_packed(model, tmp_path / "fp32", "fp32")
     reloaded, _ = load_model(tmp_path / "fp32")
     assert any(isinstance(m, PackedLinear) for m in reloaded.modules())
-    torch.testing.assert_close(_logits(reloaded, ids), expected, atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(logits(reloaded, ids), expected, atol=FP32_ATOL, rtol=0)
 
     export_packed(model, tmp_path / "fp16", "fp16")
     reloaded16, _ = load_model(tmp_path / "fp16")
-    diff = (_logits(reloaded16, ids) - expected).abs().max()
+    diff = (logits(reloaded16, ids) - expected).abs().max()
     assert diff <= FP16_RTOL * expected.abs().max()
 
 
@@ -142,12 +137,12 @@ def test_reloaded_model_runs_in_bf16_and_keeps_its_scales(tmp_path):
     model = tiny_model("llama")
     quantize_(model, {"bits": "4-4-8"})
     ids = torch.randint(3, 128, (1, 6))
-    expected = _logits(model, ids)
+    expected = logits(model, ids)
     export_packed(model, tmp_path / "m", "fp32")
     reloaded, _ = load_model(tmp_path / "m")
     scales = reloaded.model.layers[0].mlp.up_proj.scales.clone()
     reloaded.to(torch.bfloat16)
     assert reloaded.model.layers[0].mlp.up_proj.scales.dtype == torch.bfloat16
     assert torch.equal(reloaded.model.layers[0].mlp.up_proj.scales, scales)
-    out = _logits(reloaded, ids).float()
+    out = logits(reloaded, ids).float()
     assert (out - expected).abs().max() <= 0.05 * expected.abs().max()

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import relative_error, tiny_model
 
 from lmcompress.core.errors import LmcompressError, RecipeError
 from lmcompress.infer import KernelEmbedding, KernelLinear, apply_dequantized, rtn_weights, to_inference
@@ -18,12 +18,6 @@ ALL = ("attention", "mlp", "embeddings", "head")
 # logits differ from the fake-quant float model by a few percent of their spread; the weights themselves
 # are exact (test_infer_kernels pins that). The int4 op rounds activations and scales to bf16.
 TOLERANCE = 0.1  # max |logits difference| / std(logits)
-
-
-def relative_error(model_a, model_b, ids) -> float:
-    with torch.no_grad():
-        a, b = model_a(ids).logits, model_b(ids).logits
-    return float((a - b).abs().max() / a.std())
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

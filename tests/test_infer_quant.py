@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import relative_error, tiny_model
 
 from lmcompress.formats import export_model, load_inference
 from lmcompress.infer import KernelEmbedding, KernelLinear, to_inference
@@ -24,12 +24,6 @@ CONFIGS = {  # every bit-width; embeddings quantized too (the tied head then mul
 # Our kernels quantize activations to 8 bits per tensor (fbgemm) or round them to bf16 (int4 op); the
 # fake-quant model computes in fp32 (or quantizes activations per token when A8): a few % of the spread.
 TOLERANCE = 0.1  # max |logits difference| / std(logits)
-
-
-def relative_error(a_model, b_model, ids) -> float:
-    with torch.no_grad():
-        a, b = a_model(ids).logits, b_model(ids).logits
-    return float((a - b).abs().max() / a.std())
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

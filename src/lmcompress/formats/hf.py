@@ -3,13 +3,14 @@
     folder/
       model.safetensors (or model-0000i-of-0000n.safetensors + index)   every tensor of the state dict,
                         floats cast to the export dtype; a tied head is not written (it reads the table)
-      config.json, generation_config.json, tokenizer files              as save_pretrained writes them
+      config.json, generation_config.json, tokenizer files              as save_pretrained writes them,
+                        config's `dtype` the one the weights are stored in
       lmcompress.json   {"format": "hf", "format_version": 1, "files", "size", "model_class", "dtype",
                          "aliases": {tied name: stored name}}
 
 The folder loads with plain `transformers.AutoModelForCausalLM.from_pretrained(folder)` (the marker is an
 extra file transformers ignores); `load` goes through `lmcompress.models.load_model`, so task, dtype and
-num_labels options apply.
+num_labels options apply; without a dtype the model comes back in the stored one.
 """
 
 from __future__ import annotations

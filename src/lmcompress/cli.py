@@ -89,12 +89,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from lmcompress import api
-    from lmcompress.formats import export_model
 
     model, tokenizer = api.load(args.model)
-    path, fmt = export_model(model, tokenizer, args.out, dtype=args.dtype, format=args.format,
-                             overwrite=args.overwrite)
-    print(f"wrote {fmt} model to {path}")
+    path = api.save(model, tokenizer, args.out, format=args.format, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {path}")
     return 0
 
 

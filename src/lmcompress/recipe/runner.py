@@ -41,7 +41,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, resume: bool = False, overwr
     loading `recipe.teacher`; the student starts as a copy of it. `resume` continues an earlier run in
     `out_dir` (training stages from their last checkpoint); `overwrite` replaces it."""
     stages = list(recipe.stages)
-    if stages[0].stage != "load":
+    if not isinstance(stages[0], LoadStage):
         stages.insert(0, LoadStage(stage="load"))
     _check_export_targets(stages, refuse_unsafe_folder(out_dir, "--out"))
     out = prepare_run_folder(out_dir, recipe.name, resume=resume, overwrite=overwrite)

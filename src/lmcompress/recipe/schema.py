@@ -22,6 +22,7 @@ from lmcompress.core.yamlfile import YamlDoc, YamlError, parse_yaml, read_yaml
 from lmcompress.distill.losses import LOSSES
 from lmcompress.recipe import stages as _stages  # noqa: F401  (importing it registers every stage)
 from lmcompress.recipe.base import STAGES, RecipeSettings
+from lmcompress.recipe.stages.basic import ExportStage, LoadStage
 
 Stage = STAGES.union()
 
@@ -42,10 +43,10 @@ class Recipe(RecipeSettings):
     def _check_stage_order(self) -> Recipe:
         stages = self.stages
         for i, st in enumerate(stages[1:], start=1):
-            if st.stage == "load":
+            if isinstance(st, LoadStage):
                 raise _error("stages[{i}]: `load` replaces the teacher and the student, so it comes first "
                              "(here it would discard what stages[0..{j}] did)", i=i, j=i - 1)
-        exports = [i for i, st in enumerate(stages) if st.stage == "export"]
+        exports = [i for i, st in enumerate(stages) if isinstance(st, ExportStage)]
         targets: dict[str, int] = {}
         for i in exports:
             target = str(stages[i].target(Path("<out>")))

@@ -14,7 +14,7 @@ from lmcompress.core.files import folder_bytes
 from lmcompress.evaluate import decode_speed, evaluate_classifier, perplexity, prefill_speed
 from lmcompress.formats import export_model, load_model, size_report
 from lmcompress.models.adapters import get_adapter
-from lmcompress.recipe.base import ModelFacts, RecipeSettings, Run, StageConfig, register_stage
+from lmcompress.recipe.base import DataSection, ModelFacts, RecipeSettings, Run, StageConfig, register_stage
 from lmcompress.surgery.truncate import resolve_layers, truncate_layers
 
 
@@ -94,7 +94,7 @@ class EvaluateStage(StageConfig):
             raise ValueError(f"stride ({self.stride}) must not exceed window ({self.window})")
         return self
 
-    def needs(self) -> tuple[str, ...]:
+    def needs(self) -> tuple[DataSection, ...]:
         metrics = self.metrics or []
         return (("corpus",) if {"perplexity", "speed"} & set(metrics) else ()) + (
             ("task",) if "accuracy" in metrics else ())

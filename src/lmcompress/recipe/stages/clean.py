@@ -29,7 +29,7 @@ from lmcompress.data.cleaning.config import CleanConfig
 from lmcompress.data.cleaning.io import corpus_source
 from lmcompress.data.cleaning.pipeline import clean_records
 from lmcompress.data.specs import CorpusSpec
-from lmcompress.recipe.base import Run, StageConfig, register_stage
+from lmcompress.recipe.base import DataSection, Run, StageConfig, register_stage
 
 
 @register_stage
@@ -38,7 +38,7 @@ class CleanStage(CleanConfig, StageConfig):
 
     stage: Literal["clean"]
 
-    def needs(self) -> tuple[str, ...]:
+    def needs(self) -> tuple[DataSection, ...]:
         return ("corpus",)
 
     def cleaning_config(self, spec: CorpusSpec) -> CleanConfig:

@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 
 from lmcompress.core.errors import LmcompressError
 from lmcompress.formats import size_report
-from lmcompress.recipe.base import Run, StageConfig, register_stage
+from lmcompress.recipe.base import DataSection, Run, StageConfig, register_stage
 from lmcompress.surgery.autoencoder import AutoencoderConfig
 from lmcompress.surgery.calibration import calibration_batches
 from lmcompress.surgery.factorize import Method, factorize_, stats_needed
@@ -55,7 +55,7 @@ class FactorizeStage(StageConfig):
             raise ValueError(f"give exactly one of ratio or {what}")
         return self
 
-    def needs(self) -> tuple[str, ...]:
+    def needs(self) -> tuple[DataSection, ...]:
         """Top-level recipe sections this stage reads (only when it needs calibration data)."""
         if not self._uses_calibration() or self.calibration_data == "auto":
             return ()

@@ -44,7 +44,7 @@ from lmcompress.distill.trainer import (
 )
 from lmcompress.evaluate import evaluate_classifier
 from lmcompress.models.adapters import get_adapter, is_sequence_classifier
-from lmcompress.recipe.base import ModelFacts, RecipeSettings, Run, StageConfig, register_stage
+from lmcompress.recipe.base import DataSection, ModelFacts, RecipeSettings, Run, StageConfig, register_stage
 
 
 class TrainingStage(StageConfig, TrainSettings):
@@ -98,7 +98,7 @@ class DistillStage(TrainingStage):
     mlm_probability: float = Field(0.15, ge=0, lt=1, description="masking rate for encoder students on a corpus")
     losses: list[LOSSES.union()] = Field(min_length=1)
 
-    def needs(self) -> tuple[str, ...]:
+    def needs(self) -> tuple[DataSection, ...]:
         return (self.data,)
 
     def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:
@@ -157,7 +157,7 @@ class FinetuneStage(TrainingStage):
     student: Literal["copy", "head"] = "copy"
     always: bool = Field(False, description="fine-tune even if the teacher already has a head for this task")
 
-    def needs(self) -> tuple[str, ...]:
+    def needs(self) -> tuple[DataSection, ...]:
         return ("task",)
 
     def run(self, run: Run) -> None:

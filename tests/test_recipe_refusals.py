@@ -126,3 +126,24 @@ def test_layer_lists_and_context_are_checked_right_after_loading(tmp_path):
         _tiny_run(tmp_path, [{"stage": "truncate", "keep": [0, 1]},
                              {"stage": "distill", "steps": 1, "losses": [{"type": "hidden", "layer_map": [0, 1, 2]}]}],
                   overwrite=True)
+
+
+def test_an_input_inside_the_run_folder_or_under_an_export_is_refused(tmp_path):
+    run = _tiny_run(tmp_path, [{"stage": "export"}])  # writes run/model
+    teacher = run.out_dir / "model"
+    recipe = lc.Recipe(name="again", teacher=str(teacher), stages=[{"stage": "evaluate", "metrics": ["size"]}])
+    with pytest.raises(OutputRefused, match=r"teacher .*model: lies inside the run folder"):
+        run_recipe(recipe, run.out_dir, overwrite=True)
+    recipe = lc.Recipe(name="again", teacher=str(teacher), stages=[{"stage": "export", "path": str(teacher)}])
+    with pytest.raises(OutputRefused, match="would overwrite the input teacher"):
+        run_recipe(recipe, tmp_path / "other")
+    assert (teacher / "model.safetensors").exists()
+
+
+def test_cli_export_onto_its_own_source_is_refused(tmp_path):
+    from lmcompress.cli import main
+
+    run = _tiny_run(tmp_path, [{"stage": "export"}])
+    source = run.out_dir / "model"
+    assert main(["export", str(source), "--out", str(source), "--overwrite"]) == 1
+    assert (source / "model.safetensors").exists()

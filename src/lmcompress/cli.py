@@ -90,6 +90,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from lmcompress import api
 
+    source, out = Path(args.model).expanduser().resolve(), Path(args.out).expanduser().resolve()
+    if source.exists() and (source == out or source in out.parents or out in source.parents):
+        raise LmcompressError(f"export --out {args.out}: would overwrite the model it reads ({args.model}); "
+                              "write to a new path")
     model, tokenizer = api.load(args.model)
     path = api.save(model, tokenizer, args.out, format=args.format, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {path}")

@@ -43,7 +43,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, resume: bool = False, overwr
     stages = list(recipe.stages)
     if not isinstance(stages[0], LoadStage):
         stages.insert(0, LoadStage(stage="load"))
-    _check_export_targets(stages, refuse_unsafe_folder(out_dir, "--out"))
+    _check_export_targets(stages, refuse_unsafe_folder(out_dir, "--out"), _local_inputs(recipe))
     out = prepare_run_folder(out_dir, recipe.name, resume=resume, overwrite=overwrite)
     torch.manual_seed(recipe.seed)
     run = Run(recipe=recipe, out_dir=out, resume=resume, overwrite=overwrite)
@@ -101,16 +101,35 @@ def _status(out: Path) -> str:
     return str(earlier_run(out).get("status", "unknown status"))
 
 
-def _check_export_targets(stages: list[StageConfig], out: Path) -> None:
-    """An export may not land on the run folder, a folder holding it, or the folders its stages write."""
+def _local_inputs(recipe: Recipe) -> dict[str, Path]:
+    """The recipe's inputs that are local files or folders (teacher, corpus, task), resolved."""
+    named = {"teacher": recipe.teacher, "corpus.name": recipe.corpus and recipe.corpus.name,
+             "task.name": recipe.task and recipe.task.name}
+    return {field: Path(value).expanduser().resolve() for field, value in named.items()
+            if value and Path(value).expanduser().exists()}
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _check_export_targets(stages: list[StageConfig], out: Path, inputs: dict[str, Path]) -> None:
+    """An export may not land on the run folder, a folder holding it, or the folders its stages write;
+    and no input may live where the run writes (an --overwrite or an export would replace it)."""
+    for field, path in inputs.items():
+        if _within(path, out):
+            raise OutputRefused(f"{field} {path}: lies inside the run folder {out}, which this run writes; "
+                                "copy it elsewhere or choose another --out")
     for stage in stages:
         if not isinstance(stage, ExportStage):
             continue
         target = stage.target(out).expanduser().resolve()
-        if target == out or target in out.parents or any(
-                target == out / sub or out / sub in target.parents for sub in RUN_FOLDERS):
+        if _within(out, target) or any(_within(target, out / sub) for sub in RUN_FOLDERS):
             raise OutputRefused(f"{stage.label}.path {stage.path}: is the run folder {out} or holds its checkpoints, "
                                 "logs or report; exporting there would replace them; choose another path")
+        for field, path in inputs.items():
+            if _within(path, target) or _within(target, path):
+                raise OutputRefused(f"{stage.label}.path {target}: would overwrite the input {field} {path}")
 
 
 def preflight(stages: list[StageConfig], run: Run) -> None:

@@ -224,6 +224,8 @@ class LlamaAdapter(ArchAdapter):
         a = block.self_attn
         return QKV(q=a.q_proj, k=a.k_proj, v=a.v_proj)
 
+    gguf_architecture = "llama"
+
     def gguf_tensor_name(self, hf_name: str) -> str:
         if not hasattr(self, "_gguf_names"):
             import gguf  # only GGUF export needs the gguf package's name tables

@@ -69,9 +69,9 @@ def test_truncated_decoder_generates_with_cache():
 
 
 def _load_without_tokenizer(path, task):
-    from lmcompress.models.loading import _auto_class
+    from lmcompress.models.loading import auto_class
 
-    model = _auto_class(task).from_pretrained(path, use_safetensors=True, attn_implementation="eager")
+    model = auto_class(task).from_pretrained(path, use_safetensors=True, attn_implementation="eager")
     return model.eval(), None
 
 

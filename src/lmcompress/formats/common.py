@@ -20,7 +20,8 @@ from lmcompress.formats.base import Format, Layout
 from lmcompress.formats.marker import MARKER
 from lmcompress.formats.plan import SAFETENSORS_DTYPES, PlannedTensor, planned_tensor
 from lmcompress.models.adapters import get_adapter
-from lmcompress.models.loading import DTYPES, _auto_class, _names, default_task
+from lmcompress.models.loading import DTYPES, auto_class, default_task, name_list, refuse_non_finite
+from lmcompress.models.loading import load_tokenizer as load_tokenizer_at
 
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
@@ -161,7 +162,7 @@ def build_skeleton(folder: Path, model_class: str, dtype: torch.dtype = torch.fl
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             model = cls._from_config(config, dtype=dtype, attn_implementation="eager")
         elif trust_remote_code:
-            model = _auto_class(default_task(config)).from_config(config, dtype=dtype, attn_implementation="eager",
+            model = auto_class(default_task(config)).from_config(config, dtype=dtype, attn_implementation="eager",
                                                                   trust_remote_code=True)
         else:
             raise LmcompressError(f"{folder}/{MARKER}: model_class {model_class!r} is not a transformers class; "
@@ -195,19 +196,14 @@ def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: Path, re
     misshaped = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
     for word, names in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)):
         if names:
-            problems.append(f"{word} {_names(names)}")
+            problems.append(f"{word} {name_list(names)}")
     if problems:
         raise LmcompressError(f"{path} does not fit the model its config and {MARKER} describe: {'; '.join(problems)}")
-    bad = sorted(k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all())
-    if bad:
-        raise LmcompressError(f"{path}: weights hold NaN or infinite values: {_names(bad)}")
+    refuse_non_finite(state, str(path))
 
 
 def load_tokenizer(folder: Path, trust_remote_code: bool = False):
     """The tokenizer saved in `folder` (pad token defaulting to eos), or None if it holds none."""
     if not any((folder / name).exists() for name in TOKENIZER_FILES):
         return None
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return load_tokenizer_at(folder, trust_remote_code=trust_remote_code)

@@ -27,9 +27,9 @@ from typing import Any
 
 from lmcompress import __version__
 from lmcompress.core.errors import LmcompressError
-from lmcompress.core.files import sha256, write_json_atomic
+from lmcompress.core.files import EXPORT_MARKER, sha256, write_json_atomic
 
-MARKER = "lmcompress.json"
+MARKER = EXPORT_MARKER  # the file by which an export is known (core.files guards folders by it)
 
 
 def is_export(path: str | Path) -> bool:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import transformers
@@ -31,7 +32,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 log = logging.getLogger(__name__)
 
 
-def _auto_class(task: Task):
+def auto_class(task: Task):
     return {
         "causal-lm": transformers.AutoModelForCausalLM,
         "masked-lm": transformers.AutoModelForMaskedLM,
@@ -134,7 +135,7 @@ def load_model(
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
     try:
-        model, info = _auto_class(task).from_pretrained(source, output_loading_info=True, **kwargs)
+        model, info = auto_class(task).from_pretrained(source, output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # damaged files, shapes off the config
         reason = str(exc).strip().splitlines()
         raise LmcompressError(f"could not load model {str(name_or_path)!r} as {task}: "
@@ -145,11 +146,18 @@ def load_model(
     check_loaded_weights(model, info, f"{name_or_path}", new_head_ok=new_head_ok)
     if gguf_file:
         _drop_gguf_quantizer(model)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(source, **common)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(source, **common)
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(source: str | Path, **options: Any):
+    """The tokenizer at `source` (`options` as for `from_pretrained`), its pad token defaulting to EOS
+    (decoders ship without one; batching needs it)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source, **options)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def check_loaded_weights(model: nn.Module, info: dict, source: str, new_head_ok: bool = False) -> list[str]:
@@ -160,20 +168,24 @@ def check_loaded_weights(model: nn.Module, info: dict, source: str, new_head_ok:
     fresh = [k for k in missing if new_head_ok and _is_head(model, k)]
     problems = []
     if set(missing) - set(fresh):
-        problems.append(f"missing {_names(sorted(set(missing) - set(fresh)))}")
+        problems.append(f"missing {name_list(sorted(set(missing) - set(fresh)))}")
     if info.get("unexpected_keys"):
-        problems.append(f"unexpected {_names(sorted(info['unexpected_keys']))}")
+        problems.append(f"unexpected {name_list(sorted(info['unexpected_keys']))}")
     if info.get("mismatched_keys"):
-        problems.append(f"misshaped {_names(sorted(str(k[0] if isinstance(k, tuple) else k) for k in info['mismatched_keys']))}")
+        problems.append(f"misshaped {name_list(sorted(str(k[0] if isinstance(k, tuple) else k) for k in info['mismatched_keys']))}")
     if problems:
         raise LmcompressError(f"{source}: the weights do not fit the model's config: {'; '.join(problems)}")
-    bad = [name for name, t in model.state_dict().items()
-           if t.is_floating_point() and name not in fresh and not torch.isfinite(t).all()]
-    if bad:
-        raise LmcompressError(f"{source}: weights hold NaN or infinite values: {_names(bad)}")
+    refuse_non_finite({k: t for k, t in model.state_dict().items() if k not in fresh}, source)
     if fresh:
         log.warning("%s: initialised a new task head (%s); train it before use", source, ", ".join(fresh))
     return fresh
+
+
+def refuse_non_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """One line naming the tensors that hold NaN or infinite values, if any do."""
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if bad:
+        raise LmcompressError(f"{source}: weights hold NaN or infinite values: {name_list(bad)}")
 
 
 def _is_head(model: nn.Module, tensor_name: str) -> bool:
@@ -183,7 +195,8 @@ def _is_head(model: nn.Module, tensor_name: str) -> bool:
         return False
 
 
-def _names(names: list[str], most: int = 4) -> str:
+def name_list(names: list[str], most: int = 4) -> str:
+    """`a, b, c, d and 3 more`: tensor names for a one-line message."""
     shown = ", ".join(names[:most])
     return f"{shown} and {len(names) - most} more" if len(names) > most else shown
 

@@ -15,7 +15,8 @@ BIN = Path(sys.executable).parent
 
 # Facts about particular architectures that only `models/` adapters may know.
 ARCH_ATTRIBUTES = {"model_type", "num_hidden_layers", "n_layer", "q_proj", "k_proj", "v_proj", "o_proj",
-                   "c_attn", "Conv1D", "embed_tokens", "wte"}
+                   "c_attn", "Conv1D", "embed_tokens", "wte", "layer_idx", "rms_norm_eps", "rope_theta",
+                   "tie_word_embeddings", "max_position_embeddings", "num_attention_heads"}
 ARCH_STRINGS = ("model_type", "Conv1D", "q_proj", "k_proj", "num_hidden_layers",
                 # llama.cpp tensor names
                 "blk.", "token_embd", "attn_q", "attn_k", "ffn_gate", "output_norm")

@@ -181,29 +181,19 @@ def _float_array(tensor: torch.Tensor, float_type: str):
 
 # --- llama specifics ----------------------------------------------------------------------------------
 
-def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    scaling = getattr(config, "rope_scaling", None) or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise UnsupportedArchitectureError(f"GGUF export: rope type {kind!r} is not supported (default only)")
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    return float(theta if theta is not None else 10000.0)
-
-
 def _write_llama_metadata(writer, model: nn.Module, name: str) -> None:
-    config = model.config
     adapter = get_adapter(model)
+    meta = adapter.gguf_metadata()
     writer.add_name(name)
-    writer.add_context_length(config.max_position_embeddings)
+    writer.add_context_length(meta["context_length"])
     writer.add_embedding_length(adapter.hidden_size)
     writer.add_block_count(adapter.num_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_feed_forward_length(meta["feed_forward_length"])
     writer.add_head_count(adapter.num_heads)
     writer.add_head_count_kv(adapter.num_kv_heads)
-    writer.add_rope_freq_base(_rope_theta(config))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_freq_base(meta["rope_freq_base"])
+    writer.add_layer_norm_rms_eps(meta["layer_norm_rms_eps"])
+    writer.add_vocab_size(adapter.vocab_size)
     writer.add_rope_dimension_count(adapter.head_dim)
     if adapter.head_dim * adapter.num_heads != adapter.hidden_size:
         writer.add_key_length(adapter.head_dim)
@@ -339,7 +329,7 @@ def gguf_plan(model: nn.Module, weights: Mapping[str, IntWeight] | None = None, 
     embed_name = next(n for n, m in model.named_modules() if m is adapter.embeddings)
     head = adapter.head
     head_name = next((n for n, m in model.named_modules() if m is head), None)
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    tied = get_adapter(model).ties_embeddings
     if (tied and head_name in weights and head_name not in done_modules
             and not _same_weight(weights[head_name], weights.get(embed_name))):
         weight = weights[head_name]
@@ -361,7 +351,7 @@ def _write_gguf(model: nn.Module, tokenizer, path: Path, plan: list[PlannedTenso
         writer.add_tensor(t.name, t.make(), raw_dtype=None if qtype in (T.F32, T.F16) else qtype)
     writer.add_file_type(_file_type([T[t.dtype] for t in plan]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _write_tokenizer(writer, tokenizer, model.config.vocab_size)
+    _write_tokenizer(writer, tokenizer, get_adapter(model).vocab_size)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -105,6 +105,15 @@ class ArchAdapter:
         return getattr(self.config, "num_key_value_heads", None) or self.num_heads
 
     @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def ties_embeddings(self) -> bool:
+        """Whether the output head shares the input embedding table."""
+        return bool(getattr(self.config, "tie_word_embeddings", False))
+
+    @property
     def max_positions(self) -> int | None:
         """Longest sequence the model takes (None when its positions are unbounded, e.g. rotary-only)."""
         return getattr(self.config, "max_position_embeddings", None)
@@ -176,6 +185,10 @@ class ArchAdapter:
         `blk.0.attn_q.weight`)."""
         raise UnsupportedArchitectureError(f"GGUF export supports LLaMA-family models; this is {self.family}")
 
+    def gguf_metadata(self) -> dict[str, float | int]:
+        """The llama.cpp hyper-parameters this config implies beyond depth, widths and heads."""
+        raise UnsupportedArchitectureError(f"GGUF export supports LLaMA-family models; this is {self.family}")
+
     def gguf_row_order(self, module_name: str, rows: int) -> torch.Tensor | None:
         """The order llama.cpp expects the output rows of module `module_name` in, or None to keep them."""
         return None
@@ -225,6 +238,18 @@ class LlamaAdapter(ArchAdapter):
         return QKV(q=a.q_proj, k=a.k_proj, v=a.v_proj)
 
     gguf_architecture = "llama"
+
+    def gguf_metadata(self) -> dict[str, float | int]:
+        config = self.config
+        params = getattr(config, "rope_parameters", None) or {}
+        scaling = getattr(config, "rope_scaling", None) or {}
+        kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+        if kind != "default":
+            raise UnsupportedArchitectureError(f"GGUF export: rope type {kind!r} is not supported (default only)")
+        theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+        return {"context_length": config.max_position_embeddings, "feed_forward_length": config.intermediate_size,
+                "rope_freq_base": float(theta if theta is not None else 10000.0),
+                "layer_norm_rms_eps": config.rms_norm_eps}
 
     def gguf_tensor_name(self, hf_name: str) -> str:
         if not hasattr(self, "_gguf_names"):

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from lmcompress.core.errors import LmcompressError
+from lmcompress.core.errors import RecipeError
 
 MAX_BYTES = 1 << 20
 MAX_NODES = 20_000
@@ -28,8 +28,8 @@ FieldPath = tuple[str | int, ...]
 PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null")}
 
 
-class YamlError(LmcompressError):
-    """A YAML file or value that cannot be read as plain data."""
+class YamlError(RecipeError):
+    """A YAML config file or value that cannot be read as plain data."""
 
 
 @dataclass
@@ -52,6 +52,19 @@ def read_yaml(path: str | Path) -> YamlDoc:
     except UnicodeDecodeError as exc:
         raise YamlError(f"{path}: not UTF-8 text (byte {exc.start} is 0x{raw[exc.start]:02x})") from None
     return parse_yaml(text, str(path))
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> YamlDoc:
+    """`read_yaml` of a config file that must exist and hold a mapping (`what` names it in errors, e.g.
+    "recipe"); an empty file is an empty mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise YamlError(f"{what} file not found: {path}")
+    doc = read_yaml(path)
+    doc.data = {} if doc.data is None else doc.data
+    if not isinstance(doc.data, dict):
+        raise YamlError(f"{path}: a {what} is a YAML mapping of fields, not a {type(doc.data).__name__}")
+    return doc
 
 
 def parse_yaml(text: str, source: str) -> YamlDoc:

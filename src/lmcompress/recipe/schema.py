@@ -18,7 +18,7 @@ from pydantic_core import PydanticCustomError
 
 from lmcompress.core.config import format_validation_errors, join_errors
 from lmcompress.core.errors import RecipeError
-from lmcompress.core.yamlfile import YamlDoc, YamlError, parse_yaml, read_yaml
+from lmcompress.core.yamlfile import YamlDoc, parse_yaml, read_yaml_mapping
 from lmcompress.distill.losses import LOSSES
 from lmcompress.recipe import stages as _stages  # noqa: F401  (importing it registers every stage)
 from lmcompress.recipe.base import STAGES, RecipeSettings
@@ -125,18 +125,7 @@ def apply_override(doc: YamlDoc, item: str) -> None:
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read and validate a recipe file; errors name the file, the line and the field."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
-    try:
-        doc = read_yaml(path)
-    except YamlError as exc:
-        raise RecipeError(str(exc)) from None
-    if not isinstance(doc.data, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping with `teacher:` and `stages:`")
+    doc = read_yaml_mapping(path, "recipe")
     for item in overrides or []:
-        try:
-            apply_override(doc, item)
-        except YamlError as exc:
-            raise RecipeError(str(exc)) from None
+        apply_override(doc, item)
     return Recipe.parse(doc.data, source=str(path), lines=doc.lines)

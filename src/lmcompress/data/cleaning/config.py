@@ -22,7 +22,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from lmcompress.core.config import Strict, format_validation_errors, join_errors
 from lmcompress.core.errors import RecipeError
-from lmcompress.core.yamlfile import YamlDoc, YamlError, read_yaml
+from lmcompress.core.yamlfile import YamlDoc, read_yaml_mapping
 
 
 class Switch(Strict):
@@ -213,18 +213,7 @@ class CleanConfig(Strict):
 
 def load_clean_config(path: str | Path | None, **overrides) -> CleanConfig:
     """Read a cleaning YAML (the fields of `CleanConfig`); errors name the file, the line and the field."""
-    doc = YamlDoc(data={})
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"cleaning config not found: {path}")
-        try:
-            doc = read_yaml(path)
-        except YamlError as exc:
-            raise RecipeError(str(exc)) from None
-        doc.data = {} if doc.data is None else doc.data
-        if not isinstance(doc.data, dict):
-            raise RecipeError(f"{path}: a cleaning config is a YAML mapping of CleanConfig fields")
+    doc = read_yaml_mapping(path, "cleaning config") if path is not None else YamlDoc(data={})
     data = {**doc.data, **{k: v for k, v in overrides.items() if v is not None}}
     try:
         return CleanConfig.model_validate(data)

@@ -174,7 +174,7 @@ def test_gguf_folder_has_a_marker_and_loads_back(tmp_path, tokenizer):
                        eos_token_id=2, pad_token_id=2)
     path, _ = export_model(model, tokenizer, tmp_path / "out", format="gguf")
     marker = read_marker(tmp_path / "out")
-    assert marker["format"] == "gguf" and set(marker["files"]) == {"model.gguf"}
+    assert marker["format"] == "gguf" and set(marker["files"]) == {"model.gguf", "README.md"}
     assert marker["files"]["model.gguf"]["bytes"] == path.stat().st_size
     loaded, _ = load_model(tmp_path / "out")
     ids = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))

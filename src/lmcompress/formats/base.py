@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from lmcompress.core.files import atomic_folder
+from lmcompress.formats.card import CARD, CardFacts, model_card
 from lmcompress.formats.marker import check_marker, write_marker
 from lmcompress.formats.plan import PlannedTensor, summarize
 
@@ -62,13 +63,15 @@ class Format(ABC):
         """(model, tokenizer) from a folder whose marker has been checked."""
 
     def save(self, model: nn.Module, tokenizer, target: str | Path, dtype: str = "fp32",
-             overwrite: bool = False) -> Path:
-        """Write `model` (with `tokenizer`, if given) as the folder `target`, atomically. An existing
-        export there is replaced only with `overwrite`; a folder lmcompress did not write, never."""
+             overwrite: bool = False, card: CardFacts | None = None) -> Path:
+        """Write `model` (with `tokenizer`, if given) as the folder `target`, atomically, with a model card
+        (`card`: what the caller knows of its origin and measurements). An existing export there is
+        replaced only with `overwrite`; a folder lmcompress did not write, never."""
         layout = self.layout(model, dtype)
         size = summarize(layout.tensors)
         with atomic_folder(target, overwrite=overwrite, what="export") as tmp:
             self.write(model, tokenizer, tmp, layout)
+            (tmp / CARD).write_text(model_card(Path(target).name, self.name, size, card), encoding="utf-8")
             write_marker(tmp, self.name, self.format_version, {"size": size, **layout.fields})
         log.info("exported %s (%s): %.2f MB of tensors, %.2f bits/param", target, self.name, size["mb"],
                  size["bits_per_param"])

@@ -42,6 +42,7 @@ from torch import nn
 
 from lmcompress.core.errors import LmcompressError, OutputRefused, UnsupportedArchitectureError
 from lmcompress.formats.base import Format, Layout
+from lmcompress.formats.card import CardFacts
 from lmcompress.formats.common import module_kinds, owner, unique_tensors
 from lmcompress.formats.plan import PlannedTensor
 from lmcompress.infer.convert import find_quantized
@@ -410,12 +411,12 @@ class GGUFFormat(Format):
         return Layout(gguf_plan(model, float_type=float_type), {"gguf_file": GGUF_FILE, "float_type": float_type})
 
     def save(self, model: nn.Module, tokenizer, target: str | Path, dtype: str = "fp32",
-             overwrite: bool = False) -> Path:
+             overwrite: bool = False, card: CardFacts | None = None) -> Path:
         target = Path(target)
         if target.suffix == ".gguf":
             _check_gguf_target(target, overwrite)
             return _write_gguf(model, tokenizer, target, self.plan(model, dtype), None)
-        super().save(model, tokenizer, target, dtype, overwrite=overwrite)
+        super().save(model, tokenizer, target, dtype, overwrite=overwrite, card=card)
         return target / GGUF_FILE
 
     def write(self, model: nn.Module, tokenizer, folder: Path, layout: Layout) -> None:

@@ -10,6 +10,7 @@ from torch import nn
 
 from lmcompress.core.errors import LmcompressError
 from lmcompress.formats.base import Format
+from lmcompress.formats.card import CardFacts
 from lmcompress.formats.common import float_dtype_name
 from lmcompress.formats.factorized import FactorizedFormat
 from lmcompress.formats.gguf import GGUFFormat
@@ -37,12 +38,12 @@ def auto_format(model: nn.Module) -> Format:
 
 
 def export_model(model: nn.Module, tokenizer, target: str | Path, dtype: str = "fp32",
-                 format: str = "auto", overwrite: bool = False) -> tuple[Path, str]:
+                 format: str = "auto", overwrite: bool = False, card: CardFacts | None = None) -> tuple[Path, str]:
     """Write `model` in `format` (auto: the compressed format its modules need, else a plain HF folder);
     returns (the written path, the format's name). An earlier export at `target` is replaced only with
     `overwrite`; anything else there is refused."""
     fmt = auto_format(model) if format == "auto" else get_format(format)
-    return fmt.save(model, tokenizer, target, dtype=dtype, overwrite=overwrite), fmt.name
+    return fmt.save(model, tokenizer, target, dtype=dtype, overwrite=overwrite, card=card), fmt.name
 
 
 def load_export(folder: str | Path, trust_remote_code: bool = False, **options: Any):

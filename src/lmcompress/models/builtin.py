@@ -17,6 +17,9 @@ from lmcompress.core.errors import AssetError
 from lmcompress.core.files import sha256
 from lmcompress.models.loading import convert_gguf_to_safetensors
 
+# What a model card says a built-in model was made from: (hub id of the original, its license).
+BUILTIN_ORIGINS = {"smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+                   "minilm-l6": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0")}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 

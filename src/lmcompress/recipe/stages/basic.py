@@ -13,7 +13,9 @@ from lmcompress.core.errors import LmcompressError
 from lmcompress.core.files import folder_bytes
 from lmcompress.evaluate import decode_speed, evaluate_classifier, perplexity, prefill_speed
 from lmcompress.formats import export_model, load_model, size_report
+from lmcompress.formats.card import CardFacts, teacher_card_facts
 from lmcompress.models.adapters import get_adapter
+from lmcompress.models.builtin import BUILTIN_ORIGINS
 from lmcompress.recipe.base import DataSection, ModelFacts, RecipeSettings, Run, StageConfig, register_stage
 from lmcompress.surgery.truncate import resolve_layers, truncate_layers
 
@@ -171,10 +173,25 @@ class ExportStage(StageConfig):
         student = run.require_student(self.stage)
         # A resumed run re-runs its export: replacing the one it wrote before is what was asked.
         written, fmt = export_model(student, run.tokenizer, self.target(run.out_dir), dtype=self.dtype,
-                                    format=self.format, overwrite=run.resume or run.overwrite)
+                                    format=self.format, overwrite=run.resume or run.overwrite,
+                                    card=card_facts(run))
         disk = folder_bytes(written) if Path(written).is_dir() else Path(written).stat().st_size
         row = {"stage": self.label, "model": "student", "format": fmt, "path": str(written),
                "disk_mb": round(disk / 1e6, 2)}
         if run.teacher_bytes:
             row["disk_compression_ratio"] = round(run.teacher_bytes / disk, 3)
         run.report.add(**row)
+
+
+def card_facts(run: Run) -> CardFacts:
+    """What the export's model card says: the teacher's origin and license, the recipe, the measurements."""
+    teacher, origin = run.recipe.teacher, {}
+    if teacher in BUILTIN_ORIGINS:
+        origin = dict(zip(("base_model", "license"), BUILTIN_ORIGINS[teacher], strict=True))
+    elif teacher and Path(teacher).expanduser().is_dir():
+        origin = teacher_card_facts(Path(teacher).expanduser())
+    elif teacher and not Path(teacher).suffix and teacher.count("/") == 1:
+        origin = {"base_model": teacher}  # a hub id
+    measured = [row for row in run.report.rows if "perplexity" in row or "accuracy" in row]
+    return CardFacts(**origin, recipe=run.recipe.name, stages=[st.label for st in run.recipe.stages],
+                     metrics=measured)

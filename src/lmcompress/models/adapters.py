@@ -212,7 +212,8 @@ class LlamaAdapter(ArchAdapter):
     """LLaMA family: LLaMA, SmolLM2, Mistral, Qwen2/3, Gemma-style decoders with q/k/v/o and gate/up/down."""
 
     family = "llama"
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "granite")
+    # phi3 is not here: its fused qkv_proj and gate_up_proj do not follow this layout (issue 15)
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "granite")
     supports_kv_heads = True
 
     @property

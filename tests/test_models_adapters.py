@@ -5,6 +5,7 @@ from torch import nn
 
 from lmcompress.core.errors import RecipeError, UnsupportedArchitectureError
 from lmcompress.models import get_adapter, linear_weight, select_modules
+from lmcompress.surgery.truncate import truncate_layers
 
 
 def test_adapter_finds_blocks_and_sizes(family):
@@ -39,12 +40,57 @@ def test_module_kinds_cover_every_linear(family):
     assert "embeddings" in kinds
 
 
-def test_unsupported_architecture_lists_supported():
+def test_unsupported_architecture_says_what_did_not_fit():
     import transformers
 
     cfg = transformers.T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
-    with pytest.raises(UnsupportedArchitectureError, match="supported model types: .*gpt2.*llama"):
+    with pytest.raises(UnsupportedArchitectureError, match=r"'t5' is not supported: it is not one of .*gpt2.* "
+                                                           r"and it does not follow the LLaMA layout: no decoder block"):
         get_adapter(transformers.T5ForConditionalGeneration(cfg))
+
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=128, max_position_embeddings=64, head_dim=8, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+# Decoder families transformers ships with the LLaMA layout; none of these names appears in lmcompress.
+LAYOUT_FAMILIES = ["smollm3", "helium", "cohere", "stablelm", "starcoder2", "exaone4", "seed_oss", "arcee",
+                   "hunyuan_v1_dense", "ernie4_5", "ministral", "apertus", "glm", "olmo2"]
+
+
+def _tiny_decoder(model_type):
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"this transformers has no {model_type}")
+    config = CONFIG_MAPPING[model_type](**TINY)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type", LAYOUT_FAMILIES)
+def test_a_decoder_with_the_llama_layout_is_recognised_by_structure(model_type, tmp_path):
+    import lmcompress as lc
+
+    model = _tiny_decoder(model_type)
+    adapter = get_adapter(model)
+    assert adapter.family == "llama" and adapter.num_layers == 2
+    truncate_layers(model, [1])
+    lc.quantize_(model, lc.QuantConfig(bits=4))
+    ids = torch.randint(3, 128, (1, 8))
+    with torch.no_grad():
+        expected = model(ids).logits
+    reloaded, _ = lc.load(lc.save(model, None, tmp_path / "w4", dtype="fp32"))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, expected, atol=1e-4)
+    assert get_adapter(reloaded).num_layers == 1
+
+
+@pytest.mark.parametrize("model_type, module", [("phi3", r"model.layers.0.self_attn has no q_proj/k_proj/v_proj \(it has: o_proj, qkv_proj\)"),
+                                                ("lfm2", r"model.layers.0.self_attn has no o_proj \(it has: .*out_proj")])
+def test_a_decoder_that_does_not_fit_is_refused_naming_the_module(model_type, module):
+    with pytest.raises(UnsupportedArchitectureError, match=module):
+        get_adapter(_tiny_decoder(model_type))
 
 
 def test_select_modules_by_kind_and_glob():

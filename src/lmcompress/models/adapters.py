@@ -209,12 +209,37 @@ def is_sequence_classifier(model: nn.Module) -> bool:
 
 
 class LlamaAdapter(ArchAdapter):
-    """LLaMA family: LLaMA, SmolLM2, Mistral, Qwen2/3, Gemma-style decoders with q/k/v/o and gate/up/down."""
+    """LLaMA-layout decoders: LLaMA, SmolLM2, Mistral, Qwen2/3, Gemma, OLMo, Granite, and any other model
+    whose modules follow the layout (see `layout_mismatch`), whatever its `model_type` says."""
 
     family = "llama"
-    # phi3 is not here: its fused qkv_proj and gate_up_proj do not follow this layout (issue 15)
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "granite")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "granite")  # known to fit
     supports_kv_heads = True
+
+    @staticmethod
+    def layout_mismatch(model: nn.Module) -> str | None:
+        """None when `model` has the LLaMA layout — `model.layers[i].self_attn.{q,k,v,o}_proj` linears, an
+        `mlp` of linears in every block, `model.embed_tokens` — else the first module that does not fit."""
+        base = getattr(model, "model", model)
+        blocks = getattr(base, "layers", None)
+        if not isinstance(blocks, nn.ModuleList) or not len(blocks):
+            return "no decoder block list at `model.layers`"
+        if not isinstance(getattr(base, "embed_tokens", None), nn.Embedding):
+            return "no token embedding at `model.embed_tokens`"
+        prefix = "model." if base is not model else ""
+        for i, block in enumerate(blocks):
+            attention, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+            if attention is None:
+                return f"{prefix}layers.{i} has no `self_attn` (it has: {', '.join(n for n, _ in block.named_children())})"
+            # By name, not class: once quantized or factorized, the projections are lmcompress modules.
+            missing = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+                       if not isinstance(getattr(attention, n, None), nn.Module)]
+            if missing:
+                found = ", ".join(n for n, _ in attention.named_children())
+                return f"{prefix}layers.{i}.self_attn has no {'/'.join(missing)} (it has: {found})"
+            if not isinstance(mlp, nn.Module) or not any(True for _ in mlp.children()):
+                return f"{prefix}layers.{i} has no `mlp` (it has: {', '.join(n for n, _ in block.named_children())})"
+        return None
 
     @property
     def base(self) -> nn.Module:
@@ -386,14 +411,19 @@ def supported_model_types() -> list[str]:
 
 
 def get_adapter(model: nn.Module) -> ArchAdapter:
-    """The adapter for `model`, or an error listing the supported architectures."""
+    """The adapter for `model`: by its `model_type` where known, else by its module layout (a decoder
+    that follows the LLaMA layout gets the LLaMA adapter); otherwise an error naming what did not fit."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for adapter_cls in ADAPTERS:
         if model_type in adapter_cls.model_types:
             return adapter_cls(model)
+    mismatch = LlamaAdapter.layout_mismatch(model)
+    if mismatch is None:
+        return LlamaAdapter(model)
     raise UnsupportedArchitectureError(
-        f"architecture {model_type!r} is not supported; supported model types: "
-        + ", ".join(supported_model_types())
+        f"architecture {model_type!r} is not supported: it is not one of "
+        f"{', '.join(t for t in supported_model_types() if t not in LlamaAdapter.model_types)}, and it does "
+        f"not follow the LLaMA layout: {mismatch}"
     )
 
 

@@ -218,8 +218,9 @@ class LlamaAdapter(ArchAdapter):
 
     @staticmethod
     def layout_mismatch(model: nn.Module) -> str | None:
-        """None when `model` has the LLaMA layout — `model.layers[i].self_attn.{q,k,v,o}_proj` linears, an
-        `mlp` of linears in every block, `model.embed_tokens` — else the first module that does not fit."""
+        """None when `model` has the LLaMA layout — `model.layers[i].self_attn.{q,k,v,o}_proj` (or a fused
+        `qkv_proj` with `o_proj`), an `mlp` in every block, `model.embed_tokens` — else the first module that
+        does not fit."""
         base = getattr(model, "model", model)
         blocks = getattr(base, "layers", None)
         if not isinstance(blocks, nn.ModuleList) or not len(blocks):
@@ -232,8 +233,8 @@ class LlamaAdapter(ArchAdapter):
             if attention is None:
                 return f"{prefix}layers.{i} has no `self_attn` (it has: {', '.join(n for n, _ in block.named_children())})"
             # By name, not class: once quantized or factorized, the projections are lmcompress modules.
-            missing = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj")
-                       if not isinstance(getattr(attention, n, None), nn.Module)]
+            projections = ("qkv_proj", "o_proj") if hasattr(attention, "qkv_proj") else ("q_proj", "k_proj", "v_proj", "o_proj")
+            missing = [n for n in projections if not isinstance(getattr(attention, n, None), nn.Module)]
             if missing:
                 found = ", ".join(n for n, _ in attention.named_children())
                 return f"{prefix}layers.{i}.self_attn has no {'/'.join(missing)} (it has: {found})"
@@ -261,6 +262,8 @@ class LlamaAdapter(ArchAdapter):
 
     def qkv(self, block: nn.Module) -> QKV:
         a = block.self_attn
+        if hasattr(a, "qkv_proj"):  # fused [q | k | v] (Phi-3 style), GQA widths
+            return QKV(fused=a.qkv_proj)
         return QKV(q=a.q_proj, k=a.k_proj, v=a.v_proj)
 
     gguf_architecture = "llama"

@@ -16,6 +16,7 @@ import yaml
 
 from lmcompress import __version__
 from lmcompress.core.yamlfile import YamlError, parse_yaml
+from lmcompress.report.tables import markdown_table
 
 CARD = "README.md"
 # Report columns worth a reader's time, in order (evaluate rows; the rest stay in report.json).
@@ -75,25 +76,10 @@ def model_card(name: str, format_name: str, size: dict[str, Any], facts: CardFac
     if facts.stages:
         lines.append(f"- stages: {' → '.join(facts.stages)}")
     if facts.metrics:
-        lines += ["", "## Measured", "", *_table(facts.metrics)]
+        columns = [c for c in METRIC_COLUMNS if any(c in row for row in facts.metrics)]
+        lines += ["", "## Measured", "", markdown_table(facts.metrics, columns).rstrip()]
     lines += ["", "## How to load", "", *_how_to_load(format_name), ""]
     return "\n".join(lines)
-
-
-def _table(rows: list[dict[str, Any]]) -> list[str]:
-    columns = [c for c in METRIC_COLUMNS if any(c in row for row in rows)]
-    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        out.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
-    return out
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:,.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return "" if value is None else str(value)
 
 
 def _how_to_load(format_name: str) -> list[str]:

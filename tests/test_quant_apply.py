@@ -103,7 +103,6 @@ def test_head_is_excluded_by_default_and_can_be_included():
     ({"bits": 1, "scheme": "asym"}, "binary .* symmetric only"),
     ({"bits": 4, "patterns": ["*.no_such_module"]}, r"quantize\.patterns: pattern\(s\) \['\*\.no_such_module'\] match no module"),
     ({"rules": [{"patterns": ["mlp"], "bits": 4}, {"patterns": ["nothing*"], "bits": 2}]}, r"quantize\.rules\[1\]\.patterns"),
-    ({"bits": 4, "granularity": "group", "group_size": 5}, "group_size: 5 does not divide"),
     ({"bits": "2-2"}, "three parts"),
     ({"bits": 4, "activation_bits": 1}, r"quantize\.activation_bits: out of range"),
 ])

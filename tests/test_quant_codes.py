@@ -24,7 +24,8 @@ def test_every_level_of_the_grid_has_one_code_that_packs(scheme, bits):
 
 
 @pytest.mark.parametrize("scheme,bits", SCHEMES)
-@pytest.mark.parametrize("granularity,group_size", [("tensor", None), ("row", None), ("group", 8)])
+@pytest.mark.parametrize("granularity,group_size", [("tensor", None), ("row", None), ("group", 8),
+                                                     ("group", 6)])  # 16 = 6 + 6 + 4: ragged last group
 def test_codes_and_levels_dequantize_to_the_fake_quant_weight(scheme, bits, granularity, group_size):
     spec = QuantSpec(scheme, bits, granularity, group_size)
     weight = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))

@@ -157,6 +157,25 @@ def test_bad_specs_fail_naming_the_field(kwargs, field):
         QuantSpec(**kwargs)
 
 
-def test_group_size_must_divide_the_input_size():
-    with pytest.raises(RecipeError, match="group_size: 12 does not divide"):
-        WeightQuantizer(QuantSpec("sym", 4, "group", 12), _weight(4, 32))
+@pytest.mark.parametrize("scheme,bits", [("binary", 1), ("ternary", 2), ("sym", 4), ("asym", 3)])
+def test_a_group_size_that_does_not_divide_the_row_leaves_a_ragged_last_group(scheme, bits):
+    # 32 inputs in groups of 12: two groups of 12 and a last one of 8, whose scale sees only its 8 columns.
+    weight = _weight(4, 32)
+    ragged = WeightQuantizer(QuantSpec(scheme, bits, "group", 12), weight)
+    assert ragged.groups == (4, 3, 12)
+    q = ragged.quantize(weight)
+    assert q.codes.shape == (4, 32) and q.scales.shape == (4, 3)
+    last = WeightQuantizer(QuantSpec(scheme, bits, "group", 8), weight[:, 24:]).quantize(weight[:, 24:])
+    assert torch.equal(q.scales[:, 2:], last.scales) and torch.equal(q.codes[:, 24:], last.codes)
+    first = WeightQuantizer(QuantSpec(scheme, bits, "group", 12), weight[:, :24]).quantize(weight[:, :24])
+    assert torch.equal(q.scales[:, :2], first.scales)
+    with torch.no_grad():
+        assert torch.equal(ragged(weight), q.dequantize())
+
+
+def test_a_group_as_wide_as_the_row_or_wider_is_one_group_per_row():
+    weight = _weight(4, 32)
+    for size in (32, 128):
+        wide = WeightQuantizer(QuantSpec("sym", 4, "group", size), weight).quantize(weight)
+        row = WeightQuantizer(QuantSpec("sym", 4, "row"), weight).quantize(weight)
+        assert torch.equal(wide.scales, row.scales) and torch.equal(wide.codes, row.codes)

@@ -171,18 +171,38 @@ class QuantSpec:
 
     # --- shapes -----------------------------------------------------------------------------------
     def group_shape(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
-        """(R, C, G): a weight of `shape` (out, in) viewed as R x C groups of G; scales have shape (R, C)."""
+        """(R, C, G): a weight of `shape` (out, in) viewed as R x C groups of G; scales have shape (R, C).
+
+        A group size that does not divide the row leaves a shorter last group (C = ceil(in / G)): its
+        scale is fitted to the columns it has, and `to_groups` pads it with zeros that no code stores."""
         out_features, in_features = shape
         if self.granularity == "tensor":
             return 1, 1, out_features * in_features
-        if self.granularity == "row":
+        if self.granularity == "row" or self.group_size >= in_features:
             return out_features, 1, in_features
-        if in_features % self.group_size:
-            raise QuantSpecError(
-                "group_size", f"{self.group_size} does not divide the input size {in_features} of a {tuple(shape)} weight"
-            )
-        return out_features, in_features // self.group_size, self.group_size
+        return out_features, -(-in_features // self.group_size), self.group_size
 
+    def to_groups(self, w: torch.Tensor) -> torch.Tensor:
+        """(out, in) -> (R, C, G), the ragged last group zero-padded."""
+        rows, cols, size = self.group_shape(tuple(w.shape))
+        pad = cols * size - w.shape[-1] if self.granularity == "group" else 0
+        if pad:
+            w = torch.nn.functional.pad(w, (0, pad))
+        return w.reshape(rows, cols, size)
+
+    def from_groups(self, wg: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """(R, C, G) -> (out, in): the inverse of `to_groups` (padding dropped)."""
+        if self.granularity != "group":
+            return wg.reshape(shape)
+        return wg.reshape(shape[0], -1)[:, : shape[1]]
+
+    def group_counts(self, shape: tuple[int, int]) -> torch.Tensor:
+        """(1, C, 1) float: how many real columns each group holds (G, except a ragged last group)."""
+        _, cols, size = self.group_shape(shape)
+        counts = torch.full((1, cols, 1), float(size))
+        if self.granularity == "group":
+            counts[0, -1, 0] = shape[1] - (cols - 1) * size
+        return counts
 
 
 @dataclass
@@ -213,12 +233,11 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Weight `(out, in)` from codes `(out, in)`, scales `(R, C)` and zero points (asym); see `quant.codes`."""
     shape = tuple(codes.shape)
-    rows, cols, size = spec.group_shape(shape)
-    q = levels_of(codes, spec.scheme, spec.bits).reshape(rows, cols, size).to(torch.float32)
+    q = spec.to_groups(levels_of(codes, spec.scheme, spec.bits).to(torch.float32))
     if spec.scheme == "asym":
         q = q - zeros.to(torch.float32).unsqueeze(-1)
     s = scales.to(torch.float32).unsqueeze(-1)
-    return (q * s).reshape(shape).to(dtype)
+    return spec.from_groups(q * s, shape).to(dtype)
 
 
 # --- straight-through pieces ---------------------------------------------------------------------
@@ -279,6 +298,11 @@ class WeightQuantizer(nn.Module):
 
     `forward(w)` returns the quantized values (straight-through gradients), `quantize(w)` the integer codes,
     scales and zero points an export stores (what they cost on disk: `lmcompress.formats.size_report`).
+
+    Static scales (`absmax`, `mean`) are recomputed from the weight in every forward, unless a PTQ method
+    (GPTQ, a fitted clipping range) has fixed them with `set_scales`: then they are buffers `fixed_scale`
+    (and `fixed_zero` for asym) and every weight rounds to the nearest level of that grid. For `lsq`,
+    `set_scales` initialises the learnable step sizes instead.
     """
 
     def __init__(self, spec: QuantSpec, weight: torch.Tensor):
@@ -288,8 +312,11 @@ class WeightQuantizer(nn.Module):
         if len(self.shape) != 2:
             raise LmcompressError(f"weight quantizers take a 2-D (out, in) weight, got shape {self.shape}")
         self.groups = spec.group_shape(self.shape)
+        self.register_buffer("counts", spec.group_counts(self.shape), persistent=False)
+        self.register_buffer("fixed_scale", None)  # set by `set_scales`
+        self.register_buffer("fixed_zero", None)
         with torch.no_grad():
-            mean_abs = self._grouped(weight.detach().float()).abs().mean(dim=-1, keepdim=True).clamp_min(EPS)
+            mean_abs = self._mean_abs(self._grouped(weight.detach().float())).clamp_min(EPS)
         if spec.scale == "lsq":
             if spec.scheme == "binary":
                 init = mean_abs.clone()  # the static binary scale
@@ -312,20 +339,68 @@ class WeightQuantizer(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         group = f", group_size={s.group_size}" if s.group_size else ""
-        return f"{s.label}, {s.granularity}{group}, scale={s.scale}"
+        fixed = ", fixed scales" if self.fixed_scale is not None else ""
+        return f"{s.label}, {s.granularity}{group}, scale={s.scale}{fixed}"
 
     def _grouped(self, w: torch.Tensor) -> torch.Tensor:
         if tuple(w.shape) != self.shape:
             raise LmcompressError(f"weight of shape {tuple(w.shape)} given to a quantizer built for {self.shape}")
-        return w.reshape(self.groups)
+        return self.spec.to_groups(w)
 
+    def _mean_abs(self, wg: torch.Tensor) -> torch.Tensor:
+        # Over the real columns: a ragged last group's padding would pull its mean down.
+        return wg.abs().sum(dim=-1, keepdim=True) / self.counts.to(wg.dtype)
+
+    def set_scales(self, scales: torch.Tensor, zeros: torch.Tensor | None = None) -> None:
+        """Fix the grid to `scales` (R, C) (and `zeros` (R, C) for asym), e.g. the ones GPTQ rounded to.
+
+        Static scales become buffers that every later forward and export uses; an `lsq` scale is set to
+        them and stays learnable. `dynamic` scaling has one factor per module and cannot hold per-group
+        scales."""
+        spec, (rows, cols, _) = self.spec, self.groups
+        if tuple(scales.shape) != (rows, cols):
+            raise LmcompressError(f"set_scales: expected scales of shape {(rows, cols)}, got {tuple(scales.shape)}")
+        if (zeros is None) != (spec.scheme != "asym"):
+            raise LmcompressError(f"set_scales: {spec.label} weights {'need' if spec.scheme == 'asym' else 'take no'} "
+                                  "zero points")
+        s = scales.detach().float().reshape(rows, cols, 1).to(SCALE_DTYPE).float().clamp_min(EPS)
+        if spec.scale == "dynamic":
+            raise RecipeError("scale: dynamic has one learnable factor per module, so it cannot start from "
+                              "per-group fitted scales; use scale: lsq (learnable per group) or absmax")
+        if spec.scale == "lsq":
+            with torch.no_grad():
+                self.scale.copy_(s.reshape(-1))
+            return
+        device = self.counts.device
+        self.register_buffer("fixed_scale", s.to(device))
+        if zeros is not None:
+            self.register_buffer("fixed_zero", zeros.detach().reshape(rows, cols, 1).float().round().to(device))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint of a model whose scales were fixed holds the buffers; make room for them first.
+        for name in ("fixed_scale", "fixed_zero"):
+            key = prefix + name
+            if key in state_dict and getattr(self, name) is None:
+                self.register_buffer(name, torch.empty_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _grid(self, wg: torch.Tensor):
         """(q centered so that value = q * s, s with grad where learnable, zero points, clip mask, rounding)."""
         spec = self.spec
-        with torch.no_grad():
-            mean_abs = wg.abs().mean(dim=-1, keepdim=True)
         none = wg.new_empty(0, dtype=torch.bool)
+        if self.fixed_scale is not None:
+            with torch.no_grad():
+                s = self.fixed_scale.to(wg.dtype)
+                if spec.scheme == "binary":
+                    return torch.where(wg >= 0, 1.0, -1.0).to(wg.dtype), s, None, none, False
+                x = wg / s
+                if spec.scheme == "asym":
+                    zero = self.fixed_zero.to(wg.dtype)
+                    q = torch.clamp(torch.round(x) + zero, 0, spec.qmax) - zero
+                    return q, s, zero, none, True
+                return torch.clamp(torch.round(x), spec.qmin, spec.qmax), s, None, none, True
+        with torch.no_grad():
+            mean_abs = self._mean_abs(wg)
         if spec.scheme == "ternary" and spec.scale == "mean":
             with torch.no_grad():
                 keep = wg.abs() > TERNARY_THRESHOLD * mean_abs
@@ -369,7 +444,7 @@ class WeightQuantizer(nn.Module):
         wg = self._grouped(w)
         q, s, _, inside, rounding = self._grid(wg)
         out = _FakeQuant.apply(wg, s.to(wg.dtype), q.to(wg.dtype), inside, rounding)
-        return out.reshape(self.shape)
+        return self.spec.from_groups(out, self.shape)
 
     @torch.no_grad()
     def quantize(self, w: torch.Tensor) -> QuantizedWeight:
@@ -379,7 +454,7 @@ class WeightQuantizer(nn.Module):
         levels = q + zero if spec.scheme == "asym" else q
         rows, cols, _ = self.groups
         return QuantizedWeight(
-            codes=codes_of(levels, spec.scheme, spec.bits).reshape(self.shape),
+            codes=codes_of(spec.from_groups(levels, self.shape), spec.scheme, spec.bits),
             scales=s.detach().reshape(rows, cols).to(SCALE_DTYPE),
             zeros=None if zero is None else zero.reshape(rows, cols).to(ZERO_DTYPE),
             spec=spec,

@@ -4,8 +4,9 @@ import json
 import logging
 
 import pytest
-from helpers import RECIPES, integration, tiny_budget, tiny_model
+from helpers import RECIPES, integration, tiny_budget, tiny_model, tiny_tokenizer, write_word_corpus
 
+import lmcompress as lc
 from lmcompress.core.errors import RecipeError
 from lmcompress.quant import QuantConfig
 from lmcompress.quant.modules import QuantEmbedding, is_quantized
@@ -65,6 +66,41 @@ def test_pattern_matching_nothing_fails_at_run_time_naming_the_stage(tmp_path):
     run.student = tiny_model("llama")
     with pytest.raises(RecipeError, match=r"w4\.patterns"):
         recipe.stages[0].run(run)
+
+
+def _ptq_run(tmp_path, init: str, **stage):
+    corpus = write_word_corpus(tmp_path / "corpus.jsonl")
+    recipe = {"name": init, "corpus": {"name": str(corpus), "test_fraction": 0.2}, "block_size": 16,
+              "stages": [{"stage": "quantize", "bits": 3, "group_size": 24, "init": init, **stage},
+                         {"stage": "evaluate", "metrics": ["perplexity"]}]}
+    return lc.compress(tiny_model("llama"), recipe, tokenizer=tiny_tokenizer(), out_dir=tmp_path / init)
+
+
+def test_gptq_init_rounds_on_corpus_sequences_and_reports_what_it_cost(tmp_path):
+    gptq = _ptq_run(tmp_path, "gptq", calibration_samples=12, calibration_batch_size=4, gptq={"block_size": 8})
+    row = next(r for r in gptq.report.rows if r["stage"] == "quantize")
+    assert row["init"] == "gptq" and row["rounded_modules"] == 4 * 7
+    assert row["calibration_sequences"] == 12 and row["calibration_tokens"] == 12 * 16
+    assert row["gptq_error"] > 0 and row["init_seconds"] >= 0
+    assert all(m.weight_quantizer.fixed_scale is not None
+               for m in gptq.model.modules() if isinstance(m, lc.quant.QuantLinear))
+
+
+@pytest.mark.parametrize("stage,message", [
+    ({"init": "gptq", "gptq": {"damp": 0}}, r"stages\[0\]\.gptq\.damp: Input should be greater than 0"),
+    ({"init": "gptq", "gptq": {"order": 1}}, r"stages\[0\]\.gptq\.order: unknown field"),
+    ({"init": "awq"}, r"stages\[0\]\.init: got 'awq', allowed"),
+    ({"init": "gptq", "calibration_data": "task"}, r"needs a top-level `task:` section"),
+])
+def test_bad_init_fields_are_named(stage, message):
+    with pytest.raises(RecipeError, match=message):
+        _recipe(bits=4, **stage)
+
+
+def test_gptq_init_without_data_fails_before_any_stage_runs(tmp_path):
+    recipe = {"stages": [{"stage": "quantize", "bits": 4, "init": "gptq"}]}
+    with pytest.raises(RecipeError, match="calibration needs data: add a `corpus:` or `task:` section"):
+        lc.compress(tiny_model("llama"), recipe, tokenizer=tiny_tokenizer(), out_dir=tmp_path / "run")
 
 
 @pytest.mark.parametrize("name", ["xtc-minilm.yaml", "quantgpt-smollm2.yaml", "ternary-smollm2.yaml"])

@@ -29,9 +29,7 @@ from torch import nn
 
 from lmcompress.core.errors import LmcompressError
 from lmcompress.models.adapters import ArchAdapter, get_adapter
-
-# Keys of a batch that are not model inputs: labels are read by the losses, never passed to the model.
-NON_MODEL_KEYS = ("labels",)
+from lmcompress.models.blocks import NON_MODEL_KEYS
 
 
 @dataclass(frozen=True)

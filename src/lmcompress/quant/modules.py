@@ -13,6 +13,9 @@ exactly what was trained.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,6 +57,9 @@ class QuantModule(nn.Module):
 
     weight: nn.Parameter
     weight_quantizer: WeightQuantizer
+    # While True the module computes with its latent float weight (a PTQ method measuring the inputs a
+    # not-yet-rounded layer sees); see `float_weights`.
+    use_float_weight: bool = False
 
     def weight_2d(self) -> torch.Tensor:
         """The latent weight as the quantizer sees it, (out, in)."""
@@ -61,7 +67,9 @@ class QuantModule(nn.Module):
 
     def quantized_weight(self) -> torch.Tensor:
         """Fake-quantized weight in the layout of `weight_2d()`."""
-        params = [self.weight, *self.weight_quantizer.parameters()]
+        if self.use_float_weight:
+            return self.weight_2d()
+        params = [self.weight, *self.weight_quantizer.parameters(), *self.weight_quantizer.buffers()]
         return self._cache.get(params, lambda: self.weight_quantizer(self.weight_2d()))
 
     def quantize(self) -> QuantizedWeight:
@@ -253,6 +261,19 @@ class PackedTiedHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.source.dequantized_weight(x.dtype), bias)
+
+
+@contextmanager
+def float_weights(modules: Iterable[QuantModule]) -> Iterator[None]:
+    """Within the block, `modules` compute with their latent float weights instead of the quantized ones."""
+    modules = list(modules)
+    for m in modules:
+        m.use_float_weight = True
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.use_float_weight = False
 
 
 QUANTIZED_TYPES = (QuantModule, QuantTiedHead, PackedModule, PackedTiedHead)

@@ -240,6 +240,17 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
     return spec.from_groups(q * s, shape).to(dtype)
 
 
+def round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                  spec: QuantSpec) -> torch.Tensor:
+    """The centered levels q (value = scale * q) nearest to `w` on the grid of `scale` (and `zero`)."""
+    if spec.scheme == "binary":
+        return torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
+    x = w / scale
+    if spec.scheme == "asym":
+        return torch.clamp(torch.round(x) + zero, 0, spec.qmax) - zero
+    return torch.clamp(torch.round(x), spec.qmin, spec.qmax)
+
+
 # --- straight-through pieces ---------------------------------------------------------------------
 class _RoundScale(torch.autograd.Function):
     """Round a scale to its storage dtype; gradient passes straight through."""
@@ -391,14 +402,8 @@ class WeightQuantizer(nn.Module):
         if self.fixed_scale is not None:
             with torch.no_grad():
                 s = self.fixed_scale.to(wg.dtype)
-                if spec.scheme == "binary":
-                    return torch.where(wg >= 0, 1.0, -1.0).to(wg.dtype), s, None, none, False
-                x = wg / s
-                if spec.scheme == "asym":
-                    zero = self.fixed_zero.to(wg.dtype)
-                    q = torch.clamp(torch.round(x) + zero, 0, spec.qmax) - zero
-                    return q, s, zero, none, True
-                return torch.clamp(torch.round(x), spec.qmin, spec.qmax), s, None, none, True
+                zero = None if self.fixed_zero is None else self.fixed_zero.to(wg.dtype)
+                return round_to_grid(wg, s, zero, spec), s, zero, none, spec.scheme != "binary"
         with torch.no_grad():
             mean_abs = self._mean_abs(wg)
         if spec.scheme == "ternary" and spec.scale == "mean":

@@ -139,5 +139,51 @@ class StageConfig(Strict):
         raise NotImplementedError
 
 
+class CalibrationSettings(Strict):
+    """Fields of a stage that measures the model on calibration sequences (PTQ, offline factorization).
+
+    Mixed into the stage; the stage says whether it uses them now (`uses_calibration`)."""
+
+    calibration_samples: int = Field(128, gt=0, description="calibration sequences")
+    calibration_data: Literal["auto", "corpus", "task"] = Field(
+        "auto", description="corpus token blocks (LM loss) or task examples (task loss); auto: task if the recipe has one"
+    )
+    calibration_batch_size: int = Field(8, gt=0)
+    calibration_block_size: int | None = Field(None, gt=0, description="tokens per corpus sequence (default: block_size)")
+
+    def uses_calibration(self) -> bool:
+        return True
+
+    def calibration_needs(self) -> tuple[DataSection, ...]:
+        """The data section the calibration reads when the recipe names one (`auto` picks at run time)."""
+        if not self.uses_calibration() or self.calibration_data == "auto":
+            return ()
+        return (self.calibration_data,)
+
+    def check_calibration(self, label: str, facts: ModelFacts, recipe: RecipeSettings) -> None:
+        """Before any stage runs: the calibration has data, and sequences the model can take."""
+        if not self.uses_calibration():
+            return
+        self._check_data(label, recipe)
+        if self._calibration_source(recipe) == "corpus":
+            facts.check_length(self.calibration_block_size or recipe.block_size, f"{label}.calibration_block_size")
+
+    def _check_data(self, label: str, recipe: RecipeSettings) -> None:
+        if getattr(recipe, self._calibration_source(recipe)) is None:
+            raise RecipeError(f"stage {label}: calibration needs data: add a `corpus:` or `task:` section")
+
+    def _calibration_source(self, recipe: RecipeSettings) -> DataSection:
+        if self.calibration_data != "auto":
+            return self.calibration_data
+        return "task" if recipe.task is not None else "corpus"
+
+    def calibration_dataset(self, run: Run, label: str) -> datasets.Dataset:
+        """Tokenized calibration examples: task examples, or corpus blocks of the training split."""
+        self._check_data(label, run.recipe)
+        if self._calibration_source(run.recipe) == "task":
+            return run.task.tokenized(run.tokenizer, "train", run.recipe.task.max_length)
+        return run.lm_blocks("train", self.calibration_block_size)
+
+
 STAGES: Registry[type[StageConfig]] = Registry("stage", "stage")
 register_stage = STAGES.register

@@ -17,16 +17,23 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from lmcompress.core.errors import LmcompressError
 from lmcompress.formats import size_report
-from lmcompress.recipe.base import DataSection, Run, StageConfig, register_stage
+from lmcompress.recipe.base import (
+    CalibrationSettings,
+    DataSection,
+    ModelFacts,
+    RecipeSettings,
+    Run,
+    StageConfig,
+    register_stage,
+)
 from lmcompress.surgery.autoencoder import AutoencoderConfig
 from lmcompress.surgery.calibration import calibration_batches
 from lmcompress.surgery.factorize import Method, factorize_, stats_needed
 
 
 @register_stage
-class FactorizeStage(StageConfig):
+class FactorizeStage(StageConfig, CalibrationSettings):
     changes_student: ClassVar[bool] = True
     stage: Literal["factorize"]
     method: Method = "svd"
@@ -35,13 +42,8 @@ class FactorizeStage(StageConfig):
     exclude: list[str] = Field(default_factory=list)
     ratio: float | None = Field(None, gt=1, description="target compression ratio of the selected modules")
     rank: int | None = Field(None, gt=0, description="fixed rank instead of a ratio (svd, fwsvd, asvd)")
-    calibration_samples: int = Field(256, gt=0, description="calibration sequences (fwsvd, asvd, Fisher AE)")
-    calibration_data: Literal["auto", "corpus", "task"] = Field(
-        "auto", description="corpus token blocks (LM loss) or task examples (task loss); auto: task if the recipe has one"
-    )
-    calibration_batch_size: int = Field(8, gt=0)
-    calibration_block_size: int | None = Field(None, gt=0, description="tokens per corpus sequence (default: block_size)")
     eval_samples: int = Field(16, gt=0, description="held-out sequences for the autoencoder's perplexity early stopping")
+    calibration_samples: int = Field(256, gt=0, description="calibration sequences (fwsvd, asvd, Fisher AE)")
     asvd_alpha: float = Field(0.5, gt=0, description="ASVD column scale = mean|x| ** alpha")
     autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
 
@@ -57,34 +59,22 @@ class FactorizeStage(StageConfig):
 
     def needs(self) -> tuple[DataSection, ...]:
         """Top-level recipe sections this stage reads (only when it needs calibration data)."""
-        if not self._uses_calibration() or self.calibration_data == "auto":
-            return ()
-        return (self.calibration_data,)
+        return self.calibration_needs()
 
-    def _uses_calibration(self) -> bool:
+    def uses_calibration(self) -> bool:
         fisher, activations = stats_needed(self.method, self.autoencoder)
         perplexity = self.method == "autoencoder" and self.autoencoder.early_stopping == "perplexity"
         return fisher or activations or perplexity
 
-    def _dataset(self, run: Run):
-        source = self.calibration_data
-        if source == "auto":
-            source = "task" if run.recipe.task is not None else "corpus"
-        if source == "task":
-            if run.recipe.task is None:
-                raise LmcompressError(f"stage {self.label}: calibration_data: task needs a top-level `task:` section")
-            return run.task.tokenized(run.tokenizer, "train", run.recipe.task.max_length)
-        if run.recipe.corpus is None:
-            raise LmcompressError(
-                f"stage {self.label}: method {self.method} needs calibration data: add a `corpus:` or `task:` section"
-            )
-        return run.lm_blocks("train", self.calibration_block_size)
+    def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:
+        self.check_calibration(self.label, facts, recipe)
+        return facts
 
     def run(self, run: Run) -> None:
         model = run.require_student(self.label)
         calibration = eval_batches = None
-        if self._uses_calibration():
-            data = self._dataset(run)
+        if self.uses_calibration():
+            data = self.calibration_dataset(run, self.label)
             pad = getattr(run.tokenizer, "pad_token_id", None) or 0
             common = {"batch_size": self.calibration_batch_size, "pad_token_id": pad, "seed": run.recipe.seed}
             calibration = calibration_batches(data, self.calibration_samples, **common)

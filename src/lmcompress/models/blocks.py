@@ -1,0 +1,113 @@
+"""Run a model one transformer block at a time on cached inputs (layer-wise PTQ, block-wise reconstruction).
+
+`capture_block_inputs` runs each calibration batch through the model once, with forward pre-hooks on the
+blocks: it keeps what enters block 0 (the embeddings) and, for every block, the keyword arguments the model
+passes it (attention masks, rotary position embeddings, cache positions). Those differ between blocks in
+models with per-layer attention types (sliding-window layers get their own mask), which is why they are
+recorded per block and not rebuilt. `BlockInputs.run(i, hidden)` then calls block `i` on any hidden states
+exactly as the model would have, so a method can walk the blocks in order, holding one block's activations
+at a time rather than the whole model's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lmcompress.core.errors import LmcompressError
+from lmcompress.models.adapters import get_adapter
+
+# Keys of a batch that are not model inputs: labels are read by the losses, never passed to the model.
+NON_MODEL_KEYS = ("labels",)
+
+
+class _Stop(Exception):
+    """Raised after the last block: the final norm and head are not needed."""
+
+
+@dataclass
+class BlockInputs:
+    """What enters the blocks for each calibration batch: block 0's hidden states and every block's kwargs."""
+
+    blocks: nn.ModuleList
+    hidden: list[torch.Tensor] = field(default_factory=list)  # per batch: (B, T, hidden) entering block 0
+    kwargs: list[list[dict]] = field(default_factory=list)  # per batch, per block: kwargs besides the states
+    args: list[list[tuple | None]] = field(default_factory=list)  # positional args after the states; None:
+    # the states were passed by keyword
+    masks: list[torch.Tensor | None] = field(default_factory=list)  # per batch: (B, T) 1 = real token
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.hidden)
+
+    @property
+    def tokens(self) -> int:
+        return sum(int(m.sum()) if m is not None else h.shape[0] * h.shape[1]
+                   for h, m in zip(self.hidden, self.masks, strict=True))
+
+    def run(self, index: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Block `index` on `hidden` with the kwargs the model gave it for batch `batch`; its output states."""
+        kwargs, rest = self.kwargs[batch][index], self.args[batch][index]
+        block = self.blocks[index]
+        out = block(hidden_states=hidden, **kwargs) if rest is None else block(hidden, *rest, **kwargs)
+        return out[0] if isinstance(out, tuple | list) else out
+
+    def run_all(self, index: int, hidden: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Block `index` on every batch's states, one batch at a time."""
+        for b, h in enumerate(hidden):
+            yield self.run(index, b, h)
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The keys of a batch the model's forward takes, on `device`."""
+    return {k: v.to(device) for k, v in batch.items() if k not in NON_MODEL_KEYS}
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> BlockInputs:
+    """Run every batch through `model` once and record what enters its blocks (see the module docstring)."""
+    adapter = get_adapter(model)
+    blocks = adapter.blocks
+    if len(blocks) == 0:
+        raise LmcompressError("the model has no transformer blocks to walk")
+    device = next(model.parameters()).device
+    captured = BlockInputs(blocks=blocks)
+    current: dict[int, tuple[dict, tuple | None]] = {}
+    first_hidden: list[torch.Tensor] = []
+
+    def pre_hook(i: int):
+        def hook(module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if i == 0:
+                first_hidden.append(hidden.detach())
+            current[i] = (kwargs, tuple(args[1:]) if args else None)
+            if i == len(blocks) - 1:
+                raise _Stop
+        return hook
+
+    handles = [b.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            inputs = model_inputs(batch, device)
+            current.clear()
+            try:
+                adapter.base(**inputs, use_cache=False) if adapter.causal else adapter.base(**inputs)
+            except _Stop:
+                pass
+            if len(current) != len(blocks):
+                raise LmcompressError(f"only {len(current)} of {len(blocks)} blocks ran on a calibration batch")
+            captured.kwargs.append([current[i][0] for i in range(len(blocks))])
+            captured.args.append([current[i][1] for i in range(len(blocks))])
+            captured.masks.append(inputs.get("attention_mask"))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    captured.hidden = first_hidden
+    return captured

@@ -15,6 +15,7 @@ from test_infer_kernels import random_weight
 from lmcompress.core.errors import LmcompressError, UnsupportedArchitectureError
 from lmcompress.formats.gguf import export_gguf, pack_weight
 from lmcompress.infer import IntWeight, apply_dequantized, rtn_weight, rtn_weights
+from lmcompress.quant.quantizers import QuantSpec, WeightQuantizer
 
 T = gguf.GGMLQuantizationType
 ALL = ("attention", "mlp", "embeddings", "head")
@@ -181,3 +182,14 @@ def test_gguf_folder_has_a_marker_and_loads_back(tmp_path, tokenizer):
     with torch.no_grad():
         ours, theirs = model(ids).logits, loaded(ids).logits
     assert float((ours - theirs).abs().max() / ours.std()) < 1e-3  # F32 weights: summation order only
+
+
+@pytest.mark.parametrize("bits,expected", [(2, T.Q4_0), (3, T.Q4_0), (4, T.Q8_0)])
+def test_seq_levels_are_written_exactly(bits, expected):
+    # ParetoQ's odd levels (+-1, +-3 at 2 bits) are integers times the scale: Q4_0 holds up to 3 bits, Q8_0 4.
+    w = torch.randn(8, 128)
+    weight = WeightQuantizer(QuantSpec("seq", bits, "group", 32), w).quantize(w).to_int_weight()
+    array, qtype = pack_weight(weight)
+    assert qtype == expected
+    ref = fp16_scales(weight).dequantize().numpy()
+    np.testing.assert_allclose(gguf.quants.dequantize(array, qtype), ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())

@@ -21,6 +21,7 @@ CONFIGS = {
     "asym3-group": {"bits": 3, "scheme": "asym", "granularity": "group", "group_size": 16, "embedding_bits": 8},
     # 32 = 24 + 8 and 64 = 24 + 24 + 16: every linear has a ragged last group
     "sym4-ragged-group": {"bits": 4, "granularity": "group", "group_size": 24, "embedding_bits": 4},
+    "seq2-lsq": {"bits": 2, "scheme": "seq", "group_size": 16},
     "w4-a4-tensor": {"bits": 4, "activation_bits": 4, "activation_granularity": "tensor"},
 }
 # With fp32 storage of the tensors left in float, the reloaded model computes the same numbers.

@@ -4,7 +4,7 @@ import torch
 from helpers import tiny_model
 
 from lmcompress.models.adapters import get_adapter
-from lmcompress.models.blocks import capture_block_inputs
+from lmcompress.models.blocks import capture_block_inputs, fused_attention
 
 
 def _batches(seed: int = 0):
@@ -39,3 +39,11 @@ def test_capture_leaves_the_model_as_it_was():
     capture_block_inputs(model, _batches())
     assert model.training
     assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_fused_attention_is_switched_on_for_the_block_and_back_after():
+    model = tiny_model("llama")
+    assert model.config._attn_implementation == "eager"
+    with fused_attention(model):
+        assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "eager"

@@ -3,19 +3,18 @@
 import pytest
 import torch
 
-from lmcompress.quant.codes import code_format, codes_of, grid, levels_of
+from lmcompress.quant.codes import all_levels, code_format, codes_of, levels_of
 from lmcompress.quant.packing import pack, unpack
 from lmcompress.quant.quantizers import QuantSpec, WeightQuantizer, dequantize
 
-SCHEMES = [("binary", 1), ("ternary", 2), ("sym", 2), ("sym", 3), ("sym", 8), ("asym", 2), ("asym", 5), ("asym", 8)]
+SCHEMES = [("binary", 1), ("ternary", 2), ("sym", 2), ("sym", 3), ("sym", 8), ("asym", 2), ("asym", 5), ("asym", 8),
+           ("seq", 2), ("seq", 3), ("seq", 4)]
 
 
 @pytest.mark.parametrize("scheme,bits", SCHEMES)
 def test_every_level_of_the_grid_has_one_code_that_packs(scheme, bits):
-    lo, hi = grid(scheme, bits)
-    levels = torch.arange(lo, hi + 1)
-    if scheme == "binary":
-        levels = torch.tensor([-1, 1])
+    levels = all_levels(scheme, bits)
+    assert len(levels) == {"ternary": 3}.get(scheme, 2**bits - 1 if scheme == "sym" else 2**bits)
     codes = codes_of(levels, scheme, bits)
     assert torch.equal(levels_of(codes, scheme, bits), levels.to(torch.int16))
     fmt = code_format(scheme, bits)

@@ -16,6 +16,9 @@ SPECS = [
     QuantSpec("asym", 2, "group", 8),
     QuantSpec("asym", 4, "row"),
     QuantSpec("sym", 4, "tensor"),
+    QuantSpec("seq", 2, "row", scale="absmax"),
+    QuantSpec("seq", 2, "group", 16, scale="lsq"),
+    QuantSpec("seq", 3, "group", 12, scale="absmax"),
 ]
 
 
@@ -83,7 +86,7 @@ def test_gptq_lowers_the_output_error_and_keeps_the_grid(spec):
         torch.testing.assert_close(fixed(result.weight), result.weight, rtol=0, atol=1e-6)
     codes = fixed.quantize(result.weight)
     groups = spec.to_groups(codes.codes.float())
-    most = {"binary": 2, "ternary": 3}.get(spec.scheme, 2 ** spec.bits)
+    most = {"binary": 2, "ternary": 3}.get(spec.scheme, 2 ** spec.bits)  # asym and seq: every code
     if spec.scheme == "sym":
         most = 2 ** spec.bits - 1  # the restricted grid [-Q, Q]
     assert max(len(torch.unique(g)) for g in groups.reshape(-1, groups.shape[-1])) <= most

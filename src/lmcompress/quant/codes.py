@@ -14,6 +14,12 @@ take two forms:
 | ternary | {0, 1, 2}                 | c - 1 in {-1, 0, +1} | s * q         | trits     |
 | sym k   | [0, 2Q], Q = 2^(k-1) - 1  | c - Q in [-Q, Q]     | s * q         | bitsk     |
 | asym k  | [0, 2^k - 1]              | c                    | s * (q - z)   | bitsk     |
+| seq k   | [0, 2^k - 1]              | 2c - (2^k - 1), odd  | s * q         | bitsk     |
+
+`seq` is ParetoQ's stretched elastic grid: 2^k levels placed symmetrically around zero with no level on
+it (2 bits: -3, -1, 1, 3 times s, i.e. +-0.25 and +-0.75 of the clipping range 4s), so no code is wasted
+on a second zero or an unused extreme; binary is its 1-bit case. It takes 2..4 bits (levels fit int8's
+kernels and GGUF's Q4_0 / Q8_0 blocks).
 
 `sym` codes use the restricted grid [-Q, Q] (zero representable); an `IntWeight` may also hold the full
 two's-complement range [-2^(k-1), 2^(k-1) - 1] (round-to-nearest weights made for the kernels use it).
@@ -31,9 +37,10 @@ import torch
 from lmcompress.core.errors import LmcompressError
 from lmcompress.quant.packing import CodeFormat
 
-Scheme = Literal["binary", "ternary", "sym", "asym"]
+Scheme = Literal["binary", "ternary", "sym", "asym", "seq"]
 SCHEMES: tuple[str, ...] = get_args(Scheme)
 IMPLIED_BITS = {"binary": 1, "ternary": 2}  # schemes whose bit width is fixed (ternary: 3 levels, nominal 2 bits)
+SEQ_BITS = (2, 4)  # the widths a stretched elastic grid takes
 
 
 def bits_problem(scheme: str, bits: object) -> str | None:
@@ -43,6 +50,8 @@ def bits_problem(scheme: str, bits: object) -> str | None:
             stored = " (3 levels, stored as trits)" if scheme == "ternary" else ""
             return f"{scheme} weights are {IMPLIED_BITS[scheme]}-bit{stored}; leave bits unset (got {bits!r})"
         return None
+    if scheme == "seq" and (not isinstance(bits, int) or isinstance(bits, bool) or not SEQ_BITS[0] <= bits <= SEQ_BITS[1]):
+        return f"seq weights take {SEQ_BITS[0]}..{SEQ_BITS[1]} bits, got {bits!r} (1 bit is binary)"
     if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
         hint = "; 1-bit weights are binary (scheme: binary), which is symmetric only" if bits == 1 else ""
         return f"{scheme} weights take 2..8 bits, got {bits!r}{hint}"
@@ -61,13 +70,23 @@ def grid(scheme: str, bits: int) -> tuple[int, int]:
     if scheme == "sym":
         q = 2 ** (bits - 1) - 1
         return -q, q
+    if scheme == "seq":
+        return -(2**bits - 1), 2**bits - 1
     return 0, 2**bits - 1
+
+
+def all_levels(scheme: str, bits: int) -> torch.Tensor:
+    """Every level a code of `scheme` can stand for, ascending (binary and seq: odd steps of 2)."""
+    lo, hi = grid(scheme, bits)
+    return torch.arange(lo, hi + 1, 2 if scheme in ("binary", "seq") else 1)
 
 
 def _affine(scheme: str, bits: int) -> tuple[int, int]:
     """(a, b) with level = a * code - b (the table above)."""
     if scheme == "binary":
         return 2, 1
+    if scheme == "seq":
+        return 2, 2**bits - 1
     if scheme == "asym":
         return 1, 0
     return 1, -grid(scheme, bits)[0]

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from lmcompress.core.config import Strict
 from lmcompress.core.errors import LmcompressError, RecipeError
 from lmcompress.models.adapters import get_adapter
-from lmcompress.models.blocks import BlockInputs, capture_block_inputs
+from lmcompress.models.blocks import BlockInputs, capture_block_inputs, fused_attention
 from lmcompress.quant.gptq import GPTQResult, Hessian, gptq_quantize
 from lmcompress.quant.grids import fit_scales
 from lmcompress.quant.modules import QuantLinear, QuantModule, float_weights
@@ -197,6 +197,11 @@ def _measure_hessians(inputs: BlockInputs, index: int, hidden: list[torch.Tensor
 
 
 def _gptq_blocks(model: nn.Module, batches, settings: GPTQSettings, report: PTQReport, progress: bool) -> None:
+    with fused_attention(model):
+        _gptq_walk(model, batches, settings, report, progress)
+
+
+def _gptq_walk(model: nn.Module, batches, settings: GPTQSettings, report: PTQReport, progress: bool) -> None:
     inputs = capture_block_inputs(model, batches)
     report.calibration_sequences = sum(int(b["input_ids"].shape[0]) for b in batches)
     report.calibration_tokens = inputs.tokens

@@ -12,13 +12,16 @@ output row (`row`), or one per `group_size` consecutive inputs of a row (`group`
 | ternary | {-1, 0, +1}               | s*q        | threshold 0.7*mean|w|; s = mean of the kept |w| |
 | sym k   | round(w/s) in [-Q, Q]     | s*q        | s = max|w| / Q, Q = 2**(k-1) - 1 |
 | asym k  | round(w/s)+z in [0, 2^k-1]| s*(q - z)  | s = (max - min)/(2^k - 1), z = round(-min/s); min <= 0 <= max |
+| seq k   | nearest odd in +-(2^k-1)  | s*q        | s = max|w| / 2^k (ParetoQ: clipping range alpha = max|w|) |
 
 `sym` uses the restricted range [-Q, Q] (2^k - 1 levels, zero representable, as in TernaryBERT/QuantGPT's
 code); at 2 bits that is a 3-level grid stored at 2 bits, whereas `ternary` stores 3 levels at 1.6 bits.
 
 Learnable scales (`scale:`):
 * `lsq` — LSQ (Esser et al. 2020): one learnable step size per group, initialised to 2*mean|w|/sqrt(Q)
-  (1.4*mean|w| when Q = 1, the ternary threshold rule), gradient scaled by 1/sqrt(group numel * Q).
+  (1.4*mean|w| when Q = 1, the ternary threshold rule; max|w| / 2^k for seq, as ParetoQ initialises its
+  clipping range to max|w|), gradient scaled by 1/sqrt(group numel * Q). `seq` with `lsq` is ParetoQ's
+  stretched elastic quantizer: the same straight-through gradient, its grid the odd levels.
 * `dynamic` — QuantGPT's module-wise dynamic scaling: clipping value alpha = gamma * mean|w| per group with
   ONE learnable gamma per module; s = alpha / Q. With the straight-through estimator the gradient of gamma
   is sum_i dL/dw_q_i * mean|w| * ((q_i - w_i/s) if w_i is inside [-alpha, alpha] else sign(w_i)*Q) / Q,
@@ -64,8 +67,9 @@ ALLOWED_SCALES = {
     "ternary": ("mean", "lsq", "dynamic"),
     "sym": ("absmax", "lsq", "dynamic"),
     "asym": ("absmax",),
+    "seq": ("lsq", "absmax"),
 }
-DEFAULT_SCALE = {"binary": "mean", "ternary": "mean", "sym": "absmax", "asym": "absmax"}
+DEFAULT_SCALE = {"binary": "mean", "ternary": "mean", "sym": "absmax", "asym": "absmax", "seq": "lsq"}
 SCALE_DTYPE = torch.bfloat16  # how scales are stored (and rounded during training)
 ZERO_DTYPE = torch.uint8
 TERNARY_THRESHOLD = 0.7
@@ -248,6 +252,8 @@ def round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
     x = w / scale
     if spec.scheme == "asym":
         return torch.clamp(torch.round(x) + zero, 0, spec.qmax) - zero
+    if spec.scheme == "seq":  # the nearest odd level
+        return 2 * torch.clamp(torch.round((x + spec.qmax) / 2), 0, spec.qmax) - spec.qmax
     return torch.clamp(torch.round(x), spec.qmin, spec.qmax)
 
 
@@ -331,6 +337,8 @@ class WeightQuantizer(nn.Module):
         if spec.scale == "lsq":
             if spec.scheme == "binary":
                 init = mean_abs.clone()  # the static binary scale
+            elif spec.scheme == "seq":
+                init = self._grouped(weight.detach().float()).abs().amax(dim=-1, keepdim=True) / (spec.qmax + 1)
             elif spec.qmax == 1:
                 init = 2 * TERNARY_THRESHOLD * mean_abs  # rounding threshold s/2 = 0.7 * mean|w|
             else:
@@ -425,6 +433,9 @@ class WeightQuantizer(nn.Module):
         elif spec.scheme == "sym":
             with torch.no_grad():
                 s = wg.abs().amax(dim=-1, keepdim=True) / spec.qmax
+        elif spec.scheme == "seq":
+            with torch.no_grad():
+                s = wg.abs().amax(dim=-1, keepdim=True) / (spec.qmax + 1)
         else:  # asym, min/max range that always includes zero
             with torch.no_grad():
                 lo = wg.amin(dim=-1, keepdim=True).clamp(max=0)
@@ -441,8 +452,11 @@ class WeightQuantizer(nn.Module):
                 zero = torch.round(-lo / s.detach()).clamp(0, spec.qmax)
                 q = torch.clamp(torch.round(x) + zero, 0, spec.qmax) - zero
                 return q, s, zero, none, True
-            q = torch.clamp(torch.round(x), spec.qmin, spec.qmax)
-            inside = (x >= spec.qmin) & (x <= spec.qmax) if spec.learnable else none
+            q = round_to_grid(wg, s.detach(), None, spec)
+            # Inside the grid's reach (its outermost level covers up to 2^k for seq): the gradient of s there
+            # is q - w/s, outside it q alone (LSQ / ParetoQ).
+            reach = spec.qmax + 1 if spec.scheme == "seq" else spec.qmax
+            inside = (x >= -reach) & (x <= reach) if spec.learnable else none
         return q, s, None, inside, True
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:

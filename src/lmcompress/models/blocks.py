@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lmcompress.core.errors import LmcompressError
 from lmcompress.models.adapters import get_adapter
@@ -90,7 +91,8 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[s
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> BlockInputs:
+def capture_block_inputs(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
+                         progress: bool = True) -> BlockInputs:
     """Run every batch through `model` once and record what enters its blocks (see the module docstring)."""
     adapter = get_adapter(model)
     blocks = adapter.blocks
@@ -116,7 +118,7 @@ def capture_block_inputs(model: nn.Module, batches: Sequence[dict[str, torch.Ten
     was_training = model.training
     model.eval()
     try:
-        for batch in batches:
+        for batch in tqdm(batches, desc="block inputs", unit="batch", disable=not progress):
             inputs = model_inputs(batch, device)
             current.clear()
             try:

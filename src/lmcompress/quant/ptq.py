@@ -202,7 +202,7 @@ def _gptq_blocks(model: nn.Module, batches, settings: GPTQSettings, report: PTQR
 
 
 def _gptq_walk(model: nn.Module, batches, settings: GPTQSettings, report: PTQReport, progress: bool) -> None:
-    inputs = capture_block_inputs(model, batches)
+    inputs = capture_block_inputs(model, batches, progress)
     report.calibration_sequences = sum(int(b["input_ids"].shape[0]) for b in batches)
     report.calibration_tokens = inputs.tokens
     names = {id(m): n for n, m in model.named_modules()}

@@ -1,0 +1,107 @@
+"""The `reconstruct` stage: block-wise reconstruction of a quantized student (EfficientQAT's Block-AP).
+
+    - stage: quantize
+      bits: 2
+      group_size: 64
+      scale: lsq
+      init: gptq
+    - stage: reconstruct
+      steps: 64              # per block; one calibration batch a step
+      lr: 1.0e-4
+      train: [weights, scales]
+      calibration_samples: 128
+    - stage: distill         # optional end-to-end pass, e.g. scales only (EfficientQAT's E2E-QP)
+      train: [scales]
+      losses: [{type: logits}]
+
+Each student block learns to give the teacher block's output from what the student's blocks below give it
+(`lmcompress.distill.blockwise`); `train` says which of its parameters move: the latent `weights` (and
+biases) of its quantized linears, their learnable `scales` (lsq / dynamic), the `norms` (every other
+parameter of the block). A resumed run reloads the blocks that finished and continues the interrupted one.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+from torch import nn
+
+from lmcompress.core.errors import RecipeError
+from lmcompress.distill.blockwise import reconstruct_blocks
+from lmcompress.quant.modules import QuantModule, is_quantized
+from lmcompress.recipe.base import (
+    CalibrationSettings,
+    DataSection,
+    ModelFacts,
+    RecipeSettings,
+    Run,
+    register_stage,
+)
+from lmcompress.recipe.stages.train import TrainingStage
+from lmcompress.surgery.calibration import calibration_batches
+
+Part = Literal["weights", "scales", "norms"]
+
+
+def trainable_parameters(module: nn.Module, parts: list[str]) -> list[nn.Parameter]:
+    """The parameters of `module` that `parts` name (see the module docstring), each once."""
+    chosen: dict[int, nn.Parameter] = {}
+    owned: set[int] = set()
+    for m in module.modules():
+        if not isinstance(m, QuantModule):
+            continue
+        weights = [m.weight] + ([m.bias] if getattr(m, "bias", None) is not None else [])
+        scales = list(m.weight_quantizer.parameters())
+        owned.update(id(p) for p in weights + scales)
+        for part, params in (("weights", weights), ("scales", scales)):
+            if part in parts:
+                chosen.update((id(p), p) for p in params)
+    if "norms" in parts:
+        chosen.update((id(p), p) for p in module.parameters() if id(p) not in owned)
+    return list(chosen.values())
+
+
+@register_stage
+class ReconstructStage(TrainingStage, CalibrationSettings):
+    """Block-wise reconstruction: each quantized block trained to match the teacher's block output."""
+
+    changes_student: ClassVar[bool] = True
+
+    stage: Literal["reconstruct"] = "reconstruct"
+    train: list[Part] = Field(["weights", "scales"], min_length=1, description="weights | scales | norms")
+    batch_size: Literal[1] = Field(1, description="one calibration batch a step (its size: calibration_batch_size)")
+    weight_decay: float = Field(0.0, ge=0, description="decay pulls latent weights off their grid; none by default")
+    eval_batches: int = Field(0, ge=0)
+
+    def needs(self) -> tuple[DataSection, ...]:
+        return self.calibration_needs()
+
+    def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:
+        self.check_calibration(self.label, facts, recipe)
+        if facts.student_layers != facts.teacher_layers:
+            raise RecipeError(f"stage {self.label}: block reconstruction pairs student and teacher blocks one to one; "
+                              f"the student has {facts.student_layers} and the teacher {facts.teacher_layers}")
+        return facts
+
+    def run(self, run: Run) -> None:
+        student = run.require_student(self.label)
+        teacher = run.require_teacher(self.label)
+        if not is_quantized(student):
+            raise RecipeError(f"stage {self.label}: the student is not quantized; put a quantize stage before it")
+        pad = getattr(run.tokenizer, "pad_token_id", None) or 0
+        batches = calibration_batches(self.calibration_dataset(run, self.label), self.calibration_samples,
+                                      self.calibration_batch_size, pad_token_id=pad, seed=run.recipe.seed)
+        parts = list(self.train)
+        config = self.train_config(run, self._run_name(run))
+
+        def trainable(block: nn.Module) -> list[nn.Parameter]:
+            params = trainable_parameters(block, parts)
+            if not params:
+                raise RecipeError(f"stage {self.label}.train: {parts} is nothing to train in these blocks "
+                                  "(static scales have no parameters: use scale: lsq, or train weights)")
+            return params
+
+        result = reconstruct_blocks(student, teacher, batches, config, run.out_dir, trainable, resume=run.resume)
+        student.eval()
+        run.report.add(stage=self.label, **result.summary())

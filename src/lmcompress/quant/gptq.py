@@ -55,7 +55,7 @@ class Hessian:
     def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Add inputs `x` (..., in); `mask` (same leading shape) marks the real tokens."""
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        if mask is not None:
+        if mask is not None and not bool(mask.all()):
             x = x[mask.reshape(-1).bool()]
         n = x.shape[0]
         if n == 0:

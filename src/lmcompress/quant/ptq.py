@@ -168,32 +168,28 @@ class _Stop(Exception):
     """Raised once a group's inputs are measured: the rest of the block need not run."""
 
 
-def _measure_hessians(inputs: BlockInputs, index: int, hidden: list[torch.Tensor],
-                      group: list[tuple[str, QuantLinear]], unrounded: list[QuantLinear]) -> dict[str, Hessian]:
-    """Hessians of the group's inputs over every batch, the block's not-yet-rounded linears in float."""
-    hessians = {name: Hessian(m.in_features, m.weight.device) for name, m in group}
-    last = group[-1][1]
+def _measure_hessian(inputs: BlockInputs, index: int, hidden: list[torch.Tensor], first: QuantLinear,
+                     unrounded: list[QuantLinear]) -> Hessian:
+    """The Hessian of the input a group of linears shares (they read one tensor, so one Hessian serves all),
+    over every batch, with the block's not-yet-rounded linears in float. The block stops at that input."""
+    hessian = Hessian(first.in_features, first.weight.device)
     batch = 0
 
-    def collect(name: str):
-        def hook(module, args):
-            hessians[name].add(args[0], inputs.masks[batch])
-            if module is last:
-                raise _Stop
-        return hook
+    def hook(module, args):
+        hessian.add(args[0], inputs.masks[batch])
+        raise _Stop
 
-    handles = [m.register_forward_pre_hook(collect(n)) for n, m in group]
+    handle = first.register_forward_pre_hook(hook)
     try:
         with float_weights(unrounded):
-            for batch, h in enumerate(hidden):  # noqa: B007  (the hooks read `batch`)
+            for batch, h in enumerate(hidden):  # noqa: B007  (the hook reads `batch`)
                 try:
                     inputs.run(index, batch, h)
                 except _Stop:
                     pass
     finally:
-        for handle in handles:
-            handle.remove()
-    return hessians
+        handle.remove()
+    return hessian
 
 
 def _gptq_blocks(model: nn.Module, batches, settings: GPTQSettings, report: PTQReport, progress: bool) -> None:
@@ -214,9 +210,9 @@ def _gptq_walk(model: nn.Module, batches, settings: GPTQSettings, report: PTQRep
             with float_weights(unrounded):
                 groups = _linears_in_order(block, lambda: inputs.run(index, 0, first))  # noqa: B023
             for group in groups:
-                hessians = _measure_hessians(inputs, index, hidden, group, unrounded)
+                hessian = _measure_hessian(inputs, index, hidden, group[0][1], unrounded)
                 for name, module in group:
-                    result = gptq_quantize(module.weight_2d(), hessians[name].matrix, module.spec,
+                    result = gptq_quantize(module.weight_2d(), hessian.matrix, module.spec,
                                            settings.block_size, settings.damp, settings.act_order)
                     _apply(module, result)
                     report.errors[f"{names[id(block)]}.{name}"] = result.error

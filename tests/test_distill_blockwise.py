@@ -8,7 +8,7 @@ from helpers import logits, tiny_model
 from lmcompress.distill.blockwise import reconstruct_blocks
 from lmcompress.distill.trainer import TrainConfig
 from lmcompress.quant import quantize_
-from lmcompress.recipe.stages.reconstruct import trainable_parameters
+from lmcompress.quant.modules import trainable_parameters
 
 
 def _batches(n: int = 3, seed: int = 0):

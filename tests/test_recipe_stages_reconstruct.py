@@ -1,6 +1,7 @@
 """The `reconstruct` stage: block-wise reconstruction after quantize, in a recipe, with clear refusals."""
 
 import pytest
+import torch
 from helpers import tiny_model, tiny_tokenizer, write_word_corpus
 
 import lmcompress as lc
@@ -46,4 +47,27 @@ def test_a_student_of_another_depth_is_refused_before_anything_runs(tmp_path):
     recipe = _recipe(tmp_path, {}, {})
     recipe["stages"].insert(0, {"stage": "truncate", "keep": [0, 1]})
     with pytest.raises(RecipeError, match="pairs student and teacher blocks one to one"):
+        lc.compress(tiny_model("llama"), recipe, tokenizer=tiny_tokenizer(), out_dir=tmp_path / "run")
+
+
+def test_end_to_end_distillation_of_the_scales_alone_moves_nothing_else(tmp_path):
+    recipe = _recipe(tmp_path, {"scale": "lsq"}, {"steps": 1},
+                     [{"stage": "distill", "train": ["scales"], "steps": 2, "batch_size": 2, "log_with": "none",
+                       "eval_batches": 0, "losses": [{"type": "logits"}]}])
+    recipe["stages"].pop(1)  # quantize -> distill(scales) only
+    model = tiny_model("llama")
+    result = lc.compress(model, recipe, tokenizer=tiny_tokenizer(), out_dir=tmp_path / "run")
+    student = result.model
+    start = tiny_model("llama")  # the same seed: the student's starting latent weights
+    lc.quantize_(start, {"bits": 2, "group_size": 16, "scale": "lsq"})
+    params, before = dict(student.named_parameters()), dict(start.named_parameters())
+    moved = {n for n in params if not torch.equal(params[n], before[n])}
+    assert moved and all(n.endswith("weight_quantizer.scale") for n in moved)
+    assert all(p.requires_grad for p in student.parameters())  # flags restored after the stage
+
+
+def test_parts_need_a_quantized_student(tmp_path):
+    recipe = _recipe(tmp_path, {}, {})
+    recipe["stages"] = [{"stage": "distill", "train": ["weights"], "steps": 1, "losses": [{"type": "logits"}]}]
+    with pytest.raises(RecipeError, match=r"distill\.train: parts apply to a quantized student"):
         lc.compress(tiny_model("llama"), recipe, tokenizer=tiny_tokenizer(), out_dir=tmp_path / "run")

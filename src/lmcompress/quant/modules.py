@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -274,6 +275,28 @@ def float_weights(modules: Iterable[QuantModule]) -> Iterator[None]:
     finally:
         for m in modules:
             m.use_float_weight = False
+
+
+TrainablePart = Literal["weights", "scales", "norms"]
+
+
+def trainable_parameters(module: nn.Module, parts: list[str]) -> list[nn.Parameter]:
+    """The parameters of `module` that `parts` name, each once: `weights` the latent weights (and biases) of
+    its quantized modules, `scales` their quantizers' learnable scales, `norms` every other parameter."""
+    chosen: dict[int, nn.Parameter] = {}
+    owned: set[int] = set()
+    for m in module.modules():
+        if not isinstance(m, QuantModule):
+            continue
+        weights = [m.weight] + ([m.bias] if getattr(m, "bias", None) is not None else [])
+        scales = list(m.weight_quantizer.parameters())
+        owned.update(id(p) for p in weights + scales)
+        for part, params in (("weights", weights), ("scales", scales)):
+            if part in parts:
+                chosen.update((id(p), p) for p in params)
+    if "norms" in parts:
+        chosen.update((id(p), p) for p in module.parameters() if id(p) not in owned)
+    return list(chosen.values())
 
 
 QUANTIZED_TYPES = (QuantModule, QuantTiedHead, PackedModule, PackedTiedHead)

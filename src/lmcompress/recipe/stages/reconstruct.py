@@ -29,7 +29,7 @@ from torch import nn
 
 from lmcompress.core.errors import RecipeError
 from lmcompress.distill.blockwise import reconstruct_blocks
-from lmcompress.quant.modules import QuantModule, is_quantized
+from lmcompress.quant.modules import TrainablePart, is_quantized, trainable_parameters
 from lmcompress.recipe.base import (
     CalibrationSettings,
     DataSection,
@@ -41,26 +41,6 @@ from lmcompress.recipe.base import (
 from lmcompress.recipe.stages.train import TrainingStage
 from lmcompress.surgery.calibration import calibration_batches
 
-Part = Literal["weights", "scales", "norms"]
-
-
-def trainable_parameters(module: nn.Module, parts: list[str]) -> list[nn.Parameter]:
-    """The parameters of `module` that `parts` name (see the module docstring), each once."""
-    chosen: dict[int, nn.Parameter] = {}
-    owned: set[int] = set()
-    for m in module.modules():
-        if not isinstance(m, QuantModule):
-            continue
-        weights = [m.weight] + ([m.bias] if getattr(m, "bias", None) is not None else [])
-        scales = list(m.weight_quantizer.parameters())
-        owned.update(id(p) for p in weights + scales)
-        for part, params in (("weights", weights), ("scales", scales)):
-            if part in parts:
-                chosen.update((id(p), p) for p in params)
-    if "norms" in parts:
-        chosen.update((id(p), p) for p in module.parameters() if id(p) not in owned)
-    return list(chosen.values())
-
 
 @register_stage
 class ReconstructStage(TrainingStage, CalibrationSettings):
@@ -69,7 +49,7 @@ class ReconstructStage(TrainingStage, CalibrationSettings):
     changes_student: ClassVar[bool] = True
 
     stage: Literal["reconstruct"] = "reconstruct"
-    train: list[Part] = Field(["weights", "scales"], min_length=1, description="weights | scales | norms")
+    train: list[TrainablePart] = Field(["weights", "scales"], min_length=1, description="weights | scales | norms")
     batch_size: Literal[1] = Field(1, description="one calibration batch a step (its size: calibration_batch_size)")
     weight_decay: float = Field(0.0, ge=0, description="decay pulls latent weights off their grid; none by default")
     eval_batches: int = Field(0, ge=0)

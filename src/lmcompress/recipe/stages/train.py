@@ -28,7 +28,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from lmcompress.core.errors import LmcompressError
+from lmcompress.core.errors import LmcompressError, RecipeError
 from lmcompress.distill.batches import mlm_collate
 from lmcompress.distill.heads import copy_head, with_classification_head
 from lmcompress.distill.layermaps import layer_map
@@ -44,6 +44,7 @@ from lmcompress.distill.trainer import (
 )
 from lmcompress.evaluate import evaluate_classifier
 from lmcompress.models.adapters import get_adapter, is_sequence_classifier
+from lmcompress.quant.modules import TrainablePart, is_quantized, trainable_parameters
 from lmcompress.recipe.base import DataSection, ModelFacts, RecipeSettings, Run, StageConfig, register_stage
 
 
@@ -97,6 +98,9 @@ class DistillStage(TrainingStage):
     block_size: int | None = Field(None, gt=0, description="tokens per block (default: the recipe's)")
     mlm_probability: float = Field(0.15, ge=0, lt=1, description="masking rate for encoder students on a corpus")
     losses: list[LOSSES.union()] = Field(min_length=1)
+    train: list[TrainablePart] | None = Field(
+        None, description="train only these parts of a quantized student (weights | scales | norms); default all, "
+                          "e.g. [scales] for EfficientQAT's end-to-end step-size training")
 
     def needs(self) -> tuple[DataSection, ...]:
         return (self.data,)
@@ -134,11 +138,28 @@ class DistillStage(TrainingStage):
         if objective.student_needs.attentions:
             student.set_attn_implementation("eager")
         rows, eval_rows, collate = self.training_data(run)
+        flags = {p: p.requires_grad for p in student.parameters()}
+        if self.train is not None:
+            self._train_only(student)
         student.train()
         try:
             self.fit(run, objective, rows, eval_rows, collate)
         finally:
             student.eval()
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+
+    def _train_only(self, student: nn.Module) -> None:
+        if not is_quantized(student):
+            raise RecipeError(f"stage {self.label}.train: parts apply to a quantized student; leave train out to "
+                              "train every parameter")
+        chosen = trainable_parameters(student, list(self.train))
+        if not chosen:
+            raise RecipeError(f"stage {self.label}.train: {self.train} is nothing to train "
+                              "(static scales have no parameters: use scale: lsq)")
+        student.requires_grad_(False)
+        for p in chosen:
+            p.requires_grad_(True)
 
 
 @register_stage

@@ -435,6 +435,11 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return out_in(module, module.weight)
 
 
+def weight_rows(module: nn.Module) -> torch.Tensor:
+    """(out, in) rows of a linear's weight (nn.Linear, Conv1D) or of an embedding table (one per token)."""
+    return module.weight if isinstance(module, nn.Embedding) else linear_weight(module)
+
+
 def out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     """A tensor shaped like `module.weight` (e.g. its gradient) viewed as (out_features, in_features)."""
     return tensor.t() if weight_is_transposed(module) else tensor

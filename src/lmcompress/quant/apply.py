@@ -47,33 +47,44 @@ def _quantizable(module: nn.Module) -> bool:
     return is_linear(module) or isinstance(module, nn.Embedding)
 
 
-def quantize_(model: nn.Module, config: QuantConfig | dict | None = None, field: str = "quantize") -> dict[str, QuantSpec]:
-    """Swap matched `nn.Linear` / `Conv1D` / `nn.Embedding` modules of `model` for fake-quantized ones.
-
-    Returns {module name: QuantSpec}. Raises RecipeError naming the field for a bad config, a pattern
-    that matches nothing or a group size that does not divide a matched weight.
-    """
+def plan_quantization(model: nn.Module, config: QuantConfig | dict | None = None,
+                      field: str = "quantize") -> dict[str, tuple[nn.Module, ResolvedRule]]:
+    """{module name: (module, the rule that quantizes it)} for every module `config` matches, in model order,
+    without changing the model (what `quantize_` swaps; a head tied to quantized embeddings is left out)."""
     config = as_config(config, field)
     if is_quantized(model):
         raise RecipeError(f"{field}: the model is already quantized; quantize a full-precision model once")
     adapter = get_adapter(model)
-    tied_head = _tied_head_name(model)
     chosen: dict[str, tuple[nn.Module, ResolvedRule]] = {}
     for rule in config.resolved_rules():
         names = rule.field(field, None if rule.where == "embedding_bits" else "patterns")
         matched = select_modules(adapter, rule.patterns, exclude=config.exclude, accept=_quantizable, field=names)
         for name, (module, _pattern) in matched.items():
             chosen.setdefault(name, (module, rule))
-    # A head tied to an embedding table that gets quantized multiplies by the quantized table (below).
-    embedding = _embedding_of(model)
-    embedding_quantized = any(module is embedding for module, _ in chosen.values())
+    # A head tied to an embedding table that gets quantized multiplies by the quantized table (quantize_).
+    tied_head, embedding = _tied_head_name(model), _embedding_of(model)
+    if tied_head in chosen and any(module is embedding for module, _ in chosen.values()):
+        del chosen[tied_head]
+    return chosen
 
-    specs: dict[str, QuantSpec] = {}
+
+def quantize_(model: nn.Module, config: QuantConfig | dict | None = None, field: str = "quantize",
+              specs: dict[str, QuantSpec] | None = None) -> dict[str, QuantSpec]:
+    """Swap matched `nn.Linear` / `Conv1D` / `nn.Embedding` modules of `model` for fake-quantized ones.
+
+    `specs` overrides the rule's spec for the modules it names (a mixed-precision allocation). Returns
+    {module name: QuantSpec}. Raises RecipeError naming the field for a bad config, a pattern that matches
+    nothing or a spec that does not fit a matched weight.
+    """
+    chosen = plan_quantization(model, config, field)
+    tied_head = _tied_head_name(model)
+    unknown = sorted(set(specs or {}) - set(chosen))
+    if unknown:
+        raise RecipeError(f"{field}: specs for modules the config does not quantize: {unknown}")
+    out: dict[str, QuantSpec] = {}
     swapped: dict[str, nn.Module] = {}
     for name, (module, rule) in chosen.items():
-        if name == tied_head and embedding_quantized:
-            continue
-        spec = rule.spec
+        spec = (specs or {}).get(name, rule.spec)
         try:
             if isinstance(module, nn.Embedding):
                 new = QuantEmbedding(module, spec)
@@ -82,7 +93,7 @@ def quantize_(model: nn.Module, config: QuantConfig | dict | None = None, field:
         except QuantSpecError as exc:
             raise RecipeError(f"{rule.field(field)}: {name}: {exc}") from None
         swapped[name] = new
-        specs[name] = spec
+        out[name] = spec
     for name, new in swapped.items():
         set_module(model, name, new)
 
@@ -91,10 +102,10 @@ def quantize_(model: nn.Module, config: QuantConfig | dict | None = None, field:
         if isinstance(embedding, QuantEmbedding):
             head = model.get_submodule(tied_head)
             set_module(model, tied_head, QuantTiedHead(embedding, getattr(head, "bias", None)))
-            specs[tied_head] = embedding.spec
+            out[tied_head] = embedding.spec
             log.info("%s shares its weight with the quantized embeddings; it uses the quantized table", tied_head)
-    log.info("quantized %d modules", len(specs))
-    return specs
+    log.info("quantized %d modules", len(out))
+    return out
 
 
 def _embedding_of(model: nn.Module) -> nn.Module | None:

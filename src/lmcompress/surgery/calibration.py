@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmcompress.core.errors import DataError, LmcompressError
-from lmcompress.models.adapters import linear_weight, out_in
+from lmcompress.models.adapters import out_in, weight_rows
 
 
 @dataclass
@@ -29,6 +29,7 @@ class CalibrationStats:
     """What the methods need, keyed by module name."""
 
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # (out,) summed squared gradients per row
+    fisher_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # (out, in) per weight, if asked
     input_abs_mean: dict[str, torch.Tensor] = field(default_factory=dict)  # (in,) mean |x| per input channel
     sequences: int = 0
     tokens: int = 0
@@ -90,6 +91,10 @@ def _collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Ten
     return batch
 
 
+def _out_in_grad(module: nn.Module) -> torch.Tensor:
+    return module.weight.grad if isinstance(module, nn.Embedding) else out_in(module, module.weight.grad)
+
+
 @contextmanager
 def _grad_only_for(model: nn.Module, weights: Iterable[torch.Tensor]):
     """Switch requires_grad on for `weights` only; restore every flag afterwards."""
@@ -143,11 +148,14 @@ def collect_stats(
     fisher: bool = True,
     activations: bool = True,
     progress: bool = True,
+    per_weight: bool = False,
 ) -> CalibrationStats:
     """Run the calibration batches through `model` and gather Fisher rows and/or input magnitudes.
 
-    `modules` maps names to the linear modules (nn.Linear or GPT-2 Conv1D) to collect for. The model's
-    forward must return a `.loss` when given `labels` (any HF *ForCausalLM / *ForSequenceClassification).
+    `modules` maps names to the linear modules (nn.Linear or GPT-2 Conv1D) or embeddings to collect for.
+    The model's forward must return a `.loss` when given `labels` (any HF *ForCausalLM /
+    *ForSequenceClassification). `per_weight` also keeps the squared gradients of every weight (out, in):
+    the diagonal Fisher mixed precision weighs rounding errors with.
     """
     started = time.perf_counter()
     stats = CalibrationStats()
@@ -157,7 +165,8 @@ def collect_stats(
     model.eval()
     device = next(model.parameters()).device
     magnitudes = _InputMagnitudes(modules) if activations else None
-    fisher_sums = {name: torch.zeros(linear_weight(m).shape[0]) for name, m in modules.items()} if fisher else {}
+    fisher_sums = {name: torch.zeros(weight_rows(m).shape[0]) for name, m in modules.items()} if fisher else {}
+    weight_sums = {name: torch.zeros(weight_rows(m).shape) for name, m in modules.items()} if per_weight else {}
     weights = [m.weight for m in modules.values()] if fisher else []
     try:
         with _grad_only_for(model, weights), torch.set_grad_enabled(fisher):
@@ -179,14 +188,17 @@ def collect_stats(
                     raise LmcompressError(f"calibration loss is {out.loss.item()}; the model or data is broken")
                 out.loss.backward()
                 for name, m in modules.items():
-                    grad = out_in(m, m.weight.grad)
-                    fisher_sums[name] += grad.detach().to(torch.float32).pow(2).sum(dim=1).cpu()
+                    squared = _out_in_grad(m).detach().to(torch.float32).pow(2).cpu()
+                    fisher_sums[name] += squared.sum(dim=1)
+                    if per_weight:
+                        weight_sums[name] += squared
                     m.weight.grad = None
     finally:
         if magnitudes is not None:
             magnitudes.remove()
         model.train(was_training)
     stats.fisher = fisher_sums
+    stats.fisher_weights = weight_sums
     stats.input_abs_mean = {k: v.cpu() for k, v in magnitudes.means().items()} if magnitudes else {}
     stats.seconds = time.perf_counter() - started
     return stats

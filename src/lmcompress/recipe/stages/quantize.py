@@ -27,14 +27,21 @@ packed format (`lmcompress.formats.packed`).
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
+from torch import nn
 
+from lmcompress.core.errors import RecipeError
+from lmcompress.core.files import write_text_atomic
 from lmcompress.formats import size_report
-from lmcompress.quant.apply import quantize_
+from lmcompress.models.adapters import weight_rows
+from lmcompress.quant.apply import plan_quantization, quantize_
 from lmcompress.quant.config import QuantConfig
+from lmcompress.quant.mixed import Allocation, allocate_bits
 from lmcompress.quant.ptq import GPTQSettings, PTQMethod, ptq_
+from lmcompress.quant.quantizers import QuantSpec, QuantSpecError
 from lmcompress.recipe.base import (
     CalibrationSettings,
     DataSection,
@@ -44,7 +51,8 @@ from lmcompress.recipe.base import (
     StageConfig,
     register_stage,
 )
-from lmcompress.surgery.calibration import calibration_batches
+from lmcompress.report.tables import markdown_table
+from lmcompress.surgery.calibration import calibration_batches, collect_stats
 
 
 @register_stage
@@ -59,9 +67,27 @@ class QuantizeStage(StageConfig, CalibrationSettings, QuantConfig):
     stage: Literal["quantize"] = "quantize"
     init: PTQMethod = Field("rtn", description="rtn | mse | gptq: how the weights are rounded before training")
     gptq: GPTQSettings = Field(default_factory=GPTQSettings)
+    target_bits_per_weight: float | None = Field(
+        None, gt=0, description="mixed precision: whole-file bits per parameter to allocate widths for")
+    target_mb: float | None = Field(None, gt=0, description="mixed precision: whole-file size in MB (10^6 bytes)")
+    candidate_bits: list[int] = Field([2, 3, 4, 5, 6, 8], min_length=1,
+                                      description="widths mixed precision chooses from, per module")
+    float_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="how the export stores the float tensors (norms, biases, unquantized ones): the "
+                            "target counts them at this width")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> QuantizeStage:
+        if self.target_bits_per_weight is not None and self.target_mb is not None:
+            raise ValueError("give one of target_bits_per_weight or target_mb")
+        return self
+
+    @property
+    def mixed(self) -> bool:
+        return self.target_bits_per_weight is not None or self.target_mb is not None
 
     def uses_calibration(self) -> bool:
-        return self.init == "gptq"
+        return self.init == "gptq" or self.mixed
 
     def needs(self) -> tuple[DataSection, ...]:
         return self.calibration_needs()
@@ -72,15 +98,16 @@ class QuantizeStage(StageConfig, CalibrationSettings, QuantConfig):
 
     def run(self, run: Run) -> None:
         student = run.require_student(self.label)
-        specs = quantize_(student, self, field=self.label)
         batches = None
         if self.uses_calibration():
             pad = getattr(run.tokenizer, "pad_token_id", None) or 0
             batches = calibration_batches(self.calibration_dataset(run, self.label), self.calibration_samples,
                                           self.calibration_batch_size, pad_token_id=pad, seed=run.recipe.seed)
+        allocation = self._allocate(run, student, batches) if self.mixed else None
+        specs = quantize_(student, self, field=self.label, specs=allocation.specs if allocation else None)
         ptq = ptq_(student, self.init, batches, self.gptq)
-        # Size as the export stage writes it by default (fp32 for the tensors left in float).
-        size = size_report(student, dtype="fp32", teacher_bytes=run.teacher_bytes)
+        # Size as the export stage writes it (floats at float_dtype; fp32 is the export's default).
+        size = size_report(student, dtype=self.float_dtype, teacher_bytes=run.teacher_bytes)
         schemes = Counter(spec.label for spec in specs.values())
         row = {
             "stage": self.label,
@@ -95,4 +122,49 @@ class QuantizeStage(StageConfig, CalibrationSettings, QuantConfig):
         }
         if "compression_ratio" in size:
             row["compression_ratio"] = round(size["compression_ratio"], 3)
+        if allocation is not None:
+            row["target_mb"] = round(self._target_bytes(size["params"]) / 1e6, 3)
+            row["allocation"] = f"{self.label}-allocation.md"
         run.report.add(**row)
+
+    def _target_bytes(self, params: int) -> float:
+        if self.target_mb is not None:
+            return self.target_mb * 1e6
+        return self.target_bits_per_weight * params / 8
+
+    def _allocate(self, run: Run, student: nn.Module, batches) -> Allocation:
+        """Widths per module for the target size, from the diagonal Fisher on the calibration batches; the
+        per-module table is written next to the report."""
+        plan = plan_quantization(student, self, field=self.label)
+        modules = {name: module for name, (module, _) in plan.items()}
+        weights = {name: weight_rows(m) for name, m in modules.items()}
+        candidates = {}
+        for name, (_, rule) in plan.items():
+            widths = _widths(rule.spec, self.candidate_bits)
+            if not widths:
+                raise RecipeError(f"{self.label}.candidate_bits: none of {self.candidate_bits} fits {name}'s "
+                                  f"{rule.spec.label} weights")
+            candidates[name] = widths
+        full = size_report(student, dtype=self.float_dtype)
+        per_float = 4 if self.float_dtype == "fp32" else 2
+        fixed = full["bytes"] - sum(w.numel() for w in weights.values()) * per_float
+        budget = int(self._target_bytes(full["params"]) - fixed)
+        stats = collect_stats(student, modules, batches, fisher=True, activations=False, per_weight=True)
+        allocation = allocate_bits(weights, candidates, budget, stats.fisher_weights)
+        table = [{**r, "sensitivity": f"{r['sensitivity']:.4g}"} for r in allocation.rows]
+        write_text_atomic(run.out_dir / f"{self.label}-allocation.md",
+                          f"# {self.label}: bits per module\n\nbudget for the quantized modules "
+                          f"{budget / 1e6:.3f} MB, allocated {allocation.bytes / 1e6:.3f} MB (the rest of the "
+                          f"file: {fixed / 1e6:.3f} MB)\n\n" + markdown_table(table))
+        return allocation
+
+
+def _widths(spec: QuantSpec, bits: list[int]) -> list[QuantSpec]:
+    """`spec` at each width of `bits` that its scheme takes (binary and ternary have one width)."""
+    out = []
+    for b in sorted(set(bits)):
+        try:
+            out.append(replace(spec, bits=b))
+        except QuantSpecError:
+            continue
+    return out

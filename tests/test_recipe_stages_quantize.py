@@ -86,6 +86,12 @@ def test_gptq_init_rounds_on_corpus_sequences_and_reports_what_it_cost(tmp_path)
                for m in gptq.model.modules() if isinstance(m, lc.quant.QuantLinear))
 
 
+def test_awq_then_gptq_in_one_stage(tmp_path):
+    run = _ptq_run(tmp_path, "gptq", awq=True, calibration_samples=8, calibration_batch_size=4)
+    row = next(r for r in run.report.rows if r["stage"] == "quantize")
+    assert row["awq_pairs"] == 4 * 3 and row["awq_error_ratio"] <= 1 and row["init"] == "gptq"
+
+
 @pytest.mark.parametrize("stage,message", [
     ({"init": "gptq", "gptq": {"damp": 0}}, r"stages\[0\]\.gptq\.damp: Input should be greater than 0"),
     ({"init": "gptq", "gptq": {"order": 1}}, r"stages\[0\]\.gptq\.order: unknown field"),

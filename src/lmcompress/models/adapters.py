@@ -127,6 +127,12 @@ class ArchAdapter:
         """Classify a named module into one of KINDS (used by recipe patterns and size accounting)."""
         raise NotImplementedError
 
+    def scaling_pairs(self, block: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
+        """(linear, [linears]) where the first linear's output rows reach the others' input channels one to
+        one, so scaling one by 1/s and the others by s leaves the block unchanged (AWQ). Norm -> linear
+        pairs are found by following the forward; these are the linear -> linear ones."""
+        return []
+
     @property
     def blocks_prefix(self) -> str:
         """Qualified name of the block list inside `self.model`."""
@@ -297,6 +303,17 @@ class LlamaAdapter(ArchAdapter):
         if heads is None:
             return None
         return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(rows)
+
+    def scaling_pairs(self, block: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
+        pairs = []
+        mlp, attention = block.mlp, block.self_attn
+        # down_proj reads act(gate_proj(x)) * up_proj(x): elementwise in up's output rows.
+        if isinstance(getattr(mlp, "up_proj", None), nn.Module) and isinstance(getattr(mlp, "down_proj", None), nn.Module):
+            pairs.append((mlp.up_proj, [mlp.down_proj]))
+        # o_proj reads the heads' weighted sums of v: one to one only without grouped kv heads.
+        if self.num_kv_heads == self.num_heads and hasattr(attention, "v_proj"):
+            pairs.append((attention.v_proj, [attention.o_proj]))
+        return pairs
 
     def module_kind(self, name: str, module: nn.Module) -> str:
         if name.endswith("embed_tokens"):

@@ -38,6 +38,7 @@ from lmcompress.core.files import write_text_atomic
 from lmcompress.formats import size_report
 from lmcompress.models.adapters import weight_rows
 from lmcompress.quant.apply import plan_quantization, quantize_
+from lmcompress.quant.awq import awq_
 from lmcompress.quant.config import QuantConfig
 from lmcompress.quant.mixed import Allocation, allocate_bits
 from lmcompress.quant.ptq import GPTQSettings, PTQMethod, ptq_
@@ -67,6 +68,8 @@ class QuantizeStage(StageConfig, CalibrationSettings, QuantConfig):
     stage: Literal["quantize"] = "quantize"
     init: PTQMethod = Field("rtn", description="rtn | mse | gptq: how the weights are rounded before training")
     gptq: GPTQSettings = Field(default_factory=GPTQSettings)
+    awq: bool = Field(False, description="activation-aware input-channel scales, searched on the calibration "
+                                         "data and folded into the producing norm/linear, before rounding")
     target_bits_per_weight: float | None = Field(
         None, gt=0, description="mixed precision: whole-file bits per parameter to allocate widths for")
     target_mb: float | None = Field(None, gt=0, description="mixed precision: whole-file size in MB (10^6 bytes)")
@@ -87,7 +90,7 @@ class QuantizeStage(StageConfig, CalibrationSettings, QuantConfig):
         return self.target_bits_per_weight is not None or self.target_mb is not None
 
     def uses_calibration(self) -> bool:
-        return self.init == "gptq" or self.mixed
+        return self.init == "gptq" or self.mixed or self.awq
 
     def needs(self) -> tuple[DataSection, ...]:
         return self.calibration_needs()
@@ -104,6 +107,10 @@ class QuantizeStage(StageConfig, CalibrationSettings, QuantConfig):
             batches = calibration_batches(self.calibration_dataset(run, self.label), self.calibration_samples,
                                           self.calibration_batch_size, pad_token_id=pad, seed=run.recipe.seed)
         allocation = self._allocate(run, student, batches) if self.mixed else None
+        awq = None
+        if self.awq:
+            planned = {name: rule.spec for name, (_, rule) in plan_quantization(student, self, self.label).items()}
+            awq = awq_(student, {**planned, **(allocation.specs if allocation else {})}, batches)
         specs = quantize_(student, self, field=self.label, specs=allocation.specs if allocation else None)
         ptq = ptq_(student, self.init, batches, self.gptq)
         # Size as the export stage writes it (floats at float_dtype; fp32 is the export's default).
@@ -115,6 +122,7 @@ class QuantizeStage(StageConfig, CalibrationSettings, QuantConfig):
             "quantized_modules": len(specs),
             "schemes": ", ".join(f"{label} x{n}" for label, n in schemes.most_common()),
             "activation_bits": self.activation_bits,
+            **(awq.summary() if awq else {}),
             **ptq.summary(),
             "params": size["params"],
             "size_mb": round(size["mb"], 3),

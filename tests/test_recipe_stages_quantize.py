@@ -109,7 +109,8 @@ def test_gptq_init_without_data_fails_before_any_stage_runs(tmp_path):
         lc.compress(tiny_model("llama"), recipe, tokenizer=tiny_tokenizer(), out_dir=tmp_path / "run")
 
 
-@pytest.mark.parametrize("name", ["xtc-minilm.yaml", "quantgpt-smollm2.yaml", "ternary-smollm2.yaml"])
+@pytest.mark.parametrize("name", ["xtc-minilm.yaml", "quantgpt-smollm2.yaml", "ternary-smollm2.yaml",
+                                  "gptq-w4-smollm2.yaml", "efficientqat-w2-smollm2.yaml", "mixed-67mb-smollm2.yaml"])
 def test_shipped_recipes_validate(name):
     recipe = load_recipe(RECIPES / name)
     assert any(s.stage == "quantize" for s in recipe.stages)

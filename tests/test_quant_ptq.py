@@ -95,3 +95,20 @@ def test_ptq_refusals_name_what_is_wrong():
         ptq_(other, "gptq", None)
     with pytest.raises(RecipeError, match="not one of"):
         ptq_(other, "awq")
+
+
+def test_the_tied_table_is_rounded_through_the_head_and_the_logits_get_closer():
+    reference = tiny_model("llama")
+    ids = torch.cat([b["input_ids"] for b in _batches(2)])
+    errors = {}
+    for head in (False, True):
+        model = copy.deepcopy(reference)
+        quantize_(model, {"bits": 4, "group_size": 16, "embedding_bits": 3})
+        report = ptq_(model, "gptq", _batches(2), GPTQSettings(head=head), progress=False)
+        assert ("model.embed_tokens" in report.errors) == head
+        if head:  # the table sits on the grid GPTQ chose
+            with torch.no_grad():
+                table = model.model.embed_tokens
+                torch.testing.assert_close(table.quantized_weight(), table.weight, rtol=0, atol=1e-6)
+        errors[head] = _output_error(model, reference, ids)
+    assert errors[True] < errors[False]

@@ -40,10 +40,10 @@ from tqdm.auto import tqdm
 from lmcompress.core.config import Strict
 from lmcompress.core.errors import LmcompressError, RecipeError
 from lmcompress.models.adapters import get_adapter
-from lmcompress.models.blocks import BlockInputs, capture_block_inputs, fused_attention
+from lmcompress.models.blocks import BlockInputs, capture_block_inputs, fused_attention, model_inputs
 from lmcompress.quant.gptq import GPTQResult, Hessian, gptq_quantize
 from lmcompress.quant.grids import fit_scales
-from lmcompress.quant.modules import QuantLinear, QuantModule, float_weights
+from lmcompress.quant.modules import QuantLinear, QuantModule, QuantTiedHead, float_weights
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class GPTQSettings(Strict):
     block_size: int = Field(128, gt=0, description="columns per lazy block")
     damp: float = Field(0.01, gt=0, description="dampening added to diag(H), as a fraction of its mean")
     act_order: bool = Field(True, description="round columns by decreasing diag(H) (groups fixed up front)")
+    head: bool = Field(True, description="also round a quantized output head, or an embedding table tied to "
+                                         "it, with GPTQ on the final hidden states")
 
 
 @dataclass
@@ -89,7 +91,7 @@ def _fit_module(module: QuantModule) -> None:
     quantizer.set_scales(scales.reshape(rows, cols), None if zeros is None else zeros.reshape(rows, cols))
 
 
-def _apply(module: QuantLinear, result: GPTQResult) -> None:
+def _apply(module: QuantModule, result: GPTQResult) -> None:
     with torch.no_grad():
         module.weight_2d().copy_(result.weight.to(module.weight.dtype))
     module.weight_quantizer.set_scales(result.scales, result.zeros)
@@ -124,7 +126,10 @@ def ptq_(model: nn.Module, method: PTQMethod, batches: Sequence[dict[str, torch.
     if method == "gptq":
         if not batches:
             raise RecipeError("init: gptq needs calibration batches (the recipe's corpus or task)")
-        _gptq_blocks(model, batches, gptq or GPTQSettings(), report, progress)
+        settings = gptq or GPTQSettings()
+        _gptq_blocks(model, batches, settings, report, progress)
+        if settings.head:
+            _gptq_head(model, batches, settings, report)
     report.seconds = time.perf_counter() - started
     log.info("%s: rounded %d modules in %.1f s", method, report.modules, report.seconds)
     return report
@@ -219,3 +224,40 @@ def _gptq_walk(model: nn.Module, batches, settings: GPTQSettings, report: PTQRep
                     report.modules += 1
                     unrounded.remove(module)
             hidden = list(inputs.run_all(index, hidden))
+
+
+def _gptq_head(model: nn.Module, batches, settings: GPTQSettings, report: PTQReport) -> None:
+    """GPTQ on the output head's weight, or on the quantized embedding table a tied head multiplies by: its
+    Hessian is that of the final hidden states (the head's input), from one forward of the rounded model
+    that stops before the logits. The table also serves the input lookups, whose rows keep a per-row error
+    like round-to-nearest's."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get else None
+    target = head.source if isinstance(head, QuantTiedHead) else head
+    if not isinstance(target, QuantModule):
+        return
+    hessian = Hessian(target.weight.shape[1], target.weight.device)
+    mask = None
+
+    def hook(module, args):
+        hessian.add(args[0], mask)
+        raise _Stop
+
+    handle = head.register_forward_pre_hook(hook)
+    device = target.weight.device
+    try:
+        with torch.no_grad(), fused_attention(model):
+            for batch in batches:
+                inputs = model_inputs(batch, device)
+                mask = inputs.get("attention_mask")
+                try:
+                    model(**inputs, use_cache=False) if get_adapter(model).causal else model(**inputs)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    result = gptq_quantize(target.weight_2d(), hessian.matrix, target.spec, settings.block_size, settings.damp,
+                           settings.act_order)
+    _apply(target, result)
+    names = {id(m): n for n, m in model.named_modules()}
+    report.errors[names.get(id(target), "head")] = result.error

@@ -1,0 +1,162 @@
+"""lmcompress's rows of `bench/peers.py`: each method run as a recipe, exported, reloaded from the file and
+scored with the same rule and chunks as every peer.
+
+Per weight configuration (`CONFIGS`) two recipe runs:
+
+* `RTN` — quantize (static max|w| / range grids), export;
+* the chain — quantize with AWQ scales and GPTQ rounding, export (`GPTQ`); block-wise reconstruction,
+  export (`+block`); end-to-end logit KD of the step sizes (of the weights where the grid is static),
+  export (`+e2e`). One run, an export after each step, so the later rows cost only their own training.
+
+Mixed-precision rows (`MIXED`) allocate widths to a whole-file size (llama.cpp Q4_K_M's 105.5 MB, and 67 MB)
+and round with GPTQ. Every export is the packed format (`model.safetensors`; the row's file MB is that file)
+and, where the types allow, also GGUF (scored by llama-perplexity as a second row, `... (GGUF)`).
+
+Which methods run is `--lmc-methods` (default all); training budgets are `--recon-steps` (per block) and
+`--kd-steps`. Rows already in peers.json are skipped, so a long run can be split over sessions.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+CONFIGS = {
+    "W4 g128 E8": {"bits": 4, "group_size": 128, "embedding_bits": 8, "scale": "lsq"},
+    "W3 g128 E4": {"bits": 3, "group_size": 128, "embedding_bits": 4, "scale": "lsq"},
+    "W2 g64 E4": {"bits": 2, "scheme": "asym", "group_size": 64, "embedding_bits": 4},
+    "SEQ2 g64 E4": {"bits": 2, "scheme": "seq", "group_size": 64, "embedding_bits": 4, "scale": "lsq"},
+    "ternary g64 E4": {"scheme": "ternary", "group_size": 64, "embedding_bits": 4, "scale": "lsq"},
+}
+MIXED = {"mixed 105.5 MB": 105.5, "mixed 67 MB": 67.0}
+METHODS = ("rtn", "gptq", "block", "e2e", "mixed")
+
+
+def _rtn_config(config: dict) -> dict:
+    # Round-to-nearest as a new user gets it: the static grid (an lsq scale starts at LSQ's own init).
+    return {k: v for k, v in config.items() if k != "scale"}
+
+
+def _export(name: str, folder: Path) -> dict:
+    return {"stage": "export", "name": f"export-{name}", "path": str(folder), "dtype": "bf16"}
+
+
+def chain_recipe(config: dict, folder: Path, args) -> tuple[dict, list[tuple[str, str]]]:
+    """The GPTQ -> block reconstruction -> e2e recipe and its (method suffix, export name) rows."""
+    learnable = config.get("scale") == "lsq"
+    stages = [{"stage": "load"},
+              {"stage": "quantize", **config, "awq": True, "init": "gptq", "calibration_samples": args.calib_samples,
+               "calibration_block_size": args.window},
+              _export("gptq", folder / "gptq")]
+    rows = [("GPTQ+AWQ", "gptq")]
+    wanted = set(args.lmc_methods)
+    if wanted & {"block", "e2e"}:
+        stages += [{"stage": "reconstruct", "train": ["weights", "scales"] if learnable else ["weights"],
+                    "steps": args.recon_steps, "lr": 1e-4, "bf16": True, "log_with": "none",
+                    "calibration_samples": args.calib_samples, "calibration_block_size": args.window},
+                   _export("block", folder / "block")]
+        rows.append(("GPTQ+AWQ+block", "block"))
+    if "e2e" in wanted:
+        stages += [{"stage": "distill", "train": ["scales"] if learnable else ["weights"],
+                    "losses": [{"type": "logits", "temperature": 1.0}], "steps": args.kd_steps, "batch_size": 4,
+                    "grad_accum": 2, "lr": 2e-5 if learnable else 1e-5, "warmup_steps": 10, "schedule": "cosine",
+                    "bf16": True, "eval_batches": 0, "log_with": "none"},
+                   _export("e2e", folder / "e2e")]
+        rows.append(("GPTQ+AWQ+block+e2e", "e2e"))
+    return {"name": "peers", "teacher": "smollm2-135m", "corpus": {"name": "sotu"}, "block_size": args.window,
+            "seed": 0, "stages": stages}, rows
+
+
+def _recipe(stages: list[dict], args) -> dict:
+    return {"name": "peers", "teacher": "smollm2-135m", "corpus": {"name": "sotu"}, "block_size": args.window,
+            "seed": 0, "stages": [{"stage": "load"}, *stages]}
+
+
+def _cost(report, export_name: str) -> tuple[float, int, int]:
+    """(wall seconds of the stages up to `export_name`, training tokens, calibration tokens) from a run report."""
+    seconds, train, calibration = 0.0, 0, 0
+    for key, s in report.timings.items():  # "index:label", in stage order
+        seconds += s
+        if key.split(":", 1)[1] == export_name:
+            break
+    for row in report.rows:
+        if row.get("stage") == export_name:
+            break
+        train += int(row.get("train_tokens", 0) or 0)
+        calibration = max(calibration, int(row.get("calibration_tokens", 0) or 0))
+    return seconds, train, calibration
+
+
+def _score_export(bench, folder: Path, base: dict) -> None:
+    import lmcompress as lc
+
+    model, _ = lc.load(folder)
+    bench.results.add({**base, **bench.size(sorted(folder.glob("*.safetensors"))), **bench.score(model)})
+
+
+def _score_gguf(bench, llamacpp, folder: Path, base: dict) -> None:
+    """The export again as GGUF, scored by llama-perplexity; skipped (with a note) where a type does not fit."""
+    import peers  # the llama-perplexity runner (bench/ is not a package)
+
+    import lmcompress as lc
+    from lmcompress.formats import export_model
+
+    model, tokenizer = lc.load(folder)
+    path = folder.with_name(folder.name + ".gguf")
+    try:
+        export_model(model, tokenizer, path, format="gguf", overwrite=True)
+    except Exception as exc:  # a model GGUF cannot hold is refused by name; keep the row honest
+        print(f"[skip] {base['method']} (GGUF): {exc}", flush=True)
+        return
+    row = {**base, "method": base["method"] + " (GGUF)", **bench.size([path])}
+    bench.results.add({**row, **peers.llama_perplexity(llamacpp, path, bench)})
+
+
+def run(args, bench, llamacpp=None) -> None:
+    """Every lmcompress row `args.lmc_methods` asks for (see the module docstring)."""
+    import lmcompress as lc
+
+    res = bench.results
+    work = args.work / "lmcompress"
+    wanted = set(args.lmc_methods)
+    for label, config in CONFIGS.items():
+        if "rtn" in wanted and not res.done("lmcompress", f"RTN {label}"):
+            folder = work / label.replace(" ", "-") / "rtn"
+            started = time.perf_counter()
+            result = lc.compress("smollm2-135m", _recipe([{"stage": "quantize", **_rtn_config(config)},
+                                                          _export("rtn", folder)], args),
+                                 out_dir=work / "runs" / f"rtn-{label.replace(' ', '-')}", overwrite=True)
+            del result
+            _score_export(bench, folder, {"tool": "lmcompress", "method": f"RTN {label}", "imatrix": False,
+                                          "seconds": round(time.perf_counter() - started, 1), "train_tokens": 0,
+                                          "calibration_tokens": 0})
+        if not wanted & {"gptq", "block", "e2e"}:
+            continue
+        recipe, rows = chain_recipe(config, work / label.replace(" ", "-"), args)
+        if all(res.done("lmcompress", f"{m} {label}") for m, _ in rows):
+            continue
+        result = lc.compress("smollm2-135m", recipe, out_dir=work / "runs" / f"chain-{label.replace(' ', '-')}",
+                             overwrite=True)
+        for method, export in rows:
+            seconds, train, calibration = _cost(result.report, f"export-{export}")
+            base = {"tool": "lmcompress", "method": f"{method} {label}", "imatrix": False,
+                    "seconds": round(seconds, 1), "train_tokens": train, "calibration_tokens": calibration}
+            folder = work / label.replace(" ", "-") / export
+            _score_export(bench, folder, base)
+            if llamacpp is not None:
+                _score_gguf(bench, llamacpp, folder, copy.deepcopy(base))
+    if "mixed" in wanted:
+        for label, mb in MIXED.items():
+            if res.done("lmcompress", f"GPTQ {label}"):
+                continue
+            folder = work / label.replace(" ", "-").replace(".", "_")
+            started = time.perf_counter()
+            lc.compress("smollm2-135m", _recipe([
+                {"stage": "quantize", "bits": 4, "group_size": 128, "embedding_bits": 4, "target_mb": mb,
+                 "candidate_bits": [2, 3, 4, 5, 6, 8], "float_dtype": "bf16", "init": "gptq", "awq": True,
+                 "calibration_samples": args.calib_samples, "calibration_block_size": args.window},
+                _export("mixed", folder)], args), out_dir=work / "runs" / folder.name, overwrite=True)
+            _score_export(bench, folder, {"tool": "lmcompress", "method": f"GPTQ {label}", "imatrix": False,
+                                          "seconds": round(time.perf_counter() - started, 1), "train_tokens": 0,
+                                          "calibration_tokens": args.calib_samples * args.window})

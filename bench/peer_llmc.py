@@ -1,6 +1,6 @@
 """llm-compressor side of `bench/peers.py`: runs inside llm-compressor's own venv (see `peer_tools.py`).
 
-    python bench/peer_llmc.py quantize --model DIR --calib calib.pt --scheme W4A16 --group-size 128 --out OUT
+    python bench/peer_llmc.py quantize --model DIR --calib calib.pt --scheme W4A16 --group-size 64 --out OUT
     python bench/peer_llmc.py score --model OUT --ids test_ids.pt --window 512
 
 `quantize`: GPTQ through llm-compressor's `oneshot` on the given calibration blocks (a `[n, length]` tensor of
@@ -24,7 +24,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def quantize(a: argparse.Namespace) -> dict:
-    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization import QuantizationStrategy, preset_name_to_scheme
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
@@ -36,8 +36,10 @@ def quantize(a: argparse.Namespace) -> dict:
     blocks = torch.load(a.calib)
     data = Dataset.from_dict({"input_ids": blocks.tolist(), "attention_mask": torch.ones_like(blocks).tolist()})
     scheme = preset_name_to_scheme(a.scheme, ["Linear"])
-    if a.group_size and scheme.weights.group_size is not None:
-        scheme.weights.group_size = a.group_size
+    if a.group_size == "row":  # one scale per output row
+        scheme.weights.strategy, scheme.weights.group_size = QuantizationStrategy.CHANNEL, None
+    elif a.group_size:
+        scheme.weights.group_size = int(a.group_size)
     recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
     started = time.perf_counter()
     oneshot(model=model, dataset=data, recipe=recipe, max_seq_length=blocks.shape[1],
@@ -58,11 +60,33 @@ def score(a: argparse.Namespace) -> dict:
     torch.set_num_threads(a.threads)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     kinds = sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__})
+    activations = quantize_activations(model)
     ids = torch.load(a.ids)
     out = perplexity(model, ids, window=a.window, rule="llama.cpp", bos_token_id=a.bos,
                      max_tokens=a.chunks * a.window if a.chunks else None, batch_size=a.batch_size)
     out["linear_modules"] = kinds
+    out["activation_quantized_modules"] = activations
     return out
+
+
+def quantize_activations(model) -> int:
+    """Put the scheme's activation quantization back on the loaded modules; how many have it.
+
+    transformers loads a compressed-tensors checkpoint on CPU decompressed (the weights are the dequantized
+    grid values, status DECOMPRESSED) and with plain Linear forwards, so a W8A8 model would run with fp32
+    activations. compressed-tensors' own QDQ forward quantizes the inputs as the scheme says (dynamic, per
+    token) and, past COMPRESSED, leaves the already-dequantized weights alone.
+    """
+    from compressed_tensors.quantization.lifecycle.forward import set_forward_quantized
+
+    count = 0
+    for module in model.modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is not None and scheme.input_activations is not None:
+            if getattr(module.forward, "__func__", None) is type(module).forward:  # not wrapped yet
+                set_forward_quantized(module)
+            count += 1
+    return count
 
 
 def main(argv=None) -> None:
@@ -72,7 +96,7 @@ def main(argv=None) -> None:
     q.add_argument("--model", required=True)
     q.add_argument("--calib", required=True)
     q.add_argument("--scheme", default="W4A16")
-    q.add_argument("--group-size", type=int, default=None)
+    q.add_argument("--group-size", default=None, help="columns per scale, or `row` (per output channel)")
     q.add_argument("--dtype", default="bfloat16")
     q.add_argument("--out", required=True)
     s = sub.add_parser("score")

@@ -47,7 +47,8 @@ import peer_tools  # noqa: E402  (bench/ is not a package)
 
 LLAMACPP_TYPES = ("Q8_0", "Q4_K_M", "Q4_1", "Q4_0", "Q3_K_M", "Q2_K", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS",
                   "TQ2_0", "TQ1_0")
-LLMC_SCHEMES = ("W4A16:128", "W8A8")  # scheme[:group size]
+# scheme[:group size or `row`]; 576-column SmolLM2 matrices refuse group 128 (576 % 128 != 0), so 64 and row too
+LLMC_SCHEMES = ("W4A16:128", "W4A16:64", "W4A16:row", "W8A8")
 TOOLS = ("llamacpp", "llmcompressor", "lmcompress")
 RULE = ("llama.cpp rule: whole SOTU test text tokenized once, cut into disjoint 512-token chunks "
         "(tail dropped), BOS overwrites each chunk's first token only if the vocabulary adds BOS (SmolLM2's "
@@ -238,6 +239,17 @@ def gguf_adds_bos(gguf: Path) -> bool:
     return bool(field.contents()) if field is not None else False
 
 
+def fallback_note(quantize_output: str) -> str:
+    """llama-quantize's type fallbacks (a 256-column block type on SmolLM2's 576-column matrices), counted."""
+    total = re.search(r"WARNING: (\d+) of (\d+) tensor\(s\) required fallback quantization", quantize_output)
+    if not total:
+        return ""
+    pairs = re.findall(r"required for type\s+(\S+)\).*?-> falling back to\s+(\S+)", quantize_output)
+    counts = {p: pairs.count(p) for p in dict.fromkeys(pairs)}
+    detail = ", ".join(f"{a}->{b} x{n}" for (a, b), n in counts.items())
+    return f"{total.group(1)} of {total.group(2)} tensors fell back ({detail}): 576 columns are not a multiple of 256"
+
+
 def llamacpp_rows(args: argparse.Namespace, bench: Bench) -> None:
     lc = peer_tools.setup_llamacpp(args.work, args.jobs)
     folder, logs, res = args.work / "gguf", args.work / "logs", bench.results
@@ -292,10 +304,8 @@ def llamacpp_rows(args: argparse.Namespace, bench: Bench) -> None:
                 res.add({**row, "ppl": None, "scorer": "llama-perplexity",
                          "note": f"refused by llama-quantize: {reason.group(0).strip() if reason else out[-200:]}"})
                 continue
-            fallback = re.search(r"WARNING: (\d+) of (\d+) tensor\(s\) required fallback quantization", out)
-            if fallback:
-                row["note"] = (f"{fallback.group(1)} of {fallback.group(2)} tensors fell back (576 columns are not "
-                               "a multiple of 256)")
+            if note := fallback_note(out):
+                row["note"] = note
             res.add({**row, **bench.size([out_file]), **llama_perplexity(lc, out_file, bench)})
             if not args.keep_gguf:
                 out_file.unlink()
@@ -315,7 +325,8 @@ def worker(python: Path, args: list, log: Path) -> dict:
     lines = log.read_text(errors="replace").splitlines()
     result = next((ln[7:] for ln in reversed(lines) if ln.startswith("RESULT ")), None)
     if rc != 0 or result is None:
-        raise RuntimeError(f"peer_llmc.py {args[0]} failed (exit {rc}); log {log}:\n" + "\n".join(lines[-25:]))
+        error = next((ln for ln in reversed(lines) if re.match(r"\w*(Error|Exception): ", ln)), (lines or [""])[-1])
+        raise RuntimeError(f"peer_llmc.py {args[0]} failed (exit {rc}); log {log}: {error}")
     return json.loads(result)
 
 
@@ -324,16 +335,22 @@ def llmcompressor_rows(args: argparse.Namespace, bench: Bench) -> None:
     logs = args.work / "logs"
     for spec in args.llmc_schemes:
         scheme, _, group = spec.partition(":")
-        method = f"GPTQ {scheme}" + (f" g{group}" if group else "")
+        tag = (f"g{group}" if group.isdigit() else group) if group else ""  # g64, row (one scale per row)
+        method = " ".join(filter(None, ("GPTQ", scheme, tag)))
         if bench.results.done("llm-compressor", method):
             continue
-        out = args.work / "llmc" / f"{Path(bench.model_dir).name}-{scheme}{'-g' + group if group else ''}"
+        out = args.work / "llmc" / "-".join(filter(None, (Path(bench.model_dir).name, scheme, tag)))
         print(f"[llm-compressor] {method}: oneshot GPTQ on {args.calib_samples} x {args.window} train tokens",
               flush=True)
+        done = out / "peers-quantize.json"  # the quantize step's result: a rescore does not quantize again
         try:
-            q = worker(python, ["quantize", "--model", bench.model_dir, "--calib", bench.calib_file, "--scheme",
-                                scheme, *(["--group-size", group] if group else []), "--dtype", args.llmc_dtype,
-                                "--out", out, "--threads", args.threads], logs / f"llmc-quantize-{out.name}.log")
+            if done.is_file() and not args.force:
+                q = json.loads(done.read_text())
+            else:
+                q = worker(python, ["quantize", "--model", bench.model_dir, "--calib", bench.calib_file, "--scheme",
+                                    scheme, *(["--group-size", group] if group else []), "--dtype", args.llmc_dtype,
+                                    "--out", out, "--threads", args.threads], logs / f"llmc-quantize-{out.name}.log")
+                done.write_text(json.dumps(q))
             s = worker(python, ["score", "--model", out, "--ids", bench.test_ids_file, "--window", args.window,
                                 *(["--bos", bench.bos] if bench.bos is not None else []),
                                 *(["--chunks", args.chunks] if args.chunks else []), "--threads", args.threads],
@@ -342,12 +359,13 @@ def llmcompressor_rows(args: argparse.Namespace, bench: Bench) -> None:
             print(f"[llm-compressor] {method} failed: {exc}", flush=True)
             bench.results.add({"tool": "llm-compressor", "method": method, "imatrix": False, "ppl": None,
                                "scorer": "lmcompress", "seconds": 0.0,
-                               "note": f"failed: {str(exc).splitlines()[-1][:200]}"})
+                               "note": f"failed: {str(exc).split(': ', 1)[-1][:300]}"})
             continue
         w = q["weights"]
         note = (f"{w['num_bits']}-bit {w['strategy']} {'sym' if w['symmetric'] else 'asym'}"
                 + (f" group {w['group_size']}" if w.get("group_size") else "")
-                + (", int8 dynamic per-token activations" if q.get("input_activations") else "")
+                + (f", int8 dynamic per-token activations ({s['activation_quantized_modules']} modules)"
+                   if q.get("input_activations") else "")
                 + f"; unquantized tensors {args.llmc_dtype}; lm_head tied to the embedding, not quantized")
         bench.results.add({"tool": "llm-compressor", "method": method, "imatrix": False,
                            **bench.size(sorted(out.glob("*.safetensors"))),
@@ -385,13 +403,17 @@ def _num(v, fmt: str) -> str:
 
 def write_report(rows: list[dict], out: Path) -> None:
     ratio_to_fp32(rows)
-    lines = ["# Peers on the SOTU test text\n", f"Rule: {RULE}.\n",
+    chunks = sorted({(r["windows"], r.get("tokens_scored")) for r in rows if r.get("windows")})
+    scored = ", ".join(f"{c} chunks ({t or 0:,} tokens)" for c, t in chunks)  # one entry when all rows agree
+    lines = ["# Peers on the SOTU test text\n", f"Rule: {RULE}. Scored: {scored or 'none'}.\n",
              "`seconds`: wall time of the compression (llama-quantize, llm-compressor oneshot); the importance "
              "matrix took `imatrix_seconds` more (see peers.json). `ratio to fp32`: over the fp32 model as "
              "scored by the same scorer (llama-perplexity for llama.cpp rows, lmcompress's evaluator for "
              "the others).\n",
              "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    for r in rows:
+    tools = {"llama.cpp": 0, "llm-compressor": 1, "lmcompress": 2}
+    for r in sorted(rows, key=lambda r: (tools.get(r["tool"], 3), r.get("ppl") is None, -(r.get("file_mb") or 0),
+                                         r["method"], bool(r.get("imatrix")))):
         cells = [r["tool"], r["method"], "yes" if r.get("imatrix") else "no", _num(r.get("bits_per_weight"), ".2f"),
                  _num(r.get("file_mb"), ".1f"), "refused" if r.get("ppl") is None else _num(r["ppl"], ",.2f"),
                  _num(r.get("ppl_ratio"), ".3f"), _num(r.get("seconds"), ".1f"), f"{r.get('train_tokens', 0):,}",
@@ -415,11 +437,13 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     scored = [r for r in rows if r.get("ppl") and r.get("file_mb")]
     if not scored:
         return
     colors = {"llama.cpp": "tab:blue", "llm-compressor": "tab:orange", "lmcompress": "tab:green"}
+    markers = {"llama.cpp": "o", "llm-compressor": "^", "lmcompress": "D"}
     fig, ax = plt.subplots(figsize=(10, 6.5))
     for tool in dict.fromkeys(r["tool"] for r in scored):
         for imat in (False, True):
@@ -428,15 +452,20 @@ def plot(rows: list[dict], path: Path) -> None:
                 continue
             c = colors.get(tool, "tab:gray")
             ax.scatter([r["file_mb"] for r in pts], [r["ppl"] for r in pts], s=40, edgecolors=c,
-                       facecolors="none" if imat else c, marker="s" if imat else "o",
+                       facecolors="none" if imat else c, marker="s" if imat else markers.get(tool, "o"),
                        label=f"{tool}{' + imatrix' if imat else ''}", zorder=3)
             for r in pts:
                 ax.annotate(r["method"], (r["file_mb"], r["ppl"]), fontsize=7, xytext=(4, 3 if not imat else -9),
                             textcoords="offset points")
     front = pareto([(r["file_mb"], r["ppl"]) for r in scored])
-    ax.plot(*zip(*front, strict=True), color="black", lw=1, ls="--", label="Pareto front", zorder=2)
+    ax.plot(*zip(*front, strict=True), color="black", lw=1, ls="--", drawstyle="steps-post", label="Pareto front",
+            zorder=2)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+        axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("file size on disk (MB, log)")
     ax.set_ylabel("SOTU test perplexity (log; llama.cpp rule, 512-token chunks)")
     ax.set_title("SmolLM2-135M: llama.cpp, llm-compressor and lmcompress on one text, one rule")

@@ -145,3 +145,14 @@ def relative_error(model_a, model_b, ids) -> float:
     """Largest logit difference of two models on `ids`, relative to the spread of the first's logits."""
     a, b = logits(model_a, ids), logits(model_b, ids)
     return float((a - b).abs().max() / a.std())
+
+
+def random_lm_batches(n: int, rows: int = 4, length: int = 24, seed: int = 0) -> list[dict]:
+    """`n` calibration batches of random token ids (no padding), labels = the ids: what PTQ and block-wise
+    reconstruction take."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, VOCAB, (rows, length), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    return out

@@ -3,7 +3,7 @@
 import copy
 
 import torch
-from helpers import logits, tiny_model
+from helpers import logits, random_lm_batches, tiny_model
 
 from lmcompress.distill.blockwise import reconstruct_blocks
 from lmcompress.distill.trainer import TrainConfig
@@ -12,12 +12,7 @@ from lmcompress.quant.modules import trainable_parameters
 
 
 def _batches(n: int = 3, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, 128, (4, 16), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
-    return out
+    return random_lm_batches(n, length=16, seed=seed)
 
 
 def _config(steps: int = 12, **kw) -> TrainConfig:

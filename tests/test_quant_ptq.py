@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import logits, tiny_model
+from helpers import logits, random_lm_batches, tiny_model
 
 from lmcompress.core.errors import RecipeError
 from lmcompress.formats import export_model, load_model
@@ -14,12 +14,7 @@ from lmcompress.quant.ptq import GPTQSettings, ptq_
 
 
 def _batches(n: int = 4, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, 128, (4, 24), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
-    return out
+    return random_lm_batches(n, length=24, seed=seed)
 
 
 def _output_error(model, reference, ids) -> float:

@@ -107,3 +107,16 @@ def test_the_tied_table_is_rounded_through_the_head_and_the_logits_get_closer():
                 torch.testing.assert_close(table.quantized_weight(), table.weight, rtol=0, atol=1e-6)
         errors[head] = _output_error(model, reference, ids)
     assert errors[True] < errors[False]
+
+
+def test_bf16_calibration_forwards_round_about_as_well_as_fp32():
+    reference = tiny_model("llama")
+    ids = torch.cat([b["input_ids"] for b in _batches(2)])
+    errors = {}
+    for bf16 in (False, True):
+        model = copy.deepcopy(reference)
+        quantize_(model, CONFIG)
+        report = ptq_(model, "gptq", _batches(2), GPTQSettings(bf16=bf16), progress=False)
+        assert all(torch.isfinite(torch.tensor(e)) for e in report.errors.values())
+        errors[bf16] = _output_error(model, reference, ids)
+    assert errors[True] < 1.5 * errors[False]

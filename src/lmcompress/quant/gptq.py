@@ -61,7 +61,8 @@ class Hessian:
         if n == 0:
             return
         total = self.tokens + n
-        self.matrix.mul_(self.tokens / total).addmm_(x.t(), x, alpha=2.0 / total)
+        with torch.autocast(x.device.type, enabled=False):  # the forwards may run under bf16 autocast
+            self.matrix.mul_(self.tokens / total).addmm_(x.t(), x, alpha=2.0 / total)
         self.tokens = total
 
 
@@ -104,6 +105,12 @@ def _one_thread() -> Iterator[None]:
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = True) -> GPTQResult:
     """Round `weight` (out, in) to `spec`'s grid with GPTQ, given the Hessian (in, in) of its inputs."""
+    with torch.autocast(weight.device.type, enabled=False):  # in fp32 even inside a bf16 calibration pass
+        return _gptq(weight, hessian, spec, block_size, damp, act_order)
+
+
+def _gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, block_size: int, damp: float,
+          act_order: bool) -> GPTQResult:
     w = weight.detach().float().clone()
     out_f, in_f = w.shape
     if tuple(hessian.shape) != (in_f, in_f):

@@ -59,6 +59,8 @@ class GPTQSettings(Strict):
     act_order: bool = Field(True, description="round columns by decreasing diag(H) (groups fixed up front)")
     head: bool = Field(True, description="also round a quantized output head, or an embedding table tied to "
                                          "it, with GPTQ on the final hidden states")
+    bf16: bool = Field(False, description="run the calibration forwards under bf16 autocast (about 2x faster on "
+                                          "CPUs with avx512_bf16); Hessians and rounding stay in fp32")
 
 
 @dataclass
@@ -198,8 +200,12 @@ def _measure_hessian(inputs: BlockInputs, index: int, hidden: list[torch.Tensor]
 
 
 def _gptq_blocks(model: nn.Module, batches, settings: GPTQSettings, report: PTQReport, progress: bool) -> None:
-    with fused_attention(model):
+    with fused_attention(model), _autocast(settings):
         _gptq_walk(model, batches, settings, report, progress)
+
+
+def _autocast(settings: GPTQSettings):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16)
 
 
 def _gptq_walk(model: nn.Module, batches, settings: GPTQSettings, report: PTQReport, progress: bool) -> None:
@@ -246,7 +252,7 @@ def _gptq_head(model: nn.Module, batches, settings: GPTQSettings, report: PTQRep
     handle = head.register_forward_pre_hook(hook)
     device = target.weight.device
     try:
-        with torch.no_grad(), fused_attention(model):
+        with torch.no_grad(), fused_attention(model), _autocast(settings):
             for batch in batches:
                 inputs = model_inputs(batch, device)
                 mask = inputs.get("attention_mask")

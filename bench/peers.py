@@ -416,7 +416,7 @@ def write_report(rows: list[dict], out: Path) -> None:
                                          r["method"], bool(r.get("imatrix")))):
         cells = [r["tool"], r["method"], "yes" if r.get("imatrix") else "no", _num(r.get("bits_per_weight"), ".2f"),
                  _num(r.get("file_mb"), ".1f"), "refused" if r.get("ppl") is None else _num(r["ppl"], ",.2f"),
-                 _num(r.get("ppl_ratio"), ".3f"), _num(r.get("seconds"), ".1f"), f"{r.get('train_tokens', 0):,}",
+                 _num(r.get("ppl_ratio"), ",.3f"), _num(r.get("seconds"), ".1f"), f"{r.get('train_tokens', 0):,}",
                  f"{r.get('calibration_tokens', 0):,}", r.get("note", "")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     (out / "peers.md").write_text("\n".join(lines) + "\n")
@@ -444,20 +444,26 @@ def plot(rows: list[dict], path: Path) -> None:
         return
     colors = {"llama.cpp": "tab:blue", "llm-compressor": "tab:orange", "lmcompress": "tab:green"}
     markers = {"llama.cpp": "o", "llm-compressor": "^", "lmcompress": "D"}
-    fig, ax = plt.subplots(figsize=(10, 6.5))
+    top = 3 * min(r["ppl"] for r in scored)  # rows past it (ternary llama.cpp types) sit on the top edge
+    fig, ax = plt.subplots(figsize=(11, 7))
     for tool in dict.fromkeys(r["tool"] for r in scored):
         for imat in (False, True):
             pts = [r for r in scored if r["tool"] == tool and bool(r.get("imatrix")) == imat]
             if not pts:
                 continue
             c = colors.get(tool, "tab:gray")
-            ax.scatter([r["file_mb"] for r in pts], [r["ppl"] for r in pts], s=40, edgecolors=c,
+            ax.scatter([r["file_mb"] for r in pts], [min(r["ppl"], top) for r in pts], s=40, edgecolors=c,
                        facecolors="none" if imat else c, marker="s" if imat else markers.get(tool, "o"),
                        label=f"{tool}{' + imatrix' if imat else ''}", zorder=3)
             for r in pts:
-                ax.annotate(r["method"], (r["file_mb"], r["ppl"]), fontsize=7, xytext=(4, 3 if not imat else -9),
-                            textcoords="offset points")
-    front = pareto([(r["file_mb"], r["ppl"]) for r in scored])
+                ax.annotate(r["method"], (r["file_mb"], min(r["ppl"], top)), fontsize=7,
+                            xytext=(4, 3 if not imat else -9), textcoords="offset points")
+    off = [r for r in scored if r["ppl"] > top]
+    if off:
+        ax.text(0.01, 0.985, "off scale (drawn at the top edge): " + ", ".join(
+            f"{r['tool']} {r['method']}{' +imatrix' if r.get('imatrix') else ''} {r['ppl']:,.0f}" for r in off),
+            transform=ax.transAxes, fontsize=7, va="top", wrap=True)
+    front = pareto([(r["file_mb"], r["ppl"]) for r in scored if r["ppl"] <= top])
     ax.plot(*zip(*front, strict=True), color="black", lw=1, ls="--", drawstyle="steps-post", label="Pareto front",
             zorder=2)
     ax.set_xscale("log")
@@ -466,6 +472,7 @@ def plot(rows: list[dict], path: Path) -> None:
         axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
         axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
         axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_ylim(top=top * 1.12)
     ax.set_xlabel("file size on disk (MB, log)")
     ax.set_ylabel("SOTU test perplexity (log; llama.cpp rule, 512-token chunks)")
     ax.set_title("SmolLM2-135M: llama.cpp, llm-compressor and lmcompress on one text, one rule")

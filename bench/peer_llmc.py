@@ -60,32 +60,23 @@ def score(a: argparse.Namespace) -> dict:
     torch.set_num_threads(a.threads)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     kinds = sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__})
-    activations = quantize_activations(model)
     ids = torch.load(a.ids)
     out = perplexity(model, ids, window=a.window, rule="llama.cpp", bos_token_id=a.bos,
                      max_tokens=a.chunks * a.window if a.chunks else None, batch_size=a.batch_size)
     out["linear_modules"] = kinds
-    out["activation_quantized_modules"] = activations
+    out["activation_quantized_modules"] = activation_quantized(model)
     return out
 
 
-def quantize_activations(model) -> int:
-    """Put the scheme's activation quantization back on the loaded modules; how many have it.
-
-    transformers loads a compressed-tensors checkpoint on CPU decompressed (the weights are the dequantized
-    grid values, status DECOMPRESSED) and with plain Linear forwards, so a W8A8 model would run with fp32
-    activations. compressed-tensors' own QDQ forward quantizes the inputs as the scheme says (dynamic, per
-    token) and, past COMPRESSED, leaves the already-dequantized weights alone.
-    """
-    from compressed_tensors.quantization.lifecycle.forward import set_forward_quantized
-
+def activation_quantized(model) -> int:
+    """How many modules ran with the scheme's activation quantization: compressed-tensors, as transformers
+    loads the checkpoint, replaces their forward by its QDQ forward (input quantized dynamically per token;
+    the weights, decompressed at the first forward, are left alone). Counted, not assumed."""
     count = 0
     for module in model.modules():
         scheme = getattr(module, "quantization_scheme", None)
         if scheme is not None and scheme.input_activations is not None:
-            if getattr(module.forward, "__func__", None) is type(module).forward:  # not wrapped yet
-                set_forward_quantized(module)
-            count += 1
+            count += getattr(module.forward, "__func__", None) is not type(module).forward
     return count
 
 

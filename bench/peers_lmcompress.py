@@ -12,8 +12,8 @@ Mixed-precision rows (`MIXED`) allocate widths to a whole-file size (llama.cpp Q
 and round with GPTQ. Every export is the packed format (`model.safetensors`; the row's file MB is that file)
 and, where the types allow, also GGUF (scored by llama-perplexity as a second row, `... (GGUF)`).
 
-Which methods run is `--lmc-methods` (default all); training budgets are `--recon-steps` (per block) and
-`--kd-steps`. Rows already in peers.json are skipped, so a long run can be split over sessions.
+Which methods run is `--lmc-methods` (default all), on which configurations `--lmc-configs` (default all);
+training budgets are `--recon-steps` (per block) and `--kd-steps`. Rows already in peers.json are skipped, so a long run can be split over sessions.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def chain_recipe(config: dict, folder: Path, args) -> tuple[dict, list[tuple[str
     learnable = config.get("scale") == "lsq"
     stages = [{"stage": "load"},
               {"stage": "quantize", **config, "awq": True, "init": "gptq", "calibration_samples": args.calib_samples,
-               "calibration_block_size": args.window},
+               "calibration_block_size": args.window, "gptq": {"bf16": True}},
               _export("gptq", folder / "gptq")]
     rows = [("GPTQ+AWQ", "gptq")]
     wanted = set(args.lmc_methods)
@@ -120,7 +120,8 @@ def run(args, bench, llamacpp=None) -> None:
     res = bench.results
     work = args.work / "lmcompress"
     wanted = set(args.lmc_methods)
-    for label, config in CONFIGS.items():
+    configs = {k: v for k, v in CONFIGS.items() if not args.lmc_configs or k in args.lmc_configs}
+    for label, config in configs.items():
         if "rtn" in wanted and not res.done("lmcompress", f"RTN {label}"):
             folder = work / label.replace(" ", "-") / "rtn"
             started = time.perf_counter()
@@ -155,6 +156,7 @@ def run(args, bench, llamacpp=None) -> None:
             lc.compress("smollm2-135m", _recipe([
                 {"stage": "quantize", "bits": 4, "group_size": 128, "embedding_bits": 4, "target_mb": mb,
                  "candidate_bits": [2, 3, 4, 5, 6, 8], "float_dtype": "bf16", "init": "gptq", "awq": True,
+                 "gptq": {"bf16": True},
                  "calibration_samples": args.calib_samples, "calibration_block_size": args.window},
                 _export("mixed", folder)], args), out_dir=work / "runs" / folder.name, overwrite=True)
             _score_export(bench, folder, {"tool": "lmcompress", "method": f"GPTQ {label}", "imatrix": False,

@@ -136,7 +136,7 @@ def awq_(model: nn.Module, specs: dict[str, QuantSpec], batches: Sequence[dict[s
     adapter = get_adapter(model)
     names = {id(m): n for n, m in model.named_modules()}
     with fused_attention(model):
-        inputs = capture_block_inputs(model, batches, progress=False)
+        inputs = capture_block_inputs(model, batches, progress)
         hidden = inputs.hidden
         for index, block in enumerate(tqdm(inputs.blocks, desc="awq", unit="block", disable=not progress)):
             def run(i=index, h=hidden[0]) -> torch.Tensor:

@@ -71,6 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--llmc-schemes", default=",".join(LLMC_SCHEMES), help="llm-compressor presets, SCHEME[:GROUP]")
     p.add_argument("--llmc-dtype", default="bfloat16", help="dtype llm-compressor loads (and saves unquantized) in")
     p.add_argument("--keep-gguf", action="store_true", help="keep quantized GGUF files (F32 and imatrix are kept)")
+    p.add_argument("--lmc-methods", type=lambda v: v.split(","), default=["rtn", "gptq", "block", "e2e", "mixed"],
+                   help="lmcompress rows: rtn,gptq,block,e2e,mixed (see bench/peers_lmcompress.py)")
+    p.add_argument("--lmc-configs", type=lambda v: v.split(";"), default=[],
+                   help="lmcompress weight configs, ';'-separated (default all), e.g. 'W4 g128 E8;W2 g64 E4'")
+    p.add_argument("--recon-steps", type=int, default=32, help="block reconstruction steps per block")
+    p.add_argument("--kd-steps", type=int, default=200, help="end-to-end KD steps (8 x 512 tokens each)")
     p.add_argument("--force", action="store_true", help="measure rows already in peers.json again")
     p.add_argument("--report-only", action="store_true", help="only rewrite peers.md / peers.png from peers.json")
     args = p.parse_args(argv)
@@ -389,6 +395,11 @@ def lmcompress_rows(args: argparse.Namespace, bench: Bench) -> None:
         res.add({"tool": "lmcompress", "method": "fp32", "imatrix": False,
                  **bench.size(sorted(Path(bench.model_dir).glob("*.safetensors"))), **bench.score(model),
                  "seconds": 0.0, "calibration_tokens": 0, "note": "the HF model, evaluator rule='llama.cpp'"})
+    import peers_lmcompress  # lmcompress's methods, one recipe per row (bench/peers_lmcompress.py)
+
+    # GGUF exports of lmcompress rows are scored by llama-perplexity when llama.cpp is among the tools.
+    llamacpp = peer_tools.setup_llamacpp(args.work, args.jobs) if "llamacpp" in args.tools else None
+    peers_lmcompress.run(args, bench, llamacpp)
 
 
 # ---------------------------------------------------------------------------------------------- report

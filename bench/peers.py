@@ -151,10 +151,10 @@ class Bench:
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         bos = tokenizer.bos_token_id
         self.bos = bos if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
-        self.test_ids = torch.tensor(tokenizer(self.test_txt.read_text(), add_special_tokens=False)["input_ids"])
+        self.test_ids = torch.tensor(tokenizer(read_like_llamacpp(self.test_txt), add_special_tokens=False)["input_ids"])
         self.test_ids_file = self.text_dir / "sotu-test.ids.pt"
         torch.save(self.test_ids, self.test_ids_file)
-        train = torch.tensor(tokenizer(self.train_txt.read_text(), add_special_tokens=False)["input_ids"])
+        train = torch.tensor(tokenizer(read_like_llamacpp(self.train_txt), add_special_tokens=False)["input_ids"])
         n = args.calib_samples * args.window
         if train.numel() < n:
             raise SystemExit(f"train text has {train.numel()} tokens, fewer than {args.calib_samples} x {args.window}")
@@ -194,6 +194,12 @@ def write_texts(folder: Path) -> tuple[Path, Path]:
         for path, split in ((test, "test"), (train, "train")):
             path.write_text("\n\n".join(t.strip() for t in splits[split]["text"]) + "\n")
     return test, train
+
+
+def read_like_llamacpp(path: Path) -> str:
+    """The text as llama.cpp's `-f` reads it (common/arg.cpp): one trailing newline dropped."""
+    text = path.read_text()
+    return text[:-1] if text.endswith("\n") else text
 
 
 def count_params(model_dir: Path) -> int:

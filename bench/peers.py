@@ -47,8 +47,9 @@ import peer_tools  # noqa: E402  (bench/ is not a package)
 
 LLAMACPP_TYPES = ("Q8_0", "Q4_K_M", "Q4_1", "Q4_0", "Q3_K_M", "Q2_K", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS",
                   "TQ2_0", "TQ1_0")
-# scheme[:group size or `row`]; 576-column SmolLM2 matrices refuse group 128 (576 % 128 != 0), so 64 and row too
-LLMC_SCHEMES = ("W4A16:128", "W4A16:64", "W4A16:row", "W8A8")
+# scheme[:group size or `row`]; 576-column SmolLM2 matrices refuse group 128 (576 % 128 != 0), so 64 too
+# (`W4A16:row`, one scale per output row, also runs; not in the default list for the time)
+LLMC_SCHEMES = ("W4A16:128", "W4A16:64", "W8A8")
 TOOLS = ("llamacpp", "llmcompressor", "lmcompress")
 RULE = ("llama.cpp rule: whole SOTU test text tokenized once, cut into disjoint 512-token chunks "
         "(tail dropped), BOS overwrites each chunk's first token only if the vocabulary adds BOS (SmolLM2's "

@@ -102,18 +102,15 @@ def perplexity(
         bar.update(sum(g[2] for g in group))
     bar.close()
     model.train(was_training)
+    return _result(nll, scored, started, window=window, stride=stride, bos=bos_token_id is not None,
+                   rule="sliding", last_token=windows[-1][1] if windows else 0)  # tokens [0, last_token) read
+
+
+def _result(nll: float, scored: int, started: float, **facts) -> dict:
+    """What both rules return: perplexity, mean NLL, tokens scored, the rule's facts, throughput."""
     elapsed = time.perf_counter() - started
-    return {
-        "perplexity": math.exp(nll / scored),
-        "nll": nll / scored,
-        "tokens": scored,
-        "window": window,
-        "stride": stride,
-        "bos": bos_token_id is not None,
-        "rule": "sliding",
-        "last_token": windows[-1][1] if windows else 0,  # stream tokens [0, last_token) were read
-        "eval_tokens_per_s": scored / elapsed if elapsed > 0 else float("nan"),
-    }
+    return {"perplexity": math.exp(nll / scored), "nll": nll / scored, "tokens": scored, **facts,
+            "eval_tokens_per_s": scored / elapsed if elapsed > 0 else float("nan")}
 
 
 @torch.no_grad()
@@ -158,16 +155,6 @@ def _llamacpp_perplexity(model, data, window, max_tokens, batch_size, progress, 
         bar.update(batch.shape[0])
     bar.close()
     model.train(was_training)
-    elapsed = time.perf_counter() - started
-    return {
-        "perplexity": math.exp(nll / scored),
-        "nll": nll / scored,
-        "tokens": scored,
-        "window": window,
-        "stride": window,
-        "bos": bos_token_id is not None,
-        "rule": "llama.cpp",
-        "chunks": n_chunks,
-        "last_token": n_chunks * window,  # tokens [0, last_token) of the stream (with its BOS) were read
-        "eval_tokens_per_s": scored / elapsed if elapsed > 0 else float("nan"),
-    }
+    # tokens [0, last_token) of the stream (with its BOS) were read
+    return _result(nll, scored, started, window=window, stride=window, bos=bos_token_id is not None,
+                   rule="llama.cpp", chunks=n_chunks, last_token=n_chunks * window)

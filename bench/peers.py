@@ -375,8 +375,8 @@ def llmcompressor_rows(args: argparse.Namespace, bench: Bench) -> None:
                                "note": f"failed: {str(exc).split(': ', 1)[-1][:300]}"})
             continue
         w = q["weights"]
-        note = (f"{w['num_bits']}-bit {w['strategy']} {'sym' if w['symmetric'] else 'asym'}"
-                + (f" group {w['group_size']}" if w.get("group_size") else "")
+        grid = f"group {w['group_size']}" if w.get("group_size") else f"per {w['strategy']}"
+        note = (f"int{w['num_bits']} {'sym' if w['symmetric'] else 'asym'} weights, {grid}"
                 + (f", int8 dynamic per-token activations ({s['activation_quantized_modules']} modules)"
                    if q.get("input_activations") else "")
                 + f"; unquantized tensors {args.llmc_dtype}; lm_head tied to the embedding, not quantized")

@@ -43,6 +43,19 @@ def test_uniform_model_has_vocab_perplexity():
     assert got["perplexity"] == pytest.approx(128, rel=1e-4)
 
 
+class Recorder(torch.nn.Module):
+    """A stand-in LM that records the windows it is given and predicts uniformly over 50 tokens."""
+
+    def __init__(self, seen: list):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen = seen
+
+    def forward(self, input_ids, attention_mask):
+        self.seen.append(input_ids.clone())
+        return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 50)})()
+
+
 def test_rejects_bad_stride():
     with pytest.raises(ValueError, match="stride"):
         perplexity(tiny_model("llama"), torch.arange(10), window=4, stride=5, progress=False)
@@ -51,17 +64,8 @@ def test_rejects_bad_stride():
 def test_bos_windows_score_every_token_once_and_start_with_bos():
     seen = []
 
-    class Recorder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-
-        def forward(self, input_ids, attention_mask):
-            seen.append(input_ids.clone())
-            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 50)})()
-
     ids = torch.arange(3, 23)  # 20 tokens
-    out = perplexity(Recorder(), ids, window=5, bos_token_id=1, batch_size=100, progress=False)
+    out = perplexity(Recorder(seen), ids, window=5, bos_token_id=1, batch_size=100, progress=False)
     assert out["tokens"] == 20 and out["bos"]  # the first token too: it is predicted from BOS
     windows = seen[0]
     assert (windows[:, 0] == 1).all() and windows.shape == (5, 5)
@@ -102,17 +106,8 @@ def test_llamacpp_rule_matches_llama_perplexity_loop(window, bos, n):
 def test_llamacpp_rule_chunks_overwrite_and_scored_positions():
     seen = []
 
-    class Recorder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-
-        def forward(self, input_ids, attention_mask):
-            seen.append(input_ids.clone())
-            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 50)})()
-
     ids = torch.arange(3, 48)  # 45 tokens; with the prepended BOS 46 -> 5 chunks of 8, 6 dropped
-    out = perplexity(Recorder(), ids, window=8, rule="llama.cpp", bos_token_id=1, batch_size=100, progress=False)
+    out = perplexity(Recorder(seen), ids, window=8, rule="llama.cpp", bos_token_id=1, batch_size=100, progress=False)
     chunks = seen[0]
     assert chunks.shape == (5, 8) and (chunks[:, 0] == 1).all()  # BOS overwrites, it is not inserted
     stream = torch.cat([torch.tensor([1]), ids])
@@ -120,7 +115,7 @@ def test_llamacpp_rule_chunks_overwrite_and_scored_positions():
     assert out["tokens"] == 5 * 3 and out["last_token"] == 40  # 8 - 8 // 2 - 1 = 3 tokens a chunk
     assert abs(out["perplexity"] - 50) < 1e-3
     seen.clear()
-    out = perplexity(Recorder(), torch.cat([torch.tensor([1]), ids]), window=8, rule="llama.cpp", bos_token_id=1,
+    out = perplexity(Recorder(seen), torch.cat([torch.tensor([1]), ids]), window=8, rule="llama.cpp", bos_token_id=1,
                      max_tokens=16, progress=False)  # a stream that starts with BOS gets no second one
     assert out["chunks"] == 2 and seen[0][0, 1].item() == 3
 

@@ -38,7 +38,20 @@ def test_capture_leaves_the_model_as_it_was():
     model = tiny_model("llama").train()
     capture_block_inputs(model, _batches())
     assert model.training
-    assert all(not m._forward_pre_hooks for m in model.modules())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    assert all("forward" not in b.__dict__ for b in get_adapter(model).blocks)
+
+
+def test_only_the_first_block_computes_during_the_capture(family):
+    model = tiny_model(family)
+    blocks = get_adapter(model).blocks
+    calls = [0] * len(blocks)
+    for i, block in enumerate(blocks):
+        for m in block.modules():
+            if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D":
+                m.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    capture_block_inputs(model, _batches())
+    assert calls[0] > 0 and not any(calls[1:])
 
 
 def test_fused_attention_is_switched_on_for_the_block_and_back_after():

@@ -4,7 +4,9 @@
 blocks: it keeps what enters block 0 (the embeddings) and, for every block, the keyword arguments the model
 passes it (attention masks, rotary position embeddings, cache positions). Those differ between blocks in
 models with per-layer attention types (sliding-window layers get their own mask), which is why they are
-recorded per block and not rebuilt. `BlockInputs.run(i, hidden)` then calls block `i` on any hidden states
+recorded per block and not rebuilt. They are built by the model before its block loop, never from a block's
+output, so only block 0 computes during the capture: every later block hands its input straight on (in the
+shape block 0's real output had), which makes the capture cost one block's forward instead of the model's. `BlockInputs.run(i, hidden)` then calls block `i` on any hidden states
 exactly as the model would have, so a method can walk the blocks in order, holding one block's activations
 at a time rather than the whole model's.
 """
@@ -102,6 +104,7 @@ def capture_block_inputs(model: nn.Module, batches: Sequence[dict[str, torch.Ten
     captured = BlockInputs(blocks=blocks)
     current: dict[int, tuple[dict, tuple | None]] = {}
     first_hidden: list[torch.Tensor] = []
+    first_output: list = []  # block 0's real output on the current batch: the shape later blocks pass on
 
     def pre_hook(i: int):
         def hook(module, args, kwargs):
@@ -114,7 +117,21 @@ def capture_block_inputs(model: nn.Module, batches: Sequence[dict[str, torch.Ten
                 raise _Stop
         return hook
 
+    def keep_output(module, args, kwargs, output):
+        first_output[:] = [output]
+
+    def pass_on(*args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        out = first_output[0]
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
     handles = [b.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    handles.append(blocks[0].register_forward_hook(keep_output, with_kwargs=True))
+    # An instance attribute: hooks still run and the class's forward is untouched; one already there (an
+    # accelerate offload wrapper) is put back after.
+    own_forward = {i: b.__dict__.get("forward") for i, b in enumerate(blocks)}
+    for b in list(blocks)[1:]:
+        b.forward = pass_on
     was_training = model.training
     model.eval()
     try:
@@ -133,6 +150,11 @@ def capture_block_inputs(model: nn.Module, batches: Sequence[dict[str, torch.Ten
     finally:
         for h in handles:
             h.remove()
+        for i, b in enumerate(blocks):
+            if i > 0:
+                del b.forward
+                if own_forward[i] is not None:
+                    b.forward = own_forward[i]
         model.train(was_training)
     captured.hidden = first_hidden
     return captured

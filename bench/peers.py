@@ -72,8 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--llmc-schemes", default=",".join(LLMC_SCHEMES), help="llm-compressor presets, SCHEME[:GROUP]")
     p.add_argument("--llmc-dtype", default="bfloat16", help="dtype llm-compressor loads (and saves unquantized) in")
     p.add_argument("--keep-gguf", action="store_true", help="keep quantized GGUF files (F32 and imatrix are kept)")
-    p.add_argument("--lmc-methods", type=lambda v: v.split(","), default=["rtn", "gptq", "block", "e2e", "mixed"],
-                   help="lmcompress rows: rtn,gptq,block,e2e,mixed (see bench/peers_lmcompress.py)")
+    p.add_argument("--lmc-methods", type=lambda v: v.split(","), default=["rtn", "gptq", "block", "e2e"],
+                   help="lmcompress rows: rtn,gptq,block,e2e (see bench/peers_lmcompress.py)")
     p.add_argument("--lmc-configs", type=lambda v: v.split(";"), default=[],
                    help="lmcompress weight configs, ';'-separated (default all), e.g. 'W4 g128 E8;W2 g64 E4'")
     p.add_argument("--recon-steps", type=int, default=32, help="block reconstruction steps per block")

@@ -42,6 +42,25 @@ def test_the_budget_is_met_within_one_step_and_sensitive_modules_keep_more_bits(
     assert bits["m0"] == 8 and all(bits[n] < 8 for n in weights if n != "m0")
 
 
+def test_an_overshoot_by_one_large_module_is_handed_back_to_the_small_ones():
+    g = torch.Generator().manual_seed(1)
+    weights = {"big": torch.randn(256, 64, generator=g), **{f"small{i}": torch.randn(8, 64, generator=g)
+                                                              for i in range(6)}}
+    # The small modules are the least sensitive, so they narrow first, all the way; then the big one has to
+    # take one step, 8 -> 4 bits, which saves far more than the budget still needed.
+    fisher = {n: torch.full(w.shape, 1.0 if n == "big" else 1e-6) for n, w in weights.items()}
+    shapes = {n: (int(w.shape[0]), int(w.shape[1])) for n, w in weights.items()}
+    widest = sum(spec_bytes(WIDTHS[-1], s) for s in shapes.values())
+    small_savings = 6 * (spec_bytes(WIDTHS[-1], shapes["small0"]) - spec_bytes(WIDTHS[0], shapes["small0"]))
+    budget = widest - small_savings - 100
+    allocation = allocate_bits(weights, dict.fromkeys(weights, WIDTHS), budget, fisher)
+    bits = {r["module"]: r["bits"] for r in allocation.rows}
+    assert bits["big"] == 4
+    assert all(bits[f"small{i}"] == 8 for i in range(6))  # the slack went back to them
+    assert allocation.bytes <= budget
+    assert allocation.bytes == sum(r["bytes"] for r in allocation.rows)
+
+
 def test_a_budget_below_the_narrowest_widths_is_refused():
     weights = {"m": torch.randn(8, 32)}
     with pytest.raises(RecipeError, match="at least .* MB at the narrowest"):

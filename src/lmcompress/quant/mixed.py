@@ -10,7 +10,9 @@ where F is the diagonal empirical Fisher (squared gradients of the model's own l
 sequences, the diagonal Hessian approximation HAWQ and FWSVD also use) and Q_b the round-to-nearest weight
 on fitted grids. `allocate_bits` starts every module at its widest candidate and, while the modules cost
 more than the budget, narrows the one whose step loses the least sensitivity per byte saved (a greedy
-knapsack; each step changes one module, so the result is within one module's step of the budget).
+knapsack). The last narrowing can overshoot by one module's step, which for an embedding is megabytes, so
+the slack is then handed back: while some module's next wider width fits in what is left, the one that
+regains the most sensitivity per byte widens. What stays unspent is less than any module's widening needs.
 """
 
 from __future__ import annotations
@@ -91,9 +93,31 @@ def allocate_bits(weights: Mapping[str, torch.Tensor], candidates: Mapping[str, 
         b0, b1 = options[best][choice[best]][0], options[best][choice[best] + 1][0]
         choice[best] += 1
         total -= b0 - b1
+    total = _refill(options, choice, total, budget_bytes)
     specs = {name: options[name][i][2] for name, i in choice.items()}
     rows = [{"module": name, "params": int(weights[name].numel()), "bits": options[name][i][2].bits,
              "scheme": options[name][i][2].label, "bytes": options[name][i][0],
              "sensitivity": options[name][i][1]} for name, i in choice.items()]
     return Allocation(specs=specs, bytes=total, budget=budget_bytes,
                       sensitivity=sum(options[n][i][1] for n, i in choice.items()), rows=rows)
+
+
+def _refill(options: dict[str, list[tuple[int, float, QuantSpec]]], choice: dict[str, int], total: int,
+            budget_bytes: int) -> int:
+    """Widen modules back (in place in `choice`) while a widening fits the unspent budget; the new total."""
+    while True:
+        best, best_rate, best_extra = None, None, 0
+        for name, i in choice.items():
+            if i == 0:
+                continue
+            (b0, e0, _), (b1, e1, _) = options[name][i - 1], options[name][i]
+            extra = b0 - b1
+            if not 0 < extra <= budget_bytes - total:
+                continue
+            rate = (e1 - e0) / extra
+            if best_rate is None or rate > best_rate:
+                best, best_rate, best_extra = name, rate, extra
+        if best is None:
+            return total
+        choice[best] -= 1
+        total += best_extra

@@ -12,6 +12,7 @@ from lmcompress.quant.quantizers import (
     QuantSpec,
     WeightQuantizer,
     dequantize,
+    round_to_grid,
 )
 
 GRANULARITIES = [("tensor", None), ("row", None), ("group", 16)]
@@ -94,7 +95,8 @@ def test_dynamic_gamma_gradient_counts_weights_inside_and_outside_the_clip():
     with torch.no_grad():
         quantizer.gamma.fill_(1.0)  # clip at mean|w|: many weights fall outside
     g = torch.randn(w.shape)
-    (quantizer(w) * g).sum().backward()
+    (quantizer(w.requires_grad_(True)) * g).sum().backward()  # QuantGPT trains the weights too
+    w = w.detach()
     mean = w.abs().mean()
     s = (quantizer.gamma.detach() * mean / spec.qmax).to(torch.bfloat16).float()
     x = w / s
@@ -104,6 +106,24 @@ def test_dynamic_gamma_gradient_counts_weights_inside_and_outside_the_clip():
     d_out_d_s = torch.where(inside, q - x, q)  # outside: sign(w) * Q
     expected = (g * d_out_d_s).sum() * mean / spec.qmax
     torch.testing.assert_close(quantizer.gamma.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_with_frozen_weights_the_codes_are_held_and_the_scale_gradient_is_g_times_q():
+    # Scales-only training after GPTQ: weights exactly on the grid, where LSQ's q - w/s is zero up to
+    # rounding noise; with the codes held the step size still learns (EfficientQAT's E2E-QP).
+    spec = QuantSpec("seq", 2, "group", 16, scale="lsq")
+    w = _weight(seed=5)
+    quantizer = WeightQuantizer(spec, w)
+    on_grid = quantizer(w).detach()
+    g = torch.randn(w.shape)
+    (quantizer(on_grid) * g).sum().backward()
+    rows, cols, size = quantizer.groups
+    s = quantizer.scale.detach().abs().to(torch.bfloat16).float().view(rows, cols, 1)  # as the forward uses it
+    codes = round_to_grid(spec.to_groups(on_grid), s, None, spec)
+    factor = 1.0 / (size * spec.qmax) ** 0.5
+    expected = (spec.to_groups(g) * codes).sum(-1).reshape(-1) * factor
+    torch.testing.assert_close(quantizer.scale.grad, expected, rtol=1e-4, atol=1e-6)
+    assert expected.abs().min() > 0
 
 
 def test_weight_gradient_is_straight_through_and_clipped_for_learned_scales():

@@ -60,14 +60,14 @@ def chain_recipe(config: dict, folder: Path, args) -> tuple[dict, list[tuple[str
     wanted = set(args.lmc_methods)
     if wanted & {"block", "e2e"}:
         stages += [{"stage": "reconstruct", "train": ["weights", "scales"] if learnable else ["weights"],
-                    "steps": args.recon_steps, "lr": 1e-4, "bf16": True, "log_with": "none",
+                    "steps": args.recon_steps, "lr": 1e-3, "bf16": True, "log_with": "none",
                     "calibration_samples": args.calib_samples, "calibration_block_size": args.window},
                    _export("block", folder / "block")]
         rows.append(("GPTQ+AWQ+block", "block"))
     if "e2e" in wanted:
         stages += [{"stage": "distill", "train": ["scales"] if learnable else ["weights"],
                     "losses": [{"type": "logits", "temperature": 1.0}], "steps": args.kd_steps, "batch_size": 4,
-                    "grad_accum": 2, "lr": 2e-5 if learnable else 1e-5, "warmup_steps": 10, "schedule": "cosine",
+                    "grad_accum": 2, "lr": 1e-4 if learnable else 1e-5, "warmup_steps": 10, "schedule": "cosine",
                     "bf16": True, "eval_batches": 0, "log_with": "none"},
                    _export("e2e", folder / "e2e")]
         rows.append(("GPTQ+AWQ+block+e2e", "e2e"))

@@ -108,18 +108,22 @@ def test_dynamic_gamma_gradient_counts_weights_inside_and_outside_the_clip():
     torch.testing.assert_close(quantizer.gamma.grad, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_with_frozen_weights_the_codes_are_held_and_the_scale_gradient_is_g_times_q():
-    # Scales-only training after GPTQ: weights exactly on the grid, where LSQ's q - w/s is zero up to
-    # rounding noise; with the codes held the step size still learns (EfficientQAT's E2E-QP).
+@pytest.mark.parametrize("case", ["frozen weights", "grid set by a PTQ fit"])
+def test_the_scale_gradient_holds_the_codes_where_lsqs_term_would_be_noise(case):
+    # After GPTQ the weights sit exactly on the grid, where LSQ's q - w/s is zero up to rounding noise;
+    # with the codes held the step size still learns (EfficientQAT's E2E-QP; block reconstruction).
     spec = QuantSpec("seq", 2, "group", 16, scale="lsq")
     w = _weight(seed=5)
     quantizer = WeightQuantizer(spec, w)
+    rows, cols, size = quantizer.groups
     on_grid = quantizer(w).detach()
+    if case == "grid set by a PTQ fit":
+        quantizer.set_scales(quantizer.scale.detach().abs().view(rows, cols))
+        on_grid.requires_grad_(True)
     g = torch.randn(w.shape)
     (quantizer(on_grid) * g).sum().backward()
-    rows, cols, size = quantizer.groups
     s = quantizer.scale.detach().abs().to(torch.bfloat16).float().view(rows, cols, 1)  # as the forward uses it
-    codes = round_to_grid(spec.to_groups(on_grid), s, None, spec)
+    codes = round_to_grid(spec.to_groups(on_grid.detach()), s, None, spec)
     factor = 1.0 / (size * spec.qmax) ** 0.5
     expected = (spec.to_groups(g) * codes).sum(-1).reshape(-1) * factor
     torch.testing.assert_close(quantizer.scale.grad, expected, rtol=1e-4, atol=1e-6)

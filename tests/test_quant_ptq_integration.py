@@ -108,8 +108,9 @@ def test_mixed_precision_lands_the_whole_file_on_its_target(tmp_path):
     # (the largest step: one 576 x 1536 MLP matrix from 4 to 3 bits, 0.11 MB)
     file_mb = (tmp_path / "mixed" / "model.safetensors").stat().st_size / 1e6
     assert allocated <= budget and budget - allocated < 0.2, (budget, allocated)
-    assert abs(file_mb - (allocated + rest)) < 0.05, (file_mb, allocated, rest)
-    assert file_mb <= 60.0 + 0.05  # the safetensors header is the only byte the target does not plan
+    # the safetensors header (~50 kB of JSON for SmolLM2's tensors) is the only part the target does not plan
+    assert 0 < file_mb - (allocated + rest) < 0.1, (file_mb, allocated, rest)
+    assert file_mb <= 60.0 + 0.1
     model, tokenizer = load_model(tmp_path / "mixed")
     ids = tokenizer("The state of the union is", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -72,7 +72,8 @@ class QuantizeStage(StageConfig, CalibrationSettings, QuantConfig):
                                          "data and folded into the producing norm/linear, before rounding")
     target_bits_per_weight: float | None = Field(
         None, gt=0, description="mixed precision: whole-file bits per parameter to allocate widths for")
-    target_mb: float | None = Field(None, gt=0, description="mixed precision: whole-file size in MB (10^6 bytes)")
+    target_mb: float | None = Field(None, gt=0, description="mixed precision: whole-file size in MB (10^6 bytes) of "
+                                                               "tensor data; the safetensors header adds ~0.05 MB")
     candidate_bits: list[int] = Field([2, 3, 4, 5, 6, 8], min_length=1,
                                       description="widths mixed precision chooses from, per module")
     float_dtype: Literal["fp32", "bf16"] = Field(

@@ -45,9 +45,14 @@ class BlockReconstruction(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = self._inputs[0].run(self.index, int(batch["batch"]), batch["hidden"])
-        error = (out.float() - batch["target"].float()).pow(2).mean(-1)
-        mask = batch["attention_mask"].to(error.dtype)
-        return {"loss": (error * mask).sum() / mask.sum().clamp_min(1)}
+        return {"loss": masked_mse(out, batch["target"], batch["attention_mask"])}
+
+
+def masked_mse(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens of the squared error averaged over the hidden size."""
+    error = (out.float() - target.float()).pow(2).mean(-1)
+    mask = mask.to(error.dtype)
+    return (error * mask).sum() / mask.sum().clamp_min(1)
 
 
 def _one_batch(rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -113,12 +118,14 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Sequence
                 block_config = config.model_copy(update={"run_name": f"{config.run_name}-block-{index:02d}"})
                 result = train(objective, rows, block_config, out_dir, collate=_one_batch, resume=resume)
                 objective.eval()
-                report.after.append(_mse(objective, rows))
+                # One pass gives both the error after training and the next block's inputs.
+                with torch.no_grad():
+                    hidden = list(ours.run_all(index, hidden))
+                report.after.append(sum(float(masked_mse(h, r["target"], r["attention_mask"]))
+                                        for h, r in zip(hidden, rows, strict=True)) / len(rows))
                 report.steps += result.steps
                 report.tokens += result.tokens
                 log.info("block %d: output MSE %.3g -> %.3g", index, report.before[-1], report.after[-1])
-                with torch.no_grad():
-                    hidden = list(ours.run_all(index, hidden))
                 targets_in = targets
         finally:
             for p, flag in flags.items():

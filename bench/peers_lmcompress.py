@@ -8,9 +8,9 @@ Per weight configuration (`CONFIGS`) two recipe runs:
   export (`+block`); end-to-end logit KD of the step sizes (of the weights where the grid is static),
   export (`+e2e`). One run, an export after each step, so the later rows cost only their own training.
 
-The mixed-precision configurations (`mixed ...`) allocate widths to a whole-file size (105 MB, at llama.cpp
-Q4_K_M's 105.5 MB and inside the <= 105 MB target, and 67 MB) and then run the same chain (no RTN row: the allocation reads calibration data). Every
-export is the packed format (`model.safetensors`; the row's file MB is that file) and, where the types allow,
+The mixed-precision configurations (`mixed ...`) allocate widths to a whole-file size (105 MB, next to
+llama.cpp Q4_K_M's 105.5 MB; 67 MB; 44 and 43.6 MB on SEQ grids) and then run the same chain (no RTN row:
+the allocation reads calibration data). Every export is the packed format (`model.safetensors`; the row's file MB is that file) and, where the types allow,
 also GGUF (scored by llama-perplexity as a second row, `... (GGUF)`).
 
 Which steps run is `--lmc-methods` (default all), on which configurations `--lmc-configs` (default all);

@@ -10,8 +10,9 @@ Per weight configuration (`CONFIGS`) two recipe runs:
 
 The mixed-precision configurations (`mixed ...`) allocate widths to a whole-file size (105 MB, next to
 llama.cpp Q4_K_M's 105.5 MB; 67 MB; 44 and 43.6 MB on SEQ grids) and then run the same chain (no RTN row:
-the allocation reads calibration data). Every export is the packed format (`model.safetensors`; the row's file MB is that file) and, where the types allow,
-also GGUF (scored by llama-perplexity as a second row, `... (GGUF)`).
+the allocation reads calibration data). Every export is the packed format (`model.safetensors`; the row's
+file MB is that file) and, where the types allow, also GGUF (scored by llama-perplexity as a second row,
+`... (GGUF)`).
 
 Which steps run is `--lmc-methods` (default all), on which configurations `--lmc-configs` (default all);
 training budgets are `--recon-steps` (per block) and `--kd-steps`. Rows already in peers.json are skipped, so

@@ -64,5 +64,7 @@ def test_a_resumed_run_reloads_finished_blocks_instead_of_training_them_again(tm
     report = reconstruct_blocks(second, teacher, _batches(2), _config(steps=4), tmp_path,
                                 lambda block: trainable_parameters(block, ["weights", "scales"]), resume=True)
     assert report.steps == 4 * 4  # the finished runs, loaded
+    # each finished block keeps its weights, not the optimizer state nothing will step again
+    assert not list((tmp_path / "checkpoints").glob("*/*/optimizer.safetensors"))
     ids = torch.randint(3, 128, (2, 10))
     torch.testing.assert_close(logits(second, ids), logits(first, ids))

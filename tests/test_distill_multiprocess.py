@@ -46,8 +46,8 @@ def test_two_process_cpu_run(tmp_path):
     assert ranks[0]["tokens"] == 3 * 2 * 2 * 2 * 16  # steps x accum x batch x processes x length
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # DDP kept the replicas in sync
     assert sorted(p.name for p in (tmp_path / "checkpoints/train/step-00000003").iterdir()) == [
-        "model.safetensors", "optimizer.safetensors", "rng-0.safetensors", "rng-1.safetensors",
-        "trainer_state.json"]  # no pickles: every rank's random streams as safetensors
+        "model.safetensors", "rng-0.safetensors", "rng-1.safetensors",
+        "trainer_state.json"]  # no pickles: every rank's random streams as safetensors (final: no optimizer)
 
 
 if __name__ == "__main__":

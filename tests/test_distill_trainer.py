@@ -72,6 +72,22 @@ def test_resume_of_a_finished_run_trains_nothing(tmp_path):
     result = train(again, blocks(), config, tmp_path, resume=True, on_step=lambda *a: calls.append(a))
     assert result.steps == 2 and not calls
     assert set(result.final) >= {"loss", "logits", "hidden", "ce"}  # read back from the checkpoint
+    for name, tensor in gpt2_objective().state_dict().items():  # the weights came from the checkpoint
+        if not torch.equal(tensor, again.state_dict()[name]):
+            break
+    else:
+        raise AssertionError("the resumed objective kept its fresh weights")
+
+
+def test_the_final_checkpoint_holds_no_optimizer_state_and_a_midway_one_does(tmp_path):
+    config = TrainConfig(**{**CONFIG, "steps": 4, "checkpoint_every": 2})
+    train(gpt2_objective(), blocks(), config, tmp_path)
+    folders = {p.name: sorted(f.name for f in p.iterdir()) for p in (tmp_path / "checkpoints/train").iterdir()}
+    assert folders == {"step-00000002": ["model.safetensors", "optimizer.safetensors", "rng-0.safetensors",
+                                         "trainer_state.json"],
+                       "step-00000004": ["model.safetensors", "rng-0.safetensors", "trainer_state.json"]}
+    state = json.loads((tmp_path / "checkpoints/train/step-00000004/trainer_state.json").read_text())
+    assert state["optimizer_state"] is False
 
 
 class Toy(nn.Module):

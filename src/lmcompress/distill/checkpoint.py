@@ -3,7 +3,9 @@
 A checkpoint is a folder `out_dir/checkpoints/<run_name>/step-NNNNNNNN/`:
 
     model.safetensors       the objective's state dict (student and loss modules; a tied tensor once)
-    optimizer.safetensors   the optimizer's per-parameter tensors, named `<parameter index>.<name>`
+    optimizer.safetensors   the optimizer's per-parameter tensors, named `<parameter index>.<name>`; not in
+                            a finished run's final checkpoint (nothing steps it again: resuming a finished
+                            run only reloads its weights), which would otherwise be 2/3 of the folder
     rng-<rank>.safetensors  each process's random generators: torch's CPU (and accelerator) states as
                             tensors, Python's and NumPy's as JSON in the file's metadata
     trainer_state.json      step, data position, tokens, seconds, recent losses, the settings that shape
@@ -171,10 +173,10 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict],
 
 def save_checkpoint(accelerator: Accelerator, objective: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, ckpt_dir: Path, state: dict,
-                    keep: int) -> Path:
-    """Write `step-<state['step']>` (every process its RNG file, the main process the rest); keep the
-    newest `keep`, and never fewer than two: the newest one is trusted only once the next step's loss
-    confirms it (see `train`)."""
+                    keep: int, optimizer_state: bool = True) -> Path:
+    """Write `step-<state['step']>` (every process its RNG file, the main process the rest; the optimizer's
+    tensors only with `optimizer_state`); keep the newest `keep`, and never fewer than two: the newest one
+    is trusted only once the next step's loss confirms it (see `train`)."""
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise CheckpointError("checkpoints support one process or DDP; FSDP/DeepSpeed shard the optimizer "
                               "state, which this writer does not gather (set checkpoint_every: 0, "
@@ -189,7 +191,7 @@ def save_checkpoint(accelerator: Accelerator, objective: nn.Module, optimizer: t
     try:
         _write_rng(tmp, final, accelerator.process_index)
         if accelerator.is_main_process:
-            _write_main(tmp, final, objective, optimizer, scheduler, state)
+            _write_main(tmp, final, objective, optimizer, scheduler, state, optimizer_state)
     except CheckpointError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -212,13 +214,14 @@ def _write_rng(tmp: Path, final: Path, rank: int) -> None:
 
 
 def _write_main(tmp: Path, final: Path, objective: nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
+                scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict, optimizer_state: bool) -> None:
     with _writing(final, MODEL_FILE):
         write_tensors(tmp / MODEL_FILE, {k: v.contiguous() for k, v in _unique_tensors(objective).items()})
-    with _writing(final, OPTIMIZER_FILE):
-        write_tensors(tmp / OPTIMIZER_FILE, _optimizer_tensors(optimizer))
+    if optimizer_state:
+        with _writing(final, OPTIMIZER_FILE):
+            write_tensors(tmp / OPTIMIZER_FILE, _optimizer_tensors(optimizer))
     # Plain json.dumps (no default=str): a value JSON cannot hold must fail here, not load back as a string.
-    full = {**state, "scheduler": scheduler.state_dict(),
+    full = {**state, "optimizer_state": optimizer_state, "scheduler": scheduler.state_dict(),
             "optimizer_groups": optimizer.state_dict()["param_groups"]}
     with _writing(final, STATE_FILE):
         (tmp / STATE_FILE).write_text(json.dumps(full, indent=1))
@@ -250,7 +253,8 @@ def check_settings(folder: Path, saved: dict[str, Any], current: dict[str, Any])
 
 def load_checkpoint(folder: Path, objective: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict, rank: int) -> None:
-    """Restore weights, optimizer, scheduler and this process's RNG from `folder` (read by `read_state`)."""
+    """Restore weights, optimizer, scheduler and this process's RNG from `folder` (read by `read_state`); a
+    checkpoint saved without optimizer state (a finished run's) restores all but the optimizer."""
     path = folder / MODEL_FILE
     with _reading(path):
         weights = load_file(path)
@@ -264,8 +268,9 @@ def load_checkpoint(folder: Path, objective: nn.Module, optimizer: torch.optim.O
             for name, tensor in expected.items():
                 tensor.copy_(weights[name])  # in place: a tied alias sees it too
     path = folder / OPTIMIZER_FILE
-    with _reading(path):
-        optimizer.load_state_dict(_optimizer_state(load_file(path), state["optimizer_groups"], optimizer))
+    if state.get("optimizer_state", True):
+        with _reading(path):
+            optimizer.load_state_dict(_optimizer_state(load_file(path), state["optimizer_groups"], optimizer))
     with _reading(folder / STATE_FILE):
         scheduler.load_state_dict(state["scheduler"])
     path = folder / _rng_file(rank)

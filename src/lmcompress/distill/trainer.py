@@ -16,7 +16,9 @@ Checkpoints: `out_dir/checkpoints/<run_name>/step-NNNNNNNN/` holds safetensors a
 optimizer, scheduler, the RNG states of every process, step, data position, and the settings that shape
 the result; see `checkpoint.py`), so resuming runs no code from the folder, and resuming with changed
 settings is refused. They are written to a temporary folder and renamed, the newest `keep_checkpoints`
-(at least two) are kept, and the final step is always saved so a resumed pipeline skips finished training.
+(at least two) are kept, and the final step is always saved so a resumed pipeline skips finished training
+(without the optimizer's state, which nothing steps again: a block-wise reconstruction keeps one final
+checkpoint per block).
 
 Divergence: a non-finite loss term or gradient norm, or a loss spike (over `spike_factor` x the median of
 the recent steps' losses and above the first step's), stops the run before the optimizer steps. The
@@ -490,7 +492,7 @@ def train(
                     raise _diverged(accelerator, ckpt_dir, step, "the optimizer step made weights non-finite",
                                     bad_from=step)
                 save_checkpoint(accelerator, objective, optimizer, scheduler, ckpt_dir, state,
-                                config.keep_checkpoints)
+                                config.keep_checkpoints, optimizer_state=step < config.steps)
             if step == config.steps or (config.eval_every and step % config.eval_every == 0):
                 run_eval(step)
             if on_step is not None:

@@ -109,6 +109,10 @@ class Results:
             print(f"[skip] {tool} {method}{' +imatrix' if imatrix else ''}: in {self.path}", flush=True)
         return present and not self.force
 
+    def get(self, tool: str, method: str, imatrix: bool = False) -> dict | None:
+        """The row of that tool, method and imatrix, if measured."""
+        return next((r for r in self.rows if self.key(r) == (tool, method, imatrix)), None)
+
     def add(self, row: dict) -> None:
         row = {"train_tokens": 0, **row}
         self.rows = [r for r in self.rows if self.key(r) != self.key(row)] + [row]

@@ -21,7 +21,6 @@ a long run can be split over sessions.
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 
@@ -110,26 +109,35 @@ def _score_export(bench, folder: Path, base: dict) -> None:
     bench.results.add({**base, **bench.size(sorted(folder.glob("*.safetensors"))), **bench.score(model)})
 
 
-def _score_gguf(bench, llamacpp, folder: Path, base: dict) -> None:
-    """The export again as GGUF, scored by llama-perplexity; skipped (with a note) where a type does not fit."""
+def _score_gguf(bench, llamacpp, folder: Path, method: str) -> None:
+    """The export of row `method` again as GGUF, scored by llama-perplexity, with that row's costs (the same
+    compression in another file); a model GGUF cannot hold is a refused row naming why."""
     import peers  # the llama-perplexity runner (bench/ is not a package)
 
     import lmcompress as lc
+    from lmcompress.core.errors import LmcompressError
     from lmcompress.formats import export_model
 
+    res = bench.results
+    packed = res.get("lmcompress", method)
+    if packed is None or res.done("lmcompress", f"{method} (GGUF)"):
+        return
+    row = {k: packed[k] for k in ("tool", "imatrix", "seconds", "train_tokens", "calibration_tokens") if k in packed}
+    row["method"] = f"{method} (GGUF)"
     model, tokenizer = lc.load(folder)
     path = folder.with_name(folder.name + ".gguf")
     try:
         export_model(model, tokenizer, path, format="gguf", overwrite=True)
-    except Exception as exc:  # a model GGUF cannot hold is refused by name; keep the row honest
-        print(f"[skip] {base['method']} (GGUF): {exc}", flush=True)
+    except LmcompressError as exc:  # refused by name: keep the refusal as a row, as llama-quantize's are
+        res.add({**row, "ppl": None, "scorer": "llama-perplexity", "note": f"GGUF export refused: {exc}"})
         return
-    row = {**base, "method": base["method"] + " (GGUF)", **bench.size([path])}
-    bench.results.add({**row, **peers.llama_perplexity(llamacpp, path, bench)})
+    res.add({**row, **bench.size([path]), **peers.llama_perplexity(llamacpp, path, bench)})
 
 
 def run(args, bench, llamacpp=None) -> None:
-    """Every lmcompress row `args.lmc_methods` asks for (see the module docstring)."""
+    """Every lmcompress row `args.lmc_methods` asks for (see the module docstring). Rows already in peers.json
+    are kept; with llama.cpp given, a GGUF row is added for every packed row whose export is on disk, so
+    GGUF rows of earlier runs cost only their export and scoring."""
     import lmcompress as lc
 
     res = bench.results
@@ -138,27 +146,31 @@ def run(args, bench, llamacpp=None) -> None:
     configs = {k: v for k, v in CONFIGS.items() if not args.lmc_configs or k in args.lmc_configs}
     for label, config in configs.items():
         slug = label.replace(" ", "-").replace(".", "_")
-        if "rtn" in wanted and "target_mb" not in config and not res.done("lmcompress", f"RTN {label}"):
-            folder = work / slug / "rtn"
-            started = time.perf_counter()
-            result = lc.compress("smollm2-135m", _recipe([{"stage": "quantize", **_rtn_config(config)},
-                                                          _export("rtn", folder)], args),
-                                 out_dir=work / "runs" / f"rtn-{slug}", overwrite=True)
-            del result
-            _score_export(bench, folder, {"tool": "lmcompress", "method": f"RTN {label}", "imatrix": False,
-                                          "seconds": round(time.perf_counter() - started, 1), "train_tokens": 0,
-                                          "calibration_tokens": 0})
-        if not wanted & {"gptq", "block", "e2e"}:
-            continue
-        recipe, rows = chain_recipe(config, work / slug, args)
-        if all(res.done("lmcompress", f"{m} {label}") for m, _ in rows):
-            continue
-        result = lc.compress("smollm2-135m", recipe, out_dir=work / "runs" / f"chain-{slug}", overwrite=True)
-        for method, export in rows:
-            seconds, train, calibration = _cost(result.report, f"export-{export}")
-            base = {"tool": "lmcompress", "method": f"{method} {label}", "imatrix": False,
-                    "seconds": round(seconds, 1), "train_tokens": train, "calibration_tokens": calibration}
-            folder = work / slug / export
-            _score_export(bench, folder, base)
-            if llamacpp is not None:
-                _score_gguf(bench, llamacpp, folder, copy.deepcopy(base))
+        exports: list[tuple[str, Path]] = []  # (row method, export folder)
+        if "rtn" in wanted and "target_mb" not in config:
+            method, folder = f"RTN {label}", work / slug / "rtn"
+            exports.append((method, folder))
+            if not res.done("lmcompress", method):
+                started = time.perf_counter()
+                result = lc.compress("smollm2-135m", _recipe([{"stage": "quantize", **_rtn_config(config)},
+                                                              _export("rtn", folder)], args),
+                                     out_dir=work / "runs" / f"rtn-{slug}", overwrite=True)
+                del result
+                _score_export(bench, folder, {"tool": "lmcompress", "method": method, "imatrix": False,
+                                              "seconds": round(time.perf_counter() - started, 1),
+                                              "train_tokens": 0, "calibration_tokens": 0})
+        if wanted & {"gptq", "block", "e2e"}:
+            recipe, rows = chain_recipe(config, work / slug, args)
+            chain = [(f"{m} {label}", work / slug / export, export) for m, export in rows]
+            exports += [(method, folder) for method, folder, _ in chain]
+            if not all(res.done("lmcompress", method) for method, _, _ in chain):
+                result = lc.compress("smollm2-135m", recipe, out_dir=work / "runs" / f"chain-{slug}", overwrite=True)
+                for method, folder, export in chain:
+                    seconds, train, calibration = _cost(result.report, f"export-{export}")
+                    _score_export(bench, folder, {"tool": "lmcompress", "method": method, "imatrix": False,
+                                                  "seconds": round(seconds, 1), "train_tokens": train,
+                                                  "calibration_tokens": calibration})
+        if llamacpp is not None:
+            for method, folder in exports:
+                if folder.is_dir():
+                    _score_gguf(bench, llamacpp, folder, method)

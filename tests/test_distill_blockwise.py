@@ -16,9 +16,9 @@ def _batches(n: int = 3, seed: int = 0):
 
 
 def _config(steps: int = 12, **kw) -> TrainConfig:
-    return TrainConfig(steps=steps, batch_size=1, lr=1e-3, weight_decay=0.0, progress=False, log_with="none",
-                       spike_factor=None,
-                       run_name="rec", **kw)
+    settings = {"lr": 1e-3, **kw}
+    return TrainConfig(steps=steps, batch_size=1, weight_decay=0.0, progress=False, log_with="none",
+                       spike_factor=None, run_name="rec", **settings)
 
 
 def _student(teacher, scale="lsq"):
@@ -68,3 +68,19 @@ def test_a_resumed_run_reloads_finished_blocks_instead_of_training_them_again(tm
     assert not list((tmp_path / "checkpoints").glob("*/*/optimizer.safetensors"))
     ids = torch.randint(3, 128, (2, 10))
     torch.testing.assert_close(logits(second, ids), logits(first, ids))
+
+
+def test_a_block_that_training_makes_worse_is_put_back_as_it_was(tmp_path):
+    teacher = tiny_model("llama")
+    student = _student(teacher)
+    start = {n: p.detach().clone() for n, p in student.named_parameters()}
+    # lr 10: each Adam step moves every latent weight and scale by ~10, far past any grid
+    report = reconstruct_blocks(student, teacher, _batches(2), _config(steps=3, lr=10.0), tmp_path,
+                                lambda block: trainable_parameters(block, ["weights", "scales"]))
+    assert report.reverted, "lr 10 should have made some block worse"
+    assert report.summary()["reverted_blocks"] == len(report.reverted)
+    assert all(a <= b for a, b in zip(report.after, report.before, strict=True))
+    params = dict(student.named_parameters())
+    for index in report.reverted:
+        names = [n for n in params if n.startswith(f"model.layers.{index}.")]
+        assert names and all(torch.equal(params[n], start[n]) for n in names)

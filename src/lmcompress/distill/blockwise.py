@@ -11,6 +11,10 @@ Each block trains through the one training loop (`trainer.train`) as its own run
 with the trainer's checkpoints, divergence checks and progress bar: a resumed pipeline loads the blocks
 that finished and continues the one that was interrupted. Which parameters train is the caller's choice
 (`trainable`): quantized weights and their scales, with or without the norms.
+
+A block whose output error on the calibration batches ends above where it started (training that went
+astray, e.g. a rounding flip in a block carrying the model's massive activations) is put back as it was,
+named in the log and counted in the report: reconstruction never leaves a block worse than its PTQ start.
 """
 
 from __future__ import annotations
@@ -70,11 +74,12 @@ class BlockwiseReport:
     steps: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    reverted: list[int] = field(default_factory=list)  # blocks put back: training raised their error
 
     def summary(self) -> dict:
         return {"blocks": len(self.after), "block_mse_before": round(sum(self.before), 6),
                 "block_mse_after": round(sum(self.after), 6), "steps": self.steps, "train_tokens": self.tokens,
-                "train_s": round(self.seconds, 1)}
+                "train_s": round(self.seconds, 1), "reverted_blocks": len(self.reverted)}
 
 
 def _mse(objective: BlockReconstruction, rows: Sequence[dict]) -> float:
@@ -115,14 +120,25 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Sequence
                 for p in params:
                     p.requires_grad_(True)
                 report.before.append(_mse(objective, rows))
+                start = {k: v.detach().clone() for k, v in block.state_dict().items()}
                 block_config = config.model_copy(update={"run_name": f"{config.run_name}-block-{index:02d}"})
                 result = train(objective, rows, block_config, out_dir, collate=_one_batch, resume=resume)
                 objective.eval()
                 # One pass gives both the error after training and the next block's inputs.
                 with torch.no_grad():
-                    hidden = list(ours.run_all(index, hidden))
-                report.after.append(sum(float(masked_mse(h, r["target"], r["attention_mask"]))
-                                        for h, r in zip(hidden, rows, strict=True)) / len(rows))
+                    outputs = list(ours.run_all(index, hidden))
+                after = sum(float(masked_mse(h, r["target"], r["attention_mask"]))
+                            for h, r in zip(outputs, rows, strict=True)) / len(rows)
+                if after > report.before[-1]:
+                    log.warning("block %d: training raised its output MSE %.3g -> %.3g; put back as it was",
+                                index, report.before[-1], after)
+                    block.load_state_dict(start)
+                    report.reverted.append(index)
+                    with torch.no_grad():
+                        outputs = list(ours.run_all(index, hidden))
+                    after = report.before[-1]
+                hidden = outputs
+                report.after.append(after)
                 report.steps += result.steps
                 report.tokens += result.tokens
                 log.info("block %d: output MSE %.3g -> %.3g", index, report.before[-1], report.after[-1])

@@ -53,3 +53,32 @@ def test_bytes_on_disk_match_report(family, dtype, tmp_path):
     folder, fmt = export_model(model, None, tmp_path / "m", dtype=dtype)
     assert fmt == "hf"
     assert safetensors_payload_bytes(folder / "model.safetensors") == report["bytes"]
+
+
+@pytest.mark.parametrize("scheme", [{"bits": 4, "group_size": 16}, {"bits": 3, "scheme": "asym", "group_size": 16}])
+def test_the_planned_header_bounds_the_written_one_within_a_few_bytes_a_tensor(family, scheme, tmp_path):
+    model = tiny_model(family, layers=2)
+    quantize_(model, scheme)
+    report = size_report(model, "bf16")
+    folder, _ = export_model(model, None, tmp_path / "m", dtype="bf16")
+    path = folder / "model.safetensors"
+    header = path.stat().st_size - safetensors_payload_bytes(path)
+    tensors = len(auto_format(model).plan(model, "bf16"))
+    assert header <= report["header_bytes"] <= header + 8 * tensors + 8
+    assert report["bytes"] + report["header_bytes"] >= path.stat().st_size
+
+
+def test_the_header_of_a_packed_export_is_known_before_quantizing(family, tmp_path):
+    from lmcompress.formats import packed_header_bytes
+    from lmcompress.quant.apply import plan_quantization
+    from lmcompress.quant.config import QuantConfig
+
+    model = tiny_model(family, layers=2)
+    config = QuantConfig(bits=3, scheme="asym", group_size=16, embedding_bits=8)
+    specs = {name: rule.spec for name, (_, rule) in plan_quantization(model, config).items()}
+    before = packed_header_bytes(model, specs, "bf16")
+    quantize_(model, config)
+    folder, _ = export_model(model, None, tmp_path / "m", dtype="bf16")
+    path = folder / "model.safetensors"
+    written = path.stat().st_size - safetensors_payload_bytes(path)
+    assert written <= before <= written + 8 * len(auto_format(model).plan(model, "bf16")) + 200

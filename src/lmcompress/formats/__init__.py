@@ -16,6 +16,7 @@ from typing import Any
 
 from lmcompress.formats.base import Format
 from lmcompress.formats.marker import MARKER, is_export, read_marker
+from lmcompress.formats.packed import packed_header_bytes
 from lmcompress.formats.plan import PlannedTensor
 from lmcompress.formats.registry import (
     FORMATS,
@@ -46,4 +47,4 @@ def load_inference(folder: str | Path, kernel: str = "auto", prefer: str = "spee
 
 
 __all__ = ["FORMATS", "MARKER", "Format", "PlannedTensor", "auto_format", "export_model", "get_format",
-           "is_export", "load_export", "load_inference", "load_model", "read_marker", "size_report"]
+           "is_export", "load_export", "load_inference", "load_model", "packed_header_bytes", "read_marker", "size_report"]

@@ -50,6 +50,10 @@ class Format(ABC):
         """Every tensor an export of `model` stores, floats left unquantized cast to `dtype`."""
         return self.layout(model, dtype).tensors
 
+    def header_bytes(self, plan: list[PlannedTensor]) -> int:
+        """Bytes the weight file adds to the tensor data of `plan` (its header); 0 where not estimated."""
+        return 0
+
     @abstractmethod
     def layout(self, model: nn.Module, dtype: str) -> Layout:
         """The plan of an export of `model` at `dtype`, and the marker keys that describe it."""

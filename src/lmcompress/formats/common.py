@@ -18,7 +18,12 @@ from transformers.initialization import no_init_weights
 from lmcompress.core.errors import LmcompressError, UnsupportedArchitectureError
 from lmcompress.formats.base import Format, Layout
 from lmcompress.formats.marker import MARKER
-from lmcompress.formats.plan import SAFETENSORS_DTYPES, PlannedTensor, planned_tensor
+from lmcompress.formats.plan import (
+    SAFETENSORS_DTYPES,
+    PlannedTensor,
+    planned_tensor,
+    safetensors_header_bytes,
+)
 from lmcompress.models.adapters import get_adapter
 from lmcompress.models.loading import DTYPES, auto_class, default_task, name_list, refuse_non_finite
 from lmcompress.models.loading import load_tokenizer as load_tokenizer_at
@@ -121,6 +126,9 @@ def write_config_and_tokenizer(model: nn.Module, tokenizer, folder: Path, dtype:
         tokenizer.save_pretrained(folder)
 
 
+SAFETENSORS_METADATA = {"format": "pt"}  # what transformers' loaders expect in the header
+
+
 def write_safetensors(plan: Iterable[PlannedTensor], path: Path) -> None:
     """Write the planned tensors to one safetensors file, each checked against its plan."""
     tensors = {}
@@ -129,11 +137,14 @@ def write_safetensors(plan: Iterable[PlannedTensor], path: Path) -> None:
         if tuple(value.shape) != t.shape or SAFETENSORS_DTYPES.get(value.dtype) != t.dtype:
             raise LmcompressError(f"{t.name}: planned {t.dtype} {t.shape}, produced {value.dtype} {tuple(value.shape)}")
         tensors[t.name] = value
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    save_file(tensors, str(path), metadata=SAFETENSORS_METADATA)
 
 
 class SafetensorsFolderFormat(Format):
     """A format whose folder is `model.safetensors` (exactly the plan) plus config and tokenizer files."""
+
+    def header_bytes(self, plan: list[PlannedTensor]) -> int:
+        return safetensors_header_bytes(plan, SAFETENSORS_METADATA)
 
     def write(self, model: nn.Module, tokenizer, folder: Path, layout: Layout) -> None:
         write_safetensors(layout.tensors, folder / WEIGHTS_FILE)

@@ -34,6 +34,7 @@ points, biases, embeddings, norms, head), so a report's bits and bytes are what 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from torch import nn
 from lmcompress.core.errors import LmcompressError
 from lmcompress.formats.base import Layout
 from lmcompress.formats.common import (
+    SAFETENSORS_METADATA,
     WEIGHTS_FILE,
     SafetensorsFolderFormat,
     build_skeleton,
@@ -56,7 +58,8 @@ from lmcompress.formats.common import (
     unique_tensors,
 )
 from lmcompress.formats.marker import MARKER
-from lmcompress.formats.plan import PlannedTensor, planned_tensor
+from lmcompress.formats.plan import PlannedTensor, planned_tensor, safetensors_header_bytes
+from lmcompress.models.adapters import weight_rows
 from lmcompress.models.select import set_module
 from lmcompress.quant.modules import (
     PackedEmbedding,
@@ -89,7 +92,6 @@ def _module_entries(name: str, module: nn.Module, kind: str) -> list[PlannedTens
         return []  # the table is stored once, with the embedding
     spec: QuantSpec = module.spec
     shape = tuple(module.weight_2d().shape) if isinstance(module, QuantModule) else module.shape
-    rows, cols, _ = spec.group_shape(shape)
     if isinstance(module, QuantModule):
         memo: dict[str, Any] = {}
 
@@ -105,6 +107,13 @@ def _module_entries(name: str, module: nn.Module, kind: str) -> list[PlannedTens
         make_codes = lambda m=module: m.qweight  # noqa: E731
         make_scales = lambda m=module: m.scales.to(SCALE_DTYPE)  # noqa: E731
         make_zeros = lambda m=module: m.zeros  # noqa: E731
+    return _coded_entries(name, spec, shape, kind, make_codes, make_scales, make_zeros)
+
+
+def _coded_entries(name: str, spec: QuantSpec, shape: tuple[int, int], kind: str, make_codes=lambda: None,
+                   make_scales=lambda: None, make_zeros=lambda: None) -> list[PlannedTensor]:
+    """The packed tensors of an (out, in) weight quantized as `spec`."""
+    rows, cols, _ = spec.group_shape(shape)
     entries = [
         planned_tensor(f"{name}.qweight", torch.uint8, (shape[0], packed_row_bytes(shape[1], spec.code_format)),
                        params=shape[0] * shape[1], kind=kind, role="codes", make=make_codes),
@@ -115,6 +124,19 @@ def _module_entries(name: str, module: nn.Module, kind: str) -> list[PlannedTens
         entries.append(planned_tensor(f"{name}.zeros", torch.uint8, (rows, cols), params=0, kind=kind,
                                       role="zeros", make=make_zeros))
     return entries
+
+
+def packed_header_bytes(model: nn.Module, specs: Mapping[str, QuantSpec], dtype: str = "fp32") -> int:
+    """The safetensors header of a packed export of `model` once each module of `specs` is quantized to its
+    spec (read from the unquantized model: a whole-file size target reserves it before quantizing). An
+    upper bound: offsets at full width, and a tied head's alias counted as a tensor of its own."""
+    kind = module_kinds(model)
+    plan = [t for name, spec in specs.items()
+            for t in _coded_entries(name, spec, tuple(weight_rows(model.get_submodule(name)).shape), kind(name))]
+    weights = {f"{name}.weight" for name in specs}  # replaced by the codes; biases stay
+    unique, _ = unique_tensors((k, t) for k, t in model.state_dict(keep_vars=True).items() if k not in weights)
+    plan += [stored_tensor(k, t, _storage_dtype(t, torch_dtype(dtype)), kind(owner(k))) for k, t in unique.items()]
+    return safetensors_header_bytes(plan, SAFETENSORS_METADATA)
 
 
 def _checked_quantize(name: str, module: QuantModule):

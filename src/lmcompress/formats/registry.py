@@ -58,7 +58,9 @@ def load_export(folder: str | Path, trust_remote_code: bool = False, **options: 
 def size_report(model: nn.Module, dtype: str | None = None, teacher_bytes: float | None = None) -> dict[str, Any]:
     """What an export of `model` stores (format auto, floats as `dtype`, default the model's current float
     dtype): params, params_by_kind, bytes, mb, bytes_by_kind, bits_per_param and, given `teacher_bytes`,
-    compression_ratio. Tied tensors count once; bytes are tensor data (file headers and tokenizer files
-    not included)."""
-    plan = auto_format(model).plan(model, dtype or float_dtype_name(model))
-    return summarize(plan, teacher_bytes)
+    compression_ratio. Tied tensors count once; bytes are tensor data; `header_bytes` what the weight file
+    adds to them (an upper bound within a few bytes a tensor; 0 for GGUF, not estimated); tokenizer and
+    config files are not counted."""
+    fmt = auto_format(model)
+    plan = fmt.plan(model, dtype or float_dtype_name(model))
+    return {**summarize(plan, teacher_bytes), "header_bytes": fmt.header_bytes(plan)}

@@ -35,7 +35,7 @@ from torch import nn
 
 from lmcompress.core.errors import RecipeError
 from lmcompress.core.files import write_text_atomic
-from lmcompress.formats import size_report
+from lmcompress.formats import packed_header_bytes, size_report
 from lmcompress.models.adapters import weight_rows
 from lmcompress.quant.apply import plan_quantization, quantize_
 from lmcompress.quant.awq import awq_
@@ -72,8 +72,8 @@ class QuantizeStage(StageConfig, CalibrationSettings, QuantConfig):
                                          "data and folded into the producing norm/linear, before rounding")
     target_bits_per_weight: float | None = Field(
         None, gt=0, description="mixed precision: whole-file bits per parameter to allocate widths for")
-    target_mb: float | None = Field(None, gt=0, description="mixed precision: whole-file size in MB (10^6 bytes) of "
-                                                               "tensor data; the safetensors header adds ~0.05 MB")
+    target_mb: float | None = Field(None, gt=0, description="mixed precision: size in MB (10^6 bytes) of the "
+                                                               "exported model.safetensors, header included")
     candidate_bits: list[int] = Field([2, 3, 4, 5, 6, 8], min_length=1,
                                       description="widths mixed precision chooses from, per module")
     float_dtype: Literal["fp32", "bf16"] = Field(
@@ -157,14 +157,17 @@ class QuantizeStage(StageConfig, CalibrationSettings, QuantConfig):
         full = size_report(student, dtype=self.float_dtype)
         per_float = 4 if self.float_dtype == "fp32" else 2
         fixed = full["bytes"] - sum(w.numel() for w in weights.values()) * per_float
-        budget = int(self._target_bytes(full["params"]) - fixed)
+        # The file's header, with every module at its widest candidate (the most digits any choice writes).
+        header = packed_header_bytes(student, {n: widths[-1] for n, widths in candidates.items()}, self.float_dtype)
+        budget = int(self._target_bytes(full["params"]) - fixed - header)
         stats = collect_stats(student, modules, batches, fisher=True, activations=False, per_weight=True)
         allocation = allocate_bits(weights, candidates, budget, stats.fisher_weights)
         table = [{**r, "sensitivity": f"{r['sensitivity']:.4g}"} for r in allocation.rows]
         write_text_atomic(run.out_dir / f"{self.label}-allocation.md",
                           f"# {self.label}: bits per module\n\nbudget for the quantized modules "
                           f"{budget / 1e6:.3f} MB, allocated {allocation.bytes / 1e6:.3f} MB (the rest of the "
-                          f"file: {fixed / 1e6:.3f} MB)\n\n" + markdown_table(table))
+                          f"file: {fixed / 1e6:.3f} MB of other tensors and at most {header / 1e3:.1f} kB of "
+                          f"header)\n\n" + markdown_table(table))
         return allocation
 
 

@@ -172,6 +172,7 @@ def run(args, bench, llamacpp=None) -> None:
                     _score_export(bench, folder, {"tool": "lmcompress", "method": method, "imatrix": False,
                                                   "seconds": round(seconds, 1), "train_tokens": train,
                                                   "calibration_tokens": calibration})
+                del result  # its teacher and student: the next configuration's run must not share the RAM
         if llamacpp is not None:
             for method, folder in exports:
                 if folder.is_dir():

@@ -24,7 +24,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(HERE))
-    from kernels import SHAPES, timeit
+    from kernel_speed import SHAPES, timeit
 
     from lmcompress.infer.convert import rtn_weight
     from lmcompress.infer.kernels import FbgemmRows, Int4Groups

@@ -8,7 +8,7 @@ row or per group of `group_size` input columns, zero points for asym, so that
 Each kernel packs those codes once (at load) into the layout of a PyTorch integer op and then computes
 `x @ W.T` from the packed integers on every call; none of them rebuilds a float weight.
 
-Which op when (measured on a 2-core AVX-512/VNNI EPYC with torch 2.13, see bench/kernels.py):
+Which op when (measured on a 2-core AVX-512/VNNI EPYC with torch 2.13, see bench/kernel_speed.py):
 - `FbgemmRows`: `quantized.linear_dynamic` (fbgemm, the op `quantize_dynamic` uses) with per-row int8
   weights; fp32 in and out, activations quantized to uint8 on the fly (per token: rows are scaled to
   max |x| = 1 before the op's one-scale-per-tensor quantization, see `_linear_dynamic_per_token`).

@@ -6,7 +6,7 @@ fp32 `F.linear`; bf16 `F.linear`; fbgemm `quantized.linear_dynamic` with per-cha
 (int8 weights, bf16 activations); `_weight_int4pack_mm_for_cpu` (int4, group 64, bf16 activations);
 `torch._int_mm` with per-token int8 activation quantization included.
 
-    flock /tmp/lmc-heavy.lock python bench/kernels.py --threads 2 --out bench/results/kernels.json
+    flock /tmp/lmc-heavy.lock python bench/kernel_speed.py --threads 2 --out bench/results/kernels.json
 """
 
 from __future__ import annotations

@@ -84,3 +84,18 @@ def test_a_block_that_training_makes_worse_is_put_back_as_it_was(tmp_path):
     for index in report.reverted:
         names = [n for n in params if n.startswith(f"model.layers.{index}.")]
         assert names and all(torch.equal(params[n], start[n]) for n in names)
+
+
+def test_a_learnable_asymmetric_grid_reconstructs_with_the_latent_weights_frozen(tmp_path):
+    # At 2 bits the latent weights rarely cross a step in a few steps of training; the grid itself (step
+    # size and zero point, EfficientQAT's Block-AP) is what moves the block's output toward the teacher's.
+    teacher = tiny_model("llama")
+    student = copy.deepcopy(teacher)
+    quantize_(student, {"bits": 2, "scheme": "asym", "group_size": 16, "scale": "lsq"})
+    grid = {n: p.detach().clone() for n, p in student.named_parameters() if n.endswith((".scale", ".zero"))}
+    assert any(n.endswith(".zero") for n in grid)
+    report = reconstruct_blocks(student, teacher, _batches(2), _config(), tmp_path,
+                                lambda block: trainable_parameters(block, ["scales"]))
+    assert all(a < b for a, b in zip(report.after, report.before, strict=True))
+    params = dict(student.named_parameters())
+    assert any(not torch.equal(params[n], v) for n, v in grid.items() if n.endswith(".scale"))

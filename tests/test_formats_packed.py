@@ -19,6 +19,7 @@ CONFIGS = {
     "ternary-a8": {"scheme": "ternary", "embedding_bits": "t", "activation_bits": 8},
     "binary-lsq": {"bits": 1, "scale": "lsq"},
     "asym3-group": {"bits": 3, "scheme": "asym", "granularity": "group", "group_size": 16, "embedding_bits": 8},
+    "asym2-lsq-group": {"bits": 2, "scheme": "asym", "group_size": 16, "scale": "lsq"},
     # 32 = 24 + 8 and 64 = 24 + 24 + 16: every linear has a ragged last group
     "sym4-ragged-group": {"bits": 4, "granularity": "group", "group_size": 24, "embedding_bits": 4},
     "seq2-lsq": {"bits": 2, "scheme": "seq", "group_size": 16},

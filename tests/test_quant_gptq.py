@@ -15,6 +15,7 @@ SPECS = [
     QuantSpec("sym", 4, "group", 12),  # 40 = 12 + 12 + 12 + 4: ragged last group
     QuantSpec("asym", 2, "group", 8),
     QuantSpec("asym", 4, "row"),
+    QuantSpec("asym", 2, "group", 8, scale="lsq"),  # learnable step size and zero point
     QuantSpec("sym", 4, "tensor"),
     QuantSpec("seq", 2, "row", scale="absmax"),
     QuantSpec("seq", 2, "group", 16, scale="lsq"),

@@ -20,7 +20,7 @@ SPECS = (
     [QuantSpec("binary", 1, g, gs, sc) for (g, gs), sc in itertools.product(GRANULARITIES, ["mean", "lsq", "dynamic"])]
     + [QuantSpec("ternary", 2, g, gs, sc) for (g, gs), sc in itertools.product(GRANULARITIES, ["mean", "lsq", "dynamic"])]
     + [QuantSpec("sym", k, g, gs, sc) for k, (g, gs), sc in itertools.product([2, 3, 4, 8], GRANULARITIES, ["absmax", "lsq", "dynamic"])]
-    + [QuantSpec("asym", k, g, gs) for k, (g, gs) in itertools.product([2, 3, 5, 8], GRANULARITIES)]
+    + [QuantSpec("asym", k, g, gs, sc) for k, (g, gs), sc in itertools.product([2, 3, 5, 8], GRANULARITIES, ["absmax", "lsq"])]
 )
 
 
@@ -172,7 +172,7 @@ def test_activation_quantizer_levels_and_straight_through(bits, granularity):
     ({"scheme": "asym", "bits": 1}, "binary"),
     ({"scheme": "binary", "bits": 2}, "bits"),
     ({"scheme": "sym", "bits": 4, "scale": "mean"}, "scale"),
-    ({"scheme": "asym", "bits": 4, "scale": "lsq"}, "scale"),
+    ({"scheme": "asym", "bits": 4, "scale": "dynamic"}, "scale"),
     ({"scheme": "sym", "bits": 4, "granularity": "group"}, "group_size"),
     ({"scheme": "sym", "bits": 4, "granularity": "row", "group_size": 8}, "group_size"),
 ])
@@ -203,3 +203,48 @@ def test_a_group_as_wide_as_the_row_or_wider_is_one_group_per_row():
         wide = WeightQuantizer(QuantSpec("sym", 4, "group", size), weight).quantize(weight)
         row = WeightQuantizer(QuantSpec("sym", 4, "row"), weight).quantize(weight)
         assert torch.equal(wide.scales, row.scales) and torch.equal(wide.codes, row.codes)
+
+
+def test_learnable_asym_starts_at_the_min_max_grid_and_exports_the_same_integer_zero_points():
+    w = _weight(seed=6)
+    spec = QuantSpec("asym", 3, "group", 16, scale="lsq")
+    learned, static = WeightQuantizer(spec, w), WeightQuantizer(QuantSpec("asym", 3, "group", 16), w)
+    assert torch.equal(learned(w).detach(), static(w))
+    with torch.no_grad():
+        learned.zero.add_(0.4)  # between integers: the forward and the export use the rounded zero point
+    q = learned.quantize(w)
+    assert torch.equal(q.zeros.float().reshape(-1), (static.quantize(w).zeros.float().reshape(-1) + 0.4).round()
+                       .clamp(0, spec.qmax))
+    assert torch.equal(dequantize(q.codes, q.scales, q.zeros, spec), learned(w).detach())
+
+
+def test_the_zero_point_gradient_is_minus_the_scale_summed_over_clipped_weights():
+    # Inside the range a shift of z shifts the codes with it (the value does not move); a clipped weight's
+    # value is s * (0 - z) or s * (Q - z), so dvalue/dz = -s there (LSQ+).
+    w = _weight(seed=7)
+    spec = QuantSpec("asym", 2, "group", 16, scale="lsq")
+    quantizer = WeightQuantizer(spec, w)
+    with torch.no_grad():
+        quantizer.scale.mul_(0.5)  # a narrower range: many weights clip at both ends
+    g = torch.randn(w.shape)
+    (quantizer(w) * g).sum().backward()
+    rows, cols, _ = quantizer.groups
+    s = quantizer.scale.detach().abs().to(torch.bfloat16).float().view(rows, cols, 1)
+    z = quantizer.zero.detach().round().view(rows, cols, 1)
+    x = spec.to_groups(w) / s
+    clipped = (x + z < 0) | (x + z > spec.qmax)
+    assert clipped.any() and (~clipped).any()
+    expected = (spec.to_groups(g) * -s * clipped).sum(-1).reshape(-1)
+    torch.testing.assert_close(quantizer.zero.grad, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_fitted_asym_grid_sets_the_learnable_scale_and_zero_point():
+    w = _weight(seed=8)
+    spec = QuantSpec("asym", 2, "group", 16, scale="lsq")
+    quantizer = WeightQuantizer(spec, w)
+    rows, cols, _ = quantizer.groups
+    scales, zeros = torch.full((rows, cols), 0.03), torch.full((rows, cols), 2.0)
+    quantizer.set_scales(scales, zeros)
+    assert quantizer.hold_codes and [p.shape for p in quantizer.parameters()] == [(rows * cols,)] * 2
+    q = quantizer.quantize(w)
+    assert torch.equal(q.zeros.float(), zeros) and torch.equal(q.scales.float(), scales.to(torch.bfloat16).float())

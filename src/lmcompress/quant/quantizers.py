@@ -21,7 +21,11 @@ Learnable scales (`scale:`):
 * `lsq` — LSQ (Esser et al. 2020): one learnable step size per group, initialised to 2*mean|w|/sqrt(Q)
   (1.4*mean|w| when Q = 1, the ternary threshold rule; max|w| / 2^k for seq, as ParetoQ initialises its
   clipping range to max|w|), gradient scaled by 1/sqrt(group numel * Q). `seq` with `lsq` is ParetoQ's
-  stretched elastic quantizer: the same straight-through gradient, its grid the odd levels.
+  stretched elastic quantizer: the same straight-through gradient, its grid the odd levels. `asym` with `lsq`
+  learns the zero point too (LSQ+, Bhalgat et al. 2020; EfficientQAT's Block-AP): scale and zero start at the
+  min/max grid, the zero is rounded in the forward pass (straight-through) and stored as the same integer
+  zero point, so an export is packed exactly like a static asym grid. Its gradient is -s * dL/dw_q summed over
+  the clipped weights: inside the range, moving z shifts the codes with it and leaves the value.
 * `dynamic` — QuantGPT's module-wise dynamic scaling: clipping value alpha = gamma * mean|w| per group with
   ONE learnable gamma per module; s = alpha / Q. With the straight-through estimator the gradient of gamma
   is sum_i dL/dw_q_i * mean|w| * ((q_i - w_i/s) if w_i is inside [-alpha, alpha] else sign(w_i)*Q) / Q,
@@ -66,7 +70,7 @@ ALLOWED_SCALES = {
     "binary": ("mean", "lsq", "dynamic"),
     "ternary": ("mean", "lsq", "dynamic"),
     "sym": ("absmax", "lsq", "dynamic"),
-    "asym": ("absmax",),
+    "asym": ("absmax", "lsq"),
     "seq": ("lsq", "absmax"),
 }
 DEFAULT_SCALE = {"binary": "mean", "ternary": "mean", "sym": "absmax", "asym": "absmax", "seq": "lsq"}
@@ -257,6 +261,15 @@ def round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
     return torch.clamp(torch.round(x), spec.qmin, spec.qmax)
 
 
+def _min_max_grid(wg: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale rounded to its storage dtype, integer zero point) per group of the asym grid over the group's
+    min/max range widened to include zero."""
+    lo = wg.amin(dim=-1, keepdim=True).clamp(max=0)
+    hi = wg.amax(dim=-1, keepdim=True).clamp(min=0)
+    s = ((hi - lo) / qmax).clamp_min(EPS).to(SCALE_DTYPE).to(wg.dtype)
+    return s, torch.round(-lo / s).clamp(0, qmax)
+
+
 # --- straight-through pieces ---------------------------------------------------------------------
 class _RoundScale(torch.autograd.Function):
     """Round a scale to its storage dtype; gradient passes straight through."""
@@ -351,6 +364,9 @@ class WeightQuantizer(nn.Module):
                 init = mean_abs.clone()  # the static binary scale
             elif spec.scheme == "seq":
                 init = self._grouped(weight.detach().float()).abs().amax(dim=-1, keepdim=True) / (spec.qmax + 1)
+            elif spec.scheme == "asym":  # the min/max grid, as the static rule (and EfficientQAT) starts
+                init, zero = _min_max_grid(self._grouped(weight.detach().float()), spec.qmax)
+                self.zero = nn.Parameter(zero.reshape(-1))
             elif spec.qmax == 1:
                 init = 2 * TERNARY_THRESHOLD * mean_abs  # rounding threshold s/2 = 0.7 * mean|w|
             else:
@@ -401,6 +417,8 @@ class WeightQuantizer(nn.Module):
         if spec.scale == "lsq":
             with torch.no_grad():
                 self.scale.copy_(s.reshape(-1))
+                if zeros is not None:
+                    self.zero.copy_(zeros.detach().float().round().reshape(-1))
             self.hold_codes = True
             return
         device = self.counts.device
@@ -451,9 +469,7 @@ class WeightQuantizer(nn.Module):
                 s = wg.abs().amax(dim=-1, keepdim=True) / (spec.qmax + 1)
         else:  # asym, min/max range that always includes zero
             with torch.no_grad():
-                lo = wg.amin(dim=-1, keepdim=True).clamp(max=0)
-                hi = wg.amax(dim=-1, keepdim=True).clamp(min=0)
-                s = (hi - lo) / spec.qmax
+                s, zero = _min_max_grid(wg, spec.qmax)
         s = _RoundScale.apply(s.clamp_min(EPS))
 
         with torch.no_grad():
@@ -462,9 +478,13 @@ class WeightQuantizer(nn.Module):
                 return q, s, None, none, False
             x = wg / s.detach()
             if spec.scheme == "asym":
-                zero = torch.round(-lo / s.detach()).clamp(0, spec.qmax)
+                if spec.scale == "lsq":
+                    zero = self._learned_zero().detach()
+                    inside = (x + zero >= 0) & (x + zero <= spec.qmax)
+                else:
+                    inside = none
                 q = torch.clamp(torch.round(x) + zero, 0, spec.qmax) - zero
-                return q, s, zero, none, True
+                return q, s, zero, inside, True
             q = round_to_grid(wg, s.detach(), None, spec)
             # Inside the grid's reach (its outermost level covers up to 2^k for seq): the gradient of s there
             # is q - w/s, outside it q alone (LSQ / ParetoQ).
@@ -472,10 +492,20 @@ class WeightQuantizer(nn.Module):
             inside = (x >= -reach) & (x <= reach) if spec.learnable else none
         return q, s, None, inside, True
 
+    def _learned_zero(self) -> torch.Tensor:
+        """The learnable zero point (asym lsq) on the integer grid, (R, C, 1); rounding is straight-through."""
+        z = self.zero.clamp(0, self.spec.qmax).reshape(self.groups[0], self.groups[1], 1)
+        return z + (torch.round(z) - z).detach()
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         wg = self._grouped(w)
         q, s, _, inside, rounding = self._grid(wg)
         out = _FakeQuant.apply(wg, s.to(wg.dtype), q.to(wg.dtype), inside, rounding and not self.hold_codes)
+        if self.spec.scheme == "asym" and self.spec.scale == "lsq" and self.fixed_scale is None:
+            # value = s * (clamp(round(w/s) + z, 0, Q) - z): zero in the forward pass, -s per clipped weight
+            # in the backward pass (the zero point's straight-through gradient)
+            z = self._learned_zero()
+            out = out + (z - z.detach()).to(wg.dtype) * (-s.detach().to(wg.dtype)) * (~inside).to(wg.dtype)
         return self.spec.from_groups(out, self.shape)
 
     @torch.no_grad()

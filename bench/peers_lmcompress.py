@@ -5,8 +5,9 @@ Per weight configuration (`CONFIGS`) two recipe runs:
 
 * `RTN` — quantize (static max|w| / range grids), export;
 * the chain — quantize with AWQ scales and GPTQ rounding, export (`GPTQ`); block-wise reconstruction,
-  export (`+block`); end-to-end logit KD of the step sizes (of the weights where the grid is static),
-  export (`+e2e`). One run, an export after each step, so the later rows cost only their own training.
+  export (`+block`); end-to-end logit KD of the step sizes (of the weights where the grid is static;
+  `--kd-train weights,scales` trains both, a row of its own, `+e2e(weights,scales)`), export (`+e2e`).
+  One run, an export after each step, so the later rows cost only their own training.
 
 The mixed-precision configurations (`mixed ...`) allocate widths to a whole-file size (105 MB, next to
 llama.cpp Q4_K_M's 105.5 MB; 67 MB; 44 and 43.6 MB on SEQ grids) and then run the same chain (no RTN row:
@@ -58,6 +59,26 @@ def _export(name: str, folder: Path) -> dict:
     return {"stage": "export", "name": f"export-{name}", "path": str(folder), "dtype": "bf16"}
 
 
+def e2e_parts(config: dict, args) -> list[str]:
+    """What end-to-end KD trains: `--kd-train` on a learnable grid (default its step sizes, EfficientQAT's
+    E2E-QP), the weights on a static grid (it has no scale parameters)."""
+    return list(args.kd_train) if config.get("scale") == "lsq" else ["weights"]
+
+
+def _default_parts(learnable: bool) -> list[str]:
+    return ["scales"] if learnable else ["weights"]
+
+
+def e2e_method(parts: list[str], learnable: bool) -> str:
+    """The row's method: the default parts keep the plain name, so earlier rows stay comparable."""
+    return "GPTQ+AWQ+block+e2e" + ("" if parts == _default_parts(learnable) else f"({','.join(parts)})")
+
+
+def e2e_name(parts: list[str], learnable: bool) -> str:
+    """The e2e export's folder (and export stage) name: one per trained-parts choice, so both stay on disk."""
+    return "e2e" + ("" if parts == _default_parts(learnable) else "-" + "-".join(parts))
+
+
 def chain_recipe(config: dict, folder: Path, args) -> tuple[dict, list[tuple[str, str]]]:
     """The GPTQ -> block reconstruction -> e2e recipe and its (method suffix, export name) rows."""
     learnable = config.get("scale") == "lsq"
@@ -78,12 +99,14 @@ def chain_recipe(config: dict, folder: Path, args) -> tuple[dict, list[tuple[str
                    _export("block", folder / "block")]
         rows.append(("GPTQ+AWQ+block", "block"))
     if "e2e" in wanted:
-        stages += [{"stage": "distill", "train": ["scales"] if learnable else ["weights"],
+        parts = e2e_parts(config, args)
+        name = e2e_name(parts, learnable)
+        stages += [{"stage": "distill", "train": parts,
                     "losses": [{"type": "logits", "temperature": 1.0}], "steps": args.kd_steps, "batch_size": 4,
                     "grad_accum": 2, "lr": 1e-4 if learnable else 1e-5, "warmup_steps": 10, "schedule": "cosine",
                     "bf16": True, "eval_batches": 0, "log_with": "none"},
-                   _export("e2e", folder / "e2e")]
-        rows.append(("GPTQ+AWQ+block+e2e", "e2e"))
+                   _export(name, folder / name)]
+        rows.append((e2e_method(parts, learnable), name))
     return {"name": "peers", "teacher": "smollm2-135m", "corpus": {"name": "sotu"}, "block_size": args.window,
             "seed": 0, "stages": stages}, rows
 

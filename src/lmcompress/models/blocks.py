@@ -158,3 +158,43 @@ def capture_block_inputs(model: nn.Module, batches: Sequence[dict[str, torch.Ten
         model.train(was_training)
     captured.hidden = first_hidden
     return captured
+
+
+@contextmanager
+def skipping_blocks(model: nn.Module, indices: Sequence[int]) -> Iterator[None]:
+    """Within the block, the model computes as if blocks `indices` were removed: each hands its input on
+    unchanged. The blocks stay in place, so every remaining block keeps its own per-layer mask and index
+    (a cheap, exact trial of a removal; `ArchAdapter.keep_blocks` makes it permanent).
+
+    Blocks of transformers 5 return their hidden states as a tensor, and the pass-through does too; a model
+    whose blocks return tuples would read a tensor's first row as its states, so that is an error, raised
+    after the forward that found it."""
+    blocks = get_adapter(model).blocks
+    skipped = sorted(set(indices))
+    if any(not 0 <= i < len(blocks) for i in skipped):
+        raise LmcompressError(f"skipping_blocks: blocks {skipped} out of range for {len(blocks)} blocks")
+    tuple_outputs: list[str] = []
+
+    def pass_on(*args, **kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    def check_form(module, args, output):
+        if isinstance(output, tuple | list):
+            tuple_outputs.append(type(module).__name__)
+
+    own_forward = {i: blocks[i].__dict__.get("forward") for i in skipped}
+    handles = [b.register_forward_hook(check_form) for i, b in enumerate(blocks) if i not in skipped]
+    for i in skipped:
+        blocks[i].forward = pass_on
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for i in skipped:
+            del blocks[i].forward
+            if own_forward[i] is not None:
+                blocks[i].forward = own_forward[i]
+    if tuple_outputs:
+        raise LmcompressError(f"skipping_blocks: {tuple_outputs[0]} returns a tuple, so a skipped block cannot "
+                              "stand in for it; this needs transformers 5 blocks (tensor outputs)")

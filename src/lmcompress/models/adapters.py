@@ -32,6 +32,21 @@ class QKV:
     fused: nn.Module | None = None
 
 
+@dataclass
+class WidthParts:
+    """A block's modules by the role they play in its widths (what width pruning slices): `q`, `k`, `v`
+    write head rows and `o` reads head columns; `mlp_in` write and `mlp_out` reads the intermediate channels;
+    every one of them reads or writes the hidden state, as the `norms` scale it."""
+
+    q: nn.Module
+    k: nn.Module
+    v: nn.Module
+    o: nn.Module
+    mlp_in: list[nn.Module]
+    mlp_out: nn.Module
+    norms: list[nn.Module]
+
+
 class ArchAdapter:
     """Uniform view of a Hugging Face transformer. Subclasses fill in the attribute paths."""
 
@@ -183,6 +198,20 @@ class ArchAdapter:
             setattr(config, self.intermediate_size_attr, teacher_inter * hidden // self.hidden_size)
         return config
 
+    # --- widths (width pruning) ---------------------------------------------------------------------
+    def width_parts(self, block: nn.Module) -> WidthParts:
+        """Block `block`'s modules by role in its widths."""
+        raise UnsupportedArchitectureError(f"width pruning supports LLaMA-layout models; this is {self.family}")
+
+    @property
+    def final_norm(self) -> nn.Module | None:
+        """The norm after the last block (it scales the hidden state too)."""
+        return None
+
+    def set_widths(self, num_heads: int, num_kv_heads: int, intermediate_size: int, hidden_size: int) -> None:
+        """Make the config and every block's attention say the widths the weights now have (head_dim kept)."""
+        raise UnsupportedArchitectureError(f"width pruning supports LLaMA-layout models; this is {self.family}")
+
     # --- GGUF (llama.cpp) --------------------------------------------------------------------------
     gguf_architecture: str | None = None  # llama.cpp's name for the architecture; None: no GGUF export
 
@@ -271,6 +300,26 @@ class LlamaAdapter(ArchAdapter):
         if hasattr(a, "qkv_proj"):  # fused [q | k | v] (Phi-3 style), GQA widths
             return QKV(fused=a.qkv_proj)
         return QKV(q=a.q_proj, k=a.k_proj, v=a.v_proj)
+
+    def width_parts(self, block: nn.Module) -> WidthParts:
+        a, mlp = block.self_attn, block.mlp
+        if hasattr(a, "qkv_proj") or not hasattr(mlp, "gate_proj"):
+            raise UnsupportedArchitectureError("width pruning needs separate q/k/v and gate/up/down projections; "
+                                               "this model fuses them")
+        return WidthParts(q=a.q_proj, k=a.k_proj, v=a.v_proj, o=a.o_proj, mlp_in=[mlp.gate_proj, mlp.up_proj],
+                          mlp_out=mlp.down_proj, norms=[block.input_layernorm, block.post_attention_layernorm])
+
+    @property
+    def final_norm(self) -> nn.Module | None:
+        return self.base.norm
+
+    def set_widths(self, num_heads: int, num_kv_heads: int, intermediate_size: int, hidden_size: int) -> None:
+        config = self.config
+        config.head_dim = self.head_dim  # explicit: hidden_size // num_heads no longer gives it
+        config.num_attention_heads, config.num_key_value_heads = num_heads, num_kv_heads
+        config.intermediate_size, config.hidden_size = intermediate_size, hidden_size
+        for block in self.blocks:
+            block.self_attn.num_key_value_groups = num_heads // num_kv_heads  # eager/sdpa repeat k/v by it
 
     gguf_architecture = "llama"
 

@@ -4,11 +4,16 @@
       depth:
         method: angular        # block-influence | angular | perplexity
         remove: 8              # blocks to remove (or keep: 22); a list names them instead of measuring
+      width:                   # Minitron-style, by activation importance
+        target_params: 81400000  # or ratio: 0.6, or sizes: {num_heads: 6, num_kv_heads: 2, intermediate_size: 1024}
+        dimensions: [heads, mlp, hidden]
+        heads: groups          # whole kv groups go, or q-heads: q heads within every group
       calibration_samples: 32  # corpus sequences the scores are measured on
 
-The student stays a normal Hugging Face model (its config says the new depth; save/reload and generate
-work). The report row names the removed blocks and the parameters before and after; the per-block scores
-go to the report's meta under the stage's label.
+Depth goes first, then width (measured on the shallower model). The student stays a normal Hugging Face
+model (its config says the new depth and widths; save/reload and generate work). Each part reports a row:
+what was removed, the parameters before and after; the per-block and per-channel scores go to the
+report's meta under the stage's label.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from lmcompress.recipe.base import (
 from lmcompress.surgery.calibration import calibration_batches
 from lmcompress.surgery.depth import DepthChoice, DepthMethod, choose_blocks
 from lmcompress.surgery.truncate import resolve_layers, truncate_layers
+from lmcompress.surgery.width import HeadRule, WidthSizes, check_cuttable, prune_width, sizes_for_params
 
 
 class DepthPruning(Strict):
@@ -76,6 +82,54 @@ class DepthPruning(Strict):
         return count
 
 
+class ExplicitWidths(Strict):
+    """Widths to cut to; a width left out stays as it is."""
+
+    num_heads: int | None = Field(None, gt=0)
+    num_kv_heads: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)
+    hidden_size: int | None = Field(None, gt=0)
+
+    def resolve(self, now: WidthSizes) -> WidthSizes:
+        given = {k: v for k, v in self.model_dump().items() if v is not None}
+        if "num_kv_heads" in given and "num_heads" not in given:  # whole groups go: their q heads with them
+            given["num_heads"] = given["num_kv_heads"] * (now.num_heads // now.num_kv_heads)
+        return replace(now, **given)
+
+
+class WidthPruning(Strict):
+    """Widths to cut to: `sizes` explicitly, or `target_params` / `ratio` (of the model's parameters when the
+    stage starts) reached by shrinking `dimensions` together."""
+
+    sizes: ExplicitWidths | None = None
+    target_params: float | None = Field(None, gt=0, description="parameters after pruning (e.g. 81400000)")
+    ratio: float | None = Field(None, gt=0, lt=1, description="fraction of the parameters to keep")
+    dimensions: list[Literal["heads", "mlp", "hidden"]] = Field(["heads", "mlp", "hidden"], min_length=1)
+    heads: HeadRule = Field("groups", description="groups: whole kv groups go | q-heads: q heads within groups")
+    multiple: int = Field(32, gt=0, description="MLP and hidden widths are rounded to a multiple of this")
+
+    @model_validator(mode="after")
+    def _one_size(self) -> WidthPruning:
+        if sum(x is not None for x in (self.sizes, self.target_params, self.ratio)) != 1:
+            raise ValueError("give exactly one of sizes, target_params or ratio")
+        return self
+
+    def resolve(self, model, field: str) -> WidthSizes:
+        check_cuttable(model)
+        now = WidthSizes.of(get_adapter(model))
+        if self.sizes is not None:
+            sizes = self.sizes.resolve(now)
+        else:
+            total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+            target = int(self.target_params or total * self.ratio)
+            try:
+                sizes = sizes_for_params(model, target, self.dimensions, self.heads, self.multiple)
+            except RecipeError as exc:
+                raise RecipeError(f"{field}: {exc}") from None
+        sizes.check_within(now, field)
+        return sizes
+
+
 @register_stage
 class PruneStage(StageConfig, CalibrationSettings):
     """Remove the transformer blocks the student misses least, measured on calibration data."""
@@ -83,42 +137,66 @@ class PruneStage(StageConfig, CalibrationSettings):
     changes_student: ClassVar[bool] = True
 
     stage: Literal["prune"] = "prune"
-    depth: DepthPruning
+    depth: DepthPruning | None = None
+    width: WidthPruning | None = None
     calibration_samples: int = Field(32, gt=0, description="calibration sequences the scores are measured on")
     bf16: bool = Field(False, description="measure under bf16 autocast (about 2x faster on CPUs with avx512_bf16)")
+
+    @model_validator(mode="after")
+    def _something(self) -> PruneStage:
+        if self.depth is None and self.width is None:
+            raise ValueError("give depth, width or both")
+        return self
 
     def needs(self) -> tuple[DataSection, ...]:
         return self.calibration_needs()
 
     def uses_calibration(self) -> bool:
-        return self.depth.measured
+        return self.width is not None or self.depth.measured
 
     def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:
         self.check_calibration(self.label, facts, recipe)
+        if self.depth is None:
+            return facts
         count = self.depth.remove_count(facts.student_layers, f"{self.label}.depth")
         return replace(facts, student_layers=facts.student_layers - count)
 
     def run(self, run: Run) -> None:
+        """Depth first (the width measurements then run on fewer blocks), then width; one report row each."""
         student = run.require_student(self.label)
-        depth = get_adapter(student).num_layers
-        field = f"{self.label}.depth"
-        before = size_report(student)
-        if self.depth.measured:
+        batches = None
+        if self.uses_calibration():
             data = self.calibration_dataset(run, self.label)
             pad = getattr(run.tokenizer, "pad_token_id", None) or 0
             batches = calibration_batches(data, self.calibration_samples, self.calibration_batch_size,
                                           pad_token_id=pad, seed=run.recipe.seed)
+        if self.depth is not None:
+            self._prune_depth(run, student, batches)
+        if self.width is not None:
+            before, widths = size_report(student), WidthSizes.of(get_adapter(student))
+            sizes = self.width.resolve(student, f"{self.label}.width")
+            choice = prune_width(student, batches, sizes, bf16=self.bf16)
+            self._report(run, "width", choice.summary(widths), before, student, choice.importance)
+
+    def _prune_depth(self, run: Run, student, batches) -> None:
+        depth = get_adapter(student).num_layers
+        field = f"{self.label}.depth"
+        before = size_report(student)
+        if self.depth.measured:
             choice = choose_blocks(student, batches, self.depth.method, self.depth.remove_count(depth, field),
                                    bf16=self.bf16)
         else:
             kept = self.depth.kept_blocks(depth, field)
             choice = DepthChoice("named", [i for i in range(depth) if i not in kept], kept)
         truncate_layers(student, choice.kept)
-        after = size_report(student)
         summary = choice.summary()
         scores = {k: summary.pop(k) for k in choice.scores}
-        run.report.add(stage=self.label, **summary, params_before=before["params"], params_after=after["params"],
-                       model_mb=round(after["mb"], 2))
         run.report.meta["kept_layers"] = choice.kept
+        self._report(run, "depth", summary, before, student, scores)
+
+    def _report(self, run: Run, what: str, summary: dict, before: dict, student, scores: dict) -> None:
+        after = size_report(student)
+        run.report.add(stage=self.label, pruned=what, **summary, params_before=before["params"],
+                       params_after=after["params"], model_mb=round(after["mb"], 2))
         for name, values in scores.items():
             run.report.meta[f"{self.label} {name}"] = values

@@ -1,0 +1,357 @@
+"""Width pruning by activation importance (Minitron: Muralidharan et al. 2024, "Compact Language Models via
+Pruning and Knowledge Distillation").
+
+Importance is measured on calibration batches with forward hooks, over real tokens only:
+
+* a head: the mean L2 norm of its attention output (the head's slice of what enters the output projection);
+* an MLP channel: the mean |activation| entering the MLP's output projection (act(gate) * up for LLaMA);
+* a hidden (embedding) channel: the mean |value| of that channel after every norm of the model, summed
+  over the norms (what the blocks read of it).
+
+Heads under grouped-query attention go by whole kv groups (a group's score: its q heads' summed) and/or by q
+heads within each group (the same count in every group, so the grouping stays regular). Every block keeps
+the same sizes (a Hugging Face config has one width per dimension) but its own best heads and channels; the
+hidden channels are one set for the whole residual stream.
+
+Sizes come explicitly or from a parameter target: `sizes_for_params` shrinks the chosen dimensions by one
+common keep fraction, rounded (channels to a multiple, heads to whole heads), the largest that fits, then
+widens each dimension a step at a time while the count still fits. Counting
+and slicing share one map of which dimension of which parameter is which width (`_width_map`), so the count
+is exactly what the slicing leaves.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lmcompress.core.errors import RecipeError
+from lmcompress.models.adapters import ArchAdapter, get_adapter
+from lmcompress.models.blocks import fused_attention, model_inputs
+
+Dimension = Literal["heads", "mlp", "hidden"]
+HeadRule = Literal["groups", "q-heads"]
+
+
+@dataclass(frozen=True)
+class WidthSizes:
+    """The widths of a model: attention heads, kv heads, MLP channels, hidden channels."""
+
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    hidden_size: int
+
+    @classmethod
+    def of(cls, adapter: ArchAdapter) -> WidthSizes:
+        return cls(adapter.num_heads, adapter.num_kv_heads, getattr(adapter.config, adapter.intermediate_size_attr),
+                   adapter.hidden_size)
+
+    def check_within(self, now: WidthSizes, field: str = "width") -> None:
+        """Refuse sizes the model cannot be cut to (larger than now, not whole groups, irregular grouping)."""
+        for name, value in asdict(self).items():
+            if not 0 < value <= getattr(now, name):
+                raise RecipeError(f"{field}.{name}: {value} must be 1..{getattr(now, name)} (the model's now)")
+        if self.num_heads % self.num_kv_heads:
+            raise RecipeError(f"{field}: num_heads {self.num_heads} must be a multiple of num_kv_heads "
+                              f"{self.num_kv_heads} (each kv head serves the same number of q heads)")
+        if self.hidden_size % self.num_heads:  # transformers' configs validate it, head_dim given or not
+            raise RecipeError(f"{field}: hidden_size {self.hidden_size} must be a multiple of num_heads "
+                              f"{self.num_heads} (transformers refuses to load such a config)")
+        if self.num_heads // self.num_kv_heads > now.num_heads // now.num_kv_heads:
+            raise RecipeError(f"{field}: {self.num_heads} q heads over {self.num_kv_heads} kv heads is "
+                              f"{self.num_heads // self.num_kv_heads} a group; the model has "
+                              f"{now.num_heads // now.num_kv_heads}, and pruning cannot add heads to a group")
+
+
+@dataclass
+class WidthImportance:
+    """Mean activation importance over the calibration tokens (see the module docstring)."""
+
+    heads: list[torch.Tensor]  # per block: (num_heads,)
+    channels: list[torch.Tensor]  # per block: (intermediate_size,)
+    hidden: torch.Tensor  # (hidden_size,)
+    tokens: int
+
+
+def _autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+@torch.no_grad()
+def width_importance(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], bf16: bool = False,
+                     progress: bool = True) -> WidthImportance:
+    """Run the calibration batches once through `model` with hooks and return every width's importance."""
+    adapter = get_adapter(model)
+    parts = [adapter.width_parts(b) for b in adapter.blocks]
+    num_heads, head_dim = adapter.num_heads, adapter.head_dim
+    heads = [torch.zeros(num_heads, dtype=torch.float64) for _ in parts]
+    channels = [torch.zeros(p.mlp_out.in_features, dtype=torch.float64) for p in parts]
+    hidden = torch.zeros(adapter.hidden_size, dtype=torch.float64)
+    mask: list[torch.Tensor | None] = [None]
+
+    def real(x: torch.Tensor) -> torch.Tensor:  # (tokens, features) of the real tokens, fp32
+        m = mask[0]
+        return (x[m] if m is not None else x.reshape(-1, x.shape[-1])).float()
+
+    def head_hook(i):
+        def hook(module, args):
+            heads[i].add_(real(args[0]).view(-1, num_heads, head_dim).norm(dim=-1).sum(0).double())
+        return hook
+
+    def channel_hook(i):
+        def hook(module, args):
+            channels[i].add_(real(args[0]).abs().sum(0).double())
+        return hook
+
+    def hidden_hook(module, args, out):
+        hidden.add_(real(out).abs().sum(0).double())
+
+    handles = []
+    for i, p in enumerate(parts):
+        handles.append(p.o.register_forward_pre_hook(head_hook(i)))
+        handles.append(p.mlp_out.register_forward_pre_hook(channel_hook(i)))
+        handles += [n.register_forward_hook(hidden_hook) for n in p.norms]
+    if adapter.final_norm is not None:
+        handles.append(adapter.final_norm.register_forward_hook(hidden_hook))
+    device = next(model.parameters()).device
+    tokens = 0
+    try:
+        with fused_attention(model), _autocast(bf16):
+            for batch in tqdm(batches, desc="width importance", unit="batch", disable=not progress):
+                inputs = model_inputs(batch, device)
+                m = inputs.get("attention_mask")
+                mask[0] = m.bool() if m is not None else None
+                tokens += int(mask[0].sum()) if mask[0] is not None else inputs["input_ids"].numel()
+                adapter.base(**inputs, use_cache=False) if adapter.causal else adapter.base(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    if tokens == 0:
+        raise RecipeError("width pruning: the calibration batches have no real tokens")
+    scale = 1.0 / tokens
+    return WidthImportance([h * scale for h in heads], [c * scale for c in channels], hidden * scale, tokens)
+
+
+# --- which dimension of which parameter is which width ----------------------------------------------------
+
+# role of each dimension of a parameter: "q" (q-head rows: heads x head_dim), "kv" (kv-head rows), "mlp",
+# "hidden", or None (not a width, e.g. the vocabulary)
+Roles = tuple[str | None, ...]
+
+
+def _width_map(adapter: ArchAdapter) -> list[tuple[nn.Module, str, Roles, int | None]]:
+    """(module, parameter name, roles of its dimensions, block index or None for model-wide) for every
+    parameter a width runs through."""
+    entries: list[tuple[nn.Module, str, Roles, int | None]] = [(adapter.embeddings, "weight", (None, "hidden"), None)]
+    head = adapter.head
+    if head is not None and head.weight is not adapter.embeddings.weight:
+        entries.append((head, "weight", (None, "hidden"), None))
+    if adapter.final_norm is not None:
+        entries += [(adapter.final_norm, n, ("hidden",), None) for n, _ in adapter.final_norm.named_parameters()]
+    for i, block in enumerate(adapter.blocks):
+        p = adapter.width_parts(block)
+        linears = [(p.q, "q", "hidden"), (p.k, "kv", "hidden"), (p.v, "kv", "hidden"), (p.o, "hidden", "q"),
+                   *[(m, "mlp", "hidden") for m in p.mlp_in], (p.mlp_out, "hidden", "mlp")]
+        for module, rows, cols in linears:
+            if type(module) is not nn.Linear:
+                raise RecipeError(f"width pruning cuts float nn.Linear modules, and block {i} holds a "
+                                  f"{type(module).__name__}; prune before quantize or factorize")
+            entries.append((module, "weight", (rows, cols), i))
+            if module.bias is not None:
+                entries.append((module, "bias", (rows,), i))
+        entries += [(n, name, ("hidden",), i) for n in p.norms for name, _ in n.named_parameters()]
+    return entries
+
+
+def check_cuttable(model: nn.Module) -> None:
+    """Refuse, by name, a model width pruning cannot cut (another layout, quantized or factorized modules)."""
+    _width_map(get_adapter(model))
+
+
+def _role_sizes(sizes: WidthSizes, head_dim: int) -> dict[str, int]:
+    return {"q": sizes.num_heads * head_dim, "kv": sizes.num_kv_heads * head_dim,
+            "mlp": sizes.intermediate_size, "hidden": sizes.hidden_size}
+
+
+def count_params(model: nn.Module, sizes: WidthSizes) -> int:
+    """The parameter count `model` would have cut to `sizes` (tied tensors once)."""
+    adapter = get_adapter(model)
+    new = _role_sizes(sizes, adapter.head_dim)
+    mapped = _width_map(adapter)
+    total = sum(p.numel() for p in model.parameters())
+    for module, name, roles, _ in mapped:
+        shape = getattr(module, name).shape
+        total += math.prod(new[r] if r else n for r, n in zip(roles, shape, strict=True)) - math.prod(shape)
+    return total
+
+
+def _round_to(value: float, multiple: int, floor: int) -> int:
+    return max(floor, int(round(value / multiple)) * multiple)
+
+
+def sizes_for_params(model: nn.Module, target_params: int, dimensions: Sequence[Dimension],
+                     head_rule: HeadRule = "groups", multiple: int = 32) -> WidthSizes:
+    """The largest sizes, all chosen dimensions shrunk by one keep fraction, whose count is <= the target."""
+    adapter = get_adapter(model)
+    check_cuttable(model)
+    now = WidthSizes.of(adapter)
+    if not dimensions:
+        raise RecipeError("width pruning to a parameter target needs dimensions (heads, mlp, hidden)")
+    group = now.num_heads // now.num_kv_heads
+
+    def at(keep: float) -> WidthSizes:
+        heads, kv = now.num_heads, now.num_kv_heads
+        if "heads" in dimensions:
+            if head_rule == "groups":
+                kv = max(1, round(now.num_kv_heads * keep))
+                heads = kv * group
+            else:
+                heads = max(1, round(group * keep)) * kv
+        mlp = (min(now.intermediate_size, _round_to(now.intermediate_size * keep, multiple, multiple))
+               if "mlp" in dimensions else now.intermediate_size)
+        step = math.lcm(multiple, heads)  # hidden_size must stay a multiple of the head count
+        hidden = (min(now.hidden_size, _round_to(now.hidden_size * keep, step, step))
+                  if "hidden" in dimensions else now.hidden_size)
+        return WidthSizes(heads, kv, mlp, hidden)
+
+    def fits(sizes: WidthSizes) -> bool:
+        return sizes.hidden_size % sizes.num_heads == 0 and count_params(model, sizes) <= target_params
+
+    if not fits(at(1e-9)):
+        raise RecipeError(f"width pruning: {target_params:,} parameters is below what cutting "
+                          f"{', '.join(dimensions)} can reach ({count_params(model, at(1e-9)):,}); "
+                          "prune more dimensions or depth too")
+    lo, hi = 0.0, 1.0  # count(at(lo)) <= target; find the largest such keep fraction
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(at(mid)) else (lo, mid)
+    sizes = at(lo)
+    # One fraction for all moves in coarse steps (a kv group is a third of SmolLM2's heads): grow each
+    # dimension by one step in turn while the count still fits.
+    grown = True
+    while grown:
+        grown = False
+        for dim in dimensions:
+            bigger = _one_step_wider(sizes, now, dim, head_rule, multiple)
+            if bigger is not None and fits(bigger):
+                sizes, grown = bigger, True
+    return sizes
+
+
+def _one_step_wider(sizes: WidthSizes, now: WidthSizes, dim: Dimension, head_rule: HeadRule,
+                    multiple: int) -> WidthSizes | None:
+    """`sizes` one step wider in `dim` (a kv group, a q head per group, or `multiple` channels), or None at
+    the model's own width."""
+    group = now.num_heads // now.num_kv_heads
+    if dim == "heads" and head_rule == "groups" and sizes.num_kv_heads < now.num_kv_heads:
+        return replace(sizes, num_kv_heads=sizes.num_kv_heads + 1, num_heads=(sizes.num_kv_heads + 1) * group)
+    if dim == "heads" and head_rule == "q-heads" and sizes.num_heads < now.num_heads:
+        return replace(sizes, num_heads=sizes.num_heads + sizes.num_kv_heads)
+    if dim == "mlp" and sizes.intermediate_size < now.intermediate_size:
+        return replace(sizes, intermediate_size=min(now.intermediate_size, sizes.intermediate_size + multiple))
+    if dim == "hidden" and sizes.hidden_size < now.hidden_size:
+        step = math.lcm(multiple, sizes.num_heads)
+        return replace(sizes, hidden_size=min(now.hidden_size, sizes.hidden_size + step))
+    return None
+
+
+# --- choosing and cutting -----------------------------------------------------------------------------
+
+
+@dataclass
+class WidthChoice:
+    """What stays: per block its q heads, kv heads and MLP channels; the hidden channels; and the sizes."""
+
+    sizes: WidthSizes
+    heads: list[list[int]]
+    kv_heads: list[list[int]]
+    channels: list[list[int]]
+    hidden: list[int]
+    tokens: int = 0
+    seconds: float = 0.0
+    importance: dict[str, list[float]] = field(default_factory=dict)
+
+    def summary(self, before: WidthSizes) -> dict:
+        removed_heads = [[h for h in range(before.num_heads) if h not in kept] for kept in self.heads]
+        return {**{f"{k}_before": v for k, v in asdict(before).items()}, **asdict(self.sizes),
+                "removed_heads": removed_heads, "calibration_tokens": self.tokens, "seconds": round(self.seconds, 1)}
+
+
+def _top(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k largest scores, in increasing index order (ties: the lower index)."""
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    return sorted(order[:k])
+
+
+def choose_width(importance: WidthImportance, now: WidthSizes, sizes: WidthSizes) -> WidthChoice:
+    """Per block the most important kv groups, then within each the most important q heads; the most
+    important MLP channels per block; the most important hidden channels overall."""
+    sizes.check_within(now)
+    group, new_group = now.num_heads // now.num_kv_heads, sizes.num_heads // sizes.num_kv_heads
+    heads, kv_heads = [], []
+    for scores in importance.heads:
+        by_group = scores.view(now.num_kv_heads, group)
+        groups = _top(by_group.sum(dim=1), sizes.num_kv_heads)
+        kv_heads.append(groups)
+        heads.append([g * group + h for g in groups for h in _top(by_group[g], new_group)])
+    channels = [_top(c, sizes.intermediate_size) for c in importance.channels]
+    return WidthChoice(sizes, heads, kv_heads, channels, _top(importance.hidden, sizes.hidden_size),
+                       tokens=importance.tokens,
+                       importance={"hidden_channel_importance": [round(float(v), 6) for v in importance.hidden]})
+
+
+def _rows(indices: list[int], width: int) -> torch.Tensor:
+    """Rows of the heads `indices` when each head is `width` rows."""
+    return torch.tensor([h * width + j for h in indices for j in range(width)], dtype=torch.long)
+
+
+def cut_width(model: nn.Module, choice: WidthChoice) -> nn.Module:
+    """Keep only what `choice` keeps, in place; the config and every attention module say the new widths."""
+    adapter = get_adapter(model)
+    head_dim = adapter.head_dim
+    tied = adapter.head is not None and adapter.head.weight is adapter.embeddings.weight
+    hidden = torch.tensor(choice.hidden, dtype=torch.long)
+    kept = [{"q": _rows(choice.heads[i], head_dim), "kv": _rows(choice.kv_heads[i], head_dim),
+             "mlp": torch.tensor(choice.channels[i], dtype=torch.long), "hidden": hidden}
+            for i in range(adapter.num_layers)]
+    for module, name, roles, block in _width_map(adapter):
+        index = kept[block] if block is not None else {"hidden": hidden}
+        value = getattr(module, name)
+        data = value.data
+        for dim, role in enumerate(roles):
+            if role is not None:
+                data = data.index_select(dim, index[role])
+        setattr(module, name, nn.Parameter(data.clone(), requires_grad=value.requires_grad))
+    for module in model.modules():  # the shapes the modules report (repr, and code that reads them)
+        if isinstance(module, nn.Linear):
+            module.out_features, module.in_features = module.weight.shape
+        elif isinstance(module, nn.Embedding):
+            module.embedding_dim = module.weight.shape[1]
+    if tied:
+        adapter.head.weight = adapter.embeddings.weight
+    s = choice.sizes
+    adapter.set_widths(s.num_heads, s.num_kv_heads, s.intermediate_size, s.hidden_size)
+    return model
+
+
+def prune_width(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], sizes: WidthSizes,
+                bf16: bool = False, progress: bool = True) -> WidthChoice:
+    """Measure importance on the batches, choose what stays at `sizes`, cut `model` in place."""
+    started = time.perf_counter()
+    adapter = get_adapter(model)
+    check_cuttable(model)
+    now = WidthSizes.of(adapter)
+    sizes.check_within(now)
+    choice = choose_width(width_importance(model, batches, bf16=bf16, progress=progress), now, sizes)
+    cut_width(model, choice)
+    choice.seconds = time.perf_counter() - started
+    return choice

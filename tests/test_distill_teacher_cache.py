@@ -1,0 +1,114 @@
+"""The offline teacher cache: the cached KL against the live teacher's top-k KL on the same batch, the
+full-vocabulary limit, shards and lookups, fingerprints, and refusals of caches made from something else."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import tiny_model
+
+from lmcompress.core.errors import LmcompressError, RecipeError
+from lmcompress.distill.teacher_cache import (
+    CacheKey,
+    TeacherCache,
+    build_teacher_cache,
+    data_fingerprint,
+    teacher_fingerprint,
+    teacher_topk,
+    topk_kl,
+)
+
+
+def _blocks(n=10, length=12, seed=0):
+    return torch.randint(3, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _key(teacher, blocks, k=8, temperature=2.0):
+    return CacheKey(teacher=teacher_fingerprint(teacher), tokenizer="tok", data=data_fingerprint(blocks),
+                    block_size=blocks.shape[1], k=k, temperature=temperature)
+
+
+def test_cached_kl_equals_the_live_top_k_kl_on_the_same_batch(tmp_path):
+    teacher, student = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    blocks = _blocks()
+    cache = build_teacher_cache(teacher, blocks, tmp_path / "c", _key(teacher, blocks), batch_size=3,
+                                shard_blocks=4, progress=False)
+    batch = [7, 2, 5]  # across shards 0 and 1
+    ids = blocks[batch]
+    mask = torch.ones(ids.shape)
+    mask[0, 9:] = 0
+    with torch.no_grad():
+        s_logits, t_logits = student(ids).logits, teacher(ids).logits
+    live = topk_kl(s_logits, *teacher_topk(t_logits, 8, 2.0), 2.0, mask)
+    rows = cache.lookup(batch)
+    assert rows["teacher_ids"].shape == (3, 12, 8) and rows["teacher_tail"].shape == (3, 12)
+    cached = topk_kl(s_logits, rows["teacher_ids"], rows["teacher_logprobs"], rows["teacher_tail"], 2.0, mask)
+    torch.testing.assert_close(cached, live, rtol=2e-3, atol=1e-4)  # float16 log-probabilities
+
+
+def test_top_k_kl_over_the_whole_vocabulary_is_the_full_kl():
+    t_logits, s_logits = torch.randn(2, 5, 128), torch.randn(2, 5, 128)
+    full = F.kl_div(F.log_softmax(s_logits / 2, -1), F.log_softmax(t_logits / 2, -1), log_target=True,
+                    reduction="none").sum(-1).mean() * 4
+    torch.testing.assert_close(topk_kl(s_logits, *teacher_topk(t_logits, 128, 2.0), 2.0), full, rtol=1e-4, atol=1e-5)
+    ids, logprobs, tail = teacher_topk(t_logits, 16, 1.0)
+    mass = logprobs.exp().sum(-1) + tail.exp()
+    torch.testing.assert_close(mass, torch.ones_like(mass))  # the tail bucket holds the rest, exactly
+    assert topk_kl(t_logits, ids, logprobs, tail, 1.0) < 1e-5  # a student equal to its teacher
+
+
+def test_cache_size_and_a_rebuild_keeps_finished_shards(tmp_path):
+    teacher = tiny_model("llama")
+    blocks = _blocks()
+    key = _key(teacher, blocks)
+    cache = build_teacher_cache(teacher, blocks, tmp_path / "c", key, shard_blocks=4, progress=False)
+    # uint16 ids + float16 log-probs per kept token, a float32 tail per position, npy headers
+    assert 8 * 2 + 8 * 2 + 4 <= cache.bytes_per_token < 8 * 2 + 8 * 2 + 4 + 12
+    first = tmp_path / "c" / "shard-00000.ids.npy"
+    os.utime(first, (1, 1))
+    # a build killed before its last shard: the plan's marker is there, the manifest and shard 2 are not
+    manifest = json.loads((tmp_path / "c" / "teacher_cache.json").read_text())
+    plan = {k: manifest[k] for k in ("key", "shard_blocks", "blocks")}
+    (tmp_path / "c" / "teacher_cache.building.json").write_text(json.dumps(plan))
+    (tmp_path / "c" / "shard-00002.ids.npy").unlink()
+    (tmp_path / "c" / "teacher_cache.json").unlink()
+    with pytest.raises(LmcompressError, match="no teacher_cache.json .* build it again to complete it"):
+        TeacherCache(tmp_path / "c")
+    again = build_teacher_cache(teacher, blocks, tmp_path / "c", key, shard_blocks=4, progress=False)
+    assert first.stat().st_mtime == 1  # kept
+    torch.testing.assert_close(again.lookup([9])["teacher_logprobs"], cache.lookup([9])["teacher_logprobs"])
+    other = dataclasses.replace(key, k=4)
+    rebuilt = build_teacher_cache(teacher, blocks, tmp_path / "c", other, shard_blocks=4, progress=False)
+    assert rebuilt.lookup([0])["teacher_ids"].shape == (1, 12, 4)  # another plan starts over
+    with pytest.raises(LmcompressError, match="block 10 is outside its 10 blocks"):
+        rebuilt.lookup([10])
+
+
+def test_a_cache_from_other_data_teacher_or_settings_is_refused_by_field(tmp_path):
+    teacher = tiny_model("llama")
+    blocks = _blocks()
+    key = _key(teacher, blocks)
+    cache = build_teacher_cache(teacher, blocks, tmp_path / "c", key, progress=False)
+    cache.check(key)
+    other_data = dataclasses.replace(key, data=data_fingerprint(_blocks(seed=1)))
+    with pytest.raises(RecipeError, match=r"does not match this run: data is '[0-9a-f]+' in the cache"):
+        cache.check(other_data)
+    other_teacher = tiny_model("llama", seed=3)
+    assert teacher_fingerprint(other_teacher) != key.teacher
+    with pytest.raises(RecipeError, match="teacher is .*; temperature is 2.0 in the cache, 1.0 here"):
+        cache.check(dataclasses.replace(key, teacher=teacher_fingerprint(other_teacher), temperature=1.0))
+
+
+def test_a_folder_with_other_files_is_refused_and_left_alone(tmp_path):
+    teacher = tiny_model("llama")
+    blocks = _blocks()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(LmcompressError, match=r"holds other files \(notes.txt\); choose an empty or new folder"):
+        build_teacher_cache(teacher, blocks, tmp_path / "mine", _key(teacher, blocks), progress=False)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    with pytest.raises(LmcompressError, match=r"blocks must be \(N, 12\)"):
+        build_teacher_cache(teacher, blocks[:, :6], tmp_path / "c", _key(teacher, blocks), progress=False)

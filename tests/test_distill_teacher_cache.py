@@ -112,3 +112,72 @@ def test_a_folder_with_other_files_is_refused_and_left_alone(tmp_path):
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
     with pytest.raises(LmcompressError, match=r"blocks must be \(N, 12\)"):
         build_teacher_cache(teacher, blocks[:, :6], tmp_path / "c", _key(teacher, blocks), progress=False)
+
+
+# --- in the objective and the distill stage -----------------------------------------------------------
+
+
+def test_the_objective_with_cached_rows_runs_no_teacher_and_matches_the_live_one(tmp_path):
+    from lmcompress.distill.losses import build_objective, parse_loss
+
+    teacher, student = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    blocks = _blocks()
+    key = _key(teacher, blocks, k=128, temperature=2.0)  # the whole vocabulary: the full KL
+    cache = build_teacher_cache(teacher, blocks, tmp_path / "c", key, progress=False)
+    losses = [parse_loss({"type": "logits", "temperature": 2.0}), parse_loss({"type": "ce", "weight": 0.5})]
+    live = build_objective(teacher, student, losses)
+    cached = build_objective(None, student, losses, cached_teacher=True)
+    batch = {"input_ids": blocks[:3]}
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        want = live(batch)
+        calls.clear()
+        got = cached({**batch, **cache.lookup([0, 1, 2])})
+    assert not calls
+    torch.testing.assert_close(got["logits"], want["logits"], rtol=2e-3, atol=1e-4)
+    torch.testing.assert_close(got["ce"], want["ce"])
+    hidden = [parse_loss({"type": "hidden", "layer_map": "uniform"})]
+    with pytest.raises(RecipeError, match="hidden needs the live teacher"):
+        build_objective(teacher, student, hidden, cached_teacher=True)
+
+
+def _stage_recipe(tmp_path, cache: str):
+    from lmcompress.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("teacher: tiny\nblock_size: 12\ncorpus: {name: sotu}\nstages:\n"
+                    "  - {stage: distill, steps: 2, batch_size: 2, log_with: none, eval_batches: 0,\n"
+                    f"     losses: [{{type: logits, temperature: 2.0}}], teacher_cache: {cache}}}\n")
+    return load_recipe(path)
+
+
+def _stage_run(tmp_path, recipe):
+    import datasets
+
+    from lmcompress.recipe.base import Run
+
+    run = Run(recipe=recipe, out_dir=tmp_path / "run")
+    run.teacher, run.student = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    rows = datasets.Dataset.from_dict({"input_ids": _blocks().tolist()})
+    run.lm_blocks = lambda split, block_size=None: rows if split == "train" else None
+    return run
+
+
+def test_distill_stage_builds_the_cache_once_then_reuses_it_and_refuses_another(tmp_path):
+    folder = tmp_path / "cache"
+    recipe = _stage_recipe(tmp_path, f"{{path: {folder}, k: 8}}")
+    run = _stage_run(tmp_path, recipe)
+    recipe.stages[0].run(run)
+    cache_row, train_row = run.report.rows
+    assert cache_row["blocks"] == 10 and cache_row["k"] == 8 and cache_row["built"] is True
+    assert train_row["train_steps"] == 2 and train_row["loss"] > 0
+    again = _stage_run(tmp_path, recipe)
+    recipe.stages[0].run(again)
+    assert again.report.rows[0]["built"] is False  # read, not built
+    other = _stage_recipe(tmp_path, f"{{path: {folder}, k: 4}}")
+    with pytest.raises(RecipeError, match="does not match this run: k is 8 in the cache, 4 here"):
+        other.stages[0].run(_stage_run(tmp_path, other))
+    none = _stage_recipe(tmp_path, f"{{path: {tmp_path / 'empty'}, build: false}}")
+    with pytest.raises(RecipeError, match="holds no teacher cache and build is false"):
+        none.stages[0].run(_stage_run(tmp_path, none))

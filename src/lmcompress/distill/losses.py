@@ -28,6 +28,7 @@ from lmcompress.core.errors import LmcompressError, RecipeError
 from lmcompress.core.registry import Registry
 from lmcompress.distill.capture import Capture, Needs, capture
 from lmcompress.distill.layermaps import LayerMap, default_upper_middle, layer_map
+from lmcompress.distill.teacher_cache import CACHED_TEACHER_KEYS, topk_kl
 from lmcompress.models.adapters import ArchAdapter, get_adapter
 
 
@@ -163,6 +164,11 @@ class LogitsLoss(DistillLoss):
         self.temperature, self.hard_weight = temperature, hard_weight
 
     def forward(self, teacher, student, batch):
+        if teacher is None and CACHED_TEACHER_KEYS[0] in batch:  # the offline cache stands in for the teacher
+            s_logits = _require_logits(student, "student")
+            loss = topk_kl(s_logits, *(batch[k] for k in CACHED_TEACHER_KEYS), self.temperature,
+                           student.attention_mask)
+            return self._with_hard_labels(loss, s_logits, student, batch)
         t_logits, s_logits = _require_logits(teacher, "teacher"), _require_logits(student, "student")
         if t_logits.shape[-1] != s_logits.shape[-1]:
             raise LmcompressError(f"logits loss: teacher has {t_logits.shape[-1]} outputs, student "
@@ -172,6 +178,9 @@ class LogitsLoss(DistillLoss):
         log_s = F.log_softmax(s_logits.float() / T, dim=-1)
         kl = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1, keepdim=True)
         loss = _masked_mean(kl, _token_mask(student, s_logits)) * T * T
+        return self._with_hard_labels(loss, s_logits, student, batch)
+
+    def _with_hard_labels(self, loss, s_logits, student, batch):
         if self.hard_weight > 0:
             ce = hard_label_loss(s_logits, batch, student.causal)
             loss = (1 - self.hard_weight) * loss + self.hard_weight * ce
@@ -389,7 +398,7 @@ class DistillationObjective(nn.Module):
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None,
-                 losses: list[tuple[str, float, DistillLoss]]):
+                 losses: list[tuple[str, float, DistillLoss]], cached_teacher: bool = False):
         super().__init__()
         if not losses:
             raise RecipeError("losses: at least one loss is needed")
@@ -400,7 +409,15 @@ class DistillationObjective(nn.Module):
         for loss in self.terms.values():
             self.teacher_needs |= loss.teacher_needs
             self.student_needs |= loss.student_needs
-        if not self.teacher_needs.empty and teacher is None:
+        # With the offline teacher cache the batches carry the teacher's top-k distribution: no teacher runs.
+        self.cached_teacher = cached_teacher
+        if cached_teacher:
+            live = [name for name, loss in self.terms.items()
+                    if not loss.teacher_needs.empty and not isinstance(loss, LogitsLoss)]
+            if live:
+                raise RecipeError(f"teacher_cache: the cache holds the teacher's output distribution, which serves "
+                                  f"the logits loss; {', '.join(live)} needs the live teacher (drop the cache)")
+        elif not self.teacher_needs.empty and teacher is None:
             raise RecipeError("losses: a loss compares with the teacher, but there is no teacher")
         object.__setattr__(self, "teacher", freeze(teacher) if teacher is not None else None)
 
@@ -412,7 +429,7 @@ class DistillationObjective(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         t_cap = None
-        if not self.teacher_needs.empty:
+        if not self.teacher_needs.empty and not self.cached_teacher:
             with torch.no_grad():
                 t_cap = capture(self.teacher, self.teacher_needs, batch)
         s_cap = capture(self.student, self.student_needs, batch)
@@ -428,12 +445,13 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_objective(teacher: nn.Module | None, student: nn.Module,
-                    configs: list[LossConfig]) -> DistillationObjective:
-    """Build every loss from its config and sum them; term names are the types (`hidden`, `hidden_2`, ...)."""
+def build_objective(teacher: nn.Module | None, student: nn.Module, configs: list[LossConfig],
+                    cached_teacher: bool = False) -> DistillationObjective:
+    """Build every loss from its config and sum them; term names are the types (`hidden`, `hidden_2`, ...).
+    `cached_teacher`: the batches carry the offline teacher cache's rows, and the teacher does not run."""
     losses, seen = [], {}
     for cfg in configs:
         seen[cfg.type] = seen.get(cfg.type, 0) + 1
         name = cfg.type if seen[cfg.type] == 1 else f"{cfg.type}_{seen[cfg.type]}"
         losses.append((name, cfg.weight, cfg.build(teacher, student)))
-    return DistillationObjective(student, teacher, losses)
+    return DistillationObjective(student, teacher, losses, cached_teacher=cached_teacher)

@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmcompress.core.errors import LmcompressError, RecipeError
+from lmcompress.models.blocks import CACHED_TEACHER_KEYS  # the batch keys the rows go under
 
 MANIFEST = "teacher_cache.json"
 BUILDING = "teacher_cache.building.json"  # the plan of a build under way (its shards so far are kept)
@@ -67,7 +68,9 @@ def teacher_fingerprint(model: nn.Module) -> str:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of the vocabulary (token -> id)."""
+    """Hash of the vocabulary (token -> id); "none" without a tokenizer (blocks given as ids)."""
+    if tokenizer is None:
+        return "none"
     return _sha([json.dumps(sorted(tokenizer.get_vocab().items())).encode()])
 
 
@@ -181,8 +184,9 @@ class TeacherCache:
             for p in PARTS:
                 rows[p].append(np.asarray(shard[p][i % self.shard_blocks]))
         ids = torch.from_numpy(np.stack(rows["ids"]).astype(np.int64))
-        return {"teacher_ids": ids, "teacher_logprobs": torch.from_numpy(np.stack(rows["logprobs"]).astype(np.float32)),
-                "teacher_tail": torch.from_numpy(np.stack(rows["tail"]).astype(np.float32))}
+        logprobs = torch.from_numpy(np.stack(rows["logprobs"]).astype(np.float32))
+        tail = torch.from_numpy(np.stack(rows["tail"]).astype(np.float32))
+        return dict(zip(CACHED_TEACHER_KEYS, (ids, logprobs, tail), strict=True))
 
 
 @torch.no_grad()

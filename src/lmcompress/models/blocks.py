@@ -24,8 +24,10 @@ from tqdm.auto import tqdm
 from lmcompress.core.errors import LmcompressError
 from lmcompress.models.adapters import get_adapter
 
-# Keys of a batch that are not model inputs: labels are read by the losses, never passed to the model.
-NON_MODEL_KEYS = ("labels",)
+# Keys of a batch that are not model inputs, read by the losses and never passed to the model: the labels,
+# and the offline teacher cache's rows (`distill.teacher_cache`: top-k ids, their log-probs, the tail mass).
+CACHED_TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_tail")
+NON_MODEL_KEYS = ("labels", *CACHED_TEACHER_KEYS)
 
 
 class _Stop(Exception):

@@ -14,6 +14,11 @@
     - {type: hidden, layer_map: uniform+last, weight: 1.0}
 ```
 
+A distill stage whose teacher signal is one `logits` loss can read the teacher's top-k distribution from an
+offline cache instead of running the teacher every step (`teacher_cache: {path: caches/sotu-k64, k: 64}`):
+built on first use over the stage's training blocks, reused by any later student of the same teacher,
+tokenizer, data, block size, k and temperature, refused otherwise.
+
 `lmcompress run --resume` sets `run.resume`; training stages then continue from their newest
 checkpoint (a stage that had finished loads its final weights and skips training).
 """
@@ -21,19 +26,31 @@ checkpoint (a stage that had finished loads its final weights and skips training
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
+from lmcompress.core.config import Strict
 from lmcompress.core.errors import LmcompressError, RecipeError
 from lmcompress.distill.batches import mlm_collate
 from lmcompress.distill.heads import copy_head, with_classification_head
 from lmcompress.distill.layermaps import layer_map
 from lmcompress.distill.losses import LOSSES, CELoss, DistillationObjective, build_objective, freeze
 from lmcompress.distill.student import build_student
+from lmcompress.distill.teacher_cache import MANIFEST as CACHE_MANIFEST
+from lmcompress.distill.teacher_cache import (
+    CacheKey,
+    TeacherCache,
+    build_teacher_cache,
+    data_fingerprint,
+    teacher_fingerprint,
+    tokenizer_fingerprint,
+)
 from lmcompress.distill.trainer import (
     TrainConfig,
     TrainResult,
@@ -83,6 +100,15 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
 
 
+class TeacherCacheSettings(Strict):
+    """The offline teacher cache a distill stage reads instead of running the teacher (`logits` loss only)."""
+
+    path: str = Field(description="cache folder: built there on first use, reused by later runs and students")
+    k: int = Field(64, gt=0, description="most likely tokens kept per position (the rest is one tail bucket)")
+    build: bool = Field(True, description="build the cache when the folder has none (false: refuse instead)")
+    batch_size: int = Field(8, gt=0, description="blocks per teacher forward while building")
+
+
 @register_stage
 class DistillStage(TrainingStage):
     """Train the student against the frozen teacher with a weighted sum of losses.
@@ -101,6 +127,9 @@ class DistillStage(TrainingStage):
     train: list[TrainablePart] | None = Field(
         None, description="train only these parts of a quantized student (weights | scales | norms); default all, "
                           "e.g. [scales] for EfficientQAT's end-to-end step-size training")
+    teacher_cache: TeacherCacheSettings | None = Field(
+        None, description="read the teacher's top-k distribution from an offline cache (built once) instead of "
+                          "running the teacher every step; corpus data and the logits loss only")
 
     def needs(self) -> tuple[DataSection, ...]:
         return (self.data,)
@@ -132,12 +161,15 @@ class DistillStage(TrainingStage):
     def run(self, run: Run) -> None:
         student = run.require_student(self.stage)
         torch.manual_seed(run.recipe.seed)  # loss parameters (projections) start the same on resume
-        objective = build_objective(run.teacher, student, self.losses)
+        objective = build_objective(run.teacher, student, self.losses, cached_teacher=self.teacher_cache is not None)
         if objective.teacher_needs.attentions:
             run.teacher.set_attn_implementation("eager")
         if objective.student_needs.attentions:
             student.set_attn_implementation("eager")
         rows, eval_rows, collate = self.training_data(run)
+        if self.teacher_cache is not None:
+            rows, collate = self._with_cache(run, rows, collate)
+            eval_rows = None  # held-out batches have no cached rows (the teacher does not run)
         flags = {p: p.requires_grad for p in student.parameters()}
         if self.train is not None:
             self._train_only(student)
@@ -148,6 +180,42 @@ class DistillStage(TrainingStage):
             student.eval()
             for p, flag in flags.items():
                 p.requires_grad_(flag)
+
+    def _with_cache(self, run: Run, rows, collate):
+        """Open (or build) the teacher cache for these training blocks; rows carry their block index and the
+        collate adds each block's cached teacher rows to the batch."""
+        settings, field = self.teacher_cache, f"{self.label}.teacher_cache"
+        if self.data != "corpus":
+            raise RecipeError(f"{field}: the cache covers a corpus's training blocks; this stage reads a task")
+        temperatures = {loss.temperature for loss in self.losses if loss.type == "logits"}
+        if len(temperatures) != 1:
+            raise RecipeError(f"{field}: the cache serves exactly one logits loss (one temperature); this stage has "
+                              f"{len(temperatures)}")
+        blocks = torch.tensor(rows[:]["input_ids"])
+        key = CacheKey(teacher=teacher_fingerprint(run.teacher), tokenizer=tokenizer_fingerprint(run.tokenizer),
+                       data=data_fingerprint(blocks), block_size=blocks.shape[1], k=settings.k,
+                       temperature=temperatures.pop())
+        folder = Path(settings.path)
+        started = time.perf_counter()
+        built = not (folder / CACHE_MANIFEST).is_file()
+        if not built:
+            cache = TeacherCache(folder)
+            cache.check(key)
+        elif settings.build:
+            cache = build_teacher_cache(run.teacher, blocks, folder, key, batch_size=settings.batch_size, bf16=self.bf16)
+        else:
+            raise RecipeError(f"{field}.path: {folder} holds no teacher cache and build is false")
+        run.report.add(stage=f"{self.label} teacher cache", path=str(folder), built=built, blocks=cache.blocks,
+                       k=key.k, bytes_per_token=round(cache.bytes_per_token, 1),
+                       seconds=round(time.perf_counter() - started, 1))
+
+        def cached_collate(batch_rows):
+            indices = [r["block_index"] for r in batch_rows]
+            batch = collate([{k: v for k, v in r.items() if k != "block_index"} for r in batch_rows])
+            batch.update(cache.lookup(indices))
+            return batch
+
+        return rows.add_column("block_index", list(range(len(rows)))), cached_collate
 
     def _train_only(self, student: nn.Module) -> None:
         if not is_quantized(student):

@@ -24,7 +24,6 @@ import json
 import math
 import os
 from collections.abc import Iterable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmcompress.core.errors import LmcompressError, RecipeError
-from lmcompress.models.blocks import CACHED_TEACHER_KEYS  # the batch keys the rows go under
+from lmcompress.models.blocks import CACHED_TEACHER_KEYS, bf16_autocast
 
 MANIFEST = "teacher_cache.json"
 BUILDING = "teacher_cache.building.json"  # the plan of a build under way (its shards so far are kept)
@@ -214,7 +213,7 @@ def build_teacher_cache(teacher: nn.Module, blocks: torch.Tensor, folder: str | 
         parts: dict[str, list[np.ndarray]] = {p: [] for p in PARTS}
         for b in range(start, stop, batch_size):
             ids = blocks[b:min(stop, b + batch_size)].to(device)
-            with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
+            with bf16_autocast(bf16, device):
                 logits = teacher(input_ids=ids).logits
             top_ids, logprobs, tail = teacher_topk(logits, key.k, key.temperature)
             parts["ids"].append(top_ids.cpu().numpy().astype(id_dtype))

@@ -89,6 +89,11 @@ def fused_attention(model: nn.Module) -> Iterator[None]:
             switch(before)
 
 
+def bf16_autocast(enabled: bool, device: torch.device | str = "cpu"):
+    """bf16 autocast on `device`'s kind when `enabled` (about 2x faster on CPUs with avx512_bf16), else a no-op."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The keys of a batch the model's forward takes, on `device`."""
     return {k: v.to(device) for k, v in batch.items() if k not in NON_MODEL_KEYS}

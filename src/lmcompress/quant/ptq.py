@@ -40,7 +40,13 @@ from tqdm.auto import tqdm
 from lmcompress.core.config import Strict
 from lmcompress.core.errors import LmcompressError, RecipeError
 from lmcompress.models.adapters import get_adapter
-from lmcompress.models.blocks import BlockInputs, capture_block_inputs, fused_attention, model_inputs
+from lmcompress.models.blocks import (
+    BlockInputs,
+    bf16_autocast,
+    capture_block_inputs,
+    fused_attention,
+    model_inputs,
+)
 from lmcompress.quant.gptq import GPTQResult, Hessian, gptq_quantize
 from lmcompress.quant.grids import fit_scales
 from lmcompress.quant.modules import QuantLinear, QuantModule, QuantTiedHead, float_weights
@@ -205,7 +211,7 @@ def _gptq_blocks(model: nn.Module, batches, settings: GPTQSettings, report: PTQR
 
 
 def _autocast(settings: GPTQSettings):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16)
+    return bf16_autocast(settings.bf16)
 
 
 def _gptq_walk(model: nn.Module, batches, settings: GPTQSettings, report: PTQReport, progress: bool) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,7 +32,13 @@ from tqdm.auto import tqdm
 
 from lmcompress.core.errors import RecipeError
 from lmcompress.models.adapters import get_adapter
-from lmcompress.models.blocks import capture_block_inputs, fused_attention, model_inputs, skipping_blocks
+from lmcompress.models.blocks import (
+    bf16_autocast,
+    capture_block_inputs,
+    fused_attention,
+    model_inputs,
+    skipping_blocks,
+)
 
 DepthMethod = Literal["block-influence", "angular", "perplexity"]
 DEPTH_METHODS: tuple[str, ...] = ("block-influence", "angular", "perplexity")
@@ -59,16 +64,12 @@ class HiddenSimilarity:
         return [float(self.angular[i, i + n]) for i in range(depth - n + 1)]
 
 
-def _autocast(bf16: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
-
-
 @torch.no_grad()
 def hidden_similarity(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], bf16: bool = False,
                       progress: bool = True) -> HiddenSimilarity:
     """Walk every calibration batch through the blocks once and compare the states at every pair of depths
     over the batch's real tokens (padding left out)."""
-    with fused_attention(model), _autocast(bf16):
+    with fused_attention(model), bf16_autocast(bf16):
         inputs = capture_block_inputs(model, batches, progress=progress)
         depth = len(inputs.blocks)
         cos_sum = torch.zeros(depth + 1, depth + 1, dtype=torch.float64)
@@ -97,7 +98,7 @@ def calibration_loss(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]
     """Mean next-token loss of a causal LM over the batches' real tokens (each batch weighted by them)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    with _autocast(bf16):
+    with bf16_autocast(bf16):
         for batch in batches:
             inputs = model_inputs(batch, device)
             labels = batch["labels"].to(device)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm
 
 from lmcompress.core.errors import RecipeError
 from lmcompress.models.adapters import ArchAdapter, get_adapter
-from lmcompress.models.blocks import fused_attention, model_inputs
+from lmcompress.models.blocks import bf16_autocast, fused_attention, model_inputs
 
 Dimension = Literal["heads", "mlp", "hidden"]
 HeadRule = Literal["groups", "q-heads"]
@@ -82,10 +81,6 @@ class WidthImportance:
     tokens: int
 
 
-def _autocast(bf16: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
-
-
 @torch.no_grad()
 def width_importance(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], bf16: bool = False,
                      progress: bool = True) -> WidthImportance:
@@ -125,7 +120,7 @@ def width_importance(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]
     device = next(model.parameters()).device
     tokens = 0
     try:
-        with fused_attention(model), _autocast(bf16):
+        with fused_attention(model), bf16_autocast(bf16):
             for batch in tqdm(batches, desc="width importance", unit="batch", disable=not progress):
                 inputs = model_inputs(batch, device)
                 m = inputs.get("attention_mask")

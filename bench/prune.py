@@ -4,7 +4,8 @@ distillation budget (issue 13, item 3).
 Teacher SmolLM2-135M, corpus SOTU (split by address). Every row is one recipe: load, cut the student to
 the row's size (every-other truncation, or a `prune` stage), score it (`ppl_pruned`), distil it with the
 teacher's output distribution + LM loss for `--steps` steps of `--batch-size` x `--block-size` tokens (the
-same blocks in the same order for every row), score it again (`ppl_distilled`). Perplexity: SOTU test
+same blocks in the same order for every row, the teacher's top-k distribution read from one offline cache
+that the first row builds), score it again (`ppl_distilled`). Perplexity: SOTU test
 split, disjoint `--block-size` windows, the first `--eval-tokens` tokens, the same for every row and the
 teacher.
 
@@ -57,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", type=lambda v: v.split(";"), default=list(ROWS), help="';'-separated row names")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--runs", type=Path, default=Path("runs/bench-prune"), help="run folders (checkpoints)")
+    p.add_argument("--teacher-cache", type=Path, default=Path("runs/bench-prune/teacher-cache-k64"),
+                   help="offline teacher cache shared by every row (built by the first); 'none' runs the teacher")
+    p.add_argument("--cache-k", type=int, default=64, help="top-k tokens the teacher cache keeps")
     p.add_argument("--force", action="store_true", help="measure rows already in prune.json again")
     args = p.parse_args(argv)
     if unknown := set(args.only) - set(ROWS):
@@ -77,6 +81,8 @@ def recipe(cut: list[dict], args) -> dict:
                "lr": args.lr, "warmup_steps": max(1, args.steps // 10), "schedule": "cosine", "bf16": True,
                "checkpoint_every": 25, "eval_batches": 0, "log_with": "csv",
                "losses": [{"type": "logits", "temperature": 2.0, "weight": 5.0}, {"type": "ce", "weight": 2.0}]}
+    if str(args.teacher_cache) != "none":  # every row distils on the same blocks: one cache serves them all
+        distill["teacher_cache"] = {"path": str(args.teacher_cache.resolve()), "k": args.cache_k}
     return {"name": "bench-prune", "teacher": "smollm2-135m", "corpus": {"name": "sotu"},
             "block_size": args.block_size, "seed": 0,
             "stages": [{"stage": "load"}, _evaluate("teacher", args, "teacher"), *cut, _evaluate("pruned", args),
@@ -98,12 +104,14 @@ def row_of(method: str, report, seconds: float) -> dict:
     """prune.json's row from a finished run's report."""
     by_stage = {r.get("stage"): r for r in report.rows}
     train = by_stage["distill"]
+    cache = by_stage.get("distill teacher cache")
     prune_rows = [r for r in report.rows if r.get("stage") in ("prune", "truncate")]
     return {"method": method, "params": by_stage["pruned"]["params"], "train_tokens": train["train_tokens"],
             "ppl_pruned": by_stage["pruned"]["perplexity"], "ppl_distilled": by_stage["distilled"]["perplexity"],
             "teacher_ppl": by_stage["teacher"]["perplexity"], "tokens_per_s": train["train_tokens_per_s"],
             "eval_tokens": by_stage["distilled"]["eval_tokens"], "seconds": round(seconds, 1),
-            "kept_layers": report.meta.get("kept_layers"), "pruning": prune_rows}
+            "kept_layers": report.meta.get("kept_layers"), "pruning": prune_rows,
+            "teacher_cache": cache}
 
 
 def main(argv=None) -> None:

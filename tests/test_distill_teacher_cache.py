@@ -170,7 +170,7 @@ def test_distill_stage_builds_the_cache_once_then_reuses_it_and_refuses_another(
     run = _stage_run(tmp_path, recipe)
     recipe.stages[0].run(run)
     cache_row, train_row = run.report.rows
-    assert cache_row["blocks"] == 10 and cache_row["k"] == 8 and cache_row["built"] is True
+    assert cache_row["blocks"] == 4 and cache_row["k"] == 8 and cache_row["built"] is True  # 2 steps x 2 read
     assert train_row["train_steps"] == 2 and train_row["loss"] > 0
     again = _stage_run(tmp_path, recipe)
     recipe.stages[0].run(again)
@@ -181,3 +181,12 @@ def test_distill_stage_builds_the_cache_once_then_reuses_it_and_refuses_another(
     none = _stage_recipe(tmp_path, f"{{path: {tmp_path / 'empty'}, build: false}}")
     with pytest.raises(RecipeError, match="holds no teacher cache and build is false"):
         none.stages[0].run(_stage_run(tmp_path, none))
+
+
+def test_rows_read_are_the_rows_the_trainer_visits():
+    from lmcompress.distill.trainer import BatchOrder, rows_read
+
+    read = rows_read(50, batch_size=3, grad_accum=2, steps=4, world_size=2, seed=7)
+    visited = {i for rank in range(2) for p in range(8) for i in BatchOrder(50, 3, 2, rank, 7).indices(p)}
+    assert read == sorted(visited) and len(read) == 48  # 4 steps x 2 micro-batches x 3 rows x 2 processes
+    assert rows_read(10, 2, 1, 12, 1, 0) == list(range(10))  # past one epoch: every row

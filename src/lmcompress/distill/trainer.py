@@ -169,6 +169,13 @@ class BatchOrder:
         return self._perm[start:start + self.batch_size].tolist()
 
 
+def rows_read(size: int, batch_size: int, grad_accum: int, steps: int, world_size: int, seed: int) -> list[int]:
+    """Every row a run of these settings reads (all processes, all steps), sorted: what an offline teacher
+    cache must cover."""
+    orders = [BatchOrder(size, batch_size, world_size, rank, seed) for rank in range(world_size)]
+    return sorted({i for p in range(steps * grad_accum) for order in orders for i in order.indices(p)})
+
+
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()

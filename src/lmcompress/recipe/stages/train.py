@@ -16,8 +16,9 @@
 
 A distill stage whose teacher signal is one `logits` loss can read the teacher's top-k distribution from an
 offline cache instead of running the teacher every step (`teacher_cache: {path: caches/sotu-k64, k: 64}`):
-built on first use over the stage's training blocks, reused by any later student of the same teacher,
-tokenizer, data, block size, k and temperature, refused otherwise.
+built on first use over the training blocks the stage's steps read (steps x batch x grad_accum x processes
+of them, in the trainer's seeded order), reused by any later student of the same teacher, tokenizer,
+blocks, block size, k and temperature, refused otherwise (a longer run reads more blocks: a new cache).
 
 `lmcompress run --resume` sets `run.resume`; training stages then continue from their newest
 checkpoint (a stage that had finished loads its final weights and skips training).
@@ -26,6 +27,7 @@ checkpoint (a stage that had finished loads its final weights and skips training
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -57,6 +59,7 @@ from lmcompress.distill.trainer import (
     TrainSettings,
     objective_eval,
     pad_collate,
+    rows_read,
     train,
 )
 from lmcompress.evaluate import evaluate_classifier
@@ -191,7 +194,12 @@ class DistillStage(TrainingStage):
         if len(temperatures) != 1:
             raise RecipeError(f"{field}: the cache serves exactly one logits loss (one temperature); this stage has "
                               f"{len(temperatures)}")
-        blocks = torch.tensor(rows[:]["input_ids"])
+        # Only the blocks this stage's steps read (the trainer's seeded order, every process: accelerate and
+        # torchrun say how many in WORLD_SIZE), each once, in row order.
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        needed = rows_read(len(rows), self.batch_size, self.grad_accum, self.steps, world, run.recipe.seed)
+        position = {row: i for i, row in enumerate(needed)}
+        blocks = torch.tensor(rows.select(needed)[:]["input_ids"])
         key = CacheKey(teacher=teacher_fingerprint(run.teacher), tokenizer=tokenizer_fingerprint(run.tokenizer),
                        data=data_fingerprint(blocks), block_size=blocks.shape[1], k=settings.k,
                        temperature=temperatures.pop())
@@ -210,7 +218,7 @@ class DistillStage(TrainingStage):
                        seconds=round(time.perf_counter() - started, 1))
 
         def cached_collate(batch_rows):
-            indices = [r["block_index"] for r in batch_rows]
+            indices = [position[int(r["block_index"])] for r in batch_rows]
             batch = collate([{k: v for k, v in r.items() if k != "block_index"} for r in batch_rows])
             batch.update(cache.lookup(indices))
             return batch

@@ -199,7 +199,7 @@ class DistillStage(TrainingStage):
         world = int(os.environ.get("WORLD_SIZE", "1"))
         needed = rows_read(len(rows), self.batch_size, self.grad_accum, self.steps, world, run.recipe.seed)
         position = {row: i for i, row in enumerate(needed)}
-        blocks = torch.tensor(rows.select(needed)[:]["input_ids"])
+        blocks = torch.as_tensor(rows.select(needed)[:]["input_ids"])
         key = CacheKey(teacher=teacher_fingerprint(run.teacher), tokenizer=tokenizer_fingerprint(run.tokenizer),
                        data=data_fingerprint(blocks), block_size=blocks.shape[1], k=settings.k,
                        temperature=temperatures.pop())

@@ -67,6 +67,7 @@ def test_cache_size_and_a_rebuild_keeps_finished_shards(tmp_path):
     cache = build_teacher_cache(teacher, blocks, tmp_path / "c", key, shard_blocks=4, progress=False)
     # uint16 ids + float16 log-probs per kept token, a float32 tail per position, npy headers
     assert 8 * 2 + 8 * 2 + 4 <= cache.bytes_per_token < 8 * 2 + 8 * 2 + 4 + 12
+    last_block = cache.lookup([9])["teacher_logprobs"]  # read before the shard holding it goes
     first = tmp_path / "c" / "shard-00000.ids.npy"
     os.utime(first, (1, 1))
     # a build killed before its last shard: the plan's marker is there, the manifest and shard 2 are not
@@ -79,10 +80,17 @@ def test_cache_size_and_a_rebuild_keeps_finished_shards(tmp_path):
         TeacherCache(tmp_path / "c")
     again = build_teacher_cache(teacher, blocks, tmp_path / "c", key, shard_blocks=4, progress=False)
     assert first.stat().st_mtime == 1  # kept
-    torch.testing.assert_close(again.lookup([9])["teacher_logprobs"], cache.lookup([9])["teacher_logprobs"])
+    torch.testing.assert_close(again.lookup([9])["teacher_logprobs"], last_block)  # rebuilt the same
+    assert (tmp_path / "c" / "teacher_cache.building.json").exists() is False
+    build_teacher_cache(teacher, blocks, tmp_path / "c", key, shard_blocks=4, progress=False)  # finished: no-op
+    assert first.stat().st_mtime == 1
     other = dataclasses.replace(key, k=4)
+    with pytest.raises(LmcompressError, match="holds a finished cache of other data or settings"):
+        build_teacher_cache(teacher, blocks, tmp_path / "c", other, shard_blocks=4, progress=False)
+    (tmp_path / "c" / "teacher_cache.json").unlink()  # unfinished, of another plan: starts over
+    (tmp_path / "c" / "teacher_cache.building.json").write_text(json.dumps(plan))
     rebuilt = build_teacher_cache(teacher, blocks, tmp_path / "c", other, shard_blocks=4, progress=False)
-    assert rebuilt.lookup([0])["teacher_ids"].shape == (1, 12, 4)  # another plan starts over
+    assert rebuilt.lookup([0])["teacher_ids"].shape == (1, 12, 4)
     with pytest.raises(LmcompressError, match="block 10 is outside its 10 blocks"):
         rebuilt.lookup([10])
 
@@ -106,10 +114,10 @@ def test_a_folder_with_other_files_is_refused_and_left_alone(tmp_path):
     teacher = tiny_model("llama")
     blocks = _blocks()
     (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(LmcompressError, match=r"holds other files \(notes.txt\); choose an empty or new folder"):
+    (tmp_path / "mine" / "shard-0.npy").write_text("keep me")  # looks like a shard, is not one of ours
+    with pytest.raises(LmcompressError, match=r"holds other files \(shard-0.npy\); choose an empty or new folder"):
         build_teacher_cache(teacher, blocks, tmp_path / "mine", _key(teacher, blocks), progress=False)
-    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["shard-0.npy"]
     with pytest.raises(LmcompressError, match=r"blocks must be \(N, 12\)"):
         build_teacher_cache(teacher, blocks[:, :6], tmp_path / "c", _key(teacher, blocks), progress=False)
 
@@ -126,7 +134,7 @@ def test_the_objective_with_cached_rows_runs_no_teacher_and_matches_the_live_one
     cache = build_teacher_cache(teacher, blocks, tmp_path / "c", key, progress=False)
     losses = [parse_loss({"type": "logits", "temperature": 2.0}), parse_loss({"type": "ce", "weight": 0.5})]
     live = build_objective(teacher, student, losses)
-    cached = build_objective(None, student, losses, cached_teacher=True)
+    cached = build_objective(teacher, student, losses, cached_teacher=True)  # given a teacher, still runs none
     batch = {"input_ids": blocks[:3]}
     calls = []
     teacher.register_forward_hook(lambda *a: calls.append(1))
@@ -181,6 +189,30 @@ def test_distill_stage_builds_the_cache_once_then_reuses_it_and_refuses_another(
     none = _stage_recipe(tmp_path, f"{{path: {tmp_path / 'empty'}, build: false}}")
     with pytest.raises(RecipeError, match="holds no teacher cache and build is false"):
         none.stages[0].run(_stage_run(tmp_path, none))
+
+
+def test_the_stage_feeds_each_step_the_cached_rows_of_its_own_blocks(tmp_path):
+    # k = the whole vocabulary: the cached KL is the full KL, so one step's loss must equal the live teacher's
+    recipe = _stage_recipe(tmp_path, f"{{path: {tmp_path / 'full'}, k: 128}}")
+    cached = _stage_run(tmp_path, recipe)
+    recipe.stages[0].run(cached)
+    live_recipe = _stage_recipe(tmp_path, "null")
+    live = _stage_run(tmp_path, live_recipe)
+    live_recipe.stages[0].run(live)
+    cached_loss, live_loss = cached.report.rows[-1]["loss"], live.report.rows[-1]["loss"]
+    assert cached_loss == pytest.approx(live_loss, rel=2e-3)
+
+
+def test_encoder_students_and_missing_teachers_are_refused(tmp_path):
+    recipe = _stage_recipe(tmp_path, f"{{path: {tmp_path / 'c'}}}")
+    run = _stage_run(tmp_path, recipe)
+    run.teacher = None
+    with pytest.raises(RecipeError, match=r"teacher_cache: the cache is made from the teacher; put a `load` stage"):
+        recipe.stages[0].run(run)
+    run = _stage_run(tmp_path, recipe)
+    run.teacher, run.student = tiny_model("bert", seed=0), tiny_model("bert", seed=1)
+    with pytest.raises(RecipeError, match="an encoder's masked-LM batches differ every step"):
+        recipe.stages[0].run(run)
 
 
 def test_rows_read_are_the_rows_the_trainer_visits():

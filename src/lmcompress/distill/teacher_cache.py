@@ -12,8 +12,8 @@ checked.
 On disk: `teacher_cache.json` (the manifest: format version, what the cache was made from, shapes) and
 shards of `shard_blocks` blocks, `shard-00000.{ids,logprobs,tail}.npy`, each written atomically and read
 memory-mapped. The manifest is written last, so a folder without one is an unfinished build; building again
-with the same plan keeps the shards already complete (another plan starts over); a folder holding anything
-else is refused. A cache is used only for the data, teacher, tokenizer, block size, k
+with the same plan keeps the shards already complete (an unfinished build of another plan starts over); a
+finished cache of another plan, or a folder holding anything else, is refused. A cache is used only for the data, teacher, tokenizer, block size, k
 and temperature it was made from (`TeacherCache.check` names what differs).
 """
 
@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,12 +56,15 @@ def _sha(chunks: Iterable[bytes]) -> str:
 def teacher_fingerprint(model: nn.Module) -> str:
     """Hash of the teacher's config and every tensor of its state (names, shapes, values)."""
     state = model.state_dict()
+    config = model.config.to_dict() if hasattr(model, "config") else {}
+    for where in ("_name_or_path", "transformers_version"):  # where it was loaded from, not what it is
+        config.pop(where, None)
 
     def chunks():
-        yield model.config.to_json_string(use_diff=False).encode() if hasattr(model, "config") else b""
+        yield json.dumps(config, sort_keys=True, default=str).encode()
         for name in sorted(state):
-            t = state[name].detach().cpu().contiguous()
-            yield f"{name}:{tuple(t.shape)}:{t.dtype}".encode()
+            t = state[name].detach().cpu().contiguous().reshape(-1)
+            yield f"{name}:{tuple(state[name].shape)}:{t.dtype}".encode()
             yield t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
     return _sha(chunks())
@@ -88,6 +92,7 @@ class CacheKey:
     block_size: int
     k: int
     temperature: float
+    bf16: bool = False  # the teacher ran under bf16 autocast
 
 
 # --- the distribution ----------------------------------------------------------------------------------
@@ -131,7 +136,7 @@ def _shard_path(folder: Path, shard: int, part: str) -> Path:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         np.save(f, array)
     os.replace(tmp, path)
@@ -226,19 +231,23 @@ def build_teacher_cache(teacher: nn.Module, blocks: torch.Tensor, folder: str | 
     manifest = {"format_version": FORMAT_VERSION, "key": asdict(key), "blocks": n, "shard_blocks": shard_blocks,
                 "id_dtype": np.dtype(id_dtype).name}
     _write_json(folder / MANIFEST, manifest)
-    (folder / BUILDING).unlink()
+    (folder / BUILDING).unlink(missing_ok=True)
     return TeacherCache(folder)
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(value, indent=1) + "\n")
     os.replace(tmp, path)
 
 
+_OURS = re.compile(rf"({re.escape(MANIFEST)}|{re.escape(BUILDING)}|shard-\d{{5}}\.({'|'.join(PARTS)})\.npy)"
+                   r"(\.\d+\.tmp)?")
+
+
 def _ours(path: Path) -> bool:
-    name = path.name.removesuffix(".tmp")
-    return name in (MANIFEST, BUILDING) or (name.startswith("shard-") and name.endswith(".npy"))
+    """A file a cache build writes (its shards, manifest, plan, or their temporary files)."""
+    return _OURS.fullmatch(path.name) is not None
 
 
 def _start_build(folder: Path, plan: dict) -> None:
@@ -251,13 +260,18 @@ def _start_build(folder: Path, plan: dict) -> None:
     if foreign:
         raise LmcompressError(f"teacher cache {folder}: the folder holds other files ({', '.join(foreign[:3])}"
                               f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new folder")
-    earlier = None
-    for marker in (BUILDING, MANIFEST):
-        if (folder / marker).is_file():
-            m = json.loads((folder / marker).read_text())
-            earlier = {k: m.get(k) for k in plan}
+    def plan_in(name: str) -> dict | None:
+        path = folder / name
+        return {k: json.loads(path.read_text()).get(k) for k in plan} if path.is_file() else None
+
+    earlier = plan_in(MANIFEST)
+    if earlier is not None and earlier != plan:
+        raise LmcompressError(f"teacher cache {folder}: holds a finished cache of other data or settings; "
+                              "remove it or choose another folder")
+    earlier = earlier or plan_in(BUILDING)
     (folder / MANIFEST).unlink(missing_ok=True)  # a cache being (re)built is not a cache yet
-    if earlier != plan:
-        for p in folder.glob("shard-*.npy*"):
-            p.unlink()
+    if earlier != plan:  # an unfinished build of another plan: its shards are no use
+        for p in folder.iterdir():
+            if p.name.startswith("shard-") and _ours(p):
+                p.unlink()
     _write_json(folder / BUILDING, plan)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
+from accelerate import PartialState
 from pydantic import Field
 from torch import nn
 
@@ -110,6 +111,7 @@ class TeacherCacheSettings(Strict):
     k: int = Field(64, gt=0, description="most likely tokens kept per position (the rest is one tail bucket)")
     build: bool = Field(True, description="build the cache when the folder has none (false: refuse instead)")
     batch_size: int = Field(8, gt=0, description="blocks per teacher forward while building")
+    # Held-out evaluation needs the live teacher, so a stage reading the cache skips it (eval_batches unused).
 
 
 @register_stage
@@ -163,8 +165,11 @@ class DistillStage(TrainingStage):
 
     def run(self, run: Run) -> None:
         student = run.require_student(self.stage)
-        torch.manual_seed(run.recipe.seed)  # loss parameters (projections) start the same on resume
-        objective = build_objective(run.teacher, student, self.losses, cached_teacher=self.teacher_cache is not None)
+        cached = self.teacher_cache is not None
+        if cached:
+            self._check_cache_fits(run)
+        torch.manual_seed(run.recipe.seed)  # loss parameters (projections) start the same on resume  # the teacher then never runs in training: keep it out
+        objective = build_objective(None if cached else run.teacher, student, self.losses, cached_teacher=cached)
         if objective.teacher_needs.attentions:
             run.teacher.set_attn_implementation("eager")
         if objective.student_needs.attentions:
@@ -184,12 +189,21 @@ class DistillStage(TrainingStage):
             for p, flag in flags.items():
                 p.requires_grad_(flag)
 
+    def _check_cache_fits(self, run: Run) -> None:
+        """Refuse a teacher cache where it cannot stand in for the teacher, before any data is prepared."""
+        field = f"{self.label}.teacher_cache"
+        if self.data != "corpus":
+            raise RecipeError(f"{field}: the cache covers a corpus's training blocks; this stage reads a task")
+        if run.teacher is None:
+            raise RecipeError(f"{field}: the cache is made from the teacher; put a `load` stage before this one")
+        if not (get_adapter(run.teacher).causal and get_adapter(run.require_student(self.stage)).causal):
+            raise RecipeError(f"{field}: the cache holds next-token distributions of unmasked blocks; an encoder's "
+                              "masked-LM batches differ every step (drop the cache)")
+
     def _with_cache(self, run: Run, rows, collate):
         """Open (or build) the teacher cache for these training blocks; rows carry their block index and the
         collate adds each block's cached teacher rows to the batch."""
         settings, field = self.teacher_cache, f"{self.label}.teacher_cache"
-        if self.data != "corpus":
-            raise RecipeError(f"{field}: the cache covers a corpus's training blocks; this stage reads a task")
         temperatures = {loss.temperature for loss in self.losses if loss.type == "logits"}
         if len(temperatures) != 1:
             raise RecipeError(f"{field}: the cache serves exactly one logits loss (one temperature); this stage has "
@@ -202,17 +216,18 @@ class DistillStage(TrainingStage):
         blocks = torch.as_tensor(rows.select(needed)[:]["input_ids"])
         key = CacheKey(teacher=teacher_fingerprint(run.teacher), tokenizer=tokenizer_fingerprint(run.tokenizer),
                        data=data_fingerprint(blocks), block_size=blocks.shape[1], k=settings.k,
-                       temperature=temperatures.pop())
+                       temperature=temperatures.pop(), bf16=self.bf16)
         folder = Path(settings.path)
         started = time.perf_counter()
         built = not (folder / CACHE_MANIFEST).is_file()
-        if not built:
+        if built and not settings.build:
+            raise RecipeError(f"{field}.path: {folder} holds no teacher cache and build is false")
+        # Under several processes the main one builds; the others wait for it, then open what it built.
+        with PartialState().main_process_first():
+            if not (folder / CACHE_MANIFEST).is_file():
+                build_teacher_cache(run.teacher, blocks, folder, key, batch_size=settings.batch_size, bf16=self.bf16)
             cache = TeacherCache(folder)
             cache.check(key)
-        elif settings.build:
-            cache = build_teacher_cache(run.teacher, blocks, folder, key, batch_size=settings.batch_size, bf16=self.bf16)
-        else:
-            raise RecipeError(f"{field}.path: {folder} holds no teacher cache and build is false")
         run.report.add(stage=f"{self.label} teacher cache", path=str(folder), built=built, blocks=cache.blocks,
                        k=key.k, bytes_per_token=round(cache.bytes_per_token, 1),
                        seconds=round(time.perf_counter() - started, 1))

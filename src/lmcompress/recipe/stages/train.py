@@ -165,17 +165,17 @@ class DistillStage(TrainingStage):
 
     def run(self, run: Run) -> None:
         student = run.require_student(self.stage)
-        cached = self.teacher_cache is not None
+        cached = self.teacher_cache is not None  # the teacher then never runs in training: kept out of the objective
         if cached:
             self._check_cache_fits(run)
-        torch.manual_seed(run.recipe.seed)  # loss parameters (projections) start the same on resume  # the teacher then never runs in training: keep it out
+        torch.manual_seed(run.recipe.seed)  # loss parameters (projections) start the same on resume
         objective = build_objective(None if cached else run.teacher, student, self.losses, cached_teacher=cached)
         if objective.teacher_needs.attentions:
             run.teacher.set_attn_implementation("eager")
         if objective.student_needs.attentions:
             student.set_attn_implementation("eager")
         rows, eval_rows, collate = self.training_data(run)
-        if self.teacher_cache is not None:
+        if cached:
             rows, collate = self._with_cache(run, rows, collate)
             eval_rows = None  # held-out batches have no cached rows (the teacher does not run)
         flags = {p: p.requires_grad for p in student.parameters()}

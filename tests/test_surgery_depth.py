@@ -163,7 +163,8 @@ def test_prune_stage_leaves_a_normal_smaller_model(tmp_path, depth):
         assert row["removed_blocks"] == [1, 4] and row["method"] == "named"
     else:
         assert any(k.startswith("prune ") for k in run.report.meta)  # the per-block scores
-        assert row["calibration_tokens"] == 6 * 11 or row["calibration_tokens"] == 6 * 12
+        # the similarity scores read every token; the loss, every token that has a next one
+        assert row["calibration_tokens"] == (6 * 11 if "perplexity" in depth else 6 * 12)
     ids = torch.randint(3, 128, (2, 9))
     with torch.no_grad():
         before = student(ids).logits
@@ -199,3 +200,14 @@ def test_preflight_refuses_before_anything_runs_and_passes_the_new_depth_on(tmp_
     with pytest.raises(RecipeError, match=r"prune\.depth\.keep: a 6-block model can lose 1..5 blocks; "
                                           r"this asks it to lose -1"):
         recipe.stages[0].preflight(facts, recipe)
+
+
+def test_perplexity_on_task_calibration_is_refused_before_anything_runs(tmp_path):
+    from lmcompress.recipe.base import ModelFacts
+
+    path = tmp_path / "t.yaml"
+    path.write_text("teacher: tiny\ntask: {name: fine-foods}\nstages:\n"
+                    "  - {stage: prune, depth: {method: perplexity, remove: 1}}\n")
+    recipe = load_recipe(path)
+    with pytest.raises(RecipeError, match=r"prune\.depth\.method: perplexity is the corpus's next-token loss"):
+        recipe.stages[0].preflight(ModelFacts(6, 6, 256), recipe)

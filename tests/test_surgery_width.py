@@ -265,7 +265,8 @@ def test_depth_and_width_together(tmp_path):
 @pytest.mark.parametrize(("width", "message"), [
     ("{ratio: 0.5, sizes: {num_heads: 2}}", "give exactly one of sizes, target_params or ratio"),
     ("{ratio: 1.5}", r"ratio: Input should be less than 1"),
-    ("{sizes: {num_heads: 5}}", r"prune\.width: num_heads 5 must be a multiple of num_kv_heads 3"),
+    ("{sizes: {num_heads: 5}}", r"prune\.width\.sizes: num_heads 5 must be a multiple of num_kv_heads 3"),
+    ("{target_params: 10000000}", r"prune\.width: width pruning: target 10,000,000 parameters is not below"),
     ("{target_params: 100, dimensions: [mlp]}", r"prune\.width: width pruning: 100 parameters is below"),
     ("{ratio: 0.5, dimensions: [depth]}", r"stages\[0\]\.width\.dimensions\[0\]: got 'depth', allowed"),
 ])
@@ -289,3 +290,35 @@ def test_width_refuses_other_layouts_and_quantized_students(tmp_path):
         path = tmp_path / "n.yaml"
         path.write_text("teacher: tiny\nstages:\n  - {stage: prune}\n")
         load_recipe(path)
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+def test_gemma_layouts_cut_every_norm_and_rescale_embeddings(tmp_path, family):
+    cls, config_cls = {"gemma": (transformers.GemmaForCausalLM, transformers.GemmaConfig),
+                       "gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config)}[family]
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=6, num_key_value_heads=3, head_dim=8, max_position_embeddings=64,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="eager")
+    model = cls(config).eval()
+    choice = choose_width(width_importance(model, _batches(), progress=False), WidthSizes.of(get_adapter(model)),
+                          WidthSizes(4, 2, 64, 32))
+    cut_width(model, choice)
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        before = model(ids).logits
+    export_model(model, None, tmp_path / "m", format="hf")
+    reloaded = cls.from_pretrained(tmp_path / "m", use_safetensors=True, attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_classifiers_are_refused_and_ratio_counts_from_the_stage_start(tmp_path):
+    clf = transformers.LlamaForSequenceClassification(_model().config).eval()
+    with pytest.raises(RecipeError, match="a sequence classifier's head is not cut"):
+        sizes_for_params(clf, 1000, ["mlp"])
+    recipe = _recipe(tmp_path, "{ratio: 0.6}", ", depth: {method: angular, remove: 1}")
+    run = _run(tmp_path, recipe)
+    total = sum(p.numel() for p in run.student.parameters())
+    recipe.stages[0].run(run)
+    assert run.report.rows[-1]["params_after"] <= 0.6 * total < run.report.rows[-1]["params_before"]

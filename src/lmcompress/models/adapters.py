@@ -208,6 +208,11 @@ class ArchAdapter:
         """The norm after the last block (it scales the hidden state too)."""
         return None
 
+    @property
+    def intermediate_size(self) -> int | None:
+        """The MLP width (None where the config leaves it to a default, as GPT-2's n_inner)."""
+        return getattr(self.config, self.intermediate_size_attr, None)
+
     def set_widths(self, num_heads: int, num_kv_heads: int, intermediate_size: int, hidden_size: int) -> None:
         """Make the config and every block's attention say the widths the weights now have (head_dim kept)."""
         raise UnsupportedArchitectureError(f"width pruning supports LLaMA-layout models; this is {self.family}")
@@ -303,11 +308,17 @@ class LlamaAdapter(ArchAdapter):
 
     def width_parts(self, block: nn.Module) -> WidthParts:
         a, mlp = block.self_attn, block.mlp
-        if hasattr(a, "qkv_proj") or not hasattr(mlp, "gate_proj"):
+        if hasattr(a, "qkv_proj") or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
             raise UnsupportedArchitectureError("width pruning needs separate q/k/v and gate/up/down projections; "
                                                "this model fuses them")
+        # Every norm child of the block scales the hidden state (Gemma 2 has four, OLMo 2 two after the
+        # sublayers); norms inside the attention (Qwen3's q/k norms) act on head_dim and stay.
+        norms = [m for n, m in block.named_children() if n.endswith("norm")]
+        if not norms:
+            raise UnsupportedArchitectureError("width pruning: the blocks have no norm children; this layout is not "
+                                               "supported")
         return WidthParts(q=a.q_proj, k=a.k_proj, v=a.v_proj, o=a.o_proj, mlp_in=[mlp.gate_proj, mlp.up_proj],
-                          mlp_out=mlp.down_proj, norms=[block.input_layernorm, block.post_attention_layernorm])
+                          mlp_out=mlp.down_proj, norms=norms)
 
     @property
     def final_norm(self) -> nn.Module | None:
@@ -320,6 +331,9 @@ class LlamaAdapter(ArchAdapter):
         config.intermediate_size, config.hidden_size = intermediate_size, hidden_size
         for block in self.blocks:
             block.self_attn.num_key_value_groups = num_heads // num_kv_heads  # eager/sdpa repeat k/v by it
+        scale = getattr(self.embeddings, "embed_scale", None)  # Gemma scales embeddings by sqrt(hidden_size)
+        if isinstance(scale, torch.Tensor):
+            scale.fill_(hidden_size ** 0.5)  # what a reload computes from the new config
 
     gguf_architecture = "llama"
 

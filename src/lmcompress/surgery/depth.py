@@ -69,7 +69,7 @@ def hidden_similarity(model: nn.Module, batches: Sequence[dict[str, torch.Tensor
                       progress: bool = True) -> HiddenSimilarity:
     """Walk every calibration batch through the blocks once and compare the states at every pair of depths
     over the batch's real tokens (padding left out)."""
-    with fused_attention(model), bf16_autocast(bf16):
+    with fused_attention(model), bf16_autocast(bf16, next(model.parameters()).device):
         inputs = capture_block_inputs(model, batches, progress=progress)
         depth = len(inputs.blocks)
         cos_sum = torch.zeros(depth + 1, depth + 1, dtype=torch.float64)
@@ -78,15 +78,16 @@ def hidden_similarity(model: nn.Module, batches: Sequence[dict[str, torch.Tensor
         for b in tqdm(range(inputs.num_batches), desc="block similarity", unit="batch", disable=not progress):
             hidden = inputs.hidden[b]
             mask = inputs.masks[b]
-            real = (mask.bool() if mask is not None else torch.ones(hidden.shape[:2], dtype=torch.bool))
+            real = mask.bool() if mask is not None else torch.ones(hidden.shape[:2], dtype=torch.bool,
+                                                                    device=hidden.device)
             states = [F.normalize(hidden[real].float(), dim=-1)]
             for i in range(depth):
                 hidden = inputs.run(i, b, hidden)
                 states.append(F.normalize(hidden[real].float(), dim=-1))
             unit = torch.stack(states, dim=1)  # (tokens, L + 1, hidden)
             cos = torch.einsum("nih,njh->nij", unit, unit).clamp(-1.0, 1.0)  # per token, every pair of depths
-            cos_sum += cos.sum(dim=0).double()
-            ang_sum += (torch.arccos(cos) / math.pi).sum(dim=0).double()
+            cos_sum += cos.sum(dim=0).double().cpu()
+            ang_sum += (torch.arccos(cos) / math.pi).sum(dim=0).double().cpu()
             tokens += unit.shape[0]
     if tokens == 0:
         raise RecipeError("depth pruning: the calibration batches have no real tokens")
@@ -98,7 +99,7 @@ def calibration_loss(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]
     """Mean next-token loss of a causal LM over the batches' real tokens (each batch weighted by them)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    with bf16_autocast(bf16):
+    with bf16_autocast(bf16, device):
         for batch in batches:
             inputs = model_inputs(batch, device)
             labels = batch["labels"].to(device)
@@ -172,10 +173,10 @@ def _greedy_by_loss(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]
                     progress: bool) -> DepthChoice:
     depth = get_adapter(model).num_layers
     removed: list[int] = []
-    losses = [calibration_loss(model, batches, bf16)]  # the loss before, then after each removal
     bar = tqdm(total=sum(depth - k for k in range(remove)), desc="greedy depth pruning", unit="trial",
                disable=not progress)
     with fused_attention(model):
+        losses = [calibration_loss(model, batches, bf16)]  # the loss before, then after each removal
         for _ in range(remove):
             trials = {}
             for i in (i for i in range(depth) if i not in removed):

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmcompress.core.errors import RecipeError
-from lmcompress.models.adapters import ArchAdapter, get_adapter
+from lmcompress.models.adapters import ArchAdapter, get_adapter, is_sequence_classifier
 from lmcompress.models.blocks import bf16_autocast, fused_attention, model_inputs
 
 Dimension = Literal["heads", "mlp", "hidden"]
@@ -51,8 +51,7 @@ class WidthSizes:
 
     @classmethod
     def of(cls, adapter: ArchAdapter) -> WidthSizes:
-        return cls(adapter.num_heads, adapter.num_kv_heads, getattr(adapter.config, adapter.intermediate_size_attr),
-                   adapter.hidden_size)
+        return cls(adapter.num_heads, adapter.num_kv_heads, adapter.intermediate_size, adapter.hidden_size)
 
     def check_within(self, now: WidthSizes, field: str = "width") -> None:
         """Refuse sizes the model cannot be cut to (larger than now, not whole groups, irregular grouping)."""
@@ -99,16 +98,16 @@ def width_importance(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]
 
     def head_hook(i):
         def hook(module, args):
-            heads[i].add_(real(args[0]).view(-1, num_heads, head_dim).norm(dim=-1).sum(0).double())
+            heads[i].add_(real(args[0]).view(-1, num_heads, head_dim).norm(dim=-1).sum(0).double().cpu())
         return hook
 
     def channel_hook(i):
         def hook(module, args):
-            channels[i].add_(real(args[0]).abs().sum(0).double())
+            channels[i].add_(real(args[0]).abs().sum(0).double().cpu())
         return hook
 
     def hidden_hook(module, args, out):
-        hidden.add_(real(out).abs().sum(0).double())
+        hidden.add_(real(out).abs().sum(0).double().cpu())
 
     handles = []
     for i, p in enumerate(parts):
@@ -120,7 +119,7 @@ def width_importance(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]
     device = next(model.parameters()).device
     tokens = 0
     try:
-        with fused_attention(model), bf16_autocast(bf16):
+        with fused_attention(model), bf16_autocast(bf16, device):
             for batch in tqdm(batches, desc="width importance", unit="batch", disable=not progress):
                 inputs = model_inputs(batch, device)
                 m = inputs.get("attention_mask")
@@ -146,6 +145,8 @@ Roles = tuple[str | None, ...]
 def _width_map(adapter: ArchAdapter) -> list[tuple[nn.Module, str, Roles, int | None]]:
     """(module, parameter name, roles of its dimensions, block index or None for model-wide) for every
     parameter a width runs through."""
+    if is_sequence_classifier(adapter.model):
+        raise RecipeError("width pruning cuts causal LMs; a sequence classifier's head is not cut with them")
     entries: list[tuple[nn.Module, str, Roles, int | None]] = [(adapter.embeddings, "weight", (None, "hidden"), None)]
     head = adapter.head
     if head is not None and head.weight is not adapter.embeddings.weight:
@@ -201,6 +202,9 @@ def sizes_for_params(model: nn.Module, target_params: int, dimensions: Sequence[
     now = WidthSizes.of(adapter)
     if not dimensions:
         raise RecipeError("width pruning to a parameter target needs dimensions (heads, mlp, hidden)")
+    if target_params >= count_params(model, now):
+        raise RecipeError(f"width pruning: target {target_params:,} parameters is not below the model's "
+                          f"{count_params(model, now):,}; nothing to cut")
     group = now.num_heads // now.num_kv_heads
 
     def at(keep: float) -> WidthSizes:
@@ -324,7 +328,7 @@ def cut_width(model: nn.Module, choice: WidthChoice) -> nn.Module:
         data = value.data
         for dim, role in enumerate(roles):
             if role is not None:
-                data = data.index_select(dim, index[role])
+                data = data.index_select(dim, index[role].to(data.device))
         setattr(module, name, nn.Parameter(data.clone(), requires_grad=value.requires_grad))
     for module in model.modules():  # the shapes the modules report (repr, and code that reads them)
         if isinstance(module, nn.Linear):

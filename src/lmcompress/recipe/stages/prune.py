@@ -114,14 +114,15 @@ class WidthPruning(Strict):
             raise ValueError("give exactly one of sizes, target_params or ratio")
         return self
 
-    def resolve(self, model, field: str) -> WidthSizes:
+    def resolve(self, model, field: str, params_at_start: int) -> WidthSizes:
+        """The sizes to cut `model` to; `ratio` is of `params_at_start` (before this stage's depth cut)."""
         check_cuttable(model)
         now = WidthSizes.of(get_adapter(model))
         if self.sizes is not None:
             sizes = self.sizes.resolve(now)
+            field = f"{field}.sizes"
         else:
-            total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-            target = int(self.target_params or total * self.ratio)
+            target = int(self.target_params or params_at_start * self.ratio)
             try:
                 sizes = sizes_for_params(model, target, self.dimensions, self.heads, self.multiple)
             except RecipeError as exc:
@@ -156,6 +157,10 @@ class PruneStage(StageConfig, CalibrationSettings):
 
     def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:
         self.check_calibration(self.label, facts, recipe)
+        if self.depth is not None and self.depth.method == "perplexity" and self.uses_calibration() \
+                and self._calibration_source(recipe) != "corpus":
+            raise RecipeError(f"{self.label}.depth.method: perplexity is the corpus's next-token loss; set "
+                              "calibration_data: corpus (the recipe's task gives labels, not next tokens)")
         if self.depth is None:
             return facts
         count = self.depth.remove_count(facts.student_layers, f"{self.label}.depth")
@@ -164,6 +169,7 @@ class PruneStage(StageConfig, CalibrationSettings):
     def run(self, run: Run) -> None:
         """Depth first (the width measurements then run on fewer blocks), then width; one report row each."""
         student = run.require_student(self.label)
+        params_at_start = sum(p.numel() for p in student.parameters())
         batches = None
         if self.uses_calibration():
             data = self.calibration_dataset(run, self.label)
@@ -174,7 +180,7 @@ class PruneStage(StageConfig, CalibrationSettings):
             self._prune_depth(run, student, batches)
         if self.width is not None:
             before, widths = size_report(student), WidthSizes.of(get_adapter(student))
-            sizes = self.width.resolve(student, f"{self.label}.width")
+            sizes = self.width.resolve(student, f"{self.label}.width", params_at_start)
             choice = prune_width(student, batches, sizes, bf16=self.bf16)
             self._report(run, "width", choice.summary(widths), before, student, choice.importance)
 

@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kd-steps", type=int, default=200, help="end-to-end KD steps (8 x 512 tokens each)")
     p.add_argument("--kd-train", type=lambda v: v.split(","), default=["scales"],
                    help="what end-to-end KD trains on a learnable grid: scales (default) or weights,scales")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an lmcompress chain an earlier run left unfinished, from its checkpoints")
     p.add_argument("--force", action="store_true", help="measure rows already in peers.json again")
     p.add_argument("--report-only", action="store_true", help="only rewrite peers.md / peers.png from peers.json")
     args = p.parse_args(argv)

@@ -17,7 +17,8 @@ file MB is that file) and, where the types allow, also GGUF (scored by llama-per
 
 Which steps run is `--lmc-methods` (default all), on which configurations `--lmc-configs` (default all);
 training budgets are `--recon-steps` (per block) and `--kd-steps`. Rows already in peers.json are skipped, so
-a long run can be split over sessions.
+a long run can be split over sessions; `--resume` continues a chain cut off mid-way from its training
+checkpoints (reconstruction per block, end-to-end KD every 25 steps; the PTQ stages run again).
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def chain_recipe(config: dict, folder: Path, args) -> tuple[dict, list[tuple[str
         stages += [{"stage": "distill", "train": parts,
                     "losses": [{"type": "logits", "temperature": 1.0}], "steps": args.kd_steps, "batch_size": 4,
                     "grad_accum": 2, "lr": 1e-4 if learnable else 1e-5, "warmup_steps": 10, "schedule": "cosine",
-                    "bf16": True, "eval_batches": 0, "log_with": "none"},
+                    # checkpoints let `--resume` continue a chain a session end cut off (e2e is its longest stage)
+                    "bf16": True, "eval_batches": 0, "log_with": "none", "checkpoint_every": 25},
                    _export(name, folder / name)]
         rows.append((e2e_method(parts, learnable), name))
     return {"name": "peers", "teacher": "smollm2-135m", "corpus": {"name": "sotu"}, "block_size": args.window,
@@ -193,7 +195,9 @@ def run(args, bench, llamacpp=None) -> None:
             chain = [(f"{m} {label}", work / slug / export, export) for m, export in rows]
             exports += [(method, folder) for method, folder, _ in chain]
             if not all(res.done("lmcompress", method) for method, _, _ in chain):
-                result = lc.compress("smollm2-135m", recipe, out_dir=work / "runs" / f"chain-{slug}", overwrite=True)
+                run_dir = work / "runs" / f"chain-{slug}"
+                resume = args.resume and (run_dir / "report.json").is_file()  # training resumes from checkpoints
+                result = lc.compress("smollm2-135m", recipe, out_dir=run_dir, resume=resume, overwrite=not resume)
                 for method, folder, export in chain:
                     seconds, train, calibration = _cost(result.report, f"export-{export}")
                     _score_export(bench, folder, {"tool": "lmcompress", "method": method, "imatrix": False,

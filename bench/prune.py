@@ -21,7 +21,7 @@ teacher.
 Rows land in `--out/prune.json` (keys `method`, `params`, `train_tokens`, `ppl_pruned`, `ppl_distilled`,
 `teacher_ppl`, `tokens_per_s`, plus wall seconds and the pruning's own row) as each finishes; a rerun
 skips rows already there (`--force` measures them again), so the benchmark can span sessions. `--only`
-picks rows. Run it alone on the 2 cores:
+picks rows; `--prune-only` cuts and scores without distilling (`ppl_distilled` null until a full run). Run it alone on the 2 cores:
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 nice -n 5 python bench/prune.py \\
         --steps 245 --batch-size 8 --block-size 512 --out bench/results
@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teacher-cache", type=Path, default=Path("runs/bench-prune/teacher-cache-k64"),
                    help="offline teacher cache shared by every row (built by the first); 'none' runs the teacher")
     p.add_argument("--cache-k", type=int, default=64, help="top-k tokens the teacher cache keeps")
+    p.add_argument("--prune-only", action="store_true",
+                   help="cut and score only (ppl_pruned); a later full run distils the rows and fills ppl_distilled")
     p.add_argument("--force", action="store_true", help="measure rows already in prune.json again")
     args = p.parse_args(argv)
     if unknown := set(args.only) - set(ROWS):
@@ -83,10 +85,11 @@ def recipe(cut: list[dict], args) -> dict:
                "losses": [{"type": "logits", "temperature": 2.0, "weight": 5.0}, {"type": "ce", "weight": 2.0}]}
     if str(args.teacher_cache) != "none":  # every row distils on the same blocks: one cache serves them all
         distill["teacher_cache"] = {"path": str(args.teacher_cache.resolve()), "k": args.cache_k}
+    heal = [] if args.prune_only else [distill, _evaluate("distilled", args)]
     return {"name": "bench-prune", "teacher": "smollm2-135m", "corpus": {"name": "sotu"},
             "block_size": args.block_size, "seed": 0,
             "stages": [{"stage": "load"}, _evaluate("teacher", args, "teacher"), *cut, _evaluate("pruned", args),
-                       distill, _evaluate("distilled", args)]}
+                       *heal]}
 
 
 def _load(path: Path) -> list[dict]:
@@ -103,13 +106,14 @@ def _save(path: Path, rows: list[dict]) -> None:
 def row_of(method: str, report, seconds: float) -> dict:
     """prune.json's row from a finished run's report."""
     by_stage = {r.get("stage"): r for r in report.rows}
-    train = by_stage["distill"]
+    train = by_stage.get("distill", {})
     cache = by_stage.get("distill teacher cache")
     prune_rows = [r for r in report.rows if r.get("stage") in ("prune", "truncate")]
-    return {"method": method, "params": by_stage["pruned"]["params"], "train_tokens": train["train_tokens"],
-            "ppl_pruned": by_stage["pruned"]["perplexity"], "ppl_distilled": by_stage["distilled"]["perplexity"],
-            "teacher_ppl": by_stage["teacher"]["perplexity"], "tokens_per_s": train["train_tokens_per_s"],
-            "eval_tokens": by_stage["distilled"]["eval_tokens"], "seconds": round(seconds, 1),
+    return {"method": method, "params": by_stage["pruned"]["params"], "train_tokens": train.get("train_tokens", 0),
+            "ppl_pruned": by_stage["pruned"]["perplexity"],
+            "ppl_distilled": by_stage["distilled"]["perplexity"] if "distilled" in by_stage else None,
+            "teacher_ppl": by_stage["teacher"]["perplexity"], "tokens_per_s": train.get("train_tokens_per_s"),
+            "eval_tokens": by_stage["pruned"]["eval_tokens"], "seconds": round(seconds, 1),
             "kept_layers": report.meta.get("kept_layers"), "pruning": prune_rows,
             "teacher_cache": cache}
 
@@ -121,10 +125,11 @@ def main(argv=None) -> None:
     out = args.out / "prune.json"
     rows = _load(out)
     for method in args.only:
-        if any(r["method"] == method for r in rows) and not args.force:
+        have = next((r for r in rows if r["method"] == method), None)
+        if have is not None and not args.force and (args.prune_only or have["ppl_distilled"] is not None):
             print(f"[skip] {method}: in {out}", flush=True)
             continue
-        slug = method.replace(" ", "-").replace("+", "-")
+        slug = method.replace(" ", "-").replace("+", "-") + ("-pruned" if args.prune_only else "")
         started = time.perf_counter()
         folder = args.runs / slug
         resume = (folder / "report.json").is_file()
@@ -134,8 +139,8 @@ def main(argv=None) -> None:
         rows = [r for r in _load(out) if r["method"] != method] + [row]
         _save(out, rows)
         print(f"[row] {method:22s} params {row['params']:,}  ppl pruned {row['ppl_pruned']:,.1f}  distilled "
-              f"{row['ppl_distilled']:,.2f} (teacher {row['teacher_ppl']:.2f})  {row['train_tokens']:,} tokens "
-              f"at {row['tokens_per_s']:.0f}/s  {row['seconds']:.0f} s", flush=True)
+              f"{row['ppl_distilled']} (teacher {row['teacher_ppl']:.2f})  {row['train_tokens']:,} tokens "
+              f"at {row['tokens_per_s']}/s  {row['seconds']:.0f} s", flush=True)
         del result
 
 

@@ -19,8 +19,8 @@ teacher.
 | width 100M | width only, to ~100M | <= 100M |
 
 Rows land in `--out/prune.json` (keys `method`, `params`, `train_tokens`, `ppl_pruned`, `ppl_distilled`,
-`teacher_ppl`, `tokens_per_s`, plus wall seconds and the pruning's own row) as each finishes; a rerun
-skips rows already there (`--force` measures them again), so the benchmark can span sessions. `--only`
+`teacher_ppl`, `tokens_per_s`, plus `steps`, wall seconds and the pruning's own row; one row per method and
+step budget) as each finishes; a rerun skips rows already there (`--force` measures them again), so the benchmark can span sessions. `--only`
 picks rows; `--prune-only` cuts and scores without distilling (`ppl_distilled` null until a full run). Run it alone on the 2 cores:
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 nice -n 5 python bench/prune.py \\
@@ -58,13 +58,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", type=lambda v: v.split(";"), default=list(ROWS), help="';'-separated row names")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--runs", type=Path, default=Path("runs/bench-prune"), help="run folders (checkpoints)")
-    p.add_argument("--teacher-cache", type=Path, default=Path("runs/bench-prune/teacher-cache-k64"),
-                   help="offline teacher cache shared by every row (built by the first); 'none' runs the teacher")
+    p.add_argument("--teacher-cache", type=Path, default=None,
+                   help="offline teacher cache shared by every row (built by the first; default under --runs, "
+                        "named by k and the training budget); 'none' runs the teacher")
     p.add_argument("--cache-k", type=int, default=64, help="top-k tokens the teacher cache keeps")
     p.add_argument("--prune-only", action="store_true",
                    help="cut and score only (ppl_pruned); a later full run distils the rows and fills ppl_distilled")
     p.add_argument("--force", action="store_true", help="measure rows already in prune.json again")
     args = p.parse_args(argv)
+    budget = f"{args.steps}x{args.batch_size}x{args.block_size}"
+    args.teacher_cache = args.teacher_cache or args.runs / f"teacher-cache-k{args.cache_k}-{budget}"
+    args.runs = args.runs / ("pruned-only" if args.prune_only else budget)  # a row's run folder per budget
     if unknown := set(args.only) - set(ROWS):
         p.error(f"unknown rows {sorted(unknown)}; choose from {list(ROWS)}")
     return args
@@ -125,18 +129,20 @@ def main(argv=None) -> None:
     out = args.out / "prune.json"
     rows = _load(out)
     for method in args.only:
-        have = next((r for r in rows if r["method"] == method), None)
-        if have is not None and not args.force and (args.prune_only or have["ppl_distilled"] is not None):
-            print(f"[skip] {method}: in {out}", flush=True)
+        steps = 0 if args.prune_only else args.steps
+        have = [r for r in rows if r["method"] == method and (args.prune_only or r.get("steps") == steps)]
+        if have and not args.force:
+            print(f"[skip] {method}{f' at {steps} steps' if steps else ''}: in {out}", flush=True)
             continue
-        slug = method.replace(" ", "-").replace("+", "-") + ("-pruned" if args.prune_only else "")
+        slug = method.replace(" ", "-").replace("+", "-")
         started = time.perf_counter()
         folder = args.runs / slug
         resume = (folder / "report.json").is_file()
         result = lc.compress("smollm2-135m", recipe(ROWS[method], args), out_dir=folder, resume=resume,
                              overwrite=not resume)
-        row = row_of(method, result.report, time.perf_counter() - started)
-        rows = [r for r in _load(out) if r["method"] != method] + [row]
+        row = {**row_of(method, result.report, time.perf_counter() - started), "steps": steps}
+        # one row a method and budget; a distilled row replaces that method's cut-only row
+        rows = [r for r in _load(out) if not (r["method"] == method and r.get("steps", 0) in (0, steps))] + [row]
         _save(out, rows)
         print(f"[row] {method:22s} params {row['params']:,}  ppl pruned {row['ppl_pruned']:,.1f}  distilled "
               f"{row['ppl_distilled']} (teacher {row['teacher_ppl']:.2f})  {row['train_tokens']:,} tokens "

@@ -156,3 +156,18 @@ def random_lm_batches(n: int, rows: int = 4, length: int = 24, seed: int = 0) ->
         ids = torch.randint(3, VOCAB, (rows, length), generator=g)
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
     return out
+
+
+def run_on_random_blocks(out_dir: Path, recipe, student, blocks: int, length: int, teacher=None):
+    """A recipe `Run` holding `student` (and `teacher`) whose training corpus is `blocks` random token blocks
+    of `length` (seeded), so a stage can run without reading a corpus."""
+    import datasets
+
+    from lmcompress.recipe.base import Run
+
+    run = Run(recipe=recipe, out_dir=out_dir)
+    run.student, run.teacher = student, teacher
+    ids = torch.randint(3, VOCAB, (blocks, length), generator=torch.Generator().manual_seed(0)).tolist()
+    rows = datasets.Dataset.from_dict({"input_ids": ids})
+    run.lm_blocks = lambda split, block_size=None: rows if split == "train" else None
+    return run

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_model
+from helpers import run_on_random_blocks, tiny_model
 
 from lmcompress.core.errors import LmcompressError, RecipeError
 from lmcompress.distill.teacher_cache import (
@@ -161,15 +161,8 @@ def _stage_recipe(tmp_path, cache: str):
 
 
 def _stage_run(tmp_path, recipe):
-    import datasets
-
-    from lmcompress.recipe.base import Run
-
-    run = Run(recipe=recipe, out_dir=tmp_path / "run")
-    run.teacher, run.student = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
-    rows = datasets.Dataset.from_dict({"input_ids": _blocks().tolist()})
-    run.lm_blocks = lambda split, block_size=None: rows if split == "train" else None
-    return run
+    return run_on_random_blocks(tmp_path / "run", recipe, tiny_model("llama", seed=1), 10, 12,
+                                teacher=tiny_model("llama", seed=0))
 
 
 def test_distill_stage_builds_the_cache_once_then_reuses_it_and_refuses_another(tmp_path):

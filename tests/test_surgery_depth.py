@@ -4,19 +4,17 @@ trial removals against really removing, and the `prune` stage end to end on tiny
 import copy
 import math
 
-import datasets
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from helpers import tiny_model
+from helpers import run_on_random_blocks, tiny_model
 
 from lmcompress.core.errors import LmcompressError, RecipeError
 from lmcompress.formats import export_model
 from lmcompress.models import get_adapter
 from lmcompress.models.blocks import skipping_blocks
 from lmcompress.recipe import load_recipe
-from lmcompress.recipe.base import Run
 from lmcompress.surgery.calibration import calibration_batches
 from lmcompress.surgery.depth import calibration_loss, choose_blocks, hidden_similarity
 from lmcompress.surgery.truncate import truncate_layers
@@ -140,12 +138,7 @@ def _recipe(tmp_path, depth: str, extra: str = ""):
 
 
 def _run(tmp_path, recipe, layers=6):
-    run = Run(recipe=recipe, out_dir=tmp_path / "run")
-    run.student = tiny_model("llama", layers=layers)
-    ids = torch.randint(3, 128, (20, 12), generator=torch.Generator().manual_seed(0)).tolist()
-    blocks = datasets.Dataset.from_dict({"input_ids": ids})
-    run.lm_blocks = lambda split, block_size=None: blocks if split == "train" else None
-    return run
+    return run_on_random_blocks(tmp_path / "run", recipe, tiny_model("llama", layers=layers), 20, 12)
 
 
 @pytest.mark.parametrize("depth", ["{method: block-influence, remove: 2}", "{method: angular, keep: 4}",

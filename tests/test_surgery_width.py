@@ -4,17 +4,15 @@ regular, counts against the real model, and the `prune` stage's width part end t
 
 import copy
 
-import datasets
 import pytest
 import torch
 import transformers
-from helpers import tiny_model
+from helpers import run_on_random_blocks, tiny_model
 
 from lmcompress.core.errors import LmcompressError, RecipeError
 from lmcompress.formats import export_model
 from lmcompress.models import get_adapter
 from lmcompress.recipe import load_recipe
-from lmcompress.recipe.base import Run
 from lmcompress.surgery.calibration import calibration_batches
 from lmcompress.surgery.width import (
     WidthImportance,
@@ -216,12 +214,7 @@ def _recipe(tmp_path, width: str, extra: str = ""):
 
 
 def _run(tmp_path, recipe, model=None):
-    run = Run(recipe=recipe, out_dir=tmp_path / "run")
-    run.student = model if model is not None else _model()
-    ids = torch.randint(3, 128, (12, 10), generator=torch.Generator().manual_seed(0)).tolist()
-    blocks = datasets.Dataset.from_dict({"input_ids": ids})
-    run.lm_blocks = lambda split, block_size=None: blocks if split == "train" else None
-    return run
+    return run_on_random_blocks(tmp_path / "run", recipe, model if model is not None else _model(), 12, 10)
 
 
 @pytest.mark.parametrize("width", ["{ratio: 0.7}", "{target_params: 20000, dimensions: [mlp, hidden], multiple: 8}",

@@ -52,6 +52,7 @@ def main(argv=None) -> None:
     from lmcompress.distill.teacher_cache import TeacherCache, teacher_topk, topk_kl
     from lmcompress.distill.trainer import BatchOrder, rows_read
     from lmcompress.models.adapters import get_adapter
+    from lmcompress.models.blocks import bf16_autocast
     from lmcompress.surgery.truncate import resolve_layers, truncate_layers
 
     cache_dir = args.runs / "cache"
@@ -72,7 +73,7 @@ def main(argv=None) -> None:
     student = truncate_layers(copy.deepcopy(teacher), resolve_layers("every-other", get_adapter(teacher).num_layers))
     cache = TeacherCache(cache_dir)
     position = {row: i for i, row in enumerate(rows_read(len(rows), args.batch_size, 1, args.steps, 1, 0))}
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), bf16_autocast(True):
         s_logits, t_logits = student(ids).logits.float(), teacher(ids).logits.float()
     kl_live = float(topk_kl(s_logits, *teacher_topk(t_logits, args.k, 2.0), 2.0))
     looked = cache.lookup([position[i] for i in first])

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -76,12 +75,17 @@ def tiny_lm_or_classifier(family: str, **kw):
     return tiny_model(family, task="sequence-classification" if family == "bert" else None, **kw)
 
 
-def tiny_budget(name: str, **top):
-    """The shipped recipe `name` (with or without .yaml) at 2 training steps per stage, small batches and
-    short evaluations; `top` overrides top-level fields."""
+def tiny_budget(name: str, sets: tuple[str, ...] = (), **top):
+    """The shipped recipe `name` (with or without .yaml), after the `--set` overrides `sets`, at 2 training
+    steps per stage, small batches and short evaluations; `top` overrides top-level fields."""
+    from lmcompress.core.yamlfile import read_yaml_mapping
     from lmcompress.recipe import Recipe
+    from lmcompress.recipe.schema import apply_override
 
-    data = yaml.safe_load((RECIPES / (name if name.endswith(".yaml") else f"{name}.yaml")).read_text())
+    doc = read_yaml_mapping(RECIPES / (name if name.endswith(".yaml") else f"{name}.yaml"), "recipe")
+    for item in sets:
+        apply_override(doc, item)
+    data = doc.data
     data.update(top)
     for stage in data["stages"]:
         if "steps" in stage:

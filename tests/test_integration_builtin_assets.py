@@ -64,17 +64,23 @@ def test_minilm_loads_for_sequence_classification():
 
 def test_demo_recipe_end_to_end_on_a_slice(tmp_path, capsys):
     out = tmp_path / "demo"
-    small = ["stages.1.max_tokens=128", "stages.3.max_tokens=128", "stages.5.max_tokens=128", "block_size=64",
-             "stages.4.steps=3", "stages.4.batch_size=2", "stages.4.checkpoint_every=0"]
+    small = ["stages.1.max_tokens=128", "stages.2.calibration_samples=4", "stages.3.max_tokens=128",
+             "stages.5.max_tokens=128", "block_size=64", "stages.4.steps=3", "stages.4.batch_size=2",
+             "stages.4.checkpoint_every=0"]
     code = main(["run", "recipes/demo.yaml", "--out", str(out), *[a for s in small for a in ("--set", s)]])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     rows = {row["stage"]: row for row in report["rows"]}
-    teacher, truncated, exported = rows["teacher"], rows["truncated"], rows["export"]
-    assert teacher["layers"] == 30 and truncated["layers"] == 15 and rows["distilled"]["layers"] == 15
+    teacher, pruned, exported = rows["teacher"], rows["pruned"], rows["export"]
+    assert teacher["layers"] == 30 and pruned["layers"] == 15 and rows["distilled"]["layers"] == 15
+    # the cut is measured, not every other block: the 15 removed blocks are the 15 lowest block influences
+    cut, kept = rows["prune"], report["meta"]["kept_layers"]
+    influence = report["meta"]["prune block_influence"]
+    assert len(kept) == 15 and kept != list(range(0, 30, 2)) and cut["params_after"] == pruned["params"]
+    assert max(influence[i] for i in range(30) if i not in kept) <= min(influence[i] for i in kept)
     assert rows["distill"]["train_steps"] == 3 and rows["distill"]["train_tokens"] == 3 * 2 * 64
-    assert truncated["compression_ratio"] > 1.5 and truncated["perplexity"] > teacher["perplexity"]
+    assert pruned["compression_ratio"] > 1.5 and pruned["perplexity"] > teacher["perplexity"]
     reloaded, _ = load_model(out / "model")
     assert get_adapter(reloaded).num_layers == 15
-    assert exported["disk_mb"] == pytest.approx(truncated["size_mb"], rel=0.05)
-    assert "| truncated |" in (out / "report.md").read_text()
+    assert exported["disk_mb"] == pytest.approx(pruned["size_mb"], rel=0.05)
+    assert "| pruned |" in (out / "report.md").read_text()

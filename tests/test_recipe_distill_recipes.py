@@ -1,6 +1,8 @@
-"""The distillation recipes validate, and two of them run end to end on the real assets with a tiny budget."""
+"""The distillation recipes validate, and two of them run end to end on the real assets with a tiny budget;
+the truncation recipes' documented pruning variants validate, and one runs."""
 
 import logging
+import shlex
 
 import pytest
 from helpers import RECIPES, integration, tiny_budget
@@ -20,6 +22,44 @@ def test_recipe_validates(name):
     assert any(stage.stage == "distill" for stage in recipe.stages)
 
 
+
+
+TRUNCATION_RECIPES = {"distilgpt2-od": 15, "hidden-uniform-last": 15, "minilmv2-relations": 15,
+                      "truncate-continued-pretraining": 15, "kd-minilm-fine-foods": 3}
+
+
+def pruning_variant(name: str) -> list[str]:
+    """The `--set` overrides of the pruning variant a truncation recipe documents in its comments."""
+    command = f"lmcompress run recipes/{name}.yaml"
+    line = next(x for x in (RECIPES / f"{name}.yaml").read_text().splitlines() if command in x)
+    words = shlex.split(line.split(command, 1)[1])
+    assert words[::2] == ["--set"] * (len(words) // 2) and len(words) % 2 == 0, line
+    return words[1::2]
+
+
+@pytest.mark.parametrize("name", TRUNCATION_RECIPES)
+def test_truncation_recipes_document_a_pruning_variant_that_validates(name):
+    plain = load_recipe(RECIPES / f"{name}.yaml")
+    variant = load_recipe(RECIPES / f"{name}.yaml", pruning_variant(name))
+    (cut,) = [i for i, stage in enumerate(plain.stages) if stage.stage == "truncate"]
+    pruned = variant.stages[cut]
+    assert (pruned.stage, pruned.depth.method, pruned.depth.remove) == ("prune", "block-influence",
+                                                                         TRUNCATION_RECIPES[name])
+    maps = [getattr(loss, "layer_map", None) for stage in variant.stages for loss in getattr(stage, "losses", [])]
+    plain_maps = [getattr(x, "layer_map", None) for stage in plain.stages for x in getattr(stage, "losses", [])]
+    # a recipe whose losses pair blocks pairs them with the blocks the prune kept; the others stay as they were
+    assert [m for m in maps if m is not None] in ([], ["kept"] * len([m for m in plain_maps if m is not None]))
+
+
+@integration
+@pytest.mark.integration
+def test_hidden_recipe_pruning_variant_runs_on_smollm2(tmp_path):
+    sets = (*pruning_variant("hidden-uniform-last"), "stages.1.calibration_samples=4")
+    run = run_recipe(tiny_budget("hidden-uniform-last", sets, block_size=64), tmp_path)
+    rows = {row["stage"]: row for row in run.report.rows}
+    kept = run.report.meta["kept_layers"]
+    assert len(kept) == 15 and kept != list(range(0, 30, 2)) and run.student_blocks == kept
+    assert rows["truncated"]["layers"] == rows["distilled"]["layers"] == 15 and rows["distill"]["loss_hidden"] > 0
 
 
 @integration

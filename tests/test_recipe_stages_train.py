@@ -11,9 +11,11 @@ from helpers import tiny_model
 from lmcompress.core.errors import RecipeError
 from lmcompress.distill.batches import mlm_collate
 from lmcompress.distill.heads import copy_head, with_classification_head
+from lmcompress.distill.layermaps import layer_map
 from lmcompress.models import get_adapter
 from lmcompress.recipe import Recipe
 from lmcompress.recipe.base import Run
+from lmcompress.recipe.runner import preflight
 
 logging.getLogger("accelerate").setLevel(logging.ERROR)
 
@@ -75,6 +77,42 @@ def test_distill_stage_resumes_a_finished_stage_without_training(tmp_path):
     again.resume = True
     again.recipe.stages[0].run(again)
     assert all(torch.equal(trained[k], v) for k, v in again.student.state_dict().items())
+
+
+KEPT_HIDDEN = {**DISTILL, "losses": [{"type": "hidden", "layer_map": "kept"}, {"type": "ce"}]}
+
+
+def test_kept_layer_map_pairs_each_student_block_with_the_teacher_block_it_was_cut_from(tmp_path):
+    run = make_run(tmp_path, [{"stage": "truncate", "keep": [0, 1, 3]}, {"stage": "truncate", "keep": [0, 2]},
+                              KEPT_HIDDEN])
+    run.student_blocks = [0, 1, 2, 3]  # as the load stage records a copy of the 4-block teacher
+    preflight(run.recipe.stages, run)
+    for stage in run.recipe.stages[:2]:
+        stage.run(run)
+    assert run.student_blocks == run.report.meta["kept_layers"] == [0, 3]  # the second cut composes
+    distill = run.recipe.stages[2]
+    hidden = distill._losses(run)[0]
+    assert hidden.layer_map == [0, 3] and distill.losses[0].layer_map == "kept"  # the recipe is left as written
+    assert hidden.build(run.teacher, run.student).pairs == [(0, 0), (1, 3)]
+    distill.run(run)
+    assert run.report.rows[-1]["loss_hidden"] > 0
+
+
+def test_kept_layer_map_follows_the_student_stage_and_is_refused_where_no_block_came_from_the_teacher(tmp_path):
+    mapped = make_run(tmp_path / "a", [{"stage": "student", "layers": 2}, KEPT_HIDDEN])
+    mapped.student_blocks = [0, 1, 2, 3]
+    mapped.recipe.stages[0].run(mapped)
+    assert mapped.student_blocks == [0, 2]  # the uniform map the student stage copied the blocks by
+    fresh = make_run(tmp_path / "b", [{"stage": "student", "layers": 2, "init": "random"}, KEPT_HIDDEN])
+    fresh.student_blocks = [0, 1, 2, 3]
+    with pytest.raises(RecipeError, match=r"distill.losses\[0\].layer_map: 'kept' .* not cut from"):
+        preflight(fresh.recipe.stages, fresh)
+    fresh.recipe.stages[0].run(fresh)
+    assert fresh.student_blocks is None
+    with pytest.raises(RecipeError, match="layer_map 'kept' needs a student cut"):
+        fresh.recipe.stages[1].run(fresh)
+    with pytest.raises(RecipeError, match="outside a recipe give them as a list"):
+        layer_map("kept", 4, 2)
 
 
 def test_encoder_on_a_corpus_gets_masked_inputs(tmp_path):

@@ -12,6 +12,7 @@ blocks and S student blocks:
 | `uniform-consecutive` | k consecutive teacher blocks starting at floor(i*T/S); k defaults to T//S | [0,1] [2,3] ... [10,11] | [0,1] ... [28,29] |
 | explicit `[t0, t1, ...]` | student block i to teacher block t_i (one entry per student block) | | |
 | explicit `[[s, t], ...]` | student block s to teacher block t (any subset of pairs) | | |
+| `kept` (recipes) | the teacher block student block i was cut from (by `truncate` or `prune`); a recipe's distill stage turns it into the explicit list | | |
 
 Negative indices in explicit maps count from the end (-1 is the last block), like Python lists.
 """
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from lmcompress.core.errors import RecipeError
 
 STRATEGIES = ("uniform", "last", "uniform+last", "uniform-consecutive")
+KEPT_BLOCKS = "kept"  # a recipe-level map: only the run knows which teacher blocks the student kept
 LayerMapSpec = str | Sequence[int] | Sequence[Sequence[int]]
 LayerMap = list[tuple[int, tuple[int, ...]]]
 
@@ -47,6 +49,9 @@ def layer_map(spec: LayerMapSpec, teacher_layers: int, student_layers: int, k: i
         raise RecipeError(f"{field}: needs at least one block in teacher and student "
                           f"(got {teacher_layers} and {student_layers})")
     if isinstance(spec, str):
+        if spec == KEPT_BLOCKS:
+            raise RecipeError(f"{field}: 'kept' names the blocks a recipe's truncate or prune stage kept; outside "
+                              "a recipe give them as a list of teacher blocks, one per student block")
         if spec not in STRATEGIES:
             raise RecipeError(f"{field}: unknown layer map {spec!r}; allowed: {', '.join(STRATEGIES)} "
                               "or an explicit list")

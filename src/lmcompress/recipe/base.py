@@ -56,6 +56,9 @@ class Run:
     overwrite: bool = False  # earlier outputs of lmcompress (an export at a stage's path) may be replaced
     teacher_bytes: float | None = None  # the teacher's size, for compression ratios
     training_runs: int = 0  # training stages so far; names their checkpoint folders
+    # the teacher block each student block started as (a copy of the teacher: all of them; cut by truncate or
+    # prune: the kept ones); None for a student not made of the teacher's blocks. `layer_map: kept` reads it.
+    student_blocks: list[int] | None = None
     data: DataCache = field(init=False)
 
     def __post_init__(self) -> None:
@@ -75,6 +78,16 @@ class Run:
         if self.student is None:
             raise LmcompressError(f"stage {stage!r} needs a model; put a `load` stage before it")
         return self.student
+
+    def cut_student(self, kept: list[int]) -> list[int]:
+        """Record that the student kept only blocks `kept` (its own indices); returns and reports them as
+        teacher block indices, so a second cut composes with the first."""
+        if self.student_blocks is None:  # not made of the teacher's blocks: its own indices are all we know
+            blocks = list(kept)
+        else:
+            blocks = self.student_blocks = [self.student_blocks[i] for i in kept]
+        self.report.meta["kept_layers"] = blocks
+        return blocks
 
     def require_teacher(self, stage: str) -> nn.Module:
         if self.teacher is None:
@@ -107,6 +120,7 @@ class ModelFacts:
     teacher_layers: int
     student_layers: int
     max_positions: int | None
+    student_blocks_known: bool = True  # whether Run.student_blocks will say where each student block came from
 
     def check_length(self, tokens: int, field: str) -> None:
         if self.max_positions is not None and tokens > self.max_positions:

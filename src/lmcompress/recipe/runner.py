@@ -137,7 +137,7 @@ def preflight(stages: list[StageConfig], run: Run) -> None:
     teacher = get_adapter(run.require_teacher("load"))
     student = get_adapter(run.student) if run.student is not None else teacher
     facts = ModelFacts(teacher_layers=teacher.num_layers, student_layers=student.num_layers,
-                       max_positions=teacher.max_positions)
+                       max_positions=teacher.max_positions, student_blocks_known=run.student_blocks is not None)
     for stage in stages:
         facts = stage.preflight(facts, run.recipe)
 

@@ -47,6 +47,7 @@ class LoadStage(StageConfig):
             p.requires_grad_(False)
         if self.copy_student:
             run.student = copy.deepcopy(run.teacher)
+            run.student_blocks = list(range(get_adapter(run.teacher).num_layers))
             for p in run.student.parameters():
                 p.requires_grad_(True)
         size = size_report(run.teacher)
@@ -72,7 +73,7 @@ class TruncateStage(StageConfig):
         student = run.require_student(self.stage)
         layers = resolve_layers(self.keep, get_adapter(student).num_layers, self.k, field=f"{self.label}.keep")
         truncate_layers(student, layers)
-        run.report.meta["kept_layers"] = layers
+        run.cut_student(layers)
 
 
 @register_stage

@@ -197,7 +197,7 @@ class PruneStage(StageConfig, CalibrationSettings):
         truncate_layers(student, choice.kept)
         summary = choice.summary()
         scores = {k: summary.pop(k) for k in choice.scores}
-        run.report.meta["kept_layers"] = choice.kept
+        run.cut_student(choice.kept)
         self._report(run, "depth", summary, before, student, scores)
 
     def _report(self, run: Run, what: str, summary: dict, before: dict, student, scores: dict) -> None:

@@ -42,7 +42,7 @@ from lmcompress.core.config import Strict
 from lmcompress.core.errors import LmcompressError, RecipeError
 from lmcompress.distill.batches import mlm_collate
 from lmcompress.distill.heads import copy_head, with_classification_head
-from lmcompress.distill.layermaps import layer_map
+from lmcompress.distill.layermaps import KEPT_BLOCKS, layer_map
 from lmcompress.distill.losses import LOSSES, CELoss, DistillationObjective, build_objective, freeze
 from lmcompress.distill.student import build_student
 from lmcompress.distill.teacher_cache import MANIFEST as CACHE_MANIFEST
@@ -143,11 +143,23 @@ class DistillStage(TrainingStage):
         if self.data == "corpus":
             facts.check_length(self.block_size or recipe.block_size, f"{self.label}.block_size")
         for i, loss in enumerate(self.losses):
-            spec = getattr(loss, "layer_map", None)
+            spec, field = getattr(loss, "layer_map", None), f"{self.label}.losses[{i}].layer_map"
+            if spec == KEPT_BLOCKS:
+                if not facts.student_blocks_known:
+                    raise RecipeError(f"{field}: 'kept' maps each student block to the teacher block it was cut "
+                                      "from; this student was not cut from the teacher's blocks (a fresh "
+                                      "`student` stage): name the map")
+                spec = list(range(facts.student_layers))  # which blocks stay is measured later; the count is known
             if spec is not None:
-                layer_map(spec, facts.teacher_layers, facts.student_layers, getattr(loss, "k", None),
-                          field=f"{self.label}.losses[{i}].layer_map")
+                layer_map(spec, facts.teacher_layers, facts.student_layers, getattr(loss, "k", None), field=field)
         return facts
+
+    def _losses(self, run: Run) -> list:
+        """The losses with `layer_map: kept` resolved to the teacher blocks the student kept."""
+        if run.student_blocks is None and any(getattr(x, "layer_map", None) == KEPT_BLOCKS for x in self.losses):
+            raise RecipeError(f"{self.label}: layer_map 'kept' needs a student cut from the teacher's blocks")
+        return [loss.model_copy(update={"layer_map": list(run.student_blocks)})
+                if getattr(loss, "layer_map", None) == KEPT_BLOCKS else loss for loss in self.losses]
 
     def training_data(self, run: Run):
         """(train rows, held-out rows, collate) for this stage's data."""
@@ -169,7 +181,8 @@ class DistillStage(TrainingStage):
         if cached:
             self._check_cache_fits(run)
         torch.manual_seed(run.recipe.seed)  # loss parameters (projections) start the same on resume
-        objective = build_objective(None if cached else run.teacher, student, self.losses, cached_teacher=cached)
+        objective = build_objective(None if cached else run.teacher, student, self._losses(run),
+                                    cached_teacher=cached)
         if objective.teacher_needs.attentions:
             run.teacher.set_attn_implementation("eager")
         if objective.student_needs.attentions:
@@ -328,7 +341,7 @@ class StudentStage(StageConfig):
     def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:
         layers = self.layers or facts.teacher_layers
         layer_map(self.layer_map, facts.teacher_layers, layers, field=f"{self.label}.layer_map")
-        return replace(facts, student_layers=layers)
+        return replace(facts, student_layers=layers, student_blocks_known=self.init == "teacher")
 
     def run(self, run: Run) -> None:
         teacher = run.teacher
@@ -338,6 +351,10 @@ class StudentStage(StageConfig):
                                                      self.num_heads, self.num_kv_heads)
         student = build_student(teacher, config, self.init, self.layer_map, field=f"{self.label}.layer_map")
         run.student = student
+        # `layer_map: kept` in a later stage: the teacher block each student block started from, when it did
+        run.student_blocks = ([t[0] for _, t in layer_map(self.layer_map, get_adapter(teacher).num_layers,
+                                                          get_adapter(student).num_layers)]
+                              if self.init == "teacher" else None)
         adapter = get_adapter(student)
         run.report.meta["student"] = (f"{adapter.num_layers} layers, hidden {adapter.hidden_size}, "
                                       f"{adapter.num_heads} heads, init {self.init}")

@@ -17,6 +17,11 @@ teacher.
 | width | heads (kv groups), MLP and hidden channels by activation importance (Minitron) | <= 81.4M |
 | width+depth | 6 blocks by angular distance, then width to the same count | <= 81.4M |
 | width 100M | width only, to ~100M | <= 100M |
+| depth block-influence +hidden | as depth block-influence, distilled with a hidden-state loss too | 81.4M |
+
+The `+hidden` row adds normalized hidden-state MSE between each student block and the teacher block it was
+cut from (`layer_map: kept`) to the logits + LM losses; the teacher's hidden states are not in the cache,
+so that row runs the teacher live (its tokens/s shows what that costs).
 
 Rows land in `--out/prune.json` (keys `method`, `params`, `train_tokens`, `ppl_pruned`, `ppl_distilled`,
 `teacher_ppl`, `tokens_per_s`, plus `steps`, wall seconds and the pruning's own row; one row per method and
@@ -45,6 +50,10 @@ ROWS = {
                      "width": {"target_params": EVERY_OTHER_PARAMS}}],
     "width 100M": [{"stage": "prune", "width": {"target_params": 100_000_000}}],
 }
+ROWS["depth block-influence +hidden"] = ROWS["depth block-influence"]
+LOSSES = [{"type": "logits", "temperature": 2.0, "weight": 5.0}, {"type": "ce", "weight": 2.0}]
+EXTRA_LOSSES = {"depth block-influence +hidden": [{"type": "hidden", "layer_map": "kept", "normalize": True,
+                                                   "weight": 1.0}]}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,15 +88,17 @@ def _evaluate(name: str, args, model: str = "student") -> dict:
             "max_tokens": args.eval_tokens}
 
 
-def recipe(cut: list[dict], args) -> dict:
+def recipe(method: str, args) -> dict:
     """Load, cut, score, distil, score: one row's recipe."""
     cut = [{**s, "calibration_samples": args.calibration_samples, "bf16": True} if s["stage"] == "prune" else s
-           for s in cut]
+           for s in ROWS[method]]
+    extra = EXTRA_LOSSES.get(method, [])
     distill = {"stage": "distill", "data": "corpus", "steps": args.steps, "batch_size": args.batch_size,
                "lr": args.lr, "warmup_steps": max(1, args.steps // 10), "schedule": "cosine", "bf16": True,
-               "checkpoint_every": 25, "eval_batches": 0, "log_with": "csv",
-               "losses": [{"type": "logits", "temperature": 2.0, "weight": 5.0}, {"type": "ce", "weight": 2.0}]}
-    if str(args.teacher_cache) != "none":  # every row distils on the same blocks: one cache serves them all
+               "checkpoint_every": 25, "eval_batches": 0, "log_with": "csv", "losses": LOSSES + extra}
+    # every row distils on the same blocks: one cache serves them all (a row with a loss on the teacher's
+    # hidden states runs the teacher; the cache holds its output distribution only)
+    if str(args.teacher_cache) != "none" and not extra:
         distill["teacher_cache"] = {"path": str(args.teacher_cache.resolve()), "k": args.cache_k}
     heal = [] if args.prune_only else [distill, _evaluate("distilled", args)]
     return {"name": "bench-prune", "teacher": "smollm2-135m", "corpus": {"name": "sotu"},
@@ -138,7 +149,7 @@ def main(argv=None) -> None:
         started = time.perf_counter()
         folder = args.runs / slug
         resume = (folder / "report.json").is_file()
-        result = lc.compress("smollm2-135m", recipe(ROWS[method], args), out_dir=folder, resume=resume,
+        result = lc.compress("smollm2-135m", recipe(method, args), out_dir=folder, resume=resume,
                              overwrite=not resume)
         row = {**row_of(method, result.report, time.perf_counter() - started), "steps": steps}
         # one row a method and budget; a distilled row replaces that method's cut-only row
@@ -148,6 +159,37 @@ def main(argv=None) -> None:
               f"{row['ppl_distilled']} (teacher {row['teacher_ppl']:.2f})  {row['train_tokens']:,} tokens "
               f"at {row['tokens_per_s']}/s  {row['seconds']:.0f} s", flush=True)
         del result
+    plot(_load(out), args.out / "prune.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Perplexity against distillation tokens, one line per method (x = 0: right after the cut)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        points = {0: mine[0]["ppl_pruned"]}
+        points.update({r["train_tokens"]: r["ppl_distilled"] for r in mine if r.get("ppl_distilled")})
+        xs = sorted(points)
+        ax.plot(xs, [points[x] for x in xs], marker="o", label=f"{method} ({mine[0]['params'] / 1e6:.1f}M)")
+    teacher = rows[0]["teacher_ppl"] if rows else None
+    if teacher:
+        ax.axhline(teacher, color="black", ls="--", lw=1, label=f"teacher 134.5M ({teacher:.1f})")
+        ax.axhline(1.6 * teacher, color="grey", ls=":", lw=1, label="1.6x the teacher (target)")
+    ax.set_xscale("symlog", linthresh=1e5)
+    ax.set_yscale("log")
+    ax.set_xlabel("distillation tokens (0 = right after the cut)")
+    ax.set_ylabel("SOTU test perplexity")
+    ax.set_title("SmolLM2-135M cut to ~81M parameters: cut, then distil")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def test_the_check_sees_code_not_docstrings(tmp_path, monkeypatch):
 
 
 def test_dependencies_run_one_way():
-    """core <- models <- report <- methods <- infer <- formats <- recipe <- api <- cli, no import cycles, and
+    """core <- models <- report <- methods <- infer <- formats <- recipe <- planner <- api <- cli, no import cycles, and
     core without torch/transformers (the contracts are in pyproject.toml)."""
     proc = subprocess.run([str(BIN / "lint-imports"), "--no-cache"], capture_output=True, text=True,
                           cwd=PACKAGE.parents[1])

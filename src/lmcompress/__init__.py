@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY = {
     "compress": "lmcompress.api",
+    "plan": "lmcompress.api",
     "load": "lmcompress.api",
     "save": "lmcompress.api",
     "load_inference": "lmcompress.api",

@@ -4,6 +4,8 @@
 
     result = lc.compress("smollm2-135m", "recipes/demo.yaml", out_dir="runs/x")   # or a model object
     result.model, result.tokenizer, result.report
+    result = lc.compress("smollm2-135m", target="8x", budget="10m", corpus="sotu")  # planned: result.plan
+    plan = lc.plan("smollm2-135m", "60MB", "1Mtok", corpus="sotu"); print(plan.yaml())
 
     lc.quantize_(model, lc.QuantConfig(bits="2-2-8"))     # fake-quantized modules, in place
     lc.save(model, tokenizer, "out/w2")                    # the format the model needs (packed codes here)
@@ -19,10 +21,13 @@ from typing import Any
 
 from torch import nn
 
-from lmcompress import formats
+from lmcompress import __version__, formats
 from lmcompress.core.errors import RecipeError
+from lmcompress.core.files import RUN_MARKER, write_json_atomic, write_text_atomic
+from lmcompress.planner import Plan, parse_budget, parse_target, plan_compression
 from lmcompress.quant import QuantConfig, quantize_
 from lmcompress.recipe import Recipe, Run, load_recipe, run_recipe
+from lmcompress.recipe.runner import prepare_run_folder
 from lmcompress.report.tables import Report
 
 
@@ -35,18 +40,44 @@ class CompressResult:
     report: Report
     out_dir: Path
     run: Run
+    plan: Plan | None = None  # what the planner chose, when `compress` was given a target
 
 
-def compress(model: str | Path | nn.Module, recipe: Recipe | str | Path | dict, *, tokenizer: Any = None,
-             out_dir: str | Path | None = None, overrides: list[str] | None = None,
-             resume: bool = False, overwrite: bool = False) -> CompressResult:
-    """Run `recipe` on `model` and return the compressed student.
+PLAN_FILE = "plan.yaml"
+
+
+def plan(model: str | Path, target: str, budget: str | None = None, *, corpus: str | dict | None = None,
+         block_size: int = 512) -> Plan:
+    """The recipe `compress(model, target=..., budget=...)` would run, and why (nothing is trained).
+
+    `target`: `60MB`, `8x` (fp32 file / 8), `4.5bpw`; `budget`: wall time (`10m`) or training tokens
+    (`1Mtok`), measured against this machine; `corpus`: a corpus name, file or hub id (or a recipe's
+    `corpus:` mapping) to calibrate and distil on."""
+    wanted, allowed = parse_target(target), parse_budget(budget) if budget is not None else None
+    loaded, _ = formats.load_model(model)
+    data = {"name": corpus} if isinstance(corpus, str) else corpus
+    return plan_compression(loaded, wanted, allowed, teacher=str(model), corpus=data, block_size=block_size)
+
+
+def compress(model: str | Path | nn.Module, recipe: Recipe | str | Path | dict | None = None, *,
+             target: str | None = None, budget: str | None = None, corpus: str | dict | None = None,
+             tokenizer: Any = None, out_dir: str | Path | None = None, overrides: list[str] | None = None,
+             resume: bool = False, overwrite: bool = False, plan_only: bool = False) -> CompressResult | Plan:
+    """Run `recipe` on `model` and return the compressed student; or, given `target` (and `budget`,
+    `corpus`) instead of a recipe, plan one (`plan`), write it to `out_dir/plan.yaml` and run it.
 
     `model` is what `load` takes (built-in name, folder, .gguf file, hub id; it replaces the recipe's
     `teacher:`), or a model object with its `tokenizer`. `recipe` is a `Recipe`, a mapping, or a YAML
     path (`overrides` are `--set`-style `key=value` strings for a YAML path). The report is written to
-    `out_dir` (default `runs/<recipe name>`) after every stage.
+    `out_dir` (default `runs/<recipe name>`) after every stage. A planned run resumed (`resume`) runs the
+    plan already in its folder, not a new one; `plan_only` writes the plan and returns it.
     """
+    if target is not None or plan_only:
+        if recipe is not None or target is None or isinstance(model, nn.Module):
+            raise RecipeError("compress: give a recipe, or a target (with a model name or folder) to plan one")
+        return _compress_to(str(model), target, budget, corpus, out_dir, resume, overwrite, plan_only)
+    if recipe is None:
+        raise RecipeError("compress: give a recipe, or a target to plan one (target='8x')")
     recipe = _as_recipe(recipe, overrides)
     given = isinstance(model, nn.Module)
     recipe = recipe.model_copy(update={"teacher": None if given else str(model)})  # the model given wins
@@ -57,6 +88,28 @@ def compress(model: str | Path | nn.Module, recipe: Recipe | str | Path | dict, 
                      tokenizer=tokenizer)
     return CompressResult(model=run.student if run.student is not None else run.teacher,
                           tokenizer=run.tokenizer, report=run.report, out_dir=run.out_dir, run=run)
+
+
+def _compress_to(model: str, target: str, budget: str | None, corpus: str | dict | None,
+                 out_dir: str | Path | None, resume: bool, overwrite: bool, plan_only: bool) -> CompressResult | Plan:
+    out = Path(out_dir) if out_dir is not None else None
+    planned = None
+    if resume and out is not None and (out / PLAN_FILE).is_file():
+        recipe = load_recipe(out / PLAN_FILE)  # the plan the interrupted run followed: its checkpoints fit it
+    else:
+        planned = plan(model, target, budget, corpus=corpus)
+        recipe = Recipe.parse(planned.recipe)
+        out = out or Path("runs") / recipe.name
+        # the plan is in the folder before any stage runs; the runner then continues this prepared folder
+        out = prepare_run_folder(out, recipe.name, resume=resume, overwrite=overwrite)
+        write_text_atomic(out / PLAN_FILE, planned.yaml())
+        if plan_only:
+            write_json_atomic(out / RUN_MARKER, {"lmcompress": __version__, "recipe": recipe.name,
+                                                 "status": "planned (lmcompress compress --resume runs it)"})
+            return planned
+    run = run_recipe(recipe, out, resume=True)
+    return CompressResult(model=run.student, tokenizer=run.tokenizer, report=run.report, out_dir=run.out_dir,
+                          run=run, plan=planned)
 
 
 def _as_recipe(recipe: Recipe | str | Path | dict, overrides: list[str] | None) -> Recipe:
@@ -91,4 +144,5 @@ def load_inference(path: str | Path, kernel: str = "auto", prefer: str = "speed"
     return formats.load_inference(path, kernel=kernel, prefer=prefer)
 
 
-__all__ = ["CompressResult", "QuantConfig", "Recipe", "compress", "load", "load_inference", "quantize_", "save"]
+__all__ = ["CompressResult", "Plan", "QuantConfig", "Recipe", "compress", "load", "load_inference", "plan",
+           "quantize_", "save"]

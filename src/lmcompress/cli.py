@@ -62,6 +62,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from lmcompress import api
+
+    result = api.compress(args.model, target=args.to, budget=args.budget, corpus=args.corpus, out_dir=args.out,
+                          resume=args.resume, overwrite=args.overwrite, plan_only=args.plan_only)
+    if isinstance(result, api.Plan):
+        print(result.yaml())
+        out = args.out or f"runs/{result.recipe['name']}"
+        print(f"plan written to {out}/{api.PLAN_FILE}; run it with `lmcompress compress {args.model} --to {args.to} "
+              f"--out {out} --resume`, or edit it and `lmcompress run {out}/{api.PLAN_FILE} --out {out} --resume`")
+        return 0
+    if result.plan is not None:
+        print(result.plan.yaml())
+    print((result.out_dir / "report.md").read_text())
+    print(f"plan: {result.out_dir / api.PLAN_FILE}  report: {result.out_dir / 'report.md'}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from lmcompress.recipe import Recipe, run_recipe
     from lmcompress.recipe.runner import earlier_run
@@ -130,6 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier lmcompress run in --out (never a folder lmcompress did not write)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compress", help="compress a model to a size target within a budget (plans the recipe)",
+                       description="Plan a compression to a size target from measurements on this machine, write "
+                                   "the plan as a recipe (OUT/plan.yaml), run it and report.")
+    p.add_argument("model", help="built-in name (smollm2-135m), folder, .gguf file or hub id")
+    p.add_argument("--to", required=True, metavar="TARGET",
+                   help="file size (60MB), ratio to the fp32 file (8x) or bits per weight (4.5bpw)")
+    p.add_argument("--budget", metavar="TIME|TOKENS",
+                   help="wall time on this machine (10m, 1h30m) or training tokens (1Mtok); none: PTQ only")
+    p.add_argument("--corpus", help="text to calibrate and distil on: sotu, a local file or folder, a hub data set")
+    p.add_argument("--out", help="output folder (default: runs/compress-<target>)")
+    p.add_argument("--plan-only", action="store_true", help="write and print the plan; train nothing")
+    p.add_argument("--resume", action="store_true", help="continue the planned run in --out (its plan.yaml)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier lmcompress run in --out")
+    p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eval", help="evaluate a model on a corpus or task",
                        description="Perplexity on a corpus, or accuracy/F1/MCC on a task, plus size.")

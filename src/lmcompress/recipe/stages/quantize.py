@@ -27,9 +27,10 @@ packed format (`lmcompress.formats.packed`).
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
+import torch
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -40,7 +41,7 @@ from lmcompress.models.adapters import weight_rows
 from lmcompress.quant.apply import plan_quantization, quantize_
 from lmcompress.quant.awq import awq_
 from lmcompress.quant.config import QuantConfig
-from lmcompress.quant.mixed import Allocation, allocate_bits
+from lmcompress.quant.mixed import Allocation, allocate_bits, spec_bytes
 from lmcompress.quant.ptq import GPTQSettings, PTQMethod, ptq_
 from lmcompress.quant.quantizers import QuantSpec, QuantSpecError
 from lmcompress.recipe.base import (
@@ -141,9 +142,9 @@ class QuantizeStage(StageConfig, CalibrationSettings, QuantConfig):
             return self.target_mb * 1e6
         return self.target_bits_per_weight * params / 8
 
-    def _allocate(self, run: Run, student: nn.Module, batches) -> Allocation:
-        """Widths per module for the target size, from the diagonal Fisher on the calibration batches; the
-        per-module table is written next to the report."""
+    def sizing(self, student: nn.Module) -> MixedSizing:
+        """What the file of `student` costs under this stage's mixed precision: the fixed part, the header, and
+        each quantized module's candidate widths (measured before any calibration)."""
         plan = plan_quantization(student, self, field=self.label)
         modules = {name: module for name, (module, _) in plan.items()}
         weights = {name: weight_rows(m) for name, m in modules.items()}
@@ -159,7 +160,18 @@ class QuantizeStage(StageConfig, CalibrationSettings, QuantConfig):
         fixed = full["bytes"] - sum(w.numel() for w in weights.values()) * per_float
         # The file's header, with every module at its widest candidate (the most digits any choice writes).
         header = packed_header_bytes(student, {n: widths[-1] for n, widths in candidates.items()}, self.float_dtype)
-        budget = int(self._target_bytes(full["params"]) - fixed - header)
+        return MixedSizing(modules, weights, candidates, fixed, header, full["params"])
+
+    def _allocate(self, run: Run, student: nn.Module, batches) -> Allocation:
+        """Widths per module for the target size, from the diagonal Fisher on the calibration batches; the
+        per-module table is written next to the report."""
+        sizing = self.sizing(student)
+        modules, weights, candidates = sizing.modules, sizing.weights, sizing.candidates
+        fixed, header = sizing.fixed, sizing.header
+        budget = int(self._target_bytes(sizing.params) - fixed - header)
+        if budget < sizing.smallest_bytes - fixed - header:  # before the Fisher pass, not after it
+            raise RecipeError(f"{self.label}: a {self._target_bytes(sizing.params) / 1e6:.2f} MB file is out of "
+                              f"reach; every module at its narrowest candidate makes {sizing.smallest_bytes / 1e6:.2f} MB")
         stats = collect_stats(student, modules, batches, fisher=True, activations=False, per_weight=True)
         allocation = allocate_bits(weights, candidates, budget, stats.fisher_weights)
         table = [{**r, "sensitivity": f"{r['sensitivity']:.4g}"} for r in allocation.rows]
@@ -169,6 +181,26 @@ class QuantizeStage(StageConfig, CalibrationSettings, QuantConfig):
                           f"file: {fixed / 1e6:.3f} MB of other tensors and at most {header / 1e3:.1f} kB of "
                           f"header)\n\n" + markdown_table(table))
         return allocation
+
+
+@dataclass
+class MixedSizing:
+    """A mixed-precision file's parts: the quantized modules with their weights (rows x inputs) and candidate
+    specs, the bytes of everything else (`fixed`), and the header's at most `header`."""
+
+    modules: dict[str, nn.Module]
+    weights: dict[str, torch.Tensor]
+    candidates: dict[str, list[QuantSpec]]
+    fixed: int
+    header: int
+    params: int
+
+    @property
+    def smallest_bytes(self) -> int:
+        """The file with every module at its narrowest candidate: the least the allocation can reach."""
+        shapes = {n: (int(w.shape[0]), int(w.shape[1])) for n, w in self.weights.items()}
+        return self.fixed + self.header + sum(min(spec_bytes(s, shapes[n]) for s in c)
+                                              for n, c in self.candidates.items())
 
 
 def _widths(spec: QuantSpec, bits: list[int]) -> list[QuantSpec]:

@@ -1,0 +1,175 @@
+"""`lmcompress compress --to TARGET`: target and budget parsing, the plan's measured choices and refusals,
+`--plan-only`, and a planned run on a tiny model that lands inside its size target."""
+
+import json
+
+import pytest
+from helpers import tiny_model, tiny_tokenizer, write_word_corpus
+
+from lmcompress import api
+from lmcompress.cli import main
+from lmcompress.core.errors import RecipeError
+from lmcompress.planner import parse_budget, parse_target, plan_compression
+from lmcompress.planner.costs import TokenCosts
+from lmcompress.planner.plan import E2E_ACCUM, E2E_BATCH, RECON_BATCH, RECON_STEPS_MAX
+from lmcompress.quant.mixed import spec_bytes
+from lmcompress.recipe import Recipe, load_recipe
+
+
+@pytest.mark.parametrize(("text", "kind", "value"), [
+    ("60MB", "bytes", 60e6), ("60 mb", "bytes", 60e6), ("0.5GB", "bytes", 0.5e9), ("900kB", "bytes", 9e5),
+    ("8x", "ratio", 8), ("2.5X", "ratio", 2.5), ("4.5bpw", "bits_per_param", 4.5), ("3bits/w", "bits_per_param", 3),
+    ("3x-faster", "faster", 3), ("2xfaster", "faster", 2),
+])
+def test_targets_parse(text, kind, value):
+    target = parse_target(text)
+    assert (target.kind, target.value, target.text) == (kind, pytest.approx(value), text)
+
+
+@pytest.mark.parametrize("text", ["", "small", "8", "-3MB", "0x", "1x", "0.5x", "MB60", "8x smaller please", "0bpw"])
+def test_bad_targets_are_one_line_errors_that_say_what_is_accepted(text):
+    with pytest.raises(RecipeError) as err:
+        parse_target(text)
+    assert "\n" not in str(err.value) and str(err.value).startswith("--to")
+
+
+def test_size_targets_turn_into_file_bytes():
+    assert parse_target("8x").file_bytes(800e6, 200_000_000) == 100e6
+    assert parse_target("4bpw").file_bytes(800e6, 200_000_000) == 100e6
+    assert parse_target("60MB").file_bytes(800e6, 200_000_000) == 60e6
+    with pytest.raises(RecipeError, match="speed target has no file size"):
+        parse_target("3x-faster").file_bytes(800e6, 1)
+
+
+@pytest.mark.parametrize(("text", "kind", "value"), [
+    ("10m", "seconds", 600), ("90s", "seconds", 90), ("1.5h", "seconds", 5400), ("1h30m", "seconds", 5400),
+    ("2min", "seconds", 120), ("1Mtok", "tokens", 1e6), ("250k tokens", "tokens", 250e3), ("5000tok", "tokens", 5000),
+])
+def test_budgets_parse(text, kind, value):
+    budget = parse_budget(text)
+    assert (budget.kind, budget.value) == (kind, pytest.approx(value))
+
+
+@pytest.mark.parametrize("text", ["", "10", "ten minutes", "0m", "1Mtokens please", "5ms", "0tok"])
+def test_bad_budgets_are_refused(text):
+    with pytest.raises(RecipeError, match="^--budget"):
+        parse_budget(text)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", hidden=128, heads=4, kv_heads=2)
+
+
+def plan(model, to, budget=None, costs=None):
+    return plan_compression(model, parse_target(to), parse_budget(budget) if budget else None, teacher="tiny",
+                            corpus={"name": "corpus.jsonl"}, block_size=64, costs=costs)
+
+
+def _floor_mb(model) -> float:
+    try:
+        plan(model, "1kB")
+    except RecipeError as exc:
+        message = str(exc)
+    assert message.startswith("--to 1kB: a 0.00 MB file is below the smallest this model reaches, ")
+    assert "every quantized weight at 2 bits in groups of 128, the rest in bf16" in message
+    return float(message.split("reaches, ")[1].split(" MB")[0])
+
+
+def test_the_smallest_reachable_size_is_the_narrowest_allocation(model):
+    floor = _floor_mb(model)
+    reachable = plan(model, f"{floor + 0.01:.2f}MB")
+    assert reachable.decisions[1].measured["smallest_bytes"] == pytest.approx(floor * 1e6, abs=5e3)
+    with pytest.raises(RecipeError, match="below the smallest"):
+        plan(model, f"{floor - 0.01:.2f}MB")
+
+
+def test_a_target_bf16_already_meets_plans_no_quantization(model):
+    p = plan(model, "1.9x")
+    assert [s["stage"] for s in p.recipe["stages"]] == ["load", "evaluate", "export"]
+    assert p.decisions[-1].chosen == "bf16, no quantization"
+
+
+def test_a_size_plan_is_a_valid_recipe_whose_quantize_stage_aims_at_the_target(model):
+    p = plan(model, "5x")
+    recipe = Recipe.parse(p.recipe)
+    quantize = next(s for s in recipe.stages if s.stage == "quantize")
+    assert quantize.target_mb * 1e6 == pytest.approx(p.decisions[0].measured["target_bytes"], abs=1e3)
+    assert quantize.awq and quantize.init == "gptq"
+    assert [s.stage for s in recipe.stages].count("reconstruct") == 0  # no budget: PTQ only
+    assert p.yaml().startswith("# lmcompress compress --to 5x\n")
+
+
+def test_a_token_budget_is_split_between_blocks_and_end_to_end_without_exceeding_it(model):
+    p = plan(model, "5x", "2Mtok")
+    stages = {s["stage"]: s for s in p.recipe["stages"]}
+    recon, e2e = stages["reconstruct"]["steps"], stages["distill"]["steps"]
+    used = recon * RECON_BATCH * 64 + e2e * E2E_BATCH * E2E_ACCUM * 64  # a block step counts 1/layers per block
+    assert 0 < recon <= RECON_STEPS_MAX and e2e > 0
+    assert used <= 2e6 and 2e6 - used < E2E_BATCH * E2E_ACCUM * 64  # spent to within one e2e step
+
+
+def test_a_time_budget_is_split_by_the_measured_costs_and_a_too_small_one_is_refused(model):
+    costs = TokenCosts(teacher_forward=1e-4, student_train=4e-4, layers=4, tokens_measured=64)
+    p = plan(model, "5x", "20m", costs)
+    assert p.estimate_seconds <= 20 * 60 and p.estimate_seconds > 0.8 * 20 * 60
+    calibration = next(d for d in p.decisions if d.what == "calibration")
+    assert calibration.measured["student_train"] == pytest.approx(0.4)  # ms per token, as measured
+    with pytest.raises(RecipeError, match=r"--budget 1s: too little for this plan; calibration \(32 sequences\)"):
+        plan(model, "5x", "1s", costs)
+
+
+def test_speed_and_encoder_targets_are_refused_until_planned(model):
+    with pytest.raises(RecipeError, match="speed targets are not planned yet"):
+        plan(model, "3x-faster")
+    with pytest.raises(RecipeError, match="--corpus"):
+        plan_compression(model, parse_target("5x"), None, teacher="tiny")
+
+
+@pytest.fixture
+def model_folder(tmp_path, model):
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_plan_only_writes_the_plan_and_trains_nothing_and_resume_runs_that_plan(tmp_path, model_folder, capsys):
+    corpus = write_word_corpus(tmp_path / "corpus.jsonl", documents=200, words=100)
+    out = tmp_path / "run"
+    args = ["compress", str(model_folder), "--to", "5x", "--budget", "3000tok", "--corpus", str(corpus),
+            "--out", str(out)]
+    assert main([*args, "--plan-only"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["lmcompress-run.json", "plan.yaml"]  # no report, no checkpoint
+    assert json.loads((out / "lmcompress-run.json").read_text())["status"].startswith("planned")
+    printed = capsys.readouterr().out
+    assert "# - training:" in printed and f"--out {out} --resume" in printed
+    planned = load_recipe(out / "plan.yaml")
+    assert main(args) == 1  # the folder holds the plan: a second plan is refused, not written over it
+    assert "--resume continues it" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["meta"]["status"] == "complete" and report["meta"]["recipe"] == planned.name
+    final = next(r for r in reversed(report["rows"]) if r.get("stage") == "distilled")
+    quantize = planned.stages[2]
+    file_mb = (out / "model" / "model.safetensors").stat().st_size / 1e6
+    assert quantize.target_mb - _largest_step_mb(quantize, model_folder) <= file_mb <= quantize.target_mb
+    # the written recipe re-runs to the same result
+    again = tmp_path / "again"
+    assert main(["run", str(out / "plan.yaml"), "--out", str(again)]) == 0
+    rerun = json.loads((again / "report.json").read_text())
+    assert next(r for r in reversed(rerun["rows"]) if r.get("stage") == "distilled")["perplexity"] == pytest.approx(
+        final["perplexity"], rel=1e-4)
+    assert (again / "model" / "model.safetensors").stat().st_size / 1e6 == pytest.approx(file_mb)
+
+
+def _largest_step_mb(quantize, folder) -> float:
+    """The most bytes one module's next width adds: what an allocation may leave unspent."""
+    model, _ = api.load(folder)
+    sizing = quantize.sizing(model)
+    steps = []
+    for name, specs in sizing.candidates.items():
+        shape = tuple(int(d) for d in sizing.weights[name].shape)
+        sizes = sorted(spec_bytes(s, shape) for s in specs)
+        steps += [b - a for a, b in zip(sizes, sizes[1:], strict=False)]
+    return max(steps) / 1e6

@@ -86,7 +86,7 @@ def test_the_smallest_reachable_size_is_the_narrowest_allocation(model):
 
 def test_a_target_bf16_already_meets_plans_no_quantization(model):
     p = plan(model, "1.9x")
-    assert [s["stage"] for s in p.recipe["stages"]] == ["load", "evaluate", "export"]
+    assert [s["stage"] for s in p.recipe["stages"]] == ["load", "evaluate", "export", "evaluate", "verify"]
     assert p.decisions[-1].chosen == "bf16, no quantization"
 
 
@@ -150,16 +150,25 @@ def test_plan_only_writes_the_plan_and_trains_nothing_and_resume_runs_that_plan(
     assert main([*args, "--resume"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["meta"]["status"] == "complete" and report["meta"]["recipe"] == planned.name
-    final = next(r for r in reversed(report["rows"]) if r.get("stage") == "distilled")
+    rows = {r["stage"]: r for r in report["rows"]}
+    final, exported, verdict = rows["distilled"], rows["exported"], rows["verify"]
     quantize = planned.stages[2]
     file_mb = (out / "model" / "model.safetensors").stat().st_size / 1e6
     assert quantize.target_mb - _largest_step_mb(quantize, model_folder) <= file_mb <= quantize.target_mb
+    # the proof: the export as a user loads it (integer kernels), scored and timed, against the target
+    assert exported["model"] == "export" and exported["size_mb"] == pytest.approx(file_mb, abs=1e-3)
+    assert exported["perplexity"] == pytest.approx(final["perplexity"], rel=0.05) and exported["memory_mb"] > 0
+    assert exported["decode_tokens_per_s"] > 0 and rows["teacher"]["decode_tokens_per_s"] > 0
+    assert verdict["size_met"] is True and verdict["file_mb"] == pytest.approx(file_mb, abs=1e-3)
+    assert verdict["ppl_ratio"] == pytest.approx(exported["perplexity"] / rows["teacher"]["perplexity"], rel=1e-3)
+    assert (out / "stages.png").stat().st_size > 0 and "![stages on (file MB, perplexity)](stages.png)" in (
+        out / "report.md").read_text()
     # the written recipe re-runs to the same result
     again = tmp_path / "again"
     assert main(["run", str(out / "plan.yaml"), "--out", str(again)]) == 0
     rerun = json.loads((again / "report.json").read_text())
-    assert next(r for r in reversed(rerun["rows"]) if r.get("stage") == "distilled")["perplexity"] == pytest.approx(
-        final["perplexity"], rel=1e-4)
+    again_rows = {r["stage"]: r for r in rerun["rows"]}
+    assert again_rows["exported"]["perplexity"] == pytest.approx(exported["perplexity"], rel=1e-4)
     assert (again / "model" / "model.safetensors").stat().st_size / 1e6 == pytest.approx(file_mb)
 
 

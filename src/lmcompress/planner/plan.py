@@ -104,11 +104,14 @@ def plan_compression(model: nn.Module, target: Target, budget: Budget | None, *,
                           {"target_bytes": int(want), "fp32_bytes": int(fp32_file), "params": fp32["params"]})]
     recipe: dict[str, Any] = {"name": name or f"compress-{_slug(target.text)}", "teacher": teacher,
                               "corpus": corpus, "block_size": block_size, "seed": 0,
-                              "stages": [{"stage": "load"}, _evaluate("teacher", "teacher")]}
+                              "stages": [{"stage": "load"}, _evaluate("teacher", "teacher", speed=True)]}
+    # the proof, whatever the plan: the export as a user loads it, scored and timed, against the target
+    proof = [{"stage": "export", "dtype": "bf16"}, _evaluate("exported", "export", speed=True),
+             {"stage": "verify", "file_mb": round(want / 1e6, 3)}]
     if want >= bf16_file:
         decisions.append(Decision("precision", "bf16, no quantization",
                                   f"the bf16 file, {bf16_file / 1e6:.2f} MB, already fits"))
-        recipe["stages"] += [{"stage": "export", "dtype": "bf16"}]
+        recipe["stages"] += proof
         return Plan(target, budget, recipe, decisions)
 
     quant = QuantizeStage(stage="quantize", **MIXED, target_mb=round(want / 1e6, 3))
@@ -142,7 +145,7 @@ def plan_compression(model: nn.Module, target: Target, budget: Budget | None, *,
                     "warmup_steps": max(1, split.e2e_steps // 20), "schedule": "cosine", "bf16": True,
                     "eval_batches": 0, "log_with": "none", "checkpoint_every": 25},
                    _evaluate("distilled")]
-    stages.append({"stage": "export", "dtype": "bf16"})
+    stages += proof
     return Plan(target, budget, recipe, decisions, split.seconds)
 
 
@@ -172,7 +175,7 @@ def _split_budget(budget: Budget | None, costs: TokenCosts | None, layers: int, 
             f"blocks counts 1/{layers}): up to {RECON_SHARE:.0%} to blocks (at most {RECON_STEPS_MAX} steps each), "
             f"the rest to end-to-end steps of {e2e_tokens:,}")])
     assert costs is not None
-    evaluation = 3 * EVAL_TOKENS * costs.teacher_forward  # teacher, quantized and final scores, at the least
+    evaluation = 4 * EVAL_TOKENS * costs.teacher_forward  # teacher, quantized, export and final scores at least
     for samples in CALIBRATION_SAMPLES:
         ptq = samples * block * (costs.student_train + PTQ_FORWARDS * costs.teacher_forward)
         if ptq + evaluation <= budget.value:
@@ -197,9 +200,9 @@ def _split_budget(budget: Budget | None, costs: TokenCosts | None, layers: int, 
                  {"recon_seconds": round(recon_seconds, 1), "e2e_seconds": round(e2e_seconds, 1)})])
 
 
-def _evaluate(name: str, model: str = "student") -> dict:
-    return {"stage": "evaluate", "name": name, "model": model, "metrics": ["perplexity", "size"],
-            "max_tokens": EVAL_TOKENS}
+def _evaluate(name: str, model: str = "student", speed: bool = False) -> dict:
+    return {"stage": "evaluate", "name": name, "model": model,
+            "metrics": ["perplexity", "size", *(["speed"] if speed else [])], "max_tokens": EVAL_TOKENS}
 
 
 def _slug(text: str) -> str:

@@ -59,6 +59,7 @@ class Run:
     # the teacher block each student block started as (a copy of the teacher: all of them; cut by truncate or
     # prune: the kept ones); None for a student not made of the teacher's blocks. `layer_map: kept` reads it.
     student_blocks: list[int] | None = None
+    last_export: tuple[Path, str] | None = None  # (path, format) the latest export stage wrote
     data: DataCache = field(init=False)
 
     def __post_init__(self) -> None:

@@ -50,3 +50,37 @@ def tradeoff_plot(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def stages_plot(points: list[tuple[str, float, float]], path: str | Path, title: str = "",
+                reference: tuple[str, float, float] | None = None, target_x: float | None = None) -> Path:
+    """Each measured stage as a point on (file MB, perplexity), in run order and joined by a line, the
+    teacher (`reference`: name, x, y) apart, and the size target as a vertical line."""
+    import matplotlib  # lazy: ~0.5 s to import, and only plots need it
+
+    matplotlib.use("Agg")  # no display: PNG files only
+    import matplotlib.pyplot as plt  # after choosing the backend
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    if points:
+        ax.plot([p[1] for p in points], [p[2] for p in points], marker="o", color="tab:blue")
+        for name, x, y in points:
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if reference is not None:
+        name, x, y = reference
+        ax.plot([x], [y], marker="*", markersize=12, color="black", linestyle="none")
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(-10, 8), fontsize=8)
+    if target_x is not None:
+        ax.axvline(target_x, linestyle="--", color="tab:red", linewidth=1, label=f"target {target_x:g} MB")
+        ax.legend(fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("file MB (log)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

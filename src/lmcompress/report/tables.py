@@ -14,13 +14,14 @@ class Report:
     rows: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    figures: dict[str, str] = field(default_factory=dict)  # caption -> image file, relative to the report
 
     def add(self, **row: Any) -> dict[str, Any]:
         self.rows.append(row)
         return row
 
     def to_dict(self) -> dict[str, Any]:
-        return {"meta": self.meta, "rows": self.rows, "timings_s": self.timings}
+        return {"meta": self.meta, "rows": self.rows, "timings_s": self.timings, "figures": self.figures}
 
     def write(self, out_dir: str | Path, title: str = "run") -> None:
         out_dir = Path(out_dir)
@@ -54,6 +55,8 @@ def markdown_report(report: Report, title: str) -> str:
     for row in report.rows:
         groups.setdefault(tuple(row), []).append(row)
     parts.append("## Results\n\n" + "\n".join(markdown_table(rows) for rows in groups.values()))
+    for caption, image in report.figures.items():
+        parts.append(f"![{caption}]({image})\n")
     if report.timings:
         parts.append("## Stage timings (s)\n\n" + markdown_table([report.timings]))
     return "\n".join(parts)

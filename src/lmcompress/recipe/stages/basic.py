@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
+from torch import nn
 
 from lmcompress.core.errors import LmcompressError
 from lmcompress.core.files import folder_bytes
 from lmcompress.evaluate import decode_speed, evaluate_classifier, perplexity, prefill_speed
-from lmcompress.formats import export_model, load_model, size_report
+from lmcompress.formats import export_model, load_inference, load_model, size_report
 from lmcompress.formats.card import CardFacts, teacher_card_facts
 from lmcompress.models.adapters import get_adapter
 from lmcompress.models.builtin import BUILTIN_ORIGINS
@@ -78,10 +79,12 @@ class TruncateStage(StageConfig):
 
 @register_stage
 class EvaluateStage(StageConfig):
-    """Measure quality (perplexity or task metrics), size and speed of the student or the teacher."""
+    """Measure quality (perplexity or task metrics), size and speed of the student, the teacher, or the
+    latest export as a user loads it (`model: export`: a packed-quant folder through the integer kernels,
+    any other through `load`; its size is the files on disk, `memory_mb` the tensors it holds in memory)."""
 
     stage: Literal["evaluate"] = "evaluate"
-    model: Literal["student", "teacher"] = "student"
+    model: Literal["student", "teacher", "export"] = "student"
     metrics: list[Literal["perplexity", "accuracy", "size", "speed"]] | None = None
     split: Literal["train", "validation", "test"] = "test"
     max_tokens: int | None = Field(None, gt=1, description="score at most this many tokens (perplexity)")
@@ -124,8 +127,19 @@ class EvaluateStage(StageConfig):
         quality = ["perplexity"] if run.recipe.corpus else ["accuracy"] if run.recipe.task else []
         return [*quality, "size"]
 
+    def _exported(self, run: Run) -> nn.Module:
+        if run.last_export is None:
+            raise LmcompressError(f"{self.label}.model: export measures what an export stage wrote; put one before "
+                                  "this stage")
+        path, fmt = run.last_export
+        model, _ = load_inference(path) if fmt == "packed-quant" else load_model(path)
+        return model.eval()
+
     def run(self, run: Run) -> None:
-        model = run.teacher if self.model == "teacher" else run.require_student(self.stage)
+        if self.model == "export":
+            model = self._exported(run)
+        else:
+            model = run.teacher if self.model == "teacher" else run.require_student(self.stage)
         if model is None:
             raise LmcompressError(f"{self.label}: no teacher loaded")
         row = {"stage": self.label, "model": self.model, "layers": get_adapter(model).num_layers}
@@ -144,7 +158,14 @@ class EvaluateStage(StageConfig):
             split = "test" if self.split != "train" else "train"
             scores = evaluate_classifier(model, run.tokenizer, run.task, split, batch_size=max(self.batch_size, 16))
             row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()})
-        if "size" in metrics:
+        if "size" in metrics and self.model == "export":
+            disk = weight_file_bytes(run.last_export[0])
+            memory = sum(t.numel() * t.element_size() for t in {id(t): t for t in
+                                                                 [*model.parameters(), *model.buffers()]}.values())
+            row.update(size_mb=round(disk / 1e6, 3), memory_mb=round(memory / 1e6, 2))
+            if run.teacher_bytes:
+                row["compression_ratio"] = round(run.teacher_bytes / disk, 3)
+        elif "size" in metrics:
             size = size_report(model, teacher_bytes=run.teacher_bytes)
             row.update(params=size["params"], size_mb=round(size["mb"], 2),
                        bits_per_param=round(size["bits_per_param"], 3),
@@ -177,11 +198,20 @@ class ExportStage(StageConfig):
                                     format=self.format, overwrite=run.resume or run.overwrite,
                                     card=card_facts(run))
         disk = folder_bytes(written) if Path(written).is_dir() else Path(written).stat().st_size
+        run.last_export = (Path(written), fmt)
         row = {"stage": self.label, "model": "student", "format": fmt, "path": str(written),
                "disk_mb": round(disk / 1e6, 2)}
         if run.teacher_bytes:
             row["disk_compression_ratio"] = round(run.teacher_bytes / disk, 3)
         run.report.add(**row)
+
+
+def weight_file_bytes(path: Path) -> int:
+    """Bytes of an export's weight files (.safetensors, .gguf): what a size target counts, without the
+    tokenizer, config and card next to them."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".gguf"))
 
 
 def card_facts(run: Run) -> CardFacts:

@@ -79,6 +79,20 @@ def test_resume_of_a_finished_run_trains_nothing(tmp_path):
         raise AssertionError("the resumed objective kept its fresh weights")
 
 
+def test_a_time_limit_ends_training_at_a_final_checkpoint_that_a_resume_keeps(tmp_path):
+    config = TrainConfig(**CONFIG, max_seconds=1e-6)  # any step takes longer: training ends after the first
+    result = train(gpt2_objective(), blocks(), config, tmp_path)
+    assert result.steps == 1 and result.stopped == "max_seconds 1e-06 reached at step 1"
+    assert [p.name for p in checkpoints(tmp_path / "checkpoints/train")] == ["step-00000001"]
+    state = json.loads((tmp_path / "checkpoints/train/step-00000001/trainer_state.json").read_text())
+    assert state["stopped"] == result.stopped and state["optimizer_state"] is False  # a final checkpoint
+    calls = []
+    again = train(gpt2_objective(), blocks(), config.model_copy(update={"max_seconds": 1e6}), tmp_path,
+                  resume=True, on_step=lambda *a: calls.append(a))
+    assert again.steps == 1 and again.stopped == result.stopped and not calls  # finished: nothing more trains
+    assert train(gpt2_objective(), blocks(), TrainConfig(**CONFIG, max_seconds=1e6), tmp_path / "x").stopped is None
+
+
 def test_the_final_checkpoint_holds_no_optimizer_state_and_a_midway_one_does(tmp_path):
     config = TrainConfig(**{**CONFIG, "steps": 4, "checkpoint_every": 2})
     train(gpt2_objective(), blocks(), config, tmp_path)

@@ -113,6 +113,10 @@ def test_a_time_budget_is_split_by_the_measured_costs_and_a_too_small_one_is_ref
     costs = TokenCosts(teacher_forward=1e-4, student_train=4e-4, layers=4, tokens_measured=64)
     p = plan(model, "5x", "20m", costs)
     assert p.estimate_seconds <= 20 * 60 and p.estimate_seconds > 0.8 * 20 * 60
+    stages = {s["stage"]: s for s in p.recipe["stages"]}
+    training = next(d for d in p.decisions if d.what == "training").measured
+    assert stages["distill"]["max_seconds"] == pytest.approx(training["e2e_seconds"], abs=0.1)  # a hard stop too
+    assert stages["reconstruct"]["max_seconds"] * 4 == pytest.approx(training["recon_seconds"], abs=0.5)  # per block
     calibration = next(d for d in p.decisions if d.what == "calibration")
     assert calibration.measured["student_train"] == pytest.approx(0.4)  # ms per token, as measured
     with pytest.raises(RecipeError, match=r"--budget 1s: too little for this plan; calibration \(32 sequences\)"):

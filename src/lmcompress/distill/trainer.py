@@ -74,7 +74,7 @@ log = logging.getLogger(__name__)
 SPIKE_WINDOW = 16  # recent step losses whose median the spike rule compares with
 # Settings that leave the trained weights alone: a resumed run may change them; all others must match.
 FREE_ON_RESUME = frozenset({"eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "log_with",
-                            "log_every", "spike_factor", "progress", "run_name", "save_final"})
+                            "log_every", "spike_factor", "progress", "run_name", "save_final", "max_seconds"})
 
 
 class TrainSettings(Strict):
@@ -98,6 +98,9 @@ class TrainSettings(Strict):
     spike_factor: float | None = Field(
         4.0, gt=1, description=f"stop when a step's loss is over this many times the median of the last "
                                f"{SPIKE_WINDOW} steps' losses and above the first step's; null disables")
+    max_seconds: float | None = Field(
+        None, gt=0, description="end training after the step that takes its training time past this (a time "
+                                "budget; the schedule is cut there, the last step is the final checkpoint)")
 
 
 class TrainConfig(TrainSettings):
@@ -117,6 +120,7 @@ class TrainResult:
     final: dict[str, float]  # mean of each logged term over the last `log_every` steps
     evals: list[dict[str, float]] = field(default_factory=list)
     world_size: int = 1
+    stopped: str | None = None  # why training ended before `steps` (the time limit), if it did
 
     @property
     def tokens_per_s(self) -> float:
@@ -423,8 +427,8 @@ def train(
     state["settings"] = settings
 
     result = TrainResult(steps=state["step"], tokens=state["tokens"], seconds=state["seconds"],
-                         final=state.get("final", {}), world_size=world)
-    if state["step"] >= config.steps:
+                         final=state.get("final", {}), world_size=world, stopped=state.get("stopped"))
+    if state["step"] >= config.steps or result.stopped:
         return result
     # TensorBoard hides the events a killed run wrote after the step this one resumes at.
     accelerator.init_trackers(config.run_name, config={k: v for k, v in config.model_dump().items()
@@ -487,29 +491,45 @@ def train(
                                                            window_seconds + elapsed)
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.4g}", tok_s=f"{step_tokens / elapsed:.0f}")
-            if step % config.log_every == 0 or step == config.steps:
+            last = step == config.steps or _out_of_time(accelerator, state["seconds"], config.max_seconds)
+            if last and step < config.steps:
+                state["stopped"] = result.stopped = f"max_seconds {config.max_seconds:g} reached at step {step}"
+                bar.write(f"{config.run_name}: {result.stopped} of {config.steps}")
+            if step % config.log_every == 0 or last:
                 result.final = state["final"] = {k: v / window_steps for k, v in window.items()}
                 accelerator.log({**{f"train/{k}": v for k, v in result.final.items()},
                                  "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
                                  "tokens_per_s": window_tokens / window_seconds}, step=step)
                 window, window_steps, window_tokens, window_seconds = {}, 0, 0, 0.0
-            if ((step == config.steps and config.save_final)
+            if ((last and config.save_final)
                     or (config.checkpoint_every and step % config.checkpoint_every == 0)):
                 if not _finite(params):  # never save a checkpoint that could not be good
                     raise _diverged(accelerator, ckpt_dir, step, "the optimizer step made weights non-finite",
                                     bad_from=step)
                 save_checkpoint(accelerator, objective, optimizer, scheduler, ckpt_dir, state,
-                                config.keep_checkpoints, optimizer_state=step < config.steps)
-            if step == config.steps or (config.eval_every and step % config.eval_every == 0):
+                                config.keep_checkpoints, optimizer_state=not last)
+            if last or (config.eval_every and step % config.eval_every == 0):
                 run_eval(step)
             if on_step is not None:
                 on_step(step, values)
+            if last:
+                break
     finally:
         bar.close()
         for tracker in accelerator.trackers:
             tracker.finish()
     result.steps, result.tokens, result.seconds = state["step"], state["tokens"], state["seconds"]
     return result
+
+
+def _out_of_time(accelerator: Accelerator, seconds: float, limit: float | None) -> bool:
+    """Whether the training time passed `limit`; every process stops at the same step (the main one's call)."""
+    if limit is None:
+        return False
+    flag = torch.tensor([float(seconds >= limit)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")  # the processes' clocks differ: any one past it counts
+    return bool(flag.item() > 0)
 
 
 def objective_eval(rows, collate, batch_size: int, batches: int):

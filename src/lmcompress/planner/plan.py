@@ -137,13 +137,14 @@ def plan_compression(model: nn.Module, target: Target, budget: Budget | None, *,
     if split.recon_steps:
         stages += [{"stage": "reconstruct", "train": ["weights", "scales"], "steps": split.recon_steps, "lr": 5e-4,
                     "bf16": True, "log_with": "none", "spike_factor": 100.0,
-                    "calibration_samples": split.calibration_samples},
+                    "calibration_samples": split.calibration_samples,
+                    **_time_limit(split.recon_block_seconds)},
                    _evaluate("reconstructed")]
     if split.e2e_steps:
         stages += [{"stage": "distill", "train": ["scales"], "losses": [{"type": "logits", "temperature": 1.0}],
                     "steps": split.e2e_steps, "batch_size": E2E_BATCH, "grad_accum": E2E_ACCUM, "lr": 1e-4,
                     "warmup_steps": max(1, split.e2e_steps // 20), "schedule": "cosine", "bf16": True,
-                    "eval_batches": 0, "log_with": "none", "checkpoint_every": 25},
+                    "eval_batches": 0, "log_with": "none", "checkpoint_every": 25, **_time_limit(split.e2e_seconds)},
                    _evaluate("distilled")]
     stages += proof
     return Plan(target, budget, recipe, decisions, split.seconds)
@@ -156,6 +157,8 @@ class _Split:
     e2e_steps: int
     seconds: float | None
     decisions: list[Decision]
+    recon_block_seconds: float | None = None  # time limits of a time budget: a block's reconstruction,
+    e2e_seconds: float | None = None  # and the end-to-end stage's training
 
 
 def _split_budget(budget: Budget | None, costs: TokenCosts | None, layers: int, block: int) -> _Split:
@@ -190,7 +193,9 @@ def _split_budget(budget: Budget | None, costs: TokenCosts | None, layers: int, 
     recon = min(RECON_STEPS_MAX, int(RECON_SHARE * left / (layers * recon_step)))
     e2e = int((left - recon * layers * recon_step) / e2e_step)
     recon_seconds, e2e_seconds = recon * layers * recon_step, e2e * e2e_step
-    return _Split(samples, recon, e2e, ptq + evaluation + recon_seconds + e2e_seconds, [
+    return _Split(samples, recon, e2e, ptq + evaluation + recon_seconds + e2e_seconds,
+                  recon_block_seconds=recon * recon_step if recon else None,
+                  e2e_seconds=e2e_seconds if e2e else None, decisions=[
         Decision("calibration", f"{samples} sequences of {block} tokens",
                  f"PTQ estimated at {ptq / 60:.1f} min, scoring {evaluation / 60:.1f} min, of {budget.value / 60:.1f}",
                  {"ptq_seconds": round(ptq, 1), "eval_seconds": round(evaluation, 1), **costs.summary()}),
@@ -198,6 +203,11 @@ def _split_budget(budget: Budget | None, costs: TokenCosts | None, layers: int, 
                  f"{left / 60:.1f} min left: up to {RECON_SHARE:.0%} to blocks ({recon_step:.2f} s a block step, at "
                  f"most {RECON_STEPS_MAX}), the rest to end-to-end steps ({e2e_step:.1f} s each)",
                  {"recon_seconds": round(recon_seconds, 1), "e2e_seconds": round(e2e_seconds, 1)})])
+
+
+def _time_limit(seconds: float | None) -> dict:
+    # the step costs are measured but a run drifts from them: each training stage also stops at its share
+    return {"max_seconds": round(seconds, 1)} if seconds else {}
 
 
 def _evaluate(name: str, model: str = "student", speed: bool = False) -> dict:

@@ -6,7 +6,7 @@
       scale: lsq
       init: gptq
     - stage: reconstruct
-      steps: 64              # per block; one calibration batch a step
+      steps: 64              # per block; one calibration batch a step (max_seconds, if set: per block too)
       lr: 1.0e-4
       train: [weights, scales]
       calibration_samples: 128

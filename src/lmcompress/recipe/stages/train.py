@@ -96,6 +96,8 @@ class TrainingStage(StageConfig, TrainSettings):
                     for k, v in result.final.items() if k != "grad_norm"})
         if result.evals:
             row.update({f"eval_{k}": round(v, 4) for k, v in result.evals[-1].items() if k != "step"})
+        if result.stopped:
+            row["stopped"] = result.stopped
         run.report.add(**row)
         return result
 

@@ -2,6 +2,7 @@
 `--plan-only`, and a planned run on a tiny model that lands inside its size target."""
 
 import json
+import re
 
 import pytest
 from helpers import tiny_model, tiny_tokenizer, write_word_corpus
@@ -11,9 +12,11 @@ from lmcompress.cli import main
 from lmcompress.core.errors import RecipeError
 from lmcompress.planner import parse_budget, parse_target, plan_compression
 from lmcompress.planner.costs import TokenCosts
-from lmcompress.planner.plan import E2E_ACCUM, E2E_BATCH, RECON_BATCH, RECON_STEPS_MAX
+from lmcompress.planner.depth import measure_cut
+from lmcompress.planner.plan import E2E_ACCUM, E2E_BATCH, MIXED, RECON_BATCH, RECON_STEPS_MAX, _calibration
 from lmcompress.quant.mixed import spec_bytes
 from lmcompress.recipe import Recipe, load_recipe
+from lmcompress.recipe.stages.quantize import QuantizeStage
 
 
 @pytest.mark.parametrize(("text", "kind", "value"), [
@@ -79,7 +82,8 @@ def _floor_mb(model) -> float:
 def test_the_smallest_reachable_size_is_the_narrowest_allocation(model):
     floor = _floor_mb(model)
     reachable = plan(model, f"{floor + 0.01:.2f}MB")
-    assert reachable.decisions[1].measured["smallest_bytes"] == pytest.approx(floor * 1e6, abs=5e3)
+    precision = next(d for d in reachable.decisions if d.what == "precision")
+    assert precision.measured["smallest_bytes"] == pytest.approx(floor * 1e6, abs=5e3)
     with pytest.raises(RecipeError, match="below the smallest"):
         plan(model, f"{floor - 0.01:.2f}MB")
 
@@ -123,6 +127,44 @@ def test_a_time_budget_is_split_by_the_measured_costs_and_a_too_small_one_is_ref
         plan(model, "5x", "1s", costs)
 
 
+@pytest.fixture(scope="module")
+def words(tmp_path_factory):
+    return write_word_corpus(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", documents=200, words=100)
+
+
+def measured_plan(model, words, to):
+    return plan_compression(model, parse_target(to), None, teacher="tiny", corpus={"name": str(words)},
+                            block_size=64, tokenizer=tiny_tokenizer())
+
+
+def test_the_depth_decision_scores_each_cut_at_the_target_size_and_keeps_the_lowest_loss(model, words):
+    p = measured_plan(model, words, "5x")
+    depth = next(d for d in p.decisions if d.what == "depth")
+    candidates = depth.measured["candidates"]
+    assert [c["remove"] for c in candidates] == [0, 1]  # every block, and a tenth of them (at least one)
+    assert all(c["calibration_loss"] > 0 and c["bits_per_param"] > 0 for c in candidates)
+    best = min(candidates, key=lambda c: c["calibration_loss"])
+    prune = [s for s in p.recipe["stages"] if s["stage"] == "prune"]
+    assert (prune[0]["depth"]["remove"] if prune else []) == best["removed"]
+    assert candidates[1]["removed"] == [depth.measured["influence_order"][0]]  # the least influential block
+    # the score is what the pieces give on their own: cut, allocate, round, next-token loss
+    fit, score = _calibration(p.recipe, tiny_tokenizer(), 64)
+    quant = QuantizeStage(stage="quantize", **MIXED, target_mb=p.recipe["stages"][-1]["file_mb"])
+    again = measure_cut(model, quant, depth.measured["influence_order"], 1, fit, score)
+    assert again.loss == pytest.approx(candidates[1]["calibration_loss"], abs=1e-4)
+
+
+def test_a_target_below_the_uncut_floor_plans_the_shallowest_cut_that_reaches_it(model, words):
+    floor = _floor_mb(model)
+    p = measured_plan(model, words, f"{floor - 0.03:.2f}MB")  # less than one block of the tiny model at 2 bits
+    depth = next(d for d in p.decisions if d.what == "depth")
+    assert depth.measured["candidates"][0]["remove"] == 1 and depth.measured["candidates"][0]["smallest_mb"] < floor
+    stages = [s["stage"] for s in p.recipe["stages"]]
+    assert "prune" in stages and "reconstruct" not in stages  # cut blocks have no teacher block to match
+    with pytest.raises(RecipeError, match=r"below the smallest this model reaches, [\d.]+ MB \(2 of its 4 blocks cut"):
+        measured_plan(model, words, "1kB")
+
+
 def test_speed_and_encoder_targets_are_refused_until_planned(model):
     with pytest.raises(RecipeError, match="speed targets are not planned yet"):
         plan(model, "3x-faster")
@@ -141,7 +183,7 @@ def model_folder(tmp_path, model):
 def test_plan_only_writes_the_plan_and_trains_nothing_and_resume_runs_that_plan(tmp_path, model_folder, capsys):
     corpus = write_word_corpus(tmp_path / "corpus.jsonl", documents=200, words=100)
     out = tmp_path / "run"
-    args = ["compress", str(model_folder), "--to", "5x", "--budget", "3000tok", "--corpus", str(corpus),
+    args = ["compress", str(model_folder), "--to", "5x", "--budget", "3000tok", "--block-size", "64", "--corpus", str(corpus),
             "--out", str(out)]
     assert main([*args, "--plan-only"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["lmcompress-run.json", "plan.yaml"]  # no report, no checkpoint
@@ -156,9 +198,12 @@ def test_plan_only_writes_the_plan_and_trains_nothing_and_resume_runs_that_plan(
     assert report["meta"]["status"] == "complete" and report["meta"]["recipe"] == planned.name
     rows = {r["stage"]: r for r in report["rows"]}
     final, exported, verdict = rows["distilled"], rows["exported"], rows["verify"]
-    quantize = planned.stages[2]
+    quantize = next(s for s in planned.stages if s.stage == "quantize")
     file_mb = (out / "model" / "model.safetensors").stat().st_size / 1e6
-    assert quantize.target_mb - _largest_step_mb(quantize, model_folder) <= file_mb <= quantize.target_mb
+    # inside the target, and within one module's widening of it unless every module is already at its widest
+    widest = set(re.findall(r"int(\d)-", rows["quantize"]["schemes"])) == {"8"}
+    assert file_mb <= quantize.target_mb
+    assert widest or quantize.target_mb - _largest_step_mb(quantize, model_folder) <= file_mb
     # the proof: the export as a user loads it (integer kernels), scored and timed, against the target
     assert exported["model"] == "export" and exported["size_mb"] == pytest.approx(file_mb, abs=1e-3)
     assert exported["perplexity"] == pytest.approx(final["perplexity"], rel=0.05) and exported["memory_mb"] > 0
@@ -172,7 +217,8 @@ def test_plan_only_writes_the_plan_and_trains_nothing_and_resume_runs_that_plan(
     assert main(["run", str(out / "plan.yaml"), "--out", str(again)]) == 0
     rerun = json.loads((again / "report.json").read_text())
     again_rows = {r["stage"]: r for r in rerun["rows"]}
-    assert again_rows["exported"]["perplexity"] == pytest.approx(exported["perplexity"], rel=1e-4)
+    # same file, same score up to bf16 training steps whose threaded reductions vary run to run (~5e-4 seen)
+    assert again_rows["exported"]["perplexity"] == pytest.approx(exported["perplexity"], rel=3e-3)
     assert (again / "model" / "model.safetensors").stat().st_size / 1e6 == pytest.approx(file_mb)
 
 

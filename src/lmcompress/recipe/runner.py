@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -142,8 +143,19 @@ def preflight(stages: list[StageConfig], run: Run) -> None:
         facts = stage.preflight(facts, run.recipe)
 
 
+def _peak_rss_mb() -> float | None:
+    """The process's peak resident memory so far, in MB (None where the OS does not say)."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6, 1)  # bytes on macOS, KiB elsewhere
+
+
 def _finish(run: Run, status: str) -> None:
     run.report.meta["status"] = status
+    run.report.meta["peak_rss_mb"] = _peak_rss_mb()
     run.save_report()
     write_json_atomic(run.out_dir / RUN_MARKER, {"lmcompress": __version__, "recipe": run.recipe.name,
                                                  "status": status})

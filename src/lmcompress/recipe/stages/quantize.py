@@ -133,11 +133,12 @@ class QuantizeStage(StageConfig, CalibrationSettings, QuantConfig):
         if "compression_ratio" in size:
             row["compression_ratio"] = round(size["compression_ratio"], 3)
         if allocation is not None:
-            row["target_mb"] = round(self._target_bytes(size["params"]) / 1e6, 3)
+            row["target_mb"] = round(self.target_bytes(size["params"]) / 1e6, 3)
             row["allocation"] = f"{self.label}-allocation.md"
         run.report.add(**row)
 
-    def _target_bytes(self, params: int) -> float:
+    def target_bytes(self, params: int) -> float:
+        """The file size this stage allocates widths for, for a model of `params` parameters."""
         if self.target_mb is not None:
             return self.target_mb * 1e6
         return self.target_bits_per_weight * params / 8
@@ -162,18 +163,20 @@ class QuantizeStage(StageConfig, CalibrationSettings, QuantConfig):
         header = packed_header_bytes(student, {n: widths[-1] for n, widths in candidates.items()}, self.float_dtype)
         return MixedSizing(modules, weights, candidates, fixed, header, full["params"])
 
-    def _allocate(self, run: Run, student: nn.Module, batches) -> Allocation:
-        """Widths per module for the target size, from the diagonal Fisher on the calibration batches; the
-        per-module table is written next to the report."""
+    def allocation(self, student: nn.Module, batches) -> tuple[Allocation, MixedSizing]:
+        """Widths per module for the target size, from the diagonal Fisher on the calibration batches."""
         sizing = self.sizing(student)
-        modules, weights, candidates = sizing.modules, sizing.weights, sizing.candidates
-        fixed, header = sizing.fixed, sizing.header
-        budget = int(self._target_bytes(sizing.params) - fixed - header)
-        if budget < sizing.smallest_bytes - fixed - header:  # before the Fisher pass, not after it
-            raise RecipeError(f"{self.label}: a {self._target_bytes(sizing.params) / 1e6:.2f} MB file is out of "
+        budget = int(self.target_bytes(sizing.params) - sizing.fixed - sizing.header)
+        if budget < sizing.smallest_bytes - sizing.fixed - sizing.header:  # before the Fisher pass, not after it
+            raise RecipeError(f"{self.label}: a {self.target_bytes(sizing.params) / 1e6:.2f} MB file is out of "
                               f"reach; every module at its narrowest candidate makes {sizing.smallest_bytes / 1e6:.2f} MB")
-        stats = collect_stats(student, modules, batches, fisher=True, activations=False, per_weight=True)
-        allocation = allocate_bits(weights, candidates, budget, stats.fisher_weights)
+        stats = collect_stats(student, sizing.modules, batches, fisher=True, activations=False, per_weight=True)
+        return allocate_bits(sizing.weights, sizing.candidates, budget, stats.fisher_weights), sizing
+
+    def _allocate(self, run: Run, student: nn.Module, batches) -> Allocation:
+        """`allocation`, with the per-module table written next to the report."""
+        allocation, sizing = self.allocation(student, batches)
+        budget, fixed, header = allocation.budget, sizing.fixed, sizing.header
         table = [{**r, "sensitivity": f"{r['sensitivity']:.4g}"} for r in allocation.rows]
         write_text_atomic(run.out_dir / f"{self.label}-allocation.md",
                           f"# {self.label}: bits per module\n\nbudget for the quantized modules "

@@ -5,6 +5,7 @@ import json
 import re
 
 import pytest
+import torch
 from helpers import tiny_model, tiny_tokenizer, write_word_corpus
 
 from lmcompress import api
@@ -12,11 +13,13 @@ from lmcompress.cli import main
 from lmcompress.core.errors import RecipeError
 from lmcompress.planner import parse_budget, parse_target, plan_compression
 from lmcompress.planner.costs import TokenCosts
-from lmcompress.planner.depth import measure_cut
+from lmcompress.planner.depth import DepthSearch
 from lmcompress.planner.plan import E2E_ACCUM, E2E_BATCH, MIXED, RECON_BATCH, RECON_STEPS_MAX, _calibration
-from lmcompress.quant.mixed import spec_bytes
+from lmcompress.quant.apply import quantize_
+from lmcompress.quant.mixed import allocate_options, spec_bytes
 from lmcompress.recipe import Recipe, load_recipe
 from lmcompress.recipe.stages.quantize import QuantizeStage
+from lmcompress.surgery.depth import calibration_loss
 
 
 @pytest.mark.parametrize(("text", "kind", "value"), [
@@ -105,7 +108,7 @@ def test_a_size_plan_is_a_valid_recipe_whose_quantize_stage_aims_at_the_target(m
 
 
 def test_a_token_budget_is_split_between_blocks_and_end_to_end_without_exceeding_it(model):
-    p = plan(model, "5x", "2Mtok")
+    p = plan(model, "8x", "2Mtok")
     stages = {s["stage"]: s for s in p.recipe["stages"]}
     recon, e2e = stages["reconstruct"]["steps"], stages["distill"]["steps"]
     used = recon * RECON_BATCH * 64 + e2e * E2E_BATCH * E2E_ACCUM * 64  # a block step counts 1/layers per block
@@ -113,9 +116,15 @@ def test_a_token_budget_is_split_between_blocks_and_end_to_end_without_exceeding
     assert used <= 2e6 and 2e6 - used < E2E_BATCH * E2E_ACCUM * 64  # spent to within one e2e step
 
 
+def test_a_target_with_six_bits_a_weight_or_more_trains_nothing(model):
+    p = plan(model, "5x", "2Mtok")  # 6.4 bits a weight
+    assert [s["stage"] for s in p.recipe["stages"]].count("distill") == 0
+    assert next(d for d in p.decisions if d.what == "budget").chosen == "unused"
+
+
 def test_a_time_budget_is_split_by_the_measured_costs_and_a_too_small_one_is_refused(model):
     costs = TokenCosts(teacher_forward=1e-4, student_train=4e-4, layers=4, tokens_measured=64)
-    p = plan(model, "5x", "20m", costs)
+    p = plan(model, "8x", "20m", costs)
     assert p.estimate_seconds <= 20 * 60 and p.estimate_seconds > 0.8 * 20 * 60
     stages = {s["stage"]: s for s in p.recipe["stages"]}
     training = next(d for d in p.decisions if d.what == "training").measured
@@ -124,7 +133,7 @@ def test_a_time_budget_is_split_by_the_measured_costs_and_a_too_small_one_is_ref
     calibration = next(d for d in p.decisions if d.what == "calibration")
     assert calibration.measured["student_train"] == pytest.approx(0.4)  # ms per token, as measured
     with pytest.raises(RecipeError, match=r"--budget 1s: too little for this plan; calibration \(32 sequences\)"):
-        plan(model, "5x", "1s", costs)
+        plan(model, "8x", "1s", costs)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +147,7 @@ def measured_plan(model, words, to):
 
 
 def test_the_depth_decision_scores_each_cut_at_the_target_size_and_keeps_the_lowest_loss(model, words):
-    p = measured_plan(model, words, "5x")
+    p = measured_plan(model, words, "8x")
     depth = next(d for d in p.decisions if d.what == "depth")
     candidates = depth.measured["candidates"]
     assert [c["remove"] for c in candidates] == [0, 1]  # every block, and a tenth of them (at least one)
@@ -150,8 +159,17 @@ def test_the_depth_decision_scores_each_cut_at_the_target_size_and_keeps_the_low
     # the score is what the pieces give on their own: cut, allocate, round, next-token loss
     fit, score = _calibration(p.recipe, tiny_tokenizer(), 64)
     quant = QuantizeStage(stage="quantize", **MIXED, target_mb=p.recipe["stages"][-1]["file_mb"])
-    again = measure_cut(model, quant, depth.measured["influence_order"], 1, fit, score)
-    assert again.loss == pytest.approx(candidates[1]["calibration_loss"], abs=1e-4)
+    search = DepthSearch(model, quant, fit)
+    assert search.order == depth.measured["influence_order"]
+    cut = search.measure(1, score)
+    assert cut.loss == pytest.approx(candidates[1]["calibration_loss"], abs=1e-4)
+    copy, removed = search.cut(1)
+    specs = allocate_options({n: o for n, o in search.options.items() if search.block_of[n] != removed[0]},
+                             int(quant.target_bytes(quant.sizing(copy).params) - quant.sizing(copy).fixed
+                                 - quant.sizing(copy).header), search.params).specs
+    quantize_(copy, quant, specs=dict(zip(quant.sizing(copy).modules, specs.values(), strict=True)))
+    with torch.no_grad():
+        assert calibration_loss(copy.eval(), score, True) == pytest.approx(cut.loss, abs=1e-5)
 
 
 def test_a_target_below_the_uncut_floor_plans_the_shallowest_cut_that_reaches_it(model, words):
@@ -183,7 +201,7 @@ def model_folder(tmp_path, model):
 def test_plan_only_writes_the_plan_and_trains_nothing_and_resume_runs_that_plan(tmp_path, model_folder, capsys):
     corpus = write_word_corpus(tmp_path / "corpus.jsonl", documents=200, words=100)
     out = tmp_path / "run"
-    args = ["compress", str(model_folder), "--to", "5x", "--budget", "3000tok", "--block-size", "64", "--corpus", str(corpus),
+    args = ["compress", str(model_folder), "--to", "8x", "--budget", "3000tok", "--block-size", "64", "--corpus", str(corpus),
             "--out", str(out)]
     assert main([*args, "--plan-only"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["lmcompress-run.json", "plan.yaml"]  # no report, no checkpoint

@@ -1,10 +1,12 @@
 """Whether removing some blocks and spending the bytes saved on precision beats keeping every block: measured.
 
-For each candidate cut, on a copy of the model: remove the blocks of least influence (1 - cosine between a
-block's input and output on calibration sequences, as the `prune` stage measures it), allocate widths per
-module to the target file size from the diagonal Fisher (as the `quantize` stage does), round to nearest on
-fitted grids, and score the next-token loss on calibration sequences held apart from those the Fisher and
-the influence were measured on. The lowest loss wins. What this leaves out, and the report says so: the
+Measured once on the whole model: block influence (1 - cosine between a block's input and output, as the
+`prune` stage measures it), the diagonal Fisher, and every module's rounding error at every candidate width
+(estimated from at most `MAX_ROWS` rows a module: the exact errors of SmolLM2 take ~15 min on 2 cores). Then
+for each candidate cut, on a copy of the model: remove the blocks of least influence, allocate the widths
+of the remaining modules to the target file size from those errors (the `quantize` stage's greedy knapsack),
+round to nearest on the static grids, and score the next-token loss on calibration sequences held apart
+from those the measurements used. The lowest loss wins. What this leaves out, and the plan says so: the
 healing that follows (GPTQ, reconstruction, distillation) helps both sides, a cut model usually more.
 """
 
@@ -21,10 +23,13 @@ from torch import nn
 
 from lmcompress.models.adapters import get_adapter
 from lmcompress.quant.apply import quantize_
-from lmcompress.quant.ptq import ptq_
+from lmcompress.quant.mixed import Options, allocate_options, allocation_options
 from lmcompress.recipe.stages.quantize import QuantizeStage
+from lmcompress.surgery.calibration import collect_stats
 from lmcompress.surgery.depth import calibration_loss, choose_blocks
 from lmcompress.surgery.truncate import truncate_layers
+
+MAX_ROWS = 128  # rows a module's rounding error is estimated from
 
 
 @dataclass
@@ -48,43 +53,53 @@ class DepthCandidate:
                 "bits_per_param": self.bits_per_param, "seconds": round(self.seconds, 1)}
 
 
-def least_influential(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], bf16: bool = True) -> list[int]:
-    """Block indices from least to most influential on the batches (ties by index)."""
-    depth = get_adapter(model).num_layers
-    influence = choose_blocks(model, batches, "block-influence", 1, bf16=bf16, progress=False).scores["block_influence"]
-    return sorted(range(depth), key=lambda i: (influence[i], i))
+class DepthSearch:
+    """The measurements every candidate cut shares, taken once on the whole model (see the module docstring)."""
 
+    def __init__(self, model: nn.Module, quant: QuantizeStage, fit: Sequence[dict[str, torch.Tensor]],
+                 bf16: bool = True):
+        started = time.perf_counter()
+        self.model, self.quant = model, quant
+        adapter = get_adapter(model)
+        influence = choose_blocks(model, fit, "block-influence", 1, bf16=bf16, progress=False).scores["block_influence"]
+        self.order = sorted(range(adapter.num_layers), key=lambda i: (influence[i], i))  # least influential first
+        sizing = quant.sizing(model)
+        fisher = collect_stats(model, sizing.modules, fit, fisher=True, activations=False, per_weight=True)
+        self.options: Options = allocation_options(sizing.weights, sizing.candidates, fisher.fisher_weights,
+                                                   max_rows=MAX_ROWS)
+        self.params = {name: int(w.numel()) for name, w in sizing.weights.items()}
+        members = {id(m): i for i, block in enumerate(adapter.blocks) for m in block.modules()}
+        self.block_of = {name: members.get(id(module)) for name, module in sizing.modules.items()}
+        self.seconds = time.perf_counter() - started
 
-def cut_copy(model: nn.Module, order: list[int], remove: int) -> tuple[nn.Module, list[int]]:
-    """A copy of `model` without the `remove` least influential blocks of `order`, and which those were."""
-    removed = sorted(order[:remove])
-    cut = copy.deepcopy(model)
-    if remove:
-        truncate_layers(cut, [i for i in range(get_adapter(model).num_layers) if i not in removed])
-    return cut, removed
+    def cut(self, remove: int) -> tuple[nn.Module, list[int]]:
+        """A copy of the model without its `remove` least influential blocks, and which those were."""
+        removed = sorted(self.order[:remove])
+        cut = copy.deepcopy(self.model)
+        if remove:
+            truncate_layers(cut, [i for i in range(len(self.order)) if i not in removed])
+        return cut, removed
 
+    def smallest_bytes(self, remove: int) -> int:
+        """The smallest file the quantizers make of the model with `remove` blocks cut."""
+        return self.quant.sizing(self.cut(remove)[0]).smallest_bytes
 
-def smallest_bytes(model: nn.Module, quant: QuantizeStage, order: list[int], remove: int) -> int:
-    """The smallest file `quant` can make of the model with `remove` blocks cut."""
-    cut, _ = cut_copy(model, order, remove)
-    return quant.sizing(cut).smallest_bytes
-
-
-def measure_cut(model: nn.Module, quant: QuantizeStage, order: list[int], remove: int,
-                fit: Sequence[dict[str, torch.Tensor]], score: Sequence[dict[str, torch.Tensor]],
-                bf16: bool = True) -> DepthCandidate:
-    """Cut, allocate to `quant`'s target, round, and score one candidate (see the module docstring)."""
-    started = time.perf_counter()
-    cut, removed = cut_copy(model, order, remove)
-    sizing = quant.sizing(cut)
-    candidate = DepthCandidate(remove, removed, sizing.params, sizing.smallest_bytes)
-    if quant.target_bytes(sizing.params) >= sizing.smallest_bytes:
-        allocation, _ = quant.allocation(cut, fit)
-        quantize_(cut, quant, field="planner", specs=allocation.specs)
-        ptq_(cut, "mse", progress=False)  # fitted grids, no data: the rounding every width starts from
-        cut.eval()
-        with torch.no_grad():
-            candidate.loss = calibration_loss(cut, score, bf16)
-        candidate.bits_per_param = round((allocation.bytes + sizing.fixed) * 8 / sizing.params, 3)
-    candidate.seconds = time.perf_counter() - started
-    return candidate
+    def measure(self, remove: int, score: Sequence[dict[str, torch.Tensor]], bf16: bool = True) -> DepthCandidate:
+        """Cut, allocate to the target from the shared measurements, round, and score one candidate."""
+        started = time.perf_counter()
+        cut, removed = self.cut(remove)
+        sizing = self.quant.sizing(cut)
+        candidate = DepthCandidate(remove, removed, sizing.params, sizing.smallest_bytes)
+        budget = int(self.quant.target_bytes(sizing.params) - sizing.fixed - sizing.header)
+        if budget + sizing.fixed + sizing.header >= sizing.smallest_bytes:
+            kept = {n: o for n, o in self.options.items() if self.block_of[n] not in set(removed)}
+            allocation = allocate_options(kept, budget, self.params)
+            # the cut copy's modules are named as in the whole model, less the removed blocks, renumbered
+            renamed = dict(zip(self.quant.sizing(cut).modules, allocation.specs.values(), strict=True))
+            quantize_(cut, self.quant, field="planner", specs=renamed)
+            cut.eval()
+            with torch.no_grad():
+                candidate.loss = calibration_loss(cut, score, bf16)
+            candidate.bits_per_param = round((allocation.bytes + sizing.fixed) * 8 / sizing.params, 3)
+        candidate.seconds = time.perf_counter() - started
+        return candidate

@@ -27,7 +27,7 @@ from lmcompress.data.cache import DataCache
 from lmcompress.formats import size_report
 from lmcompress.models.adapters import get_adapter
 from lmcompress.planner.costs import TokenCosts, measure_token_costs
-from lmcompress.planner.depth import least_influential, measure_cut, smallest_bytes
+from lmcompress.planner.depth import DepthSearch
 from lmcompress.planner.targets import Budget, Target
 from lmcompress.quant import QuantConfig
 from lmcompress.recipe import Recipe
@@ -48,6 +48,7 @@ E2E_BATCH, E2E_ACCUM = 4, 2
 RECON_SHARE = 0.4  # of the training time: blocks recover most per second (x1.29 -> x1.14 in 10 min at 67 MB,
 # where e2e took 50 min for x1.14 -> x1.07), so they come first, capped; e2e gets the rest
 EVAL_TOKENS = 16384
+NEAR_LOSSLESS_BITS = 6.0  # bits a weight (whole file) from which a plan trains nothing
 DEPTH_FIT, DEPTH_SCORE = 16, 8  # calibration sequences the depth decision measures on, and scores on
 
 
@@ -138,6 +139,11 @@ def plan_compression(model: nn.Module, target: Target, budget: Budget | None, *,
                                                           if k not in ("candidate_bits", "float_dtype")}),
                                     block_size)
     spent = time.perf_counter() - started  # planning is part of a time budget
+    bits = want * 8 / fp32["params"]
+    if bits >= NEAR_LOSSLESS_BITS and not depth.removed:
+        budget = None  # at this width GPTQ's rounding is already close to the teacher; training would only risk it
+        decisions.append(Decision("budget", "unused", f"the target leaves {bits:.1f} bits a weight "
+                                  f"(>= {NEAR_LOSSLESS_BITS}): PTQ alone is near lossless there"))
     split = _split_budget(budget, costs, adapter.num_layers, block_size, spent, reconstruct=not depth.removed)
     decisions += split.decisions
     stages = recipe["stages"]
@@ -256,20 +262,20 @@ def _choose_depth(model: nn.Module, quant: QuantizeStage, want: float, target: T
                               f"reaches, {floor / 1e6:.2f} MB ({narrowest}, the rest in bf16)")
         return _Depth([], [Decision("depth", "every block kept", "not measured: no calibration data given")])
     fit, score = calibration
-    order = least_influential(model, fit)
+    search = DepthSearch(model, quant, fit)
     step = max(1, depth // 10)
     first = 0
     if want < floor:
         deepest = depth // 2
-        reachable = [r for r in range(1, deepest + 1) if smallest_bytes(model, quant, order, r) <= want]
+        reachable = [r for r in range(1, deepest + 1) if search.smallest_bytes(r) <= want]
         if not reachable:
-            least = smallest_bytes(model, quant, order, deepest)
+            least = search.smallest_bytes(deepest)
             raise RecipeError(f"--to {target.text}: a {want / 1e6:.2f} MB file is below the smallest this model "
                               f"reaches, {least / 1e6:.2f} MB ({deepest} of its {depth} blocks cut, {narrowest}, the "
                               "rest in bf16)")
         first = reachable[0]
     cuts = [r for r in (first, first + step) if r < depth]
-    measured = [measure_cut(model, quant, order, r, fit, score) for r in cuts]
+    measured = [search.measure(r, score) for r in cuts]
     best = min((c for c in measured if c.loss is not None), key=lambda c: c.loss)
     table = "; ".join(f"{c.remove} cut: loss {c.loss:.3f}" if c.loss is not None else f"{c.remove} cut: out of reach"
                       for c in measured)
@@ -277,7 +283,8 @@ def _choose_depth(model: nn.Module, quant: QuantizeStage, want: float, target: T
     return _Depth(best.removed, [Decision(
         "depth", chosen, f"next-token loss at {want / 1e6:.2f} MB after cut + allocation + rounding, before any "
                          f"healing, on {sum(len(b['input_ids']) for b in score)} held-apart sequences: {table}",
-        {"candidates": [c.summary() for c in measured], "influence_order": order})])
+        {"candidates": [c.summary() for c in measured], "influence_order": search.order,
+         "shared_seconds": round(search.seconds, 1)})])
 
 
 def _time_limit(seconds: float | None) -> dict:

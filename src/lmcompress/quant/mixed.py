@@ -39,8 +39,18 @@ def spec_bytes(spec: QuantSpec, shape: tuple[int, int]) -> int:
 
 
 @torch.no_grad()
-def rounding_error(weight: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None) -> float:
-    """sum importance * (W - Q(W))^2 for the round-to-nearest weight on fitted grids (importance: like W)."""
+def rounding_error(weight: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None,
+                   max_rows: int | None = None) -> float:
+    """sum importance * (W - Q(W))^2 for the round-to-nearest weight on fitted grids (importance: like W).
+
+    `max_rows` estimates it from that many evenly spaced rows, scaled to all of them (row-wise and grouped
+    grids are fitted per row, so a sampled row costs what it costs in the whole; 6 widths of SmolLM2's
+    embedding take ~50 s on 2 cores exactly, a few seconds sampled)."""
+    rows = weight.shape[0]
+    if max_rows is not None and rows > max_rows and spec.granularity != "tensor":
+        keep = torch.linspace(0, rows - 1, max_rows).round().long()
+        sampled = rounding_error(weight[keep], spec, None if importance is None else importance[keep])
+        return sampled * rows / len(keep)
     w = weight.detach().float()
     wg = spec.to_groups(w)
     scales, zeros = fit_scales(wg, spec, counts=spec.group_counts(tuple(w.shape)))
@@ -60,16 +70,33 @@ class Allocation:
     rows: list[dict] = field(default_factory=list)  # one per module: name, params, bits, bytes, sensitivity
 
 
+Options = dict[str, list[tuple[int, float, QuantSpec]]]  # per module: (bytes, sensitivity, spec), widest first
+
+
+def allocation_options(weights: Mapping[str, torch.Tensor], candidates: Mapping[str, Sequence[QuantSpec]],
+                       fisher: Mapping[str, torch.Tensor] | None = None, max_rows: int | None = None) -> Options:
+    """Every module's candidates with what each costs on disk and in sensitivity (`rounding_error`)."""
+    options: Options = {}
+    for name, w in weights.items():
+        shape = (int(w.shape[0]), int(w.shape[1]))
+        importance = None if fisher is None else fisher[name]
+        costs = [(spec_bytes(s, shape), rounding_error(w, s, importance, max_rows), s) for s in candidates[name]]
+        options[name] = sorted(costs, key=lambda c: (-c[0], c[1]))  # widest first
+    return options
+
+
 def allocate_bits(weights: Mapping[str, torch.Tensor], candidates: Mapping[str, Sequence[QuantSpec]],
                   budget_bytes: int, fisher: Mapping[str, torch.Tensor] | None = None) -> Allocation:
     """Pick one of `candidates[name]` for every weight (out, in) so that their bytes fit `budget_bytes`,
     losing the least Fisher-weighted rounding error (see the module docstring)."""
-    options: dict[str, list[tuple[int, float, QuantSpec]]] = {}
-    for name, w in weights.items():
-        shape = (int(w.shape[0]), int(w.shape[1]))
-        importance = None if fisher is None else fisher[name]
-        costs = [(spec_bytes(s, shape), rounding_error(w, s, importance), s) for s in candidates[name]]
-        options[name] = sorted(costs, key=lambda c: (-c[0], c[1]))  # widest first
+    params = {name: int(w.numel()) for name, w in weights.items()}
+    return allocate_options(allocation_options(weights, candidates, fisher), budget_bytes, params)
+
+
+def allocate_options(options: Options, budget_bytes: int, params: Mapping[str, int]) -> Allocation:
+    """The greedy knapsack of the module docstring over measured `options` (`params`: per module, for the
+    report rows); any subset of modules can be allocated from one measurement."""
+    options = dict(options)
     choice = dict.fromkeys(options, 0)
     total = sum(options[n][0][0] for n in options)
     smallest = sum(options[n][-1][0] for n in options)
@@ -95,7 +122,7 @@ def allocate_bits(weights: Mapping[str, torch.Tensor], candidates: Mapping[str, 
         total -= b0 - b1
     total = _refill(options, choice, total, budget_bytes)
     specs = {name: options[name][i][2] for name, i in choice.items()}
-    rows = [{"module": name, "params": int(weights[name].numel()), "bits": options[name][i][2].bits,
+    rows = [{"module": name, "params": params[name], "bits": options[name][i][2].bits,
              "scheme": options[name][i][2].label, "bytes": options[name][i][0],
              "sensitivity": options[name][i][1]} for name, i in choice.items()]
     return Allocation(specs=specs, bytes=total, budget=budget_bytes,

@@ -11,20 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
-
-def _best(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from lmcompress.evaluate.speed import best_seconds
 
 
 def measure_bandwidth(threads: int = 1, mib: int = 256, repeats: int = 7) -> dict:
@@ -36,8 +27,8 @@ def measure_bandwidth(threads: int = 1, mib: int = 256, repeats: int = 7) -> dic
         a = torch.ones(n)
         b = torch.empty(n)
         nbytes = a.numel() * a.element_size()
-        read = _best(lambda: a.sum(), repeats)
-        copy = _best(lambda: b.copy_(a), repeats)
+        read = best_seconds(lambda: a.sum(), repeats)
+        copy = best_seconds(lambda: b.copy_(a), repeats)
     finally:
         torch.set_num_threads(previous)
     return {"threads": threads, "buffer_mib": mib, "read_gbps": nbytes / read / 1e9,

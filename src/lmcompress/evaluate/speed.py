@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
+
+
+def best_seconds(fn: Callable[[], object], repeats: int, warmup: Callable[[], object] | None = None) -> float:
+    """The fastest of `repeats` timed calls of `fn`, after one untimed call of `warmup` (default `fn`): first
+    calls allocate and pick kernels, and the fastest run is the one the machine's noise touched least."""
+    (warmup or fn)()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return best
 
 
 @torch.no_grad()
 def prefill_speed(model: nn.Module, input_ids: torch.Tensor, repeats: int = 2) -> float:
     """Tokens per second of a full forward pass over `input_ids` (best of `repeats`, after one warm-up)."""
     model.eval()
-    model(input_ids=input_ids[:, :8])
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        model(input_ids=input_ids)
-        best = min(best, time.perf_counter() - started)
-    return input_ids.numel() / best
+    return input_ids.numel() / best_seconds(lambda: model(input_ids=input_ids), repeats,
+                                            warmup=lambda: model(input_ids=input_ids[:, :8]))
 
 
 @torch.no_grad()

@@ -8,12 +8,12 @@ dense forward takes, so the measurement runs on random token ids and needs no da
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from lmcompress.evaluate.speed import best_seconds
 from lmcompress.models.adapters import get_adapter
 from lmcompress.models.blocks import bf16_autocast
 from lmcompress.quant import QuantConfig, quantize_
@@ -31,16 +31,6 @@ class TokenCosts:
     def summary(self) -> dict:
         return {k: (round(v * 1e3, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()} | {
             "unit": "ms per token"}
-
-
-def _best_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: first calls allocate and pick kernels
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best
 
 
 def measure_token_costs(model: nn.Module, quant: QuantConfig, block_size: int, batch_size: int = 1,
@@ -69,7 +59,7 @@ def measure_token_costs(model: nn.Module, quant: QuantConfig, block_size: int, b
 
     try:
         tokens = ids.numel()
-        return TokenCosts(_best_seconds(teacher_forward, repeats) / tokens, _best_seconds(student_step, repeats) / tokens,
+        return TokenCosts(best_seconds(teacher_forward, repeats) / tokens, best_seconds(student_step, repeats) / tokens,
                           adapter.num_layers, tokens)
     finally:
         model.train(was_training)

@@ -44,12 +44,7 @@ def tradeoff_plot(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def stages_plot(points: list[tuple[str, float, float]], path: str | Path, title: str = "",
@@ -78,6 +73,13 @@ def stages_plot(points: list[tuple[str, float, float]], path: str | Path, title:
     ax.set_ylabel("perplexity")
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Write `fig` as PNG at `path` (folders made) and free it."""
+    import matplotlib.pyplot as plt  # already imported by the caller: plotting needs it
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -119,7 +119,8 @@ def test_a_token_budget_is_split_between_blocks_and_end_to_end_without_exceeding
 def test_a_target_with_six_bits_a_weight_or_more_trains_nothing(model):
     p = plan(model, "5x", "2Mtok")  # 6.4 bits a weight
     assert [s["stage"] for s in p.recipe["stages"]].count("distill") == 0
-    assert next(d for d in p.decisions if d.what == "budget").chosen == "unused"
+    assert next(d for d in p.decisions if d.what == "training").chosen == "none (PTQ only; the budget is not needed)"
+    assert p.yaml().startswith("# lmcompress compress --to 5x --budget 2Mtok\n")
 
 
 def test_a_time_budget_is_split_by_the_measured_costs_and_a_too_small_one_is_refused(model):

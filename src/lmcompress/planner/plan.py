@@ -140,11 +140,12 @@ def plan_compression(model: nn.Module, target: Target, budget: Budget | None, *,
                                     block_size)
     spent = time.perf_counter() - started  # planning is part of a time budget
     bits = want * 8 / fp32["params"]
-    if bits >= NEAR_LOSSLESS_BITS and not depth.removed:
-        budget = None  # at this width GPTQ's rounding is already close to the teacher; training would only risk it
-        decisions.append(Decision("budget", "unused", f"the target leaves {bits:.1f} bits a weight "
-                                  f"(>= {NEAR_LOSSLESS_BITS}): PTQ alone is near lossless there"))
-    split = _split_budget(budget, costs, adapter.num_layers, block_size, spent, reconstruct=not depth.removed)
+    if bits >= NEAR_LOSSLESS_BITS and not depth.removed:  # GPTQ's rounding is close to the teacher: training only risks it
+        split = _Split(CALIBRATION_SAMPLES[0], 0, 0, None, [Decision(
+            "training", "none (PTQ only; the budget is not needed)",
+            f"the target leaves {bits:.1f} bits a weight (>= {NEAR_LOSSLESS_BITS}): PTQ alone is near lossless there")])
+    else:
+        split = _split_budget(budget, costs, adapter.num_layers, block_size, spent, reconstruct=not depth.removed)
     decisions += split.decisions
     stages = recipe["stages"]
     if depth.removed:

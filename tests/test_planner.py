@@ -215,6 +215,8 @@ def test_plan_only_writes_the_plan_and_trains_nothing_and_resume_runs_that_plan(
     assert main([*args, "--resume"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["meta"]["status"] == "complete" and report["meta"]["recipe"] == planned.name
+    assert report["meta"]["plan"]["file"] == "plan.yaml" and report["meta"]["peak_rss_mb"] > 0
+    assert report["meta"]["plan"]["decisions"] == "as written in the file (a resumed run)"
     rows = {r["stage"]: r for r in report["rows"]}
     final, exported, verdict = rows["distilled"], rows["exported"], rows["verify"]
     quantize = next(s for s in planned.stages if s.stage == "quantize")

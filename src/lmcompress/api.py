@@ -110,6 +110,9 @@ def _compress_to(model: str, target: str, budget: str | None, corpus: str | dict
                                                  "status": "planned (lmcompress compress --resume runs it)"})
             return planned
     run = run_recipe(recipe, out, resume=True)
+    run.report.meta["plan"] = {"file": PLAN_FILE, "decisions": [f"{d.what}: {d.chosen}" for d in planned.decisions]
+                               if planned else "as written in the file (a resumed run)"}
+    run.save_report()
     return CompressResult(model=run.student, tokenizer=run.tokenizer, report=run.report, out_dir=run.out_dir,
                           run=run, plan=planned)
 

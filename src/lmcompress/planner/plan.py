@@ -16,7 +16,7 @@ targets, task (encoder) targets and width pruning; those are refused with a one-
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -82,9 +82,6 @@ class Plan:
         if self.estimate_seconds is not None:
             lines.append(f"# Estimated wall time: {self.estimate_seconds / 60:.1f} min")
         return "\n".join(lines) + "\n" + yaml.safe_dump(self.recipe, sort_keys=False, width=110, default_flow_style=None)
-
-    def summary(self) -> list[dict]:
-        return [asdict(d) for d in self.decisions]
 
 
 def plan_compression(model: nn.Module, target: Target, budget: Budget | None, *, teacher: str,

@@ -523,7 +523,7 @@ def train(
 
 
 def _out_of_time(accelerator: Accelerator, seconds: float, limit: float | None) -> bool:
-    """Whether the training time passed `limit`; every process stops at the same step (the main one's call)."""
+    """Whether the training time passed `limit`, agreed by every process so all stop at the same step."""
     if limit is None:
         return False
     flag = torch.tensor([float(seconds >= limit)], device=accelerator.device)

@@ -90,12 +90,13 @@ class DepthSearch:
         cut, removed = self.cut(remove)
         sizing = self.quant.sizing(cut)
         candidate = DepthCandidate(remove, removed, sizing.params, sizing.smallest_bytes)
-        budget = int(self.quant.target_bytes(sizing.params) - sizing.fixed - sizing.header)
-        if budget + sizing.fixed + sizing.header >= sizing.smallest_bytes:
-            kept = {n: o for n, o in self.options.items() if self.block_of[n] not in set(removed)}
-            allocation = allocate_options(kept, budget, self.params)
+        target = self.quant.target_bytes(sizing.params)
+        if target >= sizing.smallest_bytes:
+            gone = set(removed)
+            kept = {n: o for n, o in self.options.items() if self.block_of[n] not in gone}
+            allocation = allocate_options(kept, int(target - sizing.fixed - sizing.header), self.params)
             # the cut copy's modules are named as in the whole model, less the removed blocks, renumbered
-            renamed = dict(zip(self.quant.sizing(cut).modules, allocation.specs.values(), strict=True))
+            renamed = dict(zip(sizing.modules, allocation.specs.values(), strict=True))
             quantize_(cut, self.quant, field="planner", specs=renamed)
             cut.eval()
             with torch.no_grad():

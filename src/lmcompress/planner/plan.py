@@ -124,9 +124,9 @@ def plan_compression(model: nn.Module, target: Target, budget: Budget | None, *,
         return Plan(target, budget, recipe, decisions)
 
     quant = QuantizeStage(stage="quantize", **MIXED, target_mb=round(want / 1e6, 3))
-    depth = _choose_depth(model, quant, want, target, calibration)
-    decisions += depth.decisions
     floor = quant.sizing(model).smallest_bytes
+    depth = _choose_depth(model, quant, want, floor, target, calibration)
+    decisions += depth.decisions
     decisions.append(Decision("precision", f"mixed {min(MIXED['candidate_bits'])}-{max(MIXED['candidate_bits'])} "
                               f"bits per module to {want / 1e6:.2f} MB, Fisher-allocated; AWQ + GPTQ rounding",
                               f"bf16 is {bf16_file / 1e6:.2f} MB; the narrowest allocation {floor / 1e6:.2f} MB "
@@ -247,12 +247,11 @@ def _calibration(recipe: dict, tokenizer: Any, block_size: int) -> tuple[list, l
     return fit, score
 
 
-def _choose_depth(model: nn.Module, quant: QuantizeStage, want: float, target: Target,
+def _choose_depth(model: nn.Module, quant: QuantizeStage, want: float, floor: int, target: Target,
                   calibration: tuple[list, list] | None) -> _Depth:
-    """Which blocks to cut, if any: candidates measured at the target size (`depth.py`); a target below what
-    every block at the narrowest width makes needs a cut, refused past half the blocks."""
+    """Which blocks to cut, if any: candidates measured at the target size (`depth.py`); a target below `floor`
+    (every block at the narrowest width) needs a cut, refused past half the blocks."""
     depth = get_adapter(model).num_layers
-    floor = quant.sizing(model).smallest_bytes
     narrowest = f"every quantized weight at {min(MIXED['candidate_bits'])} bits in groups of {MIXED['group_size']}"
     if calibration is None:
         if want < floor:
@@ -265,13 +264,12 @@ def _choose_depth(model: nn.Module, quant: QuantizeStage, want: float, target: T
     first = 0
     if want < floor:
         deepest = depth // 2
-        reachable = [r for r in range(1, deepest + 1) if search.smallest_bytes(r) <= want]
-        if not reachable:
+        first = next((r for r in range(1, deepest + 1) if search.smallest_bytes(r) <= want), 0)  # the shallowest
+        if not first:
             least = search.smallest_bytes(deepest)
             raise RecipeError(f"--to {target.text}: a {want / 1e6:.2f} MB file is below the smallest this model "
                               f"reaches, {least / 1e6:.2f} MB ({deepest} of its {depth} blocks cut, {narrowest}, the "
                               "rest in bf16)")
-        first = reachable[0]
     cuts = [r for r in (first, first + step) if r < depth]
     measured = [search.measure(r, score) for r in cuts]
     best = min((c for c in measured if c.loss is not None), key=lambda c: c.loss)

@@ -14,7 +14,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from lmcompress.core.import_hooks import after_import
+
 __version__ = "0.1.0"
+QUANT_METHOD = "lmcompress"  # config.json's quantization_config.quant_method in our exports
 
 # public name -> module that defines it
 _LAZY = {
@@ -31,6 +34,12 @@ _LAZY = {
 }
 
 __all__ = ["__version__", *_LAZY]
+
+
+# transformers' from_pretrained knows our exports once its quantizer registry is imported (see
+# transformers_plugin.py); hooked, not imported here, so `import lmcompress` does not load transformers.
+after_import("transformers.quantizers.auto",
+             lambda _: importlib.import_module("lmcompress.transformers_plugin").register())
 
 
 def __getattr__(name: str) -> Any:

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from lmcompress import QUANT_METHOD, __version__
 from lmcompress.core.files import atomic_folder
 from lmcompress.formats.card import CARD, CardFacts, model_card
 from lmcompress.formats.marker import check_marker, write_marker
@@ -41,6 +42,7 @@ class Format(ABC):
 
     name: ClassVar[str]
     format_version: ClassVar[int]
+    extra_prefix: ClassVar[str | None] = None  # stored tensors that are not the model's own start with this
 
     @abstractmethod
     def applies_to(self, model: nn.Module) -> bool:
@@ -65,6 +67,31 @@ class Format(ABC):
     @abstractmethod
     def read(self, folder: Path, marker: dict[str, Any], trust_remote_code: bool = False, **options: Any):
         """(model, tokenizer) from a folder whose marker has been checked."""
+
+    # --- loading through transformers (`formats/transformers_quantizer.py`) ---------------------------
+    def transformers_fields(self, layout: Layout) -> dict[str, Any] | None:
+        """The format's keys `config.json`'s `quantization_config` must hold for transformers'
+        `from_pretrained` to rebuild its modules (None: the folder is a plain transformers checkpoint)."""
+        return None
+
+    def quantization_config(self, layout: Layout) -> dict[str, Any] | None:
+        """`config.json`'s `quantization_config` for an export with this layout (None: none)."""
+        fields = self.transformers_fields(layout)
+        if fields is None:
+            return None
+        return {"quant_method": QUANT_METHOD, "format": self.name, "format_version": self.format_version,
+                "lmcompress_version": __version__, **fields}
+
+    def prepare_skeleton(self, model: nn.Module, fields: dict[str, Any], where: str) -> None:
+        """Put this format's modules into a freshly built `model` before its tensors are loaded; `fields`
+        are the format's marker keys (or the same keys from `quantization_config`), `where` names their
+        file in errors. Nothing for a format whose skeleton is the model class as it is."""
+        return None
+
+    def finish_loading(self, model: nn.Module, fields: dict[str, Any], extra: dict[str, Any]) -> None:
+        """Rebuild what the loaded tensors stand for; `extra` holds the stored tensors that are not the
+        model's own (named by the format's prefix). Nothing for a format whose tensors are the weights."""
+        return None
 
     def save(self, model: nn.Module, tokenizer, target: str | Path, dtype: str = "fp32",
              overwrite: bool = False, card: CardFacts | None = None) -> Path:

@@ -91,6 +91,15 @@ def _how_to_load(format_name: str) -> list[str]:
                 "or `lc.load(...)` with lmcompress installed."]
     if format_name == "gguf":
         return ["```bash", "llama-cli -m path/to/this/folder/model.gguf -p \"Hello\"", "```", "", *lmcompress, "```"]
+    through_transformers = [
+        "```python", "import lmcompress  # noqa: F401  (without it transformers ignores the packed weights)",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline", "",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+        'pipe = pipeline("text-generation", model="path/to/this/folder")', "```", "",
+        "or with lmcompress's own loader:", ""]
     if format_name == "packed-quant":
-        return [*lmcompress, "fast, _ = lc.load_inference(\"path/to/this/folder\")  # integer CPU kernels", "```"]
+        return [*through_transformers, *lmcompress,
+                "fast, _ = lc.load_inference(\"path/to/this/folder\")  # integer CPU kernels", "```"]
+    if format_name == "factorized":
+        return [*through_transformers, *lmcompress, "```"]
     return [*lmcompress, "```"]

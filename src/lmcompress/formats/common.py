@@ -105,20 +105,28 @@ def stored_float_dtype(plan: Iterable[PlannedTensor]) -> torch.dtype | None:
     return by_name[max(set(names), key=names.count)] if names else None
 
 
-def write_config(model: nn.Module, folder: Path, dtype: torch.dtype | None) -> None:
-    """config.json naming the model class and the dtype the weights are stored in: the live model is not
-    cast for an export, so its own config says the dtype it computes in, not the one on disk."""
+def write_config(model: nn.Module, folder: Path, dtype: torch.dtype | None,
+                 quantization_config: dict | None = None) -> None:
+    """config.json naming the model class and the dtype the weights are stored in (the live model is not
+    cast for an export, so its own config says the dtype it computes in, not the one on disk), with the
+    export's `quantization_config` or none (a model loaded from a quantized folder carries one that a
+    plain export must not)."""
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     if dtype is not None:
         config.dtype = dtype
+    if quantization_config is not None:
+        config.quantization_config = quantization_config
+    elif hasattr(config, "quantization_config"):
+        del config.quantization_config
     config.save_pretrained(folder)
 
 
-def write_config_and_tokenizer(model: nn.Module, tokenizer, folder: Path, dtype: torch.dtype | None) -> None:
-    """config.json (naming the model class and the stored `dtype`), generation_config.json for generative
-    models, tokenizer files."""
-    write_config(model, folder, dtype)
+def write_config_and_tokenizer(model: nn.Module, tokenizer, folder: Path, dtype: torch.dtype | None,
+                               quantization_config: dict | None = None) -> None:
+    """config.json (naming the model class and the stored `dtype`, with `quantization_config` if given),
+    generation_config.json for generative models, tokenizer files."""
+    write_config(model, folder, dtype, quantization_config)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and getattr(model, "can_generate", lambda: False)():
         generation_config.save_pretrained(folder)
@@ -148,7 +156,8 @@ class SafetensorsFolderFormat(Format):
 
     def write(self, model: nn.Module, tokenizer, folder: Path, layout: Layout) -> None:
         write_safetensors(layout.tensors, folder / WEIGHTS_FILE)
-        write_config_and_tokenizer(model, tokenizer, folder, stored_float_dtype(layout.tensors))
+        write_config_and_tokenizer(model, tokenizer, folder, stored_float_dtype(layout.tensors),
+                                   self.quantization_config(layout))
 
 
 def safetensors_payload_bytes(path: Path) -> int:
@@ -168,6 +177,8 @@ def build_skeleton(folder: Path, model_class: str, dtype: torch.dtype = torch.fl
     """The model `config.json` describes, as class `model_class`, with eager attention and uninitialised
     weights (every one is overwritten by the stored tensors)."""
     config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # for transformers' own loader; the format rebuilds its modules here
     cls = getattr(transformers, model_class or "", None)
     with no_init_weights():
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):

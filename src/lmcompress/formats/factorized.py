@@ -44,6 +44,7 @@ from lmcompress.formats.common import (
     torch_dtype,
     unique_tensors,
 )
+from lmcompress.formats.marker import MARKER
 from lmcompress.formats.plan import PlannedTensor
 from lmcompress.models.adapters import linear_weight
 from lmcompress.models.select import set_module
@@ -103,6 +104,7 @@ class FactorizedFormat(SafetensorsFolderFormat):
 
     name = "factorized"
     format_version = 2
+    extra_prefix = _PREFIX
 
     def applies_to(self, model: nn.Module) -> bool:
         return is_factorized(model)
@@ -139,18 +141,33 @@ class FactorizedFormat(SafetensorsFolderFormat):
         dtype = next((t.dtype for k, t in tensors.items() if not k.startswith(_PREFIX) and t.is_floating_point()),
                      torch.float32)
         model = build_skeleton(folder, model_class, dtype, trust_remote_code)
-        for name, rank in marker["low_rank"].items():
+        self.prepare_skeleton(model, marker, str(folder / MARKER))
+        state = {k: v for k, v in tensors.items() if not k.startswith(_PREFIX)}
+        load_state(model, state, aliases, path, regenerated=regenerated_weights(marker))
+        self.finish_loading(model, marker, {k: v for k, v in tensors.items() if k.startswith(_PREFIX)})
+        model.eval()
+        return model, load_tokenizer(folder, trust_remote_code)
+
+    def transformers_fields(self, layout: Layout) -> dict[str, Any]:
+        return {k: layout.fields[k] for k in ("low_rank", "autoencoded", "decoders", "aliases")}
+
+    def prepare_skeleton(self, model: nn.Module, fields: dict[str, Any], where: str) -> None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        for name, rank in fields["low_rank"].items():
             old = model.get_submodule(name)
             out_features, in_features = linear_weight(old).shape
             set_module(model, name, LowRankLinear(in_features, out_features, rank,
                                                   bias=getattr(old, "bias", None) is not None, dtype=dtype))
-        record = _read_autoencoded(marker, tensors)
-        state = {k: v for k, v in tensors.items() if not k.startswith(_PREFIX)}
-        load_state(model, state, aliases, path, regenerated=[f"{n}.weight" for n in record.codes])
+
+    def finish_loading(self, model: nn.Module, fields: dict[str, Any], extra: dict[str, Any]) -> None:
+        record = _read_autoencoded(fields, extra)
         if record.codes:
             apply_codes(model, record)
-        model.eval()
-        return model, load_tokenizer(folder, trust_remote_code)
+
+
+def regenerated_weights(fields: dict[str, Any]) -> list[str]:
+    """The weights a factorized folder does not store: each autoencoded module's, rebuilt on load."""
+    return [f"{name}.weight" for name in fields.get("autoencoded", {})]
 
 
 def _read_autoencoded(marker: dict[str, Any], tensors: dict[str, torch.Tensor]) -> AutoencodedWeights:

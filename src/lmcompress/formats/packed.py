@@ -179,7 +179,7 @@ def _packed_module(record: dict) -> nn.Module:
     return PackedLinear(spec, in_features, out_features, bias=record.get("bias", False), act_quantizer=act_quantizer)
 
 
-def _swap_in_packed_modules(model: nn.Module, modules: Any, where: Path) -> None:
+def _swap_in_packed_modules(model: nn.Module, modules: Any, where: str) -> None:
     """Put the packed module each marker record describes in place of the skeleton's float one (tied
     heads last: they read their source). A malformed record (a key missing, a value of the wrong type or
     range, a module the model does not have) is one line naming it."""
@@ -235,7 +235,13 @@ class PackedQuantFormat(SafetensorsFolderFormat):
 
     def read(self, folder: Path, marker: dict[str, Any], trust_remote_code: bool = False, **options: Any):
         model = build_skeleton(folder, marker.get("model_class", ""), trust_remote_code=trust_remote_code)
-        _swap_in_packed_modules(model, marker.get("modules"), folder / MARKER)
+        self.prepare_skeleton(model, marker, str(folder / MARKER))
         load_state(model, read_weights(folder), marker.get("aliases", {}), folder / WEIGHTS_FILE)
         model.eval()
         return model, load_tokenizer(folder, trust_remote_code)
+
+    def transformers_fields(self, layout: Layout) -> dict[str, Any]:
+        return {"modules": layout.fields["modules"], "aliases": layout.fields["aliases"]}
+
+    def prepare_skeleton(self, model: nn.Module, fields: dict[str, Any], where: str) -> None:
+        _swap_in_packed_modules(model, fields.get("modules"), where)

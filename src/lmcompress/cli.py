@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a model (hf folder, compressed folder or gguf)")
     p.add_argument("model")
     p.add_argument("--out", required=True, help="output folder (or .gguf file)")
-    p.add_argument("--format", default="auto", help="auto | hf | packed-quant | factorized | gguf")
+    p.add_argument("--format", default="auto", help="auto | hf | packed-quant | factorized | gguf | compressed-tensors")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier lmcompress export at --out (never a folder lmcompress did not write)")

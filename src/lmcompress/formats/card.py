@@ -59,7 +59,7 @@ def teacher_card_facts(folder: str | Path) -> dict[str, str]:
 def model_card(name: str, format_name: str, size: dict[str, Any], facts: CardFacts | None = None) -> str:
     """The card's text for an export named `name` in `format_name` whose plan sums to `size`."""
     facts = facts or CardFacts()
-    front = {"library_name": "transformers" if format_name == "hf" else "lmcompress",
+    front = {"library_name": "transformers" if format_name in ("hf", "compressed-tensors") else "lmcompress",
              "tags": ["lmcompress", "compressed", format_name]}
     if facts.base_model:
         front["base_model"] = facts.base_model
@@ -89,6 +89,10 @@ def _how_to_load(format_name: str) -> list[str]:
                 'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
                 'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")', "```", "",
                 "or `lc.load(...)` with lmcompress installed."]
+    if format_name == "compressed-tensors":
+        return ["```python", "from transformers import AutoModelForCausalLM  # with `pip install compressed-tensors`",
+                "", 'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")', "```", "",
+                "```bash", "vllm serve path/to/this/folder", "```", "", *lmcompress, "```"]
     if format_name == "gguf":
         return ["```bash", "llama-cli -m path/to/this/folder/model.gguf -p \"Hello\"", "```", "", *lmcompress, "```"]
     through_transformers = [

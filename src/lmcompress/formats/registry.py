@@ -12,6 +12,7 @@ from lmcompress.core.errors import LmcompressError
 from lmcompress.formats.base import Format
 from lmcompress.formats.card import CardFacts
 from lmcompress.formats.common import float_dtype_name
+from lmcompress.formats.compressed_tensors import CompressedTensorsFormat
 from lmcompress.formats.factorized import FactorizedFormat
 from lmcompress.formats.gguf import GGUFFormat
 from lmcompress.formats.hf import HFFormat
@@ -20,8 +21,9 @@ from lmcompress.formats.packed import PackedQuantFormat
 from lmcompress.formats.plan import summarize
 
 # `auto` picks the first that applies: packed codes before factorized weights; hf applies to every model.
-# GGUF never applies by itself (it is written on request).
-FORMATS: tuple[Format, ...] = (PackedQuantFormat(), FactorizedFormat(), GGUFFormat(), HFFormat())
+# GGUF and compressed-tensors never apply by themselves (they are written on request).
+FORMATS: tuple[Format, ...] = (PackedQuantFormat(), FactorizedFormat(), GGUFFormat(), CompressedTensorsFormat(),
+                               HFFormat())
 
 
 def get_format(name: str) -> Format:

@@ -184,8 +184,9 @@ class ExportStage(StageConfig):
     stage: Literal["export"] = "export"
     path: str | None = Field(None, description="output folder (default: <out>/model)")
     dtype: Literal["fp32", "bf16"] = "fp32"
-    format: Literal["auto", "hf", "gguf"] = Field(
-        "auto", description="auto: packed/factorized when the student has such modules, else hf")
+    format: Literal["auto", "hf", "gguf", "compressed-tensors"] = Field(
+        "auto", description="auto: packed/factorized when the student has such modules, else hf; "
+                            "compressed-tensors: what vLLM serves (int weights per row or group, A8)")
 
     def target(self, out_dir: Path) -> Path:
         """Where this export writes: `path`, or `<out>/model` (`<out>/model.gguf` for GGUF)."""

@@ -138,3 +138,26 @@ def test_the_model_cards_transformers_lines_load_the_folder(tmp_path):
     scope: dict = {}
     exec(code, scope)  # the card's own lines
     assert relative_error(model, scope["model"], torch.randint(3, 128, (2, 9))) < EXACT_TOLERANCE
+
+
+def test_a_compressed_tensors_folder_loads_as_a_plain_dequantized_teacher(tmp_path):
+    """llm-compressor's output (here ours, in the same format) is a teacher or student like any model:
+    plain float linears holding the dequantized weights, and the report notes it was quantized."""
+    import lmcompress as lc
+    from lmcompress.models.loading import load_model as load_any
+    from lmcompress.models.loading import quantized_source
+    from lmcompress.recipe.runner import run_recipe
+
+    model = tiny_model("llama", layers=2)
+    quantize_(model, EXACT["w4-group16"][0])
+    folder = _export(model, tmp_path / "ct", tokenizer=tiny_tokenizer())
+    loaded, _ = load_any(folder)
+    assert quantized_source(loaded) == "compressed-tensors pack-quantized: int4 group 16 (14 targets)"
+    linears = [m for m in loaded.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(m.weight.is_floating_point() and not hasattr(m, "quantization_scheme") for m in linears)
+    assert loaded.hf_quantizer is None and not hasattr(loaded.config, "quantization_config")
+    assert relative_error(model, loaded, torch.randint(3, 128, (2, 9))) < EXACT_TOLERANCE
+
+    recipe = lc.Recipe(name="from-ct", teacher=str(folder), stages=[{"stage": "evaluate", "metrics": ["size"]}])
+    run = run_recipe(recipe, tmp_path / "run")
+    assert run.report.meta["teacher_quantized"].startswith("compressed-tensors pack-quantized: int4 group 16")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import tiny_model
+from helpers import integration, tiny_model
 from test_infer_kernels import random_weight
 
 from lmcompress.core.errors import LmcompressError, UnsupportedArchitectureError
@@ -193,3 +193,47 @@ def test_seq_levels_are_written_exactly(bits, expected):
     assert qtype == expected
     ref = fp16_scales(weight).dequantize().numpy()
     np.testing.assert_allclose(gguf.quants.dequantize(array, qtype), ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+
+
+def test_a_k_quant_gguf_loads_as_a_teacher_and_the_report_says_it_is_quantized(tmp_path, tokenizer):
+    """A llama.cpp k-quant file (Q2_K here, what `llama-quantize` writes for int2 blocks) is a teacher like
+    any model: dequantized on load, its logits those of the file, and the report notes the quantization."""
+    import lmcompress as lc
+    from lmcompress.models.loading import load_model, quantized_source
+    from lmcompress.recipe.runner import run_recipe
+
+    model = tiny_model("llama", hidden=256, heads=4, kv_heads=2, layers=2, vocab_size=VOCAB, unk_token_id=0,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    weights = rtn_weights(model, 2, ALL)
+    reference = apply_dequantized(copy.deepcopy(model), weights)
+    path = export_gguf(model, tokenizer, tmp_path / "k.gguf", weights=weights)
+    loaded, _ = load_model(path)
+    assert quantized_source(loaded).startswith("GGUF Q2_K x ")
+    ids = tokenizer("The quick brown fox", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours, theirs = reference(ids).logits, loaded(ids).logits
+    assert float((ours - theirs).abs().max() / ours.std()) < TOLERANCE
+
+    recipe = lc.Recipe(name="from-gguf", teacher=str(path), stages=[{"stage": "evaluate", "metrics": ["size"]}])
+    run = run_recipe(recipe, tmp_path / "run")
+    note = run.report.meta["teacher_quantized"]
+    assert "Q2_K" in note and "the teacher is itself quantized" in note
+    assert "teacher_quantized" in (tmp_path / "run" / "report.md").read_text()
+
+
+@integration
+@pytest.mark.integration
+def test_the_real_llama_cpp_smollm2_gguf_loads_as_a_quantized_teacher():
+    """SmolLM2's Q4_1 GGUF from its package (what llama.cpp's llama-quantize wrote) loads dequantized with
+    the same logits as the built-in model converted from it, and says what it was."""
+    from lmcompress.core import assets
+    from lmcompress.models import builtin
+    from lmcompress.models.loading import load_model, quantized_source
+
+    path = assets.home() / "downloads" / "smollm2-gguf" / builtin.SMOLLM2_GGUF
+    teacher, tokenizer = load_model(path)
+    assert quantized_source(teacher).startswith("GGUF Q4_1 x ")
+    builtin_model, _ = load_model("smollm2-135m")
+    ids = tokenizer("The state of the union is strong", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(ids).logits, builtin_model(ids).logits, atol=1e-4, rtol=1e-4)

@@ -96,9 +96,58 @@ def check_gguf_file(path: Path) -> None:
                                   f"{tensor.data_offset:,}, past the end of the {size:,}-byte file (damaged)")
 
 
-def _drop_gguf_quantizer(model: nn.Module) -> None:
-    # A GGUF load dequantizes to full precision but keeps a quantizer marker that would make
-    # save_pretrained write a GGUF-flavoured config; the weights are plain tensors by now.
+QUANTIZED_SOURCE = "lmcompress_quantized_source"  # model attribute: what a quantized checkpoint was, in words
+
+
+def quantized_source(model: nn.Module) -> str | None:
+    """How the checkpoint `model` was loaded from was quantized (a GGUF's tensor types, a compressed-tensors
+    scheme), or None for a float checkpoint: the model itself is dequantized, its quality is the file's."""
+    return getattr(model, QUANTIZED_SOURCE, None)
+
+
+def _gguf_types(path: Path) -> str:
+    """'GGUF Q4_K x 97, Q6_K x 13, F32 x 61': the tensor types of a GGUF file, most common first."""
+    import gguf  # lazy: only .gguf inputs need the reader
+
+    counts: dict[str, int] = {}
+    for tensor in gguf.GGUFReader(path).tensors:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return "GGUF " + ", ".join(f"{k} x {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _compressed_tensors_scheme(config) -> str:
+    """'compressed-tensors pack-quantized: int4 group 64 (210 targets)', from a quantization config."""
+    quantization = config.quantization_config
+    quantization = quantization.to_dict() if hasattr(quantization, "to_dict") else dict(quantization)
+    groups = quantization.get("config_groups") or {}
+    parts = []
+    for group in groups.values():
+        weights = group.get("weights") or {}
+        how = f"group {weights.get('group_size')}" if weights.get("strategy") == "group" else weights.get("strategy")
+        inputs = " + int8 activations" if group.get("input_activations") else ""
+        parts.append(f"{weights.get('type', 'int')}{weights.get('num_bits')} {how}{inputs} "
+                     f"({len(group.get('targets') or [])} targets)")
+    fmt = quantization.get("format") or quantization.get("quantization_config", {}).get("format", "")
+    return f"compressed-tensors {fmt}: " + "; ".join(parts)
+
+
+def _dequantize_compressed_tensors(model: nn.Module) -> None:
+    # transformers leaves each module compressed with a hook that decompresses on the first forward and
+    # a quantized forward; a teacher or a student to compress again wants plain float modules.
+    from compressed_tensors import decompress_module  # lazy: only compressed-tensors checkpoints need it
+
+    for module in model.modules():
+        if getattr(module, "quantization_scheme", None) is not None:
+            decompress_module(module, leave_decompressed=False)
+    compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
+    if compressor is not None:
+        compressor.remove_decompression_hook(model)
+    _drop_quantizer(model)
+
+
+def _drop_quantizer(model: nn.Module) -> None:
+    # A GGUF or compressed-tensors load ends with plain float tensors but keeps a quantizer marker that
+    # would make save_pretrained write that format's config.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -145,10 +194,23 @@ def load_model(
     new_head_ok = task != default_task(config)
     check_loaded_weights(model, info, f"{name_or_path}", new_head_ok=new_head_ok)
     if gguf_file:
-        _drop_gguf_quantizer(model)
+        description = _gguf_types(Path(source) / gguf_file)
+        _drop_quantizer(model)
+        if any(t in description for t in ("Q", "TQ", "IQ")):
+            setattr(model, QUANTIZED_SOURCE, description)
+    elif _quant_method(config) == "compressed-tensors":
+        setattr(model, QUANTIZED_SOURCE, _compressed_tensors_scheme(config))
+        _dequantize_compressed_tensors(model)
     tokenizer = load_tokenizer(source, **common)
     model.eval()
     return model, tokenizer
+
+
+def _quant_method(config) -> str | None:
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return None
+    return quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
 
 
 def load_tokenizer(source: str | Path, **options: Any):

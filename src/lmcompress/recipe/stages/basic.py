@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -17,8 +18,11 @@ from lmcompress.formats import export_model, load_inference, load_model, size_re
 from lmcompress.formats.card import CardFacts, teacher_card_facts
 from lmcompress.models.adapters import get_adapter
 from lmcompress.models.builtin import BUILTIN_ORIGINS
+from lmcompress.models.loading import quantized_source
 from lmcompress.recipe.base import DataSection, ModelFacts, RecipeSettings, Run, StageConfig, register_stage
 from lmcompress.surgery.truncate import resolve_layers, truncate_layers
+
+log = logging.getLogger(__name__)
 
 
 @register_stage
@@ -44,6 +48,11 @@ class LoadStage(StageConfig):
             )
         elif run.teacher is None:
             raise LmcompressError(f"{self.label}: the recipe names no `teacher:` and no model was given")
+        quantized = quantized_source(run.teacher)
+        if quantized:  # dequantized on load: its quality, and so the student's ceiling, is the file's
+            note = f"{quantized} (the teacher is itself quantized; dequantized to float on load)"
+            run.report.meta["teacher_quantized"] = note
+            log.warning("teacher %s: %s", source, note)
         for p in run.teacher.parameters():
             p.requires_grad_(False)
         if self.copy_student:

@@ -237,3 +237,56 @@ def test_the_real_llama_cpp_smollm2_gguf_loads_as_a_quantized_teacher():
     ids = tokenizer("The state of the union is strong", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(teacher(ids).logits, builtin_model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def _tiny_family(model_type: str, hidden: int = 64):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    # transformers' GGUF reader takes Qwen3's head_dim from its config default (128), not the file's key_length
+    head_dim = 128 if model_type == "qwen3" else hidden // 4
+    config = CONFIG_MAPPING[model_type](
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=head_dim, vocab_size=VOCAB, max_position_embeddings=128,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=model_type != "phi3")
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # random-init biases are zero; make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("model_type,arch,expected", [
+    ("llama", "llama", {"attn_q.weight"}),
+    ("mistral", "llama", {"attn_q.weight"}),
+    ("qwen2", "qwen2", {"attn_q.bias", "attn_k.bias", "attn_v.bias"}),  # qkv biases
+    ("qwen3", "qwen3", {"attn_q_norm.weight", "attn_k_norm.weight"}),  # per-head q/k norms
+    ("phi3", "phi3", {"attn_qkv.weight", "ffn_up.weight"}),  # fused qkv and gate_up projections
+])
+def test_each_decoder_family_round_trips_through_transformers_gguf_loader(tmp_path, tokenizer, model_type, arch,
+                                                                          expected):
+    model = _tiny_family(model_type)
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.pad_token = tokenizer.eos_token  # else transformers' Phi-3 reader keeps its default pad id 32000
+    weights = rtn_weights(model, 4, ("attention", "mlp"), group_size=32)
+    reference = apply_dequantized(copy.deepcopy(model), weights)
+    path = export_gguf(model, tokenizer, tmp_path / "model.gguf", weights=weights)
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.architecture"].contents() == arch
+    names = {t.name.split(".", 2)[-1] for t in reader.tensors if t.name.startswith("blk.0.")}
+    assert expected <= names
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32)
+    ids = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours, theirs = reference(ids).logits, loaded(ids).logits
+    assert float((ours - theirs).abs().max() / ours.std()) < TOLERANCE
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "olmo2", "granite"])
+def test_a_llama_layout_family_llama_cpp_computes_differently_is_refused_by_name(tmp_path, tokenizer, model_type):
+    model = _tiny_family(model_type)
+    with pytest.raises(UnsupportedArchitectureError, match=f"'{model_type}' has the LLaMA module layout"):
+        export_gguf(model, tokenizer, tmp_path / "model.gguf")
+    assert not (tmp_path / "model.gguf").exists()

@@ -182,7 +182,7 @@ def _float_array(tensor: torch.Tensor, float_type: str):
 
 # --- llama specifics ----------------------------------------------------------------------------------
 
-def _write_llama_metadata(writer, model: nn.Module, name: str) -> None:
+def _write_metadata(writer, model: nn.Module, name: str) -> None:
     adapter = get_adapter(model)
     meta = adapter.gguf_metadata()
     writer.add_name(name)
@@ -196,9 +196,8 @@ def _write_llama_metadata(writer, model: nn.Module, name: str) -> None:
     writer.add_layer_norm_rms_eps(meta["layer_norm_rms_eps"])
     writer.add_vocab_size(adapter.vocab_size)
     writer.add_rope_dimension_count(adapter.head_dim)
-    if adapter.head_dim * adapter.num_heads != adapter.hidden_size:
-        writer.add_key_length(adapter.head_dim)
-        writer.add_value_length(adapter.head_dim)
+    writer.add_key_length(adapter.head_dim)  # always: Qwen3's head_dim is its own, not hidden / heads
+    writer.add_value_length(adapter.head_dim)
 
 
 def _pre_tokenizer_name(tokenizer) -> str:
@@ -346,7 +345,7 @@ def _write_gguf(model: nn.Module, tokenizer, path: Path, plan: list[PlannedTenso
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     writer = gguf.GGUFWriter(tmp, get_adapter(model).gguf_architecture)
-    _write_llama_metadata(writer, model, name or getattr(model.config, "_name_or_path", "") or "model")
+    _write_metadata(writer, model, name or getattr(model.config, "_name_or_path", "") or "model")
     for t in plan:
         qtype = T[t.dtype]
         writer.add_tensor(t.name, t.make(), raw_dtype=None if qtype in (T.F32, T.F16) else qtype)

@@ -335,7 +335,22 @@ class LlamaAdapter(ArchAdapter):
         if isinstance(scale, torch.Tensor):
             scale.fill_(hidden_size ** 0.5)  # what a reload computes from the new config
 
-    gguf_architecture = "llama"
+    # llama.cpp's architecture per model type, as its convert_hf_to_gguf.py chooses. Only these: a model type
+    # with the LLaMA module tree can still differ in numerics llama.cpp's "llama" does not have (Gemma's
+    # embedding scale and norm offset, OLMo 2's norm placement, Granite's multipliers), so GGUF export is by
+    # name, not by structure.
+    GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
+
+    @property
+    def gguf_architecture(self) -> str:
+        model_type = getattr(self.config, "model_type", None)
+        arch = self.GGUF_ARCHITECTURES.get(model_type)
+        if arch is None:
+            raise UnsupportedArchitectureError(
+                f"GGUF export writes the llama.cpp architectures of model types "
+                f"{', '.join(sorted(self.GGUF_ARCHITECTURES))}; {model_type!r} has the LLaMA module layout but "
+                "may compute differently from all of them, so it is not written as one")
+        return arch
 
     def gguf_metadata(self) -> dict[str, float | int]:
         config = self.config
@@ -353,14 +368,18 @@ class LlamaAdapter(ArchAdapter):
         if not hasattr(self, "_gguf_names"):
             import gguf  # only GGUF export needs the gguf package's name tables
 
-            self._gguf_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, self.num_layers)
+            arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == self.gguf_architecture)
+            self._gguf_names = gguf.get_tensor_name_map(arch, self.num_layers)
         found = self._gguf_names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if found is None:
             raise UnsupportedArchitectureError(f"GGUF export: no llama.cpp name for tensor {hf_name!r}")
         return found
 
     def gguf_row_order(self, module_name: str, rows: int) -> torch.Tensor | None:
-        # llama.cpp's rotary embedding pairs adjacent q/k rows; HF's pairs rows half a head apart.
+        # llama.cpp's "llama" rotary embedding pairs adjacent q/k rows; HF's pairs rows half a head apart.
+        # Its qwen2/qwen3/phi3 use HF's (NeoX) pairing: rows stay.
+        if self.gguf_architecture != "llama":
+            return None
         leaf = module_name.rsplit(".", 1)[-1]
         heads = {"q_proj": self.num_heads, "k_proj": self.num_kv_heads}.get(leaf)
         if heads is None:

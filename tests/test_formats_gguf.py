@@ -290,3 +290,52 @@ def test_a_llama_layout_family_llama_cpp_computes_differently_is_refused_by_name
     with pytest.raises(UnsupportedArchitectureError, match=f"'{model_type}' has the LLaMA module layout"):
         export_gguf(model, tokenizer, tmp_path / "model.gguf")
     assert not (tmp_path / "model.gguf").exists()
+
+
+def _sentencepiece_style_tokenizer(kind: str, vocab_size: int):
+    """A Llama-2-style BPE with byte fallback, or a Unigram (T5 / SentencePiece unigram) tokenizer, trained
+    offline on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    texts = ["The quick brown fox jumps over the lazy dog.", "State of the Union addresses, 1790 to 2016.",
+             "Compression makes models small and fast with two-bit or ternary weights."] * 20
+    specials = ["<unk>", "<s>", "</s>"]
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+        byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_tokens,
+                                      show_progress=False)
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    else:
+        tok = Tokenizer(models.Unigram())
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>",
+                                          show_progress=False)
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")  # split_by_whitespace
+        tok.decoder = decoders.Metaspace()
+    if kind == "bpe":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.train_from_iterator(texts, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>", pad_token="</s>")
+
+
+@pytest.mark.parametrize("kind,ggml_model", [("bpe", "llama"), ("unigram", "t5")])
+def test_sentencepiece_style_vocabularies_export_and_read_back(tmp_path, kind, ggml_model):
+    sp = _sentencepiece_style_tokenizer(kind, 320 if kind == "bpe" else 200)
+    vocab_size = len(sp.get_vocab())
+    model = tiny_model("llama", hidden=64, heads=4, kv_heads=2, layers=1, vocab_size=vocab_size, unk_token_id=0,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    path = export_gguf(model, sp, tmp_path / "model.gguf")
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["tokenizer.ggml.model"].contents() == ggml_model
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert types[0] == gguf.TokenType.CONTROL or types[0] == gguf.TokenType.UNKNOWN
+    if kind == "bpe":
+        assert types[sp.get_vocab()["<0x41>"]] == gguf.TokenType.BYTE
+    reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="model.gguf")
+    # characters the vocabulary holds: transformers rebuilds a GGUF unigram vocabulary as T5's tokenizer,
+    # whose unknown id is T5's (2), not the file's
+    text = "The quick brown fox, 1790 to 2016. small and fast."
+    ids = sp(text, add_special_tokens=False).input_ids
+    assert reloaded(text, add_special_tokens=False).input_ids == ids

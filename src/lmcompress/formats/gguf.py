@@ -1,9 +1,11 @@
-"""GGUF export of LLaMA-family models for llama.cpp (and transformers' GGUF loader).
+"""GGUF export of LLaMA-family, Qwen2/3 and Phi-3 models for llama.cpp (and transformers' GGUF loader).
 
 `export_gguf(model, tokenizer, path, weights=...)` writes the metadata, tokenizer and tensors the way
-llama.cpp's own converter does (`convert_hf_to_gguf.py`): llama architecture keys, a byte-level BPE
-("gpt2") vocabulary with merges and special ids, q/k rows permuted for llama.cpp's rotary layout, the
-LM head omitted when it is tied to the embeddings.
+llama.cpp's own converter does (`convert_hf_to_gguf.py`): the architecture's keys (llama, qwen2, qwen3,
+phi3, as the model's adapter names it), the vocabulary (byte-level BPE "gpt2" with merges,
+SentencePiece-style BPE with byte fallback "llama" with scores and merges, or Unigram "t5" with scores)
+with token types and special ids, q/k rows permuted for llama.cpp's "llama" rotary layout, the LM head
+omitted when it is tied to the embeddings.
 
 Quantized weights (`IntWeight`s, see `lmcompress.quant.codes`) are written in a GGUF block type that reproduces them
 exactly (each block's fp16 scale is the weight's scale, rounded to fp16):
@@ -206,41 +208,74 @@ def _pre_tokenizer_name(tokenizer) -> str:
 
 
 def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
-    """Byte-level BPE vocabulary, token types, merges and special ids, as convert_hf_to_gguf writes them."""
+    """Vocabulary, token types (scores, merges) and special ids, as convert_hf_to_gguf writes them for the
+    three tokenizer kinds llama.cpp reads: byte-level BPE ("gpt2": GPT-2, Llama 3, SmolLM, Qwen),
+    SentencePiece-style BPE with byte fallback ("llama": Llama 2, Mistral, Phi-3) and Unigram ("t5")."""
     gguf = _gguf()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}
-    tokenizer_kind = (spec.get("model") or {}).get("type")
+    model_spec = spec.get("model") or {}
+    tokenizer_kind = model_spec.get("type")
     decoder = (spec.get("decoder") or {}).get("type")
-    if tokenizer_kind != "BPE" or decoder != "ByteLevel":
+    if tokenizer_kind == "BPE" and decoder == "ByteLevel":
+        ggml_model = "gpt2"
+    elif tokenizer_kind == "BPE" and model_spec.get("byte_fallback"):
+        ggml_model = "llama"
+    elif tokenizer_kind == "Unigram":
+        ggml_model = "t5"
+    else:
         raise UnsupportedArchitectureError(
-            f"GGUF export supports byte-level BPE tokenizers (GPT-2 / Llama-3 / SmolLM style); this one is "
-            f"{tokenizer_kind or type(tokenizer).__name__} with decoder {decoder}")
+            f"GGUF export writes byte-level BPE, SentencePiece-style BPE with byte fallback and Unigram "
+            f"tokenizers; this one is {tokenizer_kind or type(tokenizer).__name__} with decoder {decoder}")
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
         raise LmcompressError(f"tokenizer has ids up to {max(vocab.values())} but the model's vocab_size is "
                               f"{vocab_size}")
     by_id = {i: t for t, i in vocab.items()}
     added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
+    unigram_scores = {piece: score for piece, score in model_spec.get("vocab") or []} if ggml_model == "t5" else {}
+    unk = model_spec.get("unk_token") if ggml_model != "t5" else None
+    unk_id = model_spec.get("unk_id") if ggml_model == "t5" else vocab.get(unk) if unk else None
+    tokens, types, scores = [], [], []
+    T = gguf.TokenType
     for i in range(vocab_size):
-        if i not in by_id:
+        token = by_id.get(i)
+        if token is None:
             tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+            types.append(T.UNUSED)
         else:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer_name(tokenizer))
+            tokens.append(token)
+            if ggml_model != "gpt2" and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                types.append(T.BYTE)  # byte-fallback pieces, whether the vocabulary or added tokens hold them
+            elif i in added:
+                types.append(T.CONTROL if added[i].special else T.USER_DEFINED)
+            elif i == unk_id:
+                types.append(T.UNKNOWN)
+            else:
+                types.append(T.NORMAL)
+        # SentencePiece BPE merges by score, best first; its ids follow that order (score = -rank), which
+        # the HF vocabulary keeps. Unigram pieces carry their log-probabilities.
+        scores.append(unigram_scores.get(token, 0.0) if ggml_model == "t5"
+                      else 0.0 if types[-1] != T.NORMAL else -float(i))
+    writer.add_tokenizer_model(ggml_model)
+    if ggml_model == "gpt2":
+        writer.add_tokenizer_pre(_pre_tokenizer_name(tokenizer))
+    else:
+        writer.add_tokenizer_pre("default")
+        writer.add_token_scores(scores)
+        writer.add_add_space_prefix(_prepends_space(spec))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
+        special = gguf.SpecialVocab(tmp, load_merges=ggml_model != "t5", n_vocab=vocab_size)
         special.add_to_gguf(writer, quiet=True)
+
+
+def _prepends_space(spec: dict) -> bool:
+    """Whether the tokenizer puts a "▁" before the text (SentencePiece's add_dummy_prefix)."""
+    text = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")])
+    return '"Prepend"' in text or '"prepend_scheme": "always"' in text or '"prepend_scheme": "first"' in text
 
 
 # --- the export -----------------------------------------------------------------------------------

@@ -14,6 +14,10 @@ GGUF, fp32 in memory), one row per grid:
 | ternary | -1/0/+1 per row | TQ1_0 needs 256-wide blocks; SmolLM2's 576-wide rows are not: Q4_0 |
 | binary | -1/+1 per row | as ternary |
 
+Two more rows read our exports the way the other runtimes' users will: a W4 g64 packed-quant folder through
+transformers' `from_pretrained` (after `import lmcompress`) and a W4 g64 compressed-tensors folder through
+transformers' compressed-tensors integration, each scored by our evaluator (`ppl_transformers`).
+
 Text and rule: `bench/peers.py`'s (SOTU test split as one text file, disjoint 512-token chunks, the second
 half of each scored; llama.cpp's rule, which `perplexity(rule="llama.cpp")` reproduces), all chunks unless
 `--chunks`. Each row: `ppl_ours` (lmcompress's evaluator on the fake-quant model in memory), `ppl_llamacpp`
@@ -46,6 +50,13 @@ ROWS = {
     "ternary": {"scheme": "ternary"},
     "binary": {"bits": 1},
 }
+# The other runtimes' doors (issue 15 items 1-2), read the same way: the folder loaded by transformers'
+# own from_pretrained (our quantizer / its compressed-tensors integration), scored by our evaluator.
+TRANSFORMERS_ROWS = {
+    "W4 g64 packed-quant via transformers": ("packed-quant", {"bits": 4, "granularity": "group", "group_size": 64}),
+    "W4 g64 compressed-tensors via transformers": ("compressed-tensors",
+                                                   {"bits": 4, "granularity": "group", "group_size": 64}),
+}
 TQ1_0_BITS = 1.6875  # 54 bytes per 256 weights
 
 
@@ -53,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--work", type=Path, default=peer_tools.default_work_dir(), help="llama.cpp, texts, GGUF files")
-    p.add_argument("--only", type=lambda v: v.split(";"), default=list(ROWS), help="';'-separated row names")
+    p.add_argument("--only", type=lambda v: v.split(";"), default=[*ROWS, *TRANSFORMERS_ROWS],
+                   help="';'-separated row names")
     p.add_argument("--chunks", type=int, default=None, help="score only the first N chunks (default: all)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--jobs", type=int, default=2, help="build jobs for llama.cpp")
@@ -97,13 +109,39 @@ def measure(name: str, bench, llamacpp, args: argparse.Namespace) -> dict:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
+def measure_transformers(name: str, bench, args: argparse.Namespace) -> dict:
+    import transformers
+
+    import lmcompress as lc
+    from lmcompress.formats import export_model
+
+    fmt, grid = TRANSFORMERS_ROWS[name]
+    model, tokenizer = lc.load(bench.model_dir)
+    started = time.perf_counter()
+    lc.quantize_(model, grid)
+    ours = bench.score(model)
+    path = args.work / "gguf-fidelity" / fmt
+    export_model(model, tokenizer, path, format=fmt, overwrite=True)
+    del model
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(path)
+    theirs = bench.score(loaded)
+    weights = sorted(path.glob("*.safetensors"))
+    return {"row": name, "grid": grid, "ppl_ours": ours["ppl"], "ppl_llamacpp": None,
+            "ppl_transformers": theirs["ppl"], "ratio": round(theirs["ppl"] / ours["ppl"], 5),
+            "within_1pct": abs(theirs["ppl"] / ours["ppl"] - 1) <= 0.01, "types": {fmt: len(weights)},
+            **bench.size(weights), "wider_block_mb": 0.0, "windows": ours["windows"],
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
 def write_table(rows: list[dict], path: Path) -> None:
-    lines = ["| row | GGUF types | file MB | bits/weight | ppl (lmcompress, in memory) | ppl (llama-perplexity, GGUF) "
-             "| ratio | Q4_0 instead of TQ1_0 costs |", "|" + " --- |" * 8]
+    lines = ["| row | GGUF types (or format) | file MB | bits/weight | ppl (lmcompress, in memory) "
+             "| ppl (llama-perplexity on the GGUF, or ours on transformers' load) | ratio | Q4_0 instead of TQ1_0 costs |",
+             "|" + " --- |" * 8]
     for r in rows:
         types = ", ".join(f"{k} x{v}" for k, v in sorted(r["types"].items(), key=lambda kv: -kv[1]))
+        other = r["ppl_llamacpp"] if r.get("ppl_llamacpp") is not None else r["ppl_transformers"]
         lines.append(f"| {r['row']} | {types} | {r['file_mb']:.2f} | {r['bits_per_weight']:.2f} | {r['ppl_ours']:.4f} "
-                     f"| {r['ppl_llamacpp']:.4f} | {r['ratio']:.5f} | {r['wider_block_mb']:.2f} MB |")
+                     f"| {other:.4f} | {r['ratio']:.5f} | {r['wider_block_mb']:.2f} MB |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -122,13 +160,13 @@ def main(argv=None) -> None:
         if any(r["row"] == name for r in rows) and not args.force:
             print(f"[skip] {name}: in {out}", flush=True)
             continue
-        row = measure(name, bench, llamacpp, args)
+        row = measure(name, bench, llamacpp, args) if name in ROWS else measure_transformers(name, bench, args)
         rows = [r for r in rows if r["row"] != name] + [row]
         tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(rows, indent=1) + "\n")
         os.replace(tmp, out)
-        print(f"[row] {name:8s} ours {row['ppl_ours']:.4f} llama.cpp {row['ppl_llamacpp']:.4f} ratio {row['ratio']:.5f} "
-              f"{row['file_mb']:.1f} MB {row['types']}", flush=True)
+        print(f"[row] {name:8s} ours {row['ppl_ours']:.4f} ratio {row['ratio']:.5f} {row['file_mb']:.1f} MB "
+              f"{row['types']}", flush=True)
     write_table(rows, args.out / "gguf_fidelity.md")
     print(f"wrote {out} and {args.out / 'gguf_fidelity.md'}", flush=True)
 

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -31,3 +32,18 @@ def test_debug_shows_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lmcompress.cli", "--debug", "run", str(tmp_path / "missing.yaml")],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "recipe file not found" in proc.stderr
+
+
+def test_env_prints_versions_device_and_kernels(capsys):
+    import torch
+
+    from lmcompress.cli import main as cli_main
+
+    assert cli_main(["env", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["libraries"]["torch"] == torch.__version__ and info["libraries"]["transformers"]
+    assert info["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert "auto" in info["kernel_options"] and "fbgemm-int8" in info["kernel_options"]
+    assert cli_main(["env"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("lmcompress ") and "\ndevice: " in text and "integer CPU kernels: " in text

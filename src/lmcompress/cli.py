@@ -134,6 +134,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_env(args: argparse.Namespace) -> int:
+    from lmcompress.infer import environment
+
+    info = environment.describe()
+    print(json.dumps(info, indent=1) if args.json else environment.format_environment(info))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmcompress", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
@@ -197,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_assets)
 
     add_clean_parser(sub)
+
+    p = sub.add_parser("env", help="libraries, devices and the integer kernels this machine runs (for bug reports)")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+    p.set_defaults(func=cmd_env)
 
     p = sub.add_parser("inspect", help="list a model's modules with their kinds (for recipe patterns)")
     p.add_argument("model")

@@ -123,6 +123,11 @@ K = TypeVar("K", bound=type[Kernel])
 _KERNELS: dict[str, tuple[type[Kernel], bool]] = {}
 
 
+def kernel_options() -> list[str]:
+    """Every `kernel=` option: "auto" and each registered kernel."""
+    return ["auto", *_KERNELS]
+
+
 def register_kernel(option: str, fallback: bool = False) -> Callable[[K], K]:
     """Class decorator: `build_kernel(weight, kernel=option)` builds this kernel. With `fallback` the option is
     an opt-in for the weights the kernel supports (a special low-bit kernel for part of a model); the other
@@ -320,5 +325,5 @@ def build_kernel(weight: IntWeight, bias: torch.Tensor | None = None, kernel: st
         if fallback and not cls.supports(weight):
             cls = choose_kernel(weight, prefer)
     else:
-        raise LmcompressError(f"kernel: {kernel!r} is not one of {', '.join(['auto', *_KERNELS])}")
+        raise LmcompressError(f"kernel: {kernel!r} is not one of {', '.join(kernel_options())}")
     return cls(weight, bias)

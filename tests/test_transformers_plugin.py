@@ -178,3 +178,19 @@ def test_smollm2_w4_export_loads_through_transformers_with_our_perplexity(tmp_pa
     assert resident < 0.3 * 134_515_008 * 4
     pipe = transformers.pipeline("text-generation", model=str(folder))
     assert pipe("The state of the union", max_new_tokens=4, do_sample=False)[0]["generated_text"].startswith("The")
+
+
+def test_without_import_lmcompress_transformers_fails_naming_the_fix(tmp_path):
+    """Not a shape error, not random weights: the load stops at a weight file whose name says what to do."""
+    model = tiny_model("llama", layers=2)
+    quantize_(model, PACKED["w2e2"])
+    folder = _export(model, tmp_path / "out")
+    code = ("import transformers, sys\n"
+            "try:\n"
+            f"    transformers.AutoModelForCausalLM.from_pretrained({str(folder)!r})\n"
+            "except Exception as exc:\n"
+            "    print(type(exc).__name__, exc)\n"
+            "    sys.exit(0)\n"
+            "print('loaded')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("FileNotFoundError") and "install-and-import-lmcompress-to-load-this-model" in out

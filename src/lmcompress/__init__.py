@@ -18,6 +18,10 @@ from lmcompress.core.import_hooks import after_import
 
 __version__ = "0.1.0"
 QUANT_METHOD = "lmcompress"  # config.json's quantization_config.quant_method in our exports
+# config.json's `transformers_weights` in those exports: a weight file that does not exist, so transformers
+# without `import lmcompress` fails naming it instead of building the model with the packed tensors unused;
+# our quantizer points transformers back at model.safetensors (transformers_plugin.py)
+IMPORT_GUARD_WEIGHTS = "install-and-import-lmcompress-to-load-this-model.safetensors"
 
 # public name -> module that defines it
 _LAZY = {

@@ -16,9 +16,11 @@ imports its quantizer registry, which happens while `transformers.modeling_utils
 so this module imports only what that registry already loaded, and the loading steps
 (`lmcompress.formats.transformers_loading`) are imported when a model is loaded.
 
-Without `import lmcompress` transformers does not know the method: it logs "Unknown quantization type, got
-lmcompress" and builds the model with the packed tensors unused. transformers gives a quantization plugin
-no way to fail that load, so every export's model card says to import lmcompress first.
+Without `import lmcompress` transformers does not know the method and would build the model with the packed
+tensors unused (it only logs "Unknown quantization type"). So the export's `config.json` also names a weight
+file that does not exist, `transformers_weights: install-and-import-lmcompress-to-load-this-model.safetensors`:
+that load fails with FileNotFoundError naming it. The quantizer, which transformers consults before it looks
+for weight files, clears the name, and the folder's `model.safetensors` loads.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from lmcompress import QUANT_METHOD
+from lmcompress import IMPORT_GUARD_WEIGHTS, QUANT_METHOD
 
 _OWN_KEYS = ("quant_method", "format", "format_version", "lmcompress_version", "kernel")
 
@@ -72,6 +74,14 @@ class LmcompressQuantizer(HfQuantizer):
     def __init__(self, quantization_config: LmcompressConfig, **kwargs: Any):
         super().__init__(quantization_config, **kwargs)
         self._checkpoint_files: list[str] = []
+
+    def update_attn_implementation(self, config):
+        # The one hook transformers calls with the config before it resolves the weight files: the export's
+        # config names a missing file (IMPORT_GUARD_WEIGHTS) so that loading without lmcompress fails; with
+        # it, the weights are the folder's model.safetensors as usual.
+        if getattr(config, "transformers_weights", None) == IMPORT_GUARD_WEIGHTS:
+            config.transformers_weights = None
+        return super().update_attn_implementation(config)
 
     def _loading(self):
         # imported on load, not with this module: the hook runs while transformers.modeling_utils is

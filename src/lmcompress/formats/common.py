@@ -6,6 +6,7 @@ from a config, the tokenizer reloaded.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.initialization import no_init_weights
 
+from lmcompress import IMPORT_GUARD_WEIGHTS
 from lmcompress.core.errors import LmcompressError, UnsupportedArchitectureError
 from lmcompress.formats.base import Format, Layout
 from lmcompress.formats.marker import MARKER
@@ -119,7 +121,12 @@ def write_config(model: nn.Module, folder: Path, dtype: torch.dtype | None,
         config.quantization_config = quantization_config
     elif hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.save_pretrained(folder)
+    config.save_pretrained(folder)  # drops any `transformers_weights` (transformers never saves it)
+    if quantization_config is not None:
+        path = folder / "config.json"
+        written = json.loads(path.read_text(encoding="utf-8"))
+        written["transformers_weights"] = IMPORT_GUARD_WEIGHTS
+        path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def write_config_and_tokenizer(model: nn.Module, tokenizer, folder: Path, dtype: torch.dtype | None,
@@ -177,8 +184,9 @@ def build_skeleton(folder: Path, model_class: str, dtype: torch.dtype = torch.fl
     """The model `config.json` describes, as class `model_class`, with eager attention and uninitialised
     weights (every one is overwritten by the stored tensors)."""
     config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # for transformers' own loader; the format rebuilds its modules here
+    for key in ("quantization_config", "transformers_weights"):  # for transformers' own loader; the format
+        if hasattr(config, key):  # rebuilds its modules and reads its weight file here
+            delattr(config, key)
     cls = getattr(transformers, model_class or "", None)
     with no_init_weights():
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):

@@ -151,8 +151,9 @@ def _planned_module(name: str, weight: IntWeight, module: nn.Module, kind: str) 
 def _float_copy(model: nn.Module, quantized: dict, dtype: torch.dtype) -> nn.Module:
     """A plain transformers model with each quantized weight replaced by its dequantized value."""
     config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    for key in ("quantization_config", "transformers_weights"):  # a model loaded from one of our exports
+        if hasattr(config, key):
+            delattr(config, key)
     with no_init_weights():  # every weight is overwritten below
         float_model = type(model)._from_config(config, dtype=dtype).eval()
     prefixes = tuple(f"{n}." for n, m in model.named_modules()

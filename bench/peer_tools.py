@@ -95,17 +95,55 @@ def llamacpp_source(work: Path) -> Path:
     return root
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), which the build is native to."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+# ggml's x86 options and the /proc/cpuinfo flag each needs; AMX is left off (see build_llamacpp)
+GGML_ISA = {"GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_BMI2": "bmi2", "GGML_FMA": "fma", "GGML_F16C": "f16c",
+            "GGML_AVX_VNNI": "avx_vnni", "GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi",
+            "GGML_AVX512_VNNI": "avx512_vnni", "GGML_AVX512_BF16": "avx512_bf16"}
+
+
+def isa_options() -> list[str]:
+    """cmake options for this CPU's instruction sets, as -march=native would pick them, AMX excluded."""
+    flags: set[str] = set()
+    try:
+        flags = next((set(line.split(":", 1)[1].split()) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), set())
+    except OSError:
+        pass
+    if not flags:
+        return []  # not Linux x86: ggml's native default
+    return ["-DGGML_NATIVE=OFF", *(f"-D{option}={'ON' if flag in flags else 'OFF'}" for option, flag in GGML_ISA.items())]
+
+
 def build_llamacpp(root: Path, work: Path, jobs: int = 2) -> None:
+    """A build for this CPU's instruction sets without AMX: Sapphire Rapids guests list amx_* in /proc/cpuinfo,
+    and a -march=native llama.cpp died with SIGILL (exit 132) before its first chunk on this workplace's Xeon
+    host. A build made on another CPU is rebuilt (the stamp names the CPU it was made on)."""
     build = root / "build"
-    if all((build / "bin" / t).is_file() for t in LLAMACPP_TARGETS):
+    stamp = build / "lmcompress-host.txt"
+    host = cpu_model()
+    if all((build / "bin" / t).is_file() for t in LLAMACPP_TARGETS) and stamp.is_file() and stamp.read_text() == host:
         return
     log = work / "build.log"
-    print(f"[setup] building llama.cpp ({', '.join(LLAMACPP_TARGETS)}) with {jobs} jobs; log {log}", flush=True)
-    if not (build / "CMakeCache.txt").is_file():
-        generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-        run_logged(["cmake", "-S", root, "-B", build, *generator, "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-                    "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF"], log, what="cmake configure")
+    print(f"[setup] building llama.cpp ({', '.join(LLAMACPP_TARGETS)}) for {host} with {jobs} jobs; log {log}",
+          flush=True)
+    if build.is_dir() and (not stamp.is_file() or stamp.read_text() != host):
+        shutil.rmtree(build)  # configured for another CPU (or before the AMX flags): start clean
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    run_logged(["cmake", "-S", root, "-B", build, *generator, "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+                "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", *isa_options()], log, what="cmake configure")
     run_logged(["cmake", "--build", build, "-j", str(jobs), "--target", *LLAMACPP_TARGETS], log, what="cmake build")
+    stamp.write_text(host)
 
 
 def venv(work: Path, name: str, packages: list[str]) -> Path:

@@ -100,7 +100,7 @@ def test_a_grid_the_format_cannot_hold_is_refused_naming_the_nearest_choice(conf
 def test_gpt2_conv1d_layers_are_refused(tmp_path):
     model = tiny_model("gpt2", layers=2)
     quantize_(model, {"bits": 4})
-    with pytest.raises(LmcompressError, match="Conv1D .* export packed-quant or gguf"):
+    with pytest.raises(LmcompressError, match="GPT-2 layer stores its weight transposed .* export packed-quant or gguf"):
         _export(model, tmp_path / "out")
 
 

@@ -51,6 +51,7 @@ from lmcompress.formats.common import (
 from lmcompress.formats.plan import PlannedTensor, planned_tensor
 from lmcompress.infer.convert import find_quantized
 from lmcompress.models import loading
+from lmcompress.models.adapters import weight_is_transposed
 from lmcompress.quant.codes import IntWeight
 from lmcompress.quant.modules import PackedModule, PackedTiedHead, QuantModule, QuantTiedHead, is_quantized
 
@@ -108,10 +109,10 @@ def _quantized(model: nn.Module) -> dict[str, tuple[IntWeight, torch.Tensor | No
                 f"{name}: a quantized embedding table (or a head tied to one) does not load back from "
                 "compressed-tensors; the nearest exact choice is float embeddings (embedding_bits: null, "
                 "the linears keep their codes), or export packed-quant / gguf")
-        if getattr(module, "conv1d_layout", False):
+        if weight_is_transposed(model.get_submodule(name)) or getattr(module, "conv1d_layout", False):
             raise LmcompressError(
-                f"{name}: GPT-2's Conv1D layers are not nn.Linear, and compressed-tensors (and vLLM's loader of it) "
-                "quantizes nn.Linear only; export packed-quant or gguf instead")
+                f"{name}: a GPT-2 layer stores its weight transposed and is not an nn.Linear; compressed-tensors "
+                "(and vLLM's loader of it) quantizes nn.Linear only; export packed-quant or gguf instead")
         _check_expressible(name, weight, module)
         out[name] = (weight, bias, is_embedding, module)
     return out
@@ -174,6 +175,7 @@ def _float_copy(model: nn.Module, quantized: dict, dtype: torch.dtype) -> nn.Mod
 
 
 def _quantization_config(quantized: dict):
+    # compressed-tensors (pydantic models, loguru) loads only when this format is written
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     groups: dict[tuple, list[str]] = {}
@@ -232,6 +234,7 @@ class CompressedTensorsFormat(Format):
                              "aliases": aliases})
 
     def write(self, model: nn.Module, tokenizer, folder: Path, layout: Layout) -> None:
+        # compressed-tensors loads only when this format is written
         from compressed_tensors import ModelCompressor
         from compressed_tensors.quantization import apply_quantization_config
 

@@ -37,7 +37,8 @@ def describe() -> dict[str, Any]:
     flags = cpu_flags()
     cuda = torch.cuda.is_available()
     devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
-    from accelerate import PartialState  # the device a training stage would use (accelerate decides it)
+    # accelerate decides the device a training stage uses; imported here, as `env` is its only reader
+    from accelerate import PartialState
 
     return {
         "lmcompress": __version__,

@@ -33,6 +33,18 @@ def tiny_config(family: str, layers: int = 4, hidden: int = 32, heads: int = 4, 
             hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
             num_attention_heads=heads, max_position_embeddings=256, **common,
         )
+    elif family == "bart":  # scaled embeddings: the stacks' lookups multiply the shared table's rows
+        cfg = transformers.BartConfig(
+            d_model=hidden, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=heads,
+            decoder_attention_heads=heads, encoder_ffn_dim=hidden * 2, decoder_ffn_dim=hidden * 2,
+            max_position_embeddings=256, scale_embedding=True, decoder_start_token_id=2, forced_eos_token_id=None,
+            **common,
+        )
+    elif family == "t5":
+        cfg = transformers.T5Config(
+            d_model=hidden, d_kv=hidden // heads, d_ff=hidden * 2, num_layers=layers, num_decoder_layers=layers,
+            num_heads=heads, decoder_start_token_id=0, **common,
+        )
     else:
         raise ValueError(family)
     for k, v in extra.items():
@@ -42,9 +54,12 @@ def tiny_config(family: str, layers: int = 4, hidden: int = 32, heads: int = 4, 
 
 
 def tiny_model(family: str, task: str | None = None, seed: int = 0, **kw):
-    """A tiny random-init model: causal LM for llama/gpt2, masked LM or classifier for bert."""
+    """A tiny random-init model: causal LM for llama/gpt2, masked LM or classifier for bert, conditional
+    generation for bart/t5."""
     torch.manual_seed(seed)
     cfg = tiny_config(family, **kw)
+    if family in ("bart", "t5"):
+        return transformers.AutoModelForSeq2SeqLM.from_config(cfg).eval()
     if family == "bert":
         cls = (transformers.BertForSequenceClassification if task == "sequence-classification"
                else transformers.BertForMaskedLM)

@@ -43,10 +43,11 @@ def test_module_kinds_cover_every_linear(family):
 def test_unsupported_architecture_says_what_did_not_fit():
     import transformers
 
-    cfg = transformers.T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
-    with pytest.raises(UnsupportedArchitectureError, match=r"'t5' is not supported: it is not one of .*gpt2.* "
+    cfg = transformers.OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+                                 num_attention_heads=2, word_embed_proj_dim=16)
+    with pytest.raises(UnsupportedArchitectureError, match=r"'opt' is not supported: it is not one of .*gpt2.* "
                                                            r"and it does not follow the LLaMA layout: no decoder block"):
-        get_adapter(transformers.T5ForConditionalGeneration(cfg))
+        get_adapter(transformers.OPTForCausalLM(cfg))
 
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

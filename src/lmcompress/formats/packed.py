@@ -19,9 +19,10 @@
 
 `lmcompress.json` (see `marker.py` for the keys every format writes): `{"format": "packed-quant",
 "format_version": 1, "files", "size", "model_class", "float_dtype", "scale_dtype": "bf16", "modules":
-{NAME: {"type": "linear" | "embedding" | "tied_head", "spec": {scheme, bits, granularity, group_size,
-scale}, "code_format": "bits2" | "trits" | ..., "shape": [out, in], "bias", "activation": {"bits",
-"granularity"} | null, "conv1d_layout", "source" (tied_head)}}, "aliases": {name: stored name}}`.
+{NAME: {"type": "linear" | "embedding" | "tied_head" | "tied_embedding", "spec": {scheme, bits, granularity,
+group_size, scale}, "code_format": "bits2" | "trits" | ..., "shape": [out, in], "bias", "activation": {"bits",
+"granularity"} | null, "conv1d_layout", "source" (tied_*: the embedding whose table it reads), "scale"
+(tied_embedding: what its rows are multiplied by)}}, "aliases": {name: stored name}}`.
 
 `load` builds the model from its config, swaps in `PackedLinear` / `PackedEmbedding` / `PackedTiedHead`
 modules and loads the tensors. Its logits equal the fake-quant model's up to float rounding (tested: max
@@ -62,13 +63,14 @@ from lmcompress.formats.plan import PlannedTensor, planned_tensor, safetensors_h
 from lmcompress.models.adapters import weight_rows
 from lmcompress.models.select import set_module
 from lmcompress.quant.modules import (
+    TIED_TYPES,
     PackedEmbedding,
     PackedLinear,
-    PackedModule,
+    PackedTiedEmbedding,
     PackedTiedHead,
     QuantEmbedding,
     QuantModule,
-    QuantTiedHead,
+    QuantTiedEmbedding,
     is_quantized,
     quantized_modules,
 )
@@ -88,7 +90,7 @@ def _storage_dtype(t: torch.Tensor, float_dtype: torch.dtype) -> torch.dtype:
 def _module_entries(name: str, module: nn.Module, kind: str) -> list[PlannedTensor]:
     """Codes, scales and zero points of one quantized module (fake-quant or packed); its bias is stored
     like any other tensor."""
-    if isinstance(module, QuantTiedHead | PackedTiedHead):
+    if isinstance(module, TIED_TYPES):
         return []  # the table is stored once, with the embedding
     spec: QuantSpec = module.spec
     shape = tuple(module.weight_2d().shape) if isinstance(module, QuantModule) else module.shape
@@ -153,8 +155,10 @@ def _checked_quantize(name: str, module: QuantModule):
 # --- the marker's module records ----------------------------------------------------------------------
 def _module_record(name: str, module: nn.Module, quantized: dict[str, nn.Module]) -> dict[str, Any]:
     bias = getattr(module, "bias", None) is not None
-    if isinstance(module, QuantTiedHead | PackedTiedHead):
+    if isinstance(module, TIED_TYPES):
         source = next(n for n, m in quantized.items() if m is module.source)
+        if isinstance(module, QuantTiedEmbedding | PackedTiedEmbedding):
+            return {"type": "tied_embedding", "source": source, "scale": module.scale}
         return {"type": "tied_head", "source": source, "bias": bias}
     spec: QuantSpec = module.spec
     record = {"spec": spec.to_dict(), "code_format": spec.code_format.name}
@@ -181,15 +185,19 @@ def _packed_module(record: dict) -> nn.Module:
 
 def _swap_in_packed_modules(model: nn.Module, modules: Any, where: str) -> None:
     """Put the packed module each marker record describes in place of the skeleton's float one (tied
-    heads last: they read their source). A malformed record (a key missing, a value of the wrong type or
+    modules last: they read their source). A malformed record (a key missing, a value of the wrong type or
     range, a module the model does not have) is one line naming it."""
     if not isinstance(modules, dict) or not all(isinstance(r, dict) for r in modules.values()):
         raise LmcompressError(f"{where}: modules is not a mapping of module name to its record")
     built: dict[str, nn.Module] = {}
-    for name, record in sorted(modules.items(), key=lambda item: item[1].get("type") == "tied_head"):
+    for name, record in sorted(modules.items(), key=lambda item: str(item[1].get("type")).startswith("tied_")):
         try:
-            module = (PackedTiedHead(built[record["source"]], bias=record.get("bias", False))
-                      if record.get("type") == "tied_head" else _packed_module(record))
+            if record.get("type") == "tied_head":
+                module = PackedTiedHead(built[record["source"]], bias=record.get("bias", False))
+            elif record.get("type") == "tied_embedding":
+                module = PackedTiedEmbedding(built[record["source"]], scale=float(record.get("scale", 1.0)))
+            else:
+                module = _packed_module(record)
             set_module(model, name, module)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise LmcompressError(f"{where}: modules.{name}: malformed record ({type(exc).__name__}: {exc})") from None
@@ -208,8 +216,7 @@ class PackedQuantFormat(SafetensorsFolderFormat):
     def layout(self, model: nn.Module, dtype: str) -> Layout:
         float_dtype = torch_dtype(dtype)
         kind = module_kinds(model)
-        quantized = {n: m for n, m in model.named_modules()
-                     if isinstance(m, QuantModule | QuantTiedHead | PackedModule | PackedTiedHead)}
+        quantized = quantized_modules(model)
         plan = [t for name, module in quantized.items() for t in _module_entries(name, module, kind(name))]
         # A quantized module's own state (latent weight, quantizer state, codes) is replaced by the entries
         # above; its bias is stored as it is, like every tensor outside quantized modules.
@@ -218,7 +225,7 @@ class PackedQuantFormat(SafetensorsFolderFormat):
         others = [(k, t) for k, t in model.state_dict(keep_vars=True).items() if not k.startswith(prefixes)]
         unique, aliases = unique_tensors([*biases, *others])
         plan += [stored_tensor(k, t, _storage_dtype(t, float_dtype), kind(owner(k))) for k, t in unique.items()]
-        records = quantized_modules(model)
+        records = quantized
         return Layout(plan, {
             "model_class": type(model).__name__,
             "float_dtype": dtype,

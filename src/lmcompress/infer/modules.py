@@ -17,6 +17,9 @@ from lmcompress.quant.codes import IntWeight
 class KernelLinear(nn.Module):
     """y = x @ W.T + b with W held only as packed integer codes and scales inside `self.kernel`."""
 
+    # No float weight: None says so to model code that reads `.weight` for its dtype (T5's feed-forward).
+    weight = None
+
     def __init__(self, weight: IntWeight, bias: torch.Tensor | None = None, kernel: str = "auto",
                  prefer: str = "speed"):
         super().__init__()

@@ -57,10 +57,25 @@ class ArchAdapter:
     # used to build narrower students from a teacher's config.
     intermediate_size_attr: str = "intermediate_size"
     supports_kv_heads: bool = False
+    # The block stacks the model has, by name. Decoder-only and encoder-only models have one; an adapter
+    # of an encoder-decoder model views one stack at a time (`on("decoder")`).
+    stacks: tuple[str, ...] = ("decoder",)
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, stack: str | None = None):
         self.model = model
         self.config = model.config
+        self.stack = stack if stack is not None else (self.stacks[0] if len(self.stacks) == 1 else None)
+        if self.stack is not None and self.stack not in self.stacks:
+            raise UnsupportedArchitectureError(
+                f"{self.family} models have block stack(s) {', '.join(self.stacks)}; there is no {stack!r}")
+
+    def on(self, stack: str) -> ArchAdapter:
+        """This adapter's view of block stack `stack` (`encoder` or `decoder`) of the same model."""
+        return self if stack == self.stack else type(self)(self.model, stack)
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return len(self.stacks) > 1
 
     # --- structure -------------------------------------------------------------------------------
     @property
@@ -464,6 +479,7 @@ class BertAdapter(ArchAdapter):
     family = "bert"
     model_types = ("bert", "roberta", "xlm-roberta")
     causal = False
+    stacks = ("encoder",)
 
     @property
     def base(self) -> nn.Module:
@@ -505,23 +521,222 @@ class BertAdapter(ArchAdapter):
         return "other"
 
 
-ADAPTERS: tuple[type[ArchAdapter], ...] = (LlamaAdapter, GPT2Adapter, BertAdapter)
+class Seq2SeqAdapter(ArchAdapter):
+    """Encoder-decoder models: an encoder stack and a decoder stack sharing one token table. The adapter views
+    one stack at a time (`get_adapter(model, "decoder")`, `adapter.on("encoder")`): `blocks`, `num_layers`,
+    `num_heads`, `causal` and the config's layer counts are that stack's. Asked for blocks without a stack, it
+    says the model has two."""
+
+    stacks = ("encoder", "decoder")
+    # config attribute per stack: layer count, attention heads, MLP width
+    layers_attr: dict[str, str] = {}
+    heads_attr: dict[str, str] = {}
+    ffn_attr: dict[str, str] = {}
+
+    @property
+    def causal(self) -> bool:
+        return self.stack == "decoder"
+
+    def _stack(self) -> nn.Module:
+        if self.stack is None:
+            raise UnsupportedArchitectureError(
+                f"{self.family} is an encoder-decoder model with two block stacks (encoder, decoder); this step "
+                "walks one block list and needs a stack named (`stack: encoder` or `stack: decoder`)")
+        return getattr(self.base, self.stack)
+
+    @property
+    def embeddings(self) -> nn.Embedding:
+        return self.base.shared
+
+    @property
+    def head(self) -> nn.Module | None:
+        return getattr(self.model, "lm_head", None) or getattr(self.model, "classification_head", None)
+
+    def cross_attention(self, block: nn.Module) -> nn.Module | None:
+        """A decoder block's attention over the encoder's output (None in the encoder)."""
+        raise NotImplementedError
+
+    @property
+    def num_heads(self) -> int:
+        return getattr(self.config, self.heads_attr[self.stack or "encoder"])
+
+    @property
+    def intermediate_size(self) -> int | None:
+        return getattr(self.config, self.ffn_attr[self.stack or "encoder"])
+
+    def config_layers(self, config) -> int:
+        self._stack()  # names the missing stack
+        return getattr(config, self.layers_attr[self.stack])
+
+    def keep_config_layers(self, config, indices: list[int]) -> None:
+        self._stack()
+        setattr(config, self.layers_attr[self.stack], len(indices))
+
+    def resized_config(self, layers: int | None = None, hidden_size: int | None = None,
+                       intermediate_size: int | None = None, num_heads: int | None = None,
+                       num_kv_heads: int | None = None):
+        if any(v is not None for v in (hidden_size, intermediate_size, num_heads, num_kv_heads)):
+            raise UnsupportedArchitectureError(f"student widths: {self.family} students keep the teacher's "
+                                               "widths (set only the layers of a stack)")
+        config = copy.deepcopy(self.config)
+        if layers is not None:
+            self._stack()
+            setattr(config, self.layers_attr[self.stack], layers)
+        return config
+
+    def embedding_scale(self, module: nn.Module) -> float:
+        """The factor module `module`, which reads the token table, multiplies the rows it looks up by."""
+        return 1.0
+
+
+class BartAdapter(Seq2SeqAdapter):
+    """BART family (BART, mBART, PEGASUS-style): `model.{encoder,decoder}.layers`, q/k/v/out_proj self-attention,
+    `encoder_attn` cross-attention in the decoder, fc1/fc2 MLPs, learned positions."""
+
+    family = "bart"
+    model_types = ("bart", "mbart")
+    layers_attr = {"encoder": "encoder_layers", "decoder": "decoder_layers"}
+    heads_attr = {"encoder": "encoder_attention_heads", "decoder": "decoder_attention_heads"}
+    ffn_attr = {"encoder": "encoder_ffn_dim", "decoder": "decoder_ffn_dim"}
+
+    @property
+    def base(self) -> nn.Module:
+        return self.model.model if hasattr(self.model, "model") else self.model
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self._stack().layers
+
+    def set_blocks(self, blocks: nn.ModuleList) -> None:
+        self._stack().layers = blocks
+
+    def attention(self, block: nn.Module) -> nn.Module:
+        return block.self_attn
+
+    def cross_attention(self, block: nn.Module) -> nn.Module | None:
+        return getattr(block, "encoder_attn", None)
+
+    def qkv(self, block: nn.Module) -> QKV:
+        a = block.self_attn
+        return QKV(q=a.q_proj, k=a.k_proj, v=a.v_proj)
+
+    @property
+    def max_positions(self) -> int | None:
+        return self.config.max_position_embeddings
+
+    def embedding_scale(self, module: nn.Module) -> float:
+        return float(getattr(module, "embed_scale", None) or 1.0)  # BartScaledWordEmbedding: sqrt(d_model) or 1
+
+    def module_kind(self, name: str, module: nn.Module) -> str:
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("shared", "embed_tokens"):
+            return "embeddings"
+        if leaf == "embed_positions":
+            return "other"  # learned positions looked up with an offset by their own forward: kept as they are
+        if name == "lm_head" or name.startswith("classification_head"):
+            return "head"
+        if ".self_attn." in name or ".encoder_attn." in name:
+            return "attention"
+        if leaf in ("fc1", "fc2"):
+            return "mlp"
+        if "norm" in leaf:
+            return "norm"
+        return "other"
+
+
+class T5Adapter(Seq2SeqAdapter):
+    """T5 family (T5, T5 v1.1, FLAN-T5, mT5): `{encoder,decoder}.block[i].layer = [self-attention,
+    (cross-attention,) FFN]`, relative position bias held by each stack's first block."""
+
+    family = "t5"
+    model_types = ("t5", "mt5")
+    layers_attr = {"encoder": "num_layers", "decoder": "num_decoder_layers"}
+    heads_attr = {"encoder": "num_heads", "decoder": "num_heads"}
+    ffn_attr = {"encoder": "d_ff", "decoder": "d_ff"}
+
+    @property
+    def base(self) -> nn.Module:
+        return self.model
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self._stack().block
+
+    def set_blocks(self, blocks: nn.ModuleList) -> None:
+        self._stack().block = blocks
+
+    def keep_blocks(self, indices: list[int]) -> None:
+        depths = {name: self.on(name).num_layers for name in self.stacks}
+        self._stack()
+        depths[self.stack] = len(indices)
+        if depths["decoder"] > depths["encoder"]:
+            # transformers sizes a T5 decoder's KV cache by `num_layers`, the encoder's depth: generate fails
+            raise UnsupportedArchitectureError(
+                f"t5: keeping {depths['encoder']} encoder and {depths['decoder']} decoder blocks: transformers "
+                "sizes T5's generation cache by the encoder's depth, so the decoder may not be deeper; cut the "
+                "decoder first")
+        # Only a stack's first block holds the relative position bias table; the others read the bias it
+        # computes. A stack that drops its first block hands the table to its new first block.
+        first = self.blocks[0].layer[0].SelfAttention
+        super().keep_blocks(indices)
+        new_first = self.blocks[0].layer[0].SelfAttention
+        if new_first is not first:
+            new_first.relative_attention_bias = first.relative_attention_bias
+            new_first.has_relative_attention_bias = True
+
+    def attention(self, block: nn.Module) -> nn.Module:
+        return block.layer[0].SelfAttention
+
+    def cross_attention(self, block: nn.Module) -> nn.Module | None:
+        return block.layer[1].EncDecAttention if len(block.layer) == 3 else None
+
+    def qkv(self, block: nn.Module) -> QKV:
+        a = block.layer[0].SelfAttention
+        return QKV(q=a.q, k=a.k, v=a.v)
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.d_kv
+
+    @property
+    def max_positions(self) -> int | None:
+        return None  # relative position buckets: no fixed limit
+
+    def module_kind(self, name: str, module: nn.Module) -> str:
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("shared", "embed_tokens"):
+            return "embeddings"
+        if leaf == "relative_attention_bias":
+            return "other"  # a (buckets, heads) position bias table, not a token table
+        if name == "lm_head" or name.startswith("classification_head"):
+            return "head"
+        if ".SelfAttention." in name or ".EncDecAttention." in name:
+            return "attention"
+        if ".DenseReluDense." in name:
+            return "mlp"
+        if "norm" in leaf:
+            return "norm"
+        return "other"
+
+
+ADAPTERS: tuple[type[ArchAdapter], ...] = (LlamaAdapter, GPT2Adapter, BertAdapter, BartAdapter, T5Adapter)
 
 
 def supported_model_types() -> list[str]:
     return sorted(t for a in ADAPTERS for t in a.model_types)
 
 
-def get_adapter(model: nn.Module) -> ArchAdapter:
+def get_adapter(model: nn.Module, stack: str | None = None) -> ArchAdapter:
     """The adapter for `model`: by its `model_type` where known, else by its module layout (a decoder
-    that follows the LLaMA layout gets the LLaMA adapter); otherwise an error naming what did not fit."""
+    that follows the LLaMA layout gets the LLaMA adapter); otherwise an error naming what did not fit.
+    `stack` picks the block stack it views (`encoder` / `decoder`; needed for encoder-decoder models' blocks)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for adapter_cls in ADAPTERS:
         if model_type in adapter_cls.model_types:
-            return adapter_cls(model)
+            return adapter_cls(model, stack)
     mismatch = LlamaAdapter.layout_mismatch(model)
     if mismatch is None:
-        return LlamaAdapter(model)
+        return LlamaAdapter(model, stack)
     raise UnsupportedArchitectureError(
         f"architecture {model_type!r} is not supported: it is not one of "
         f"{', '.join(t for t in supported_model_types() if t not in LlamaAdapter.model_types)}, and it does "

@@ -25,7 +25,7 @@ from lmcompress.core.assets import ASSETS, ensure
 from lmcompress.core.errors import LmcompressError, UnsupportedArchitectureError
 from lmcompress.models.adapters import get_adapter
 
-Task = Literal["causal-lm", "masked-lm", "sequence-classification", "base"]
+Task = Literal["causal-lm", "seq2seq-lm", "masked-lm", "sequence-classification", "base"]
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 def auto_class(task: Task):
     return {
         "causal-lm": transformers.AutoModelForCausalLM,
+        "seq2seq-lm": transformers.AutoModelForSeq2SeqLM,
         "masked-lm": transformers.AutoModelForMaskedLM,
         "sequence-classification": transformers.AutoModelForSequenceClassification,
         "base": transformers.AutoModel,
@@ -42,10 +43,12 @@ def auto_class(task: Task):
 
 
 def default_task(config) -> Task:
-    """Decoders load as causal LMs, encoders as their bare model."""
+    """Decoders load as causal LMs, encoder-decoders as sequence-to-sequence LMs, encoders as their bare model."""
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith("ForSequenceClassification") for a in archs):
         return "sequence-classification"
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq-lm"
     if getattr(config, "is_decoder", False) or _decoder_only(config.model_type):
         return "causal-lm"
     if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):

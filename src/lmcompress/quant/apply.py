@@ -11,8 +11,9 @@ In the style of torchao's `quantize_` and PEFT's `target_modules`::
                       "embedding_bits": 8})
 
 The config (`lmcompress.quant.config`) says which modules get which `QuantSpec`; every pattern must match
-at least one module. A head that shares its weight with a quantized embedding table multiplies by the
-quantized table.
+at least one module. Modules that share one weight are quantized once: a head tied to a quantized
+embedding table multiplies by the quantized table, and a second lookup into it (an encoder-decoder's
+encoder and decoder embeddings) reads the quantized table.
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ from lmcompress.core.errors import RecipeError
 from lmcompress.models.adapters import get_adapter, is_linear
 from lmcompress.models.select import select_modules, set_module
 from lmcompress.quant.config import QuantConfig, ResolvedRule
-from lmcompress.quant.modules import QuantEmbedding, QuantLinear, QuantTiedHead, is_quantized
+from lmcompress.quant.modules import (
+    QuantEmbedding,
+    QuantLinear,
+    QuantTiedEmbedding,
+    QuantTiedHead,
+    is_quantized,
+)
 from lmcompress.quant.quantizers import QuantSpec, QuantSpecError
 
 log = logging.getLogger(__name__)
@@ -50,7 +57,8 @@ def _quantizable(module: nn.Module) -> bool:
 def plan_quantization(model: nn.Module, config: QuantConfig | dict | None = None,
                       field: str = "quantize") -> dict[str, tuple[nn.Module, ResolvedRule]]:
     """{module name: (module, the rule that quantizes it)} for every module `config` matches, in model order,
-    without changing the model (what `quantize_` swaps; a head tied to quantized embeddings is left out)."""
+    without changing the model (what `quantize_` swaps; a module whose weight an embedding table before it
+    in the plan shares — a tied head, a stack's view of a shared table — is left out: it reads that table)."""
     config = as_config(config, field)
     if is_quantized(model):
         raise RecipeError(f"{field}: the model is already quantized; quantize a full-precision model once")
@@ -61,11 +69,15 @@ def plan_quantization(model: nn.Module, config: QuantConfig | dict | None = None
         matched = select_modules(adapter, rule.patterns, exclude=config.exclude, accept=_quantizable, field=names)
         for name, (module, _pattern) in matched.items():
             chosen.setdefault(name, (module, rule))
-    # A head tied to an embedding table that gets quantized multiplies by the quantized table (quantize_).
-    tied_head, embedding = _tied_head_name(model), _embedding_of(model)
-    if tied_head in chosen and any(module is embedding for module, _ in chosen.values()):
-        del chosen[tied_head]
-    return chosen
+    planned_tables = {id(m.weight) for m, _ in chosen.values() if isinstance(m, nn.Embedding)}
+    ordered = [n for n, _ in model.named_modules() if n in chosen]
+    kept: dict[str, tuple[nn.Module, ResolvedRule]] = {}
+    for name in ordered:
+        module, rule = chosen[name]
+        if id(module.weight) in planned_tables and any(m.weight is module.weight for m, _ in kept.values()):
+            continue  # it reads a table already planned (quantize_ makes it a tied reader)
+        kept[name] = (module, rule)
+    return kept
 
 
 def quantize_(model: nn.Module, config: QuantConfig | dict | None = None, field: str = "quantize",
@@ -77,7 +89,6 @@ def quantize_(model: nn.Module, config: QuantConfig | dict | None = None, field:
     nothing or a spec that does not fit a matched weight.
     """
     chosen = plan_quantization(model, config, field)
-    tied_head = _tied_head_name(model)
     unknown = sorted(set(specs or {}) - set(chosen))
     if unknown:
         raise RecipeError(f"{field}: specs for modules the config does not quantize: {unknown}")
@@ -94,32 +105,26 @@ def quantize_(model: nn.Module, config: QuantConfig | dict | None = None, field:
             raise RecipeError(f"{rule.field(field)}: {name}: {exc}") from None
         swapped[name] = new
         out[name] = spec
+    readers = _table_readers(model, {n: m for n, m in swapped.items() if isinstance(m, QuantEmbedding)})
     for name, new in swapped.items():
         set_module(model, name, new)
-
-    if tied_head is not None:
-        embedding = model.get_input_embeddings()
-        if isinstance(embedding, QuantEmbedding):
-            head = model.get_submodule(tied_head)
-            set_module(model, tied_head, QuantTiedHead(embedding, getattr(head, "bias", None)))
-            out[tied_head] = embedding.spec
-            log.info("%s shares its weight with the quantized embeddings; it uses the quantized table", tied_head)
+    adapter = get_adapter(model)
+    for name, (module, table) in readers.items():
+        if isinstance(module, nn.Embedding):
+            reader = QuantTiedEmbedding(table, adapter.embedding_scale(module))
+        else:
+            reader = QuantTiedHead(table, getattr(module, "bias", None))
+        set_module(model, name, reader)
+        out[name] = table.spec
+        log.info("%s shares its weight with a quantized embedding table; it uses the quantized table", name)
     log.info("quantized %d modules", len(out))
     return out
 
 
-def _embedding_of(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_input_embeddings", None)
-    return get() if get else None
-
-
-def _tied_head_name(model: nn.Module) -> str | None:
-    """Name of the output head if its weight is the input embedding's Parameter, else None."""
-    get_out = getattr(model, "get_output_embeddings", None)
-    head, embedding = (get_out() if get_out else None), _embedding_of(model)
-    if head is None or embedding is None or getattr(head, "weight", None) is not embedding.weight:
-        return None
-    for name, module in model.named_modules():
-        if module is head:
-            return name
-    return None
+def _table_readers(model: nn.Module, tables: dict[str, QuantEmbedding]) -> dict[str, tuple[nn.Module, QuantEmbedding]]:
+    """{name: (module, table)} of the other modules whose weight is one of `tables`' (a tied head, or an
+    encoder-decoder stack's lookup into the shared table)."""
+    by_weight = {id(t.weight): t for t in tables.values()}
+    return {n: (m, by_weight[id(m.weight)]) for n, m in model.named_modules()
+            if n not in tables and isinstance(getattr(m, "weight", None), nn.Parameter)
+            and id(m.weight) in by_weight and not isinstance(m, QuantEmbedding)}

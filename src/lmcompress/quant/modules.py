@@ -8,7 +8,8 @@ Each forward quantizes the latent full-precision weight (straight-through gradie
 
 `QuantTiedHead` is the output head of a model whose head shares its weight with a quantized embedding
 table: it multiplies by the *quantized* table, so the exported model (which stores the table once) computes
-exactly what was trained.
+exactly what was trained. `QuantTiedEmbedding` is the same for a second lookup into that table (an
+encoder-decoder's encoder and decoder read the model's shared table, BART's with a scale).
 """
 
 from __future__ import annotations
@@ -169,6 +170,34 @@ class QuantTiedHead(nn.Module):
         return F.linear(x, self.source.quantized_weight(), self.bias)
 
 
+def _lookup(input_ids: torch.Tensor, table: torch.Tensor, padding_idx: int | None, scale: float) -> torch.Tensor:
+    rows = F.embedding(input_ids, table, padding_idx)
+    return rows if scale == 1.0 else rows * scale
+
+
+class QuantTiedEmbedding(nn.Module):
+    """An embedding lookup into a QuantEmbedding's quantized table, rows times `scale` (held outside the
+    module tree like `QuantTiedHead`'s, stored once); `weight` stays the shared Parameter."""
+
+    def __init__(self, embedding: QuantEmbedding, scale: float = 1.0):
+        super().__init__()
+        self._source = (embedding,)
+        self.weight = embedding.weight
+        self.scale = float(scale)
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx = embedding.padding_idx
+
+    @property
+    def source(self) -> QuantEmbedding:
+        return self._source[0]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, reads a quantized embedding, scale={self.scale:g}"
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return _lookup(input_ids, self.source.quantized_weight(), self.padding_idx, self.scale)
+
+
 
 
 # --- reloaded (packed) form ----------------------------------------------------------------------
@@ -215,6 +244,9 @@ class PackedModule(nn.Module):
 
 
 class PackedLinear(PackedModule):
+    # No float weight: None says so to model code that reads `.weight` for its dtype (T5's feed-forward).
+    weight = None
+
     def __init__(self, spec: QuantSpec, in_features: int, out_features: int, bias: bool,
                  act_quantizer: ActQuantizer | None = None):
         super().__init__()
@@ -264,6 +296,25 @@ class PackedTiedHead(nn.Module):
         return F.linear(x, self.source.dequantized_weight(x.dtype), bias)
 
 
+class PackedTiedEmbedding(nn.Module):
+    """A lookup into a PackedEmbedding's table (held outside the module tree, stored once), rows times `scale`."""
+
+    def __init__(self, embedding: PackedEmbedding, scale: float = 1.0):
+        super().__init__()
+        self._source = (embedding,)
+        self.scale = float(scale)
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx = embedding.padding_idx
+
+    @property
+    def source(self) -> PackedEmbedding:
+        return self._source[0]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return _lookup(input_ids, self.source.dequantized_weight(self.source.compute_dtype), self.padding_idx,
+                       self.scale)
+
+
 @contextmanager
 def float_weights(modules: Iterable[QuantModule]) -> Iterator[None]:
     """Within the block, `modules` compute with their latent float weights instead of the quantized ones."""
@@ -299,7 +350,8 @@ def trainable_parameters(module: nn.Module, parts: list[str]) -> list[nn.Paramet
     return list(chosen.values())
 
 
-QUANTIZED_TYPES = (QuantModule, QuantTiedHead, PackedModule, PackedTiedHead)
+TIED_TYPES = (QuantTiedHead, PackedTiedHead, QuantTiedEmbedding, PackedTiedEmbedding)  # read another's table
+QUANTIZED_TYPES = (QuantModule, PackedModule, *TIED_TYPES)
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:

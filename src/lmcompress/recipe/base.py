@@ -26,7 +26,7 @@ from lmcompress.data.specs import CorpusSpec, TaskSpec
 from lmcompress.data.tasks import TaskData
 from lmcompress.report.tables import Report
 
-ModelTask = Literal["causal-lm", "masked-lm", "sequence-classification", "base"]
+ModelTask = Literal["causal-lm", "seq2seq-lm", "masked-lm", "sequence-classification", "base"]
 DataSection = Literal["corpus", "task"]
 
 

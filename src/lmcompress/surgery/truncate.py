@@ -33,9 +33,10 @@ def resolve_layers(keep: list[int] | KeepRule, num_layers: int, k: int | None = 
     return layers
 
 
-def truncate_layers(model: nn.Module, layers: list[int]) -> nn.Module:
-    """Keep only `layers` (in place) and update the config so save/load and generate still work."""
-    adapter = get_adapter(model)
+def truncate_layers(model: nn.Module, layers: list[int], stack: str | None = None) -> nn.Module:
+    """Keep only `layers` (in place) and update the config so save/load and generate still work.
+    `stack` names the block stack of an encoder-decoder model (`encoder` or `decoder`)."""
+    adapter = get_adapter(model, stack)
     layers = resolve_layers(layers, adapter.num_layers)
     adapter.keep_blocks(layers)
     return model

@@ -1,0 +1,124 @@
+"""Encoder-decoder models (BART, T5): the adapters find each stack's modules, truncation of either stack keeps
+the asked blocks and the model still generates and reloads, and quantized packed exports reload with the
+same logits, the shared token table stored once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import tiny_model, tiny_tokenizer
+from safetensors import safe_open
+
+import lmcompress as lc
+from lmcompress.core.errors import UnsupportedArchitectureError
+from lmcompress.models.adapters import get_adapter, linear_weight
+from lmcompress.quant import quantize_
+from lmcompress.quant.modules import QuantTiedEmbedding, QuantTiedHead
+from lmcompress.surgery.truncate import truncate_layers
+
+SEQ2SEQ = ("bart", "t5")
+IDS = torch.tensor([[5, 6, 7, 8, 9, 2], [10, 11, 12, 13, 14, 2]])
+DECODER_IDS = torch.tensor([[2, 5, 9, 11], [2, 7, 7, 20]])
+
+
+def seq2seq_logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS, decoder_input_ids=DECODER_IDS).logits
+
+
+@pytest.mark.parametrize("family", SEQ2SEQ)
+def test_adapter_views_each_stack(family):
+    model = tiny_model(family, layers=3)
+    adapter = get_adapter(model)
+    assert adapter.is_encoder_decoder and adapter.stacks == ("encoder", "decoder")
+    with pytest.raises(UnsupportedArchitectureError, match="two block stacks"):
+        adapter.blocks  # noqa: B018  (which stack is ambiguous)
+    stacks = ((model.model.encoder.layers, model.model.decoder.layers) if family == "bart"
+              else (model.encoder.block, model.decoder.block))
+    for name, blocks in zip(adapter.stacks, stacks, strict=True):
+        view = adapter.on(name)
+        assert view.blocks is blocks and view.num_layers == 3 and view.causal == (name == "decoder")
+        qkv = view.qkv(blocks[0])
+        attention = view.attention(blocks[0])
+        assert {id(qkv.q), id(qkv.k), id(qkv.v)} <= {id(m) for m in attention.modules()}
+        assert (view.cross_attention(blocks[0]) is None) == (name == "encoder")
+        assert linear_weight(qkv.q).shape == (view.num_heads * view.head_dim, view.hidden_size)
+    kinds = {n: adapter.module_kind(n, m) for n, m in model.named_modules() if n}
+    prefix = "model." if family == "bart" else ""
+    tables = sorted(n for n, k in kinds.items() if k == "embeddings")
+    assert tables == [f"{prefix}decoder.embed_tokens", f"{prefix}encoder.embed_tokens", f"{prefix}shared"]
+    assert adapter.embeddings is model.get_submodule(f"{prefix}shared")
+    assert [n for n, k in kinds.items() if k == "head"] == ["lm_head"]
+    # position tables are not token tables: quantizing "embeddings" leaves them alone
+    positions = [n for n in kinds if n.endswith(("embed_positions", "relative_attention_bias"))]
+    assert positions and all(kinds[n] == "other" for n in positions)
+    cross = [n for n in kinds if ("encoder_attn." in n or "EncDecAttention." in n)]
+    assert cross and all(kinds[n] == "attention" for n in cross)
+
+
+@pytest.mark.parametrize("family", SEQ2SEQ)
+@pytest.mark.parametrize("stack", ["encoder", "decoder"])
+def test_truncating_one_stack_keeps_the_asked_blocks(family, stack, tmp_path):
+    model = tiny_model(family, layers=3)
+    if family == "t5" and stack == "encoder":  # T5's decoder may not be deeper than its encoder (below)
+        truncate_layers(model, [0, 2], stack="decoder")
+    view = get_adapter(model, stack)
+    before = [linear_weight(view.qkv(b).q).clone() for b in view.blocks]
+    other = "decoder" if stack == "encoder" else "encoder"
+    other_depth = get_adapter(model, other).num_layers
+    truncate_layers(model, [1, 2], stack=stack)
+    view = get_adapter(model, stack)
+    assert view.num_layers == 2 and view.config_layers(model.config) == 2
+    assert get_adapter(model, other).num_layers == other_depth
+    for kept, block in zip([1, 2], view.blocks, strict=True):
+        assert torch.equal(linear_weight(view.qkv(block).q), before[kept])
+    out = model.generate(IDS, max_new_tokens=4, do_sample=False)
+    assert out.shape[0] == 2
+    lc.save(model, tiny_tokenizer(), tmp_path / "cut", format="hf")
+    again, _ = lc.load(tmp_path / "cut")
+    assert get_adapter(again, stack).num_layers == 2
+    assert torch.allclose(seq2seq_logits(again), seq2seq_logits(model), atol=1e-5)
+    assert torch.equal(again.generate(IDS, max_new_tokens=4, do_sample=False), out)
+
+
+def test_t5_stack_that_drops_its_first_block_keeps_the_position_bias():
+    model = tiny_model("t5", layers=3)
+    table = model.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.clone()
+    truncate_layers(model, [1, 2], stack="decoder")
+    first = model.decoder.block[0].layer[0].SelfAttention
+    assert first.has_relative_attention_bias and torch.equal(first.relative_attention_bias.weight, table)
+
+
+def test_t5_encoder_shallower_than_its_decoder_is_refused_before_anything_changes():
+    model = tiny_model("t5", layers=3)
+    expected = seq2seq_logits(model)
+    with pytest.raises(UnsupportedArchitectureError, match="cut the decoder first"):
+        truncate_layers(model, [0, 1], stack="encoder")
+    assert len(model.encoder.block) == 3 and model.config.num_layers == 3
+    assert torch.equal(seq2seq_logits(model), expected)
+
+
+@pytest.mark.parametrize("family", SEQ2SEQ)
+def test_quantized_packed_export_reloads_with_the_same_logits(family, tmp_path):
+    model = tiny_model(family, layers=2)
+    specs = quantize_(model, {"bits": 4, "granularity": "group", "group_size": 16, "embedding_bits": 4})
+    prefix = "model." if family == "bart" else ""
+    readers = {f"{prefix}encoder.embed_tokens", f"{prefix}decoder.embed_tokens"}
+    assert readers <= set(specs) and "lm_head" in specs
+    assert all(isinstance(model.get_submodule(n), QuantTiedEmbedding) for n in readers)
+    assert isinstance(model.get_submodule("lm_head"), QuantTiedHead)
+    if family == "bart":  # BART's scaled lookups keep their scale
+        assert model.get_submodule(f"{prefix}encoder.embed_tokens").scale == pytest.approx(32 ** 0.5)
+    expected = seq2seq_logits(model)
+    generated = model.generate(IDS, max_new_tokens=5, do_sample=False)
+    lc.save(model, tiny_tokenizer(), tmp_path / "packed")
+    with safe_open(str(tmp_path / "packed" / "model.safetensors"), "pt") as f:
+        tables = sorted(k for k in f.keys() if "embed_tokens" in k or "shared" in k or "lm_head" in k)
+    assert tables == [f"{prefix}shared.qweight", f"{prefix}shared.scales"]  # the table once, codes only
+    marker = json.loads((tmp_path / "packed" / "lmcompress.json").read_text())
+    assert {marker["modules"][n]["type"] for n in readers} == {"tied_embedding"}
+    again, _ = lc.load(tmp_path / "packed")
+    assert torch.allclose(seq2seq_logits(again), expected, atol=1e-5)
+    assert torch.equal(again.generate(IDS, max_new_tokens=5, do_sample=False), generated)

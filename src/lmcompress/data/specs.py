@@ -29,3 +29,19 @@ class TaskSpec(Strict):
     max_length: int = Field(128, gt=0)
     train_limit: int | None = Field(None, gt=0, description="use only the first N training examples")
     test_limit: int | None = Field(None, gt=0)
+
+
+class Seq2SeqSpec(Strict):
+    """A sequence-to-sequence task: a source text and the target text to generate from it (summarization)."""
+
+    name: str = Field(description="a local csv/jsonl file or folder (train/test), or a hub data set id "
+                                  "(`EdinburghNLP/xsum`, `abisee/cnn_dailymail` with config `3.0.0`)")
+    config: str | None = None
+    source_column: str | None = Field(None, description="default: `source`, or the known data set's column")
+    target_column: str | None = Field(None, description="default: `target`, or the known data set's column")
+    source_prefix: str = Field("", description="text put before every source (T5 reads `summarize: `)")
+    answer_separator: str = Field("\n", description="decoder-only models: between the source and the target")
+    max_source_length: int = Field(512, gt=0)
+    max_target_length: int = Field(64, gt=0)
+    train_limit: int | None = Field(None, gt=0, description="use only the first N training examples")
+    test_limit: int | None = Field(None, gt=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,7 +128,13 @@ def _local_split(path: Path, split: str) -> Path | None:
 
 
 def _load_local(path: Path, spec: TaskSpec) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """A folder with train.{jsonl,csv} and test.{jsonl,csv}, or one file split 80/20 deterministically."""
+    return load_local_splits(path, lambda ds, where: _normalize_columns(ds, spec, where))
+
+
+def load_local_splits(path: Path, normalize: Callable[[datasets.Dataset, str], datasets.Dataset]
+                      ) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, test) from a folder with train.{jsonl,csv} and test.{jsonl,csv}, or one file split 80/20
+    deterministically; `normalize(ds, where)` picks and renames each file's columns."""
     if path.is_dir():
         files = {s: _local_split(path, s) for s in ("train", "test")}
         if None in files.values():
@@ -137,7 +144,7 @@ def _load_local(path: Path, spec: TaskSpec) -> tuple[datasets.Dataset, datasets.
     loaded = {}
     for split, f in files.items():
         builder = "csv" if f.suffix == ".csv" else "json"
-        loaded[split] = _normalize_columns(read_data_files([f], builder, f"task {f}"), spec, str(f))
+        loaded[split] = normalize(read_data_files([f], builder, f"task {f}"), str(f))
     if "all" in loaded:
         parts = loaded["all"].train_test_split(test_size=0.2, seed=0)
         return parts["train"], parts["test"]

@@ -122,3 +122,41 @@ def test_quantized_packed_export_reloads_with_the_same_logits(family, tmp_path):
     again, _ = lc.load(tmp_path / "packed")
     assert torch.allclose(seq2seq_logits(again), expected, atol=1e-5)
     assert torch.equal(again.generate(IDS, max_new_tokens=5, do_sample=False), generated)
+
+
+def seq2seq_batch():
+    labels = torch.tensor([[5, 9, 11, 2, -100], [7, 7, 20, 21, 2]])
+    return {"input_ids": IDS, "attention_mask": torch.ones_like(IDS), "labels": labels}
+
+
+@pytest.mark.parametrize("family", SEQ2SEQ)
+def test_logits_kd_reads_the_target_tokens_teacher_forced(family):
+    import copy
+
+    from lmcompress.distill.losses import build_objective, parse_loss
+
+    teacher = tiny_model(family, layers=2)
+    batch = seq2seq_batch()
+    losses = [parse_loss({"type": "logits", "temperature": 1.0}), parse_loss({"type": "ce"})]
+    same = build_objective(teacher, copy.deepcopy(teacher), losses)(batch)
+    assert abs(float(same["logits"])) < 1e-6
+    student = tiny_model(family, layers=2, seed=1)
+    other = build_objective(teacher, student, losses)(batch)
+    # the reference: KL over the target positions (labels != -100) of teacher-forced logits, and the model's
+    # own seq2seq loss for the hard labels
+    with torch.no_grad():
+        t = teacher(input_ids=IDS, labels=batch["labels"]).logits
+        s_out = student(input_ids=IDS, labels=batch["labels"])
+    kl = torch.nn.functional.kl_div(s_out.logits.log_softmax(-1), t.log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1)
+    real = batch["labels"] != -100
+    assert float(other["logits"]) == pytest.approx(float(kl[real].mean()), rel=1e-4)
+    assert float(other["ce"]) == pytest.approx(float(s_out.loss), rel=1e-4)
+
+
+def test_encoder_decoder_batch_without_a_target_is_refused():
+    from lmcompress.core.errors import LmcompressError
+    from lmcompress.distill.capture import Needs, capture
+
+    with pytest.raises(LmcompressError, match="needs `labels` .the target."):
+        capture(tiny_model("bart", layers=2), Needs(logits=True), {"input_ids": IDS})

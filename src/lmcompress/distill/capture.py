@@ -73,6 +73,9 @@ class Capture:
     k: dict[int, torch.Tensor] = field(default_factory=dict)
     v: dict[int, torch.Tensor] = field(default_factory=dict)
     logits: torch.Tensor | None = None
+    # (B, T_target) target positions the loss reads: an encoder-decoder's logits are over its target (labels
+    # other than -100), not over its source as `attention_mask` is
+    target_mask: torch.Tensor | None = None
 
 
 class _StopForward(Exception):
@@ -86,9 +89,12 @@ def _first(output):
 @contextmanager
 def _hooks(adapter: ArchAdapter, needs: Needs, cap: Capture, stop_after: int | None):
     handles = []
+    wanted = needs.hidden | needs.attentions | needs.qkv
+    if not wanted and not needs.embeddings and stop_after is None:  # the output alone: no block to hook
+        yield
+        return
     blocks = adapter.blocks
     n = len(blocks)
-    wanted = needs.hidden | needs.attentions | needs.qkv
     bad = sorted(i for i in wanted if not 0 <= i < n)
     if bad:
         raise LmcompressError(f"capture: block index(es) {bad} out of range for a model with {n} blocks")
@@ -163,11 +169,20 @@ def capture(model: nn.Module, needs: Needs, batch: dict[str, torch.Tensor]) -> C
     mask = inputs.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(inputs["input_ids"])
+    target_mask = None
+    if adapter.is_encoder_decoder:
+        labels = batch.get("labels")
+        if labels is None and "decoder_input_ids" not in inputs:
+            raise LmcompressError("an encoder-decoder model needs `labels` (the target) or `decoder_input_ids` "
+                                  "in the batch: use a seq2seq task")
+        if labels is not None:  # teacher forcing: the decoder reads the target shifted right
+            inputs.setdefault("decoder_input_ids", model.prepare_decoder_input_ids_from_labels(labels=labels))
+            target_mask = labels != -100
     cap = Capture(attention_mask=mask, causal=adapter.causal, num_heads=adapter.num_heads,
-                  num_kv_heads=adapter.num_kv_heads, head_dim=adapter.head_dim)
+                  num_kv_heads=adapter.num_kv_heads, head_dim=adapter.head_dim, target_mask=target_mask)
     if needs.logits:
         with _hooks(adapter, needs, cap, stop_after=None):
-            output = model(**inputs, use_cache=False) if adapter.causal else model(**inputs)
+            output = model(**inputs, **adapter.no_cache)
         cap.logits = output.logits
         return cap
     if needs.empty:
@@ -175,10 +190,7 @@ def capture(model: nn.Module, needs: Needs, batch: dict[str, torch.Tensor]) -> C
     stop_after = needs.deepest_block if needs.deepest_block >= 0 else 0
     try:
         with _hooks(adapter, needs, cap, stop_after=stop_after):
-            if adapter.causal:
-                adapter.base(**inputs, use_cache=False)
-            else:
-                adapter.base(**inputs)
+            adapter.base(**inputs, **adapter.no_cache)
     except _StopForward:
         pass
     return cap

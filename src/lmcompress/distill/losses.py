@@ -106,9 +106,12 @@ def _require_logits(cap: Capture, who: str) -> torch.Tensor:
 
 
 def _token_mask(cap: Capture, like: torch.Tensor) -> torch.Tensor:
-    """(B, T, 1) mask of real tokens for per-token tensors; all-true for per-example (B, C) logits."""
+    """(B, T, 1) mask of real tokens for per-token tensors (an encoder-decoder's logits: its target tokens);
+    all-true for per-example (B, C) logits."""
     if like.dim() == 2:
         return torch.ones(like.shape[0], 1, dtype=torch.bool, device=like.device)
+    if cap.target_mask is not None and cap.logits is like:
+        return cap.target_mask.unsqueeze(-1)
     return cap.attention_mask.bool().unsqueeze(-1)
 
 

@@ -77,6 +77,11 @@ class ArchAdapter:
     def is_encoder_decoder(self) -> bool:
         return len(self.stacks) > 1
 
+    @property
+    def no_cache(self) -> dict[str, bool]:
+        """The forward keyword that turns the KV cache off, for models that keep one (none for encoders)."""
+        return {"use_cache": False} if self.causal or self.is_encoder_decoder else {}
+
     # --- structure -------------------------------------------------------------------------------
     @property
     def base(self) -> nn.Module:

@@ -146,7 +146,7 @@ def capture_block_inputs(model: nn.Module, batches: Sequence[dict[str, torch.Ten
             inputs = model_inputs(batch, device)
             current.clear()
             try:
-                adapter.base(**inputs, use_cache=False) if adapter.causal else adapter.base(**inputs)
+                adapter.base(**inputs, **adapter.no_cache)
             except _Stop:
                 pass
             if len(current) != len(blocks):

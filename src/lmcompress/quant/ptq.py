@@ -263,7 +263,7 @@ def _gptq_head(model: nn.Module, batches, settings: GPTQSettings, report: PTQRep
                 inputs = model_inputs(batch, device)
                 mask = inputs.get("attention_mask")
                 try:
-                    model(**inputs, use_cache=False) if get_adapter(model).causal else model(**inputs)
+                    model(**inputs, **get_adapter(model).no_cache)
                 except _Stop:
                     pass
     finally:

@@ -125,7 +125,7 @@ def width_importance(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]
                 m = inputs.get("attention_mask")
                 mask[0] = m.bool() if m is not None else None
                 tokens += int(mask[0].sum()) if mask[0] is not None else inputs["input_ids"].numel()
-                adapter.base(**inputs, use_cache=False) if adapter.causal else adapter.base(**inputs)
+                adapter.base(**inputs, **adapter.no_cache)
     finally:
         for h in handles:
             h.remove()

@@ -90,7 +90,7 @@ def test_relation_heads_must_divide_all_widths():
     with pytest.raises(RecipeError, match=r"relation_heads: 3 .* valid: \[1, 2, 4, 8\]"):
         objective(teacher, student, [{"type": "relations", "relation_heads": 3}])
     loss = objective(teacher, student, [{"type": "relations"}]).terms["relations"]
-    assert loss.relation_heads == 4 and loss.teacher_layer == 3 and loss.student_layer == 3
+    assert loss.relation_heads == 4 and loss.pairs == [(3, 3)]  # (student block, teacher block)
 
 
 def reference_relation_kl(xt, xs, r, mask, causal):

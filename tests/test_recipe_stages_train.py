@@ -105,7 +105,7 @@ def test_kept_layer_map_follows_the_student_stage_and_is_refused_where_no_block_
     assert mapped.student_blocks == [0, 2]  # the uniform map the student stage copied the blocks by
     fresh = make_run(tmp_path / "b", [{"stage": "student", "layers": 2, "init": "random"}, KEPT_HIDDEN])
     fresh.student_blocks = [0, 1, 2, 3]
-    with pytest.raises(RecipeError, match=r"distill.losses\[0\].layer_map: 'kept' .* not cut from"):
+    with pytest.raises(RecipeError, match=r"distill.losses\[0\].layer_map: 'kept' .* came from is not known"):
         preflight(fresh.recipe.stages, fresh)
     fresh.recipe.stages[0].run(fresh)
     assert fresh.student_blocks is None

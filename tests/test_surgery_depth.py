@@ -186,9 +186,9 @@ def test_bad_depth_settings_are_named(tmp_path, depth, message):
 def test_preflight_refuses_before_anything_runs_and_passes_the_new_depth_on(tmp_path):
     from lmcompress.recipe.base import ModelFacts
 
-    facts = ModelFacts(teacher_layers=6, student_layers=6, max_positions=256)
+    facts = ModelFacts(teacher_depths={"decoder": 6}, student_depths={"decoder": 6}, max_positions=256)
     recipe = _recipe(tmp_path, "{method: angular, remove: 2}")
-    assert recipe.stages[0].preflight(facts, recipe).student_layers == 4
+    assert recipe.stages[0].preflight(facts, recipe).student_layers() == 4
     recipe = _recipe(tmp_path, "{keep: 7}")
     with pytest.raises(RecipeError, match=r"prune\.depth\.keep: a 6-block model can lose 1..5 blocks; "
                                           r"this asks it to lose -1"):

@@ -13,13 +13,17 @@ import torch
 
 from lmcompress.core.errors import DataError
 from lmcompress.data.corpus import CorpusCounts, load_corpus_counted, pack_blocks, stream_with_lengths
-from lmcompress.data.specs import CorpusSpec, TaskSpec
+from lmcompress.data.seq2seq import Seq2SeqData, load_seq2seq
+from lmcompress.data.specs import CorpusSpec, Seq2SeqSpec, TaskSpec
 from lmcompress.data.tasks import TaskData, load_task
 
 
 class DataCache:
-    def __init__(self, corpus: CorpusSpec | None, task: TaskSpec | None, block_size: int):
+    def __init__(self, corpus: CorpusSpec | None, task: TaskSpec | None, block_size: int,
+                 seq2seq: Seq2SeqSpec | None = None):
         self.corpus_spec, self.task_spec, self.block_size = corpus, task, block_size
+        self.seq2seq_spec = seq2seq
+        self._seq2seq: Seq2SeqData | None = None
         self.tokenizer: Any = None  # set once the model is loaded
         self._corpus: datasets.DatasetDict | None = None
         self.corpus_counts: CorpusCounts | None = None  # documents read and dropped, once the corpus is read
@@ -44,6 +48,15 @@ class DataCache:
                 raise DataError("this recipe has no `task:` section, but a stage needs one")
             self._task = load_task(self.task_spec)
         return self._task
+
+    @property
+    def seq2seq(self) -> Seq2SeqData:
+        """The sequence-to-sequence task (train/test with `source`, `target`)."""
+        if self._seq2seq is None:
+            if self.seq2seq_spec is None:
+                raise DataError("this recipe has no `seq2seq:` section, but a stage needs one")
+            self._seq2seq = load_seq2seq(self.seq2seq_spec)
+        return self._seq2seq
 
     def lm_blocks(self, split: str, block_size: int | None = None) -> datasets.Dataset:
         """Token blocks (`input_ids`) of one corpus split."""

@@ -5,6 +5,8 @@ record their outputs while the Hugging Face model runs as usual. A loss declares
 `Needs`; the objective merges the needs of all its losses and registers only those hooks.
 
 Conventions (all tensors keep the batch-first layout of the model):
+- Block i is the i-th block the forward runs (`ArchAdapter.forward_blocks`): an encoder-decoder's encoder
+  blocks first, then its decoder's, whose positions are the target's (`mask_of(i)` says which are real).
 - `hidden[i]`: output of block i, (B, T, hidden). `embeddings`: the input of block 0, i.e. the embedding
   output after position embeddings / embedding LayerNorm, (B, T, hidden).
 - `attentions[i]`: attention probabilities of block i, (B, heads, T, T), after masking and softmax (and after
@@ -25,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmcompress.core.errors import LmcompressError
@@ -73,9 +76,28 @@ class Capture:
     k: dict[int, torch.Tensor] = field(default_factory=dict)
     v: dict[int, torch.Tensor] = field(default_factory=dict)
     logits: torch.Tensor | None = None
-    # (B, T_target) target positions the loss reads: an encoder-decoder's logits are over its target (labels
-    # other than -100), not over its source as `attention_mask` is
+    # (B, T_target) positions of the logits the losses read where the batch has a target: an encoder-decoder's
+    # logits are over its target (labels other than -100), not its source; a decoder-only model's over
+    # prompt and answer, of which only the answer's are scored
     target_mask: torch.Tensor | None = None
+    decoder_start: int | None = None  # an encoder-decoder's first decoder block (forward order)
+    decoder_ids: torch.Tensor | None = None  # (B, T_target) the tokens its decoder read
+
+    def in_decoder(self, index: int) -> bool:
+        """Whether block `index` is an encoder-decoder's decoder block (its positions are the target's)."""
+        return self.decoder_start is not None and index >= self.decoder_start
+
+    def mask_of(self, index: int) -> torch.Tensor:
+        """(B, T) real positions of block `index`'s states: the target's in a decoder block, else the input's."""
+        return self.target_mask if self.in_decoder(index) else self.attention_mask
+
+    def causal_of(self, index: int) -> bool:
+        """Whether block `index` attends causally (an encoder-decoder's decoder does, its encoder does not)."""
+        return True if self.in_decoder(index) else self.causal
+
+    def ids_of(self, index: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T) the token at each of block `index`'s positions."""
+        return self.decoder_ids if self.in_decoder(index) else batch["input_ids"]
 
 
 class _StopForward(Exception):
@@ -93,7 +115,7 @@ def _hooks(adapter: ArchAdapter, needs: Needs, cap: Capture, stop_after: int | N
     if not wanted and not needs.embeddings and stop_after is None:  # the output alone: no block to hook
         yield
         return
-    blocks = adapter.blocks
+    blocks = adapter.forward_blocks
     n = len(blocks)
     bad = sorted(i for i in wanted if not 0 <= i < n)
     if bad:
@@ -178,8 +200,13 @@ def capture(model: nn.Module, needs: Needs, batch: dict[str, torch.Tensor]) -> C
         if labels is not None:  # teacher forcing: the decoder reads the target shifted right
             inputs.setdefault("decoder_input_ids", model.prepare_decoder_input_ids_from_labels(labels=labels))
             target_mask = labels != -100
+    elif adapter.causal and batch.get("labels") is not None and batch["labels"].dim() == 2:
+        # prompt -> answer rows: the logits that predict an answer token (position t predicts token t + 1)
+        target_mask = F.pad(batch["labels"][:, 1:] != -100, (0, 1), value=False)
     cap = Capture(attention_mask=mask, causal=adapter.causal, num_heads=adapter.num_heads,
                   num_kv_heads=adapter.num_kv_heads, head_dim=adapter.head_dim, target_mask=target_mask)
+    if adapter.is_encoder_decoder:
+        cap.decoder_start, cap.decoder_ids = adapter.stack_start("decoder"), inputs.get("decoder_input_ids")
     if needs.logits:
         with _hooks(adapter, needs, cap, stop_after=None):
             output = model(**inputs, **adapter.no_cache)

@@ -31,7 +31,7 @@ from torch import nn
 
 from lmcompress.core.errors import LmcompressError, RecipeError
 from lmcompress.distill.capture import Needs
-from lmcompress.distill.losses import DistillLoss, LossConfig, register_loss
+from lmcompress.distill.losses import DistillLoss, LossConfig, register_loss, stack_views
 from lmcompress.models.adapters import get_adapter
 
 
@@ -122,9 +122,12 @@ class MemoryBank(nn.Module):
 
 @register_loss
 class ContrastiveConfig(LossConfig):
-    """QuantGPT token-level contrastive distillation on one block's output (default: the last of each)."""
+    """QuantGPT token-level contrastive distillation on one block's output (default: the last of each; an
+    encoder-decoder's decoder, as QuantGPT's BART)."""
 
     type: Literal["contrastive"] = "contrastive"
+    stack: Literal["encoder", "decoder"] | None = Field(
+        None, description="encoder-decoder models: the stack whose block is compared (default: decoder)")
     weight: float = Field(0.1, ge=0, description="lambda: factor of this term in the objective")
     temperature: float = Field(0.1, gt=0, description="tau")
     bank_size: int = Field(4096, ge=0, description="memory-bank slots (0: in-sequence negatives only)")
@@ -137,8 +140,10 @@ class ContrastiveConfig(LossConfig):
         if t.hidden_size != s.hidden_size:
             raise RecipeError(f"contrastive: teacher hidden size {t.hidden_size} != student {s.hidden_size}; "
                               "token representations are compared directly")
-        t_layer = _block_index(self.teacher_layer, t.num_layers, "contrastive.teacher_layer")
-        s_layer = _block_index(self.student_layer, s.num_layers, "contrastive.student_layer")
+        stack = self.stack or ("decoder" if s.is_encoder_decoder else None)
+        ((t, s, t0, s0),) = stack_views(teacher, student, stack, "contrastive.stack")
+        t_layer = _block_index(self.teacher_layer, t.num_layers, "contrastive.teacher_layer") + t0
+        s_layer = _block_index(self.student_layer, s.num_layers, "contrastive.student_layer") + s0
         return ContrastiveLoss(t_layer, s_layer, s.hidden_size, self.temperature, self.bank_size, self.momentum)
 
 class ContrastiveLoss(DistillLoss):
@@ -154,7 +159,7 @@ class ContrastiveLoss(DistillLoss):
 
     def forward(self, teacher, student, batch):
         t, s = teacher.hidden[self.teacher_layer], student.hidden[self.student_layer]
-        ids, mask = batch["input_ids"], student.attention_mask
+        ids, mask = student.ids_of(self.student_layer, batch), student.mask_of(self.student_layer)
         bank, bank_ids = self.bank.entries() if self.bank is not None else (None, None)
         loss = token_contrastive_loss(s, t, self.temperature, mask, ids, bank, bank_ids)
         if self.bank is not None and self.training:

@@ -70,6 +70,37 @@ def parse_loss(raw: Any) -> LossConfig:
 # --- shared pieces --------------------------------------------------------------------------------
 
 
+class StackSetting(Strict):
+    """The block stack a layer-mapped loss compares, on encoder-decoder models."""
+
+    stack: Literal["encoder", "decoder"] | None = Field(
+        None, description="encoder-decoder models: compare this stack only (default: each stack, mapped on its own)")
+
+
+StackViews = list[tuple[ArchAdapter, ArchAdapter, int, int]]
+
+
+def stack_views(teacher: nn.Module, student: nn.Module, stack: str | None, field: str) -> StackViews:
+    """(teacher view, student view, teacher offset, student offset) of each compared block stack; an offset
+    turns a stack's block index into a capture index (`ArchAdapter.forward_blocks`)."""
+    t, s = get_adapter(teacher), get_adapter(student)
+    if t.stacks != s.stacks:
+        raise RecipeError(f"{field}: the teacher's block stacks ({', '.join(t.stacks)}) are not the student's "
+                          f"({', '.join(s.stacks)})")
+    if stack is not None and stack not in s.stacks:
+        raise RecipeError(f"{field}: the model has no {stack} stack (it has: {', '.join(s.stacks)})")
+    return [(t.on(n), s.on(n), t.stack_start(n), s.stack_start(n)) for n in ([stack] if stack else s.stacks)]
+
+
+def mapped_pairs(views: StackViews, spec, k: int | None, field: str) -> LayerMap:
+    """`layer_map(spec)` applied to each stack, in capture indices."""
+    pairs = []
+    for t, s, t0, s0 in views:
+        pairs += [(i + s0, tuple(j + t0 for j in ts)) for i, ts in layer_map(spec, t.num_layers, s.num_layers, k,
+                                                                               field=field)]
+    return pairs
+
+
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `values` over positions where `mask` is true (mask broadcasts to values)."""
     mask = mask.to(values.dtype).expand_as(values)
@@ -194,7 +225,7 @@ class LogitsLoss(DistillLoss):
 
 
 @register_loss
-class HiddenConfig(LossConfig):
+class HiddenConfig(LossConfig, StackSetting):
     """Distance between hidden states (block outputs) of mapped layers, averaged over pairs and tokens.
 
     When widths differ the student's states go through a learned linear projection (shared by all pairs,
@@ -211,7 +242,8 @@ class HiddenConfig(LossConfig):
 
     def build(self, teacher, student):
         t, s = get_adapter(teacher), get_adapter(student)
-        pairs = layer_map(self.layer_map, t.num_layers, s.num_layers, self.k, field="hidden.layer_map")
+        pairs = mapped_pairs(stack_views(teacher, student, self.stack, "hidden.stack"), self.layer_map, self.k,
+                             "hidden.layer_map")
         return HiddenLoss(pairs, t.hidden_size, s.hidden_size, self.distance, self.include_embeddings,
                           self.normalize)
 
@@ -238,27 +270,29 @@ class HiddenLoss(DistillLoss):
         return _masked_mean(per_token, mask)
 
     def forward(self, teacher, student, batch):
-        mask = student.attention_mask.bool().unsqueeze(-1)
-        terms = [self._distance(student.hidden[s], teacher.hidden[t], mask) for s, t in self.pairs]
-        if self.include_embeddings:
-            terms.append(self._distance(student.embeddings, teacher.embeddings, mask))
+        terms = [self._distance(student.hidden[s], teacher.hidden[t], student.mask_of(s).bool().unsqueeze(-1))
+                 for s, t in self.pairs]
+        if self.include_embeddings:  # what enters the first block the forward runs
+            terms.append(self._distance(student.embeddings, teacher.embeddings,
+                                        student.attention_mask.bool().unsqueeze(-1)))
         return torch.stack(terms).mean()
 
 
 # --- attention probabilities ----------------------------------------------------------------------
 
 
-def _attention_allowed(cap: Capture, length: int) -> torch.Tensor:
-    """(B, 1, T, T) mask of (query, key) pairs the model may attend: real tokens, and j <= i if causal."""
-    valid = cap.attention_mask.bool()
+def _attention_allowed(cap: Capture, index: int) -> torch.Tensor:
+    """(B, 1, T, T) mask of (query, key) pairs block `index` may attend: real tokens, and j <= i if causal."""
+    valid = cap.mask_of(index).bool()
+    length = valid.shape[1]
     allowed = valid[:, None, :, None] & valid[:, None, None, :]
-    if cap.causal:
+    if cap.causal_of(index):
         allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=valid.device).tril()
     return allowed
 
 
 @register_loss
-class AttentionConfig(LossConfig):
+class AttentionConfig(LossConfig, StackSetting):
     """MSE between attention probabilities of mapped layers (TinyBERT/XTC-style attention transfer).
 
     Squared errors are summed over keys and averaged over heads and real query tokens; teacher and student
@@ -270,13 +304,13 @@ class AttentionConfig(LossConfig):
     k: int | None = Field(None, ge=1)
 
     def build(self, teacher, student):
-        t, s = get_adapter(teacher), get_adapter(student)
-        if t.num_heads != s.num_heads:
-            raise RecipeError(f"attention loss: teacher has {t.num_heads} attention heads and student "
-                              f"{s.num_heads}; attention maps can only be compared head by head. Use "
-                              "`relations` (MiniLMv2), which works across head counts")
-        pairs = layer_map(self.layer_map, t.num_layers, s.num_layers, self.k, field="attention.layer_map")
-        return AttentionLoss(pairs)
+        views = stack_views(teacher, student, self.stack, "attention.stack")
+        for t, s, _, _ in views:
+            if t.num_heads != s.num_heads:
+                raise RecipeError(f"attention loss: teacher has {t.num_heads} attention heads and student "
+                                  f"{s.num_heads}; attention maps can only be compared head by head. Use "
+                                  "`relations` (MiniLMv2), which works across head counts")
+        return AttentionLoss(mapped_pairs(views, self.layer_map, self.k, "attention.layer_map"))
 
 
 class AttentionLoss(DistillLoss):
@@ -287,11 +321,10 @@ class AttentionLoss(DistillLoss):
         self.student_needs = Needs(attentions=frozenset(s for s, _ in self.pairs))
 
     def forward(self, teacher, student, batch):
-        length = student.attention_mask.shape[1]
-        allowed = _attention_allowed(student, length)
-        rows = allowed.any(-1, keepdim=True)  # real query tokens
         terms = []
         for s, t in self.pairs:
+            allowed = _attention_allowed(student, s)
+            rows = allowed.any(-1, keepdim=True)  # real query tokens
             a_s, a_t = student.attentions[s].float(), teacher.attentions[t].float()
             per_row = ((a_s - a_t).pow(2) * allowed).sum(-1, keepdim=True)
             terms.append(_masked_mean(per_row, rows))
@@ -337,7 +370,7 @@ def _divisors(n: int) -> list[int]:
 
 
 @register_loss
-class RelationsConfig(LossConfig):
+class RelationsConfig(LossConfig, StackSetting):
     """MiniLMv2 multi-head self-attention relation transfer (Q-Q, K-K, V-V).
 
     Each projection's heads are concatenated and re-split into `relation_heads` r heads, so teacher and
@@ -356,37 +389,42 @@ class RelationsConfig(LossConfig):
     relations: list[Literal["qq", "kk", "vv"]] = Field(default_factory=lambda: ["qq", "kk", "vv"], min_length=1)
 
     def build(self, teacher, student):
-        t, s = get_adapter(teacher), get_adapter(student)
-        t_layer = default_upper_middle(t.num_layers) if self.teacher_layer is None else self.teacher_layer
-        s_layer = s.num_layers - 1 if self.student_layer is None else self.student_layer
-        ((s_layer, (t_layer,)),) = layer_map([[s_layer, t_layer]], t.num_layers, s.num_layers,
-                                             field="relations.teacher_layer/student_layer")
-        widths = sorted({w for a in (t, s) for w in _widths(a).values()})
+        views = stack_views(teacher, student, self.stack, "relations.stack")
+        pairs = []  # (student block, teacher block) per stack, in capture indices
+        for t, s, t0, s0 in views:
+            t_layer = default_upper_middle(t.num_layers) if self.teacher_layer is None else self.teacher_layer
+            s_layer = s.num_layers - 1 if self.student_layer is None else self.student_layer
+            ((s_layer, (t_layer,)),) = layer_map([[s_layer, t_layer]], t.num_layers, s.num_layers,
+                                                 field="relations.teacher_layer/student_layer")
+            pairs.append((s_layer + s0, t_layer + t0))
+        widths = sorted({w for t, s, _, _ in views for a in (t, s) for w in _widths(a).values()})
         common = [d for d in _divisors(widths[0]) if all(w % d == 0 for w in widths)]
         r = self.relation_heads
         if r is None:
-            r = max(d for d in common if d <= t.num_heads)
+            r = max(d for d in common if d <= min(t.num_heads for t, _, _, _ in views))
         elif r not in common:
             raise RecipeError(f"relations.relation_heads: {r} does not divide the q/k/v projection widths "
                               f"{widths} of teacher and student; valid: {common}")
-        return RelationsLoss(t_layer, s_layer, r, [rel[0] for rel in self.relations])
+        return RelationsLoss(pairs, r, [rel[0] for rel in self.relations])
 
 
 class RelationsLoss(DistillLoss):
-    def __init__(self, teacher_layer: int, student_layer: int, relation_heads: int, projections: list[str]):
+    """Relation KLs summed over the projections, averaged over the (student, teacher) block pairs (one per
+    compared stack)."""
+
+    def __init__(self, pairs: list[tuple[int, int]], relation_heads: int, projections: list[str]):
         super().__init__()
-        self.teacher_layer, self.student_layer = teacher_layer, student_layer
-        self.relation_heads, self.projections = relation_heads, projections
-        self.teacher_needs = Needs(qkv=frozenset({teacher_layer}))
-        self.student_needs = Needs(qkv=frozenset({student_layer}))
+        self.pairs, self.relation_heads, self.projections = pairs, relation_heads, projections
+        self.teacher_needs = Needs(qkv=frozenset(t for _, t in pairs))
+        self.student_needs = Needs(qkv=frozenset(s for s, _ in pairs))
 
     def forward(self, teacher, student, batch):
         terms = [
-            relation_kl(getattr(teacher, p)[self.teacher_layer], getattr(student, p)[self.student_layer],
-                        self.relation_heads, student.attention_mask, student.causal)
-            for p in self.projections
+            torch.stack([relation_kl(getattr(teacher, p)[t], getattr(student, p)[s], self.relation_heads,
+                                     student.mask_of(s), student.causal_of(s)) for p in self.projections]).sum()
+            for s, t in self.pairs
         ]
-        return torch.stack(terms).sum()
+        return torch.stack(terms).mean()
 
 
 # --- the objective ----------------------------------------------------------------------------------

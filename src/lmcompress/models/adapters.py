@@ -78,6 +78,17 @@ class ArchAdapter:
         return len(self.stacks) > 1
 
     @property
+    def forward_blocks(self) -> list[nn.Module]:
+        """Every block of the model in the order its forward runs them (an encoder's before its decoder's);
+        a block's place in this list is its index in capture needs (`distill.capture`)."""
+        return [block for stack in self.stacks for block in self.on(stack).blocks]
+
+    def stack_start(self, stack: str) -> int:
+        """Where stack `stack`'s first block sits in `forward_blocks`."""
+        names = list(self.stacks)
+        return sum(self.on(name).num_layers for name in names[:names.index(stack)])
+
+    @property
     def no_cache(self) -> dict[str, bool]:
         """The forward keyword that turns the KV cache off, for models that keep one (none for encoders)."""
         return {"use_cache": False} if self.causal or self.is_encoder_decoder else {}

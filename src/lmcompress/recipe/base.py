@@ -9,7 +9,7 @@ one fails before any work.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -22,12 +22,13 @@ from lmcompress.core.config import Strict
 from lmcompress.core.errors import LmcompressError, RecipeError
 from lmcompress.core.registry import Registry
 from lmcompress.data.cache import DataCache
-from lmcompress.data.specs import CorpusSpec, TaskSpec
+from lmcompress.data.seq2seq import Seq2SeqData
+from lmcompress.data.specs import CorpusSpec, Seq2SeqSpec, TaskSpec
 from lmcompress.data.tasks import TaskData
 from lmcompress.report.tables import Report
 
 ModelTask = Literal["causal-lm", "seq2seq-lm", "masked-lm", "sequence-classification", "base"]
-DataSection = Literal["corpus", "task"]
+DataSection = Literal["corpus", "task", "seq2seq"]
 
 
 class RecipeSettings(Strict):
@@ -41,6 +42,7 @@ class RecipeSettings(Strict):
     trust_remote_code: bool = False
     corpus: CorpusSpec | None = None
     task: TaskSpec | None = None
+    seq2seq: Seq2SeqSpec | None = None
     block_size: int = Field(256, gt=0, description="tokens per training/evaluation block")
     seed: int = 0
 
@@ -65,7 +67,7 @@ class Run:
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.data = DataCache(self.recipe.corpus, self.recipe.task, self.recipe.block_size)
+        self.data = DataCache(self.recipe.corpus, self.recipe.task, self.recipe.block_size, self.recipe.seq2seq)
 
     @property
     def tokenizer(self) -> Any:
@@ -80,9 +82,13 @@ class Run:
             raise LmcompressError(f"stage {stage!r} needs a model; put a `load` stage before it")
         return self.student
 
-    def cut_student(self, kept: list[int]) -> list[int]:
+    def cut_student(self, kept: list[int], stack: str | None = None) -> list[int]:
         """Record that the student kept only blocks `kept` (its own indices); returns and reports them as
-        teacher block indices, so a second cut composes with the first."""
+        teacher block indices, so a second cut composes with the first. An encoder-decoder's cut of stack
+        `stack` is reported per stack, in the stack's own indices."""
+        if stack is not None:
+            self.report.meta["kept_layers"] = {**(self.report.meta.get("kept_layers") or {}), stack: list(kept)}
+            return list(kept)
         if self.student_blocks is None:  # not made of the teacher's blocks: its own indices are all we know
             blocks = list(kept)
         else:
@@ -103,6 +109,10 @@ class Run:
     def task(self) -> TaskData:
         return self.data.task
 
+    @property
+    def seq2seq(self) -> Seq2SeqData:
+        return self.data.seq2seq
+
     def lm_blocks(self, split: str, block_size: int | None = None) -> datasets.Dataset:
         return self.data.lm_blocks(split, block_size)
 
@@ -116,12 +126,36 @@ class Run:
 @dataclass
 class ModelFacts:
     """What stages check before any of them runs (right after the model loads), as earlier stages change
-    it: the depths of teacher and student, and the longest sequence the model takes."""
+    it: the depth of each block stack of teacher and student (`decoder`, `encoder`, or both for an
+    encoder-decoder), and the longest sequence the model takes."""
 
-    teacher_layers: int
-    student_layers: int
+    teacher_depths: dict[str, int]
+    student_depths: dict[str, int]
     max_positions: int | None
     student_blocks_known: bool = True  # whether Run.student_blocks will say where each student block came from
+
+    def stack(self, stack: str | None, field: str) -> str:
+        """The block stack `stack` names (None: the model's only one); errors name `field`."""
+        names = list(self.student_depths)
+        if stack is None:
+            if len(names) > 1:
+                raise RecipeError(f"{field}: the model is an encoder-decoder with block stacks {' and '.join(names)}; "
+                                  "this needs one named (`stack: encoder` or `stack: decoder` where the stage "
+                                  "takes it; other stages work on one-stack models only)")
+            return names[0]
+        if stack not in names:
+            raise RecipeError(f"{field}: the model has no {stack} stack (it has: {', '.join(names)})")
+        return stack
+
+    def teacher_layers(self, stack: str | None = None, field: str = "stack") -> int:
+        return self.teacher_depths[self.stack(stack, field)]
+
+    def student_layers(self, stack: str | None = None, field: str = "stack") -> int:
+        return self.student_depths[self.stack(stack, field)]
+
+    def with_student_layers(self, layers: int, stack: str | None = None, field: str = "stack") -> ModelFacts:
+        """These facts once the student's stack `stack` has `layers` blocks."""
+        return replace(self, student_depths={**self.student_depths, self.stack(stack, field): layers})
 
     def check_length(self, tokens: int, field: str) -> None:
         if self.max_positions is not None and tokens > self.max_positions:
@@ -142,7 +176,7 @@ class StageConfig(Strict):
         return self.name or self.stage
 
     def needs(self) -> tuple[DataSection, ...]:
-        """Top-level data sections (`corpus`, `task`) this stage reads."""
+        """Top-level data sections (`corpus`, `task`, `seq2seq`) this stage reads."""
         return ()
 
     def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:

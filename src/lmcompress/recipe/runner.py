@@ -137,7 +137,8 @@ def preflight(stages: list[StageConfig], run: Run) -> None:
     """Check every stage against the loaded model before any of them runs."""
     teacher = get_adapter(run.require_teacher("load"))
     student = get_adapter(run.student) if run.student is not None else teacher
-    facts = ModelFacts(teacher_layers=teacher.num_layers, student_layers=student.num_layers,
+    facts = ModelFacts(teacher_depths={s: teacher.on(s).num_layers for s in teacher.stacks},
+                       student_depths={s: student.on(s).num_layers for s in student.stacks},
                        max_positions=teacher.max_positions, student_blocks_known=run.student_blocks is not None)
     for stage in stages:
         facts = stage.preflight(facts, run.recipe)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -13,7 +12,13 @@ from torch import nn
 
 from lmcompress.core.errors import LmcompressError
 from lmcompress.core.files import folder_bytes
-from lmcompress.evaluate import decode_speed, evaluate_classifier, perplexity, prefill_speed
+from lmcompress.evaluate import (
+    decode_speed,
+    evaluate_classifier,
+    evaluate_generation,
+    perplexity,
+    prefill_speed,
+)
 from lmcompress.formats import export_model, load_inference, load_model, size_report
 from lmcompress.formats.card import CardFacts, teacher_card_facts
 from lmcompress.models.adapters import get_adapter
@@ -57,7 +62,8 @@ class LoadStage(StageConfig):
             p.requires_grad_(False)
         if self.copy_student:
             run.student = copy.deepcopy(run.teacher)
-            run.student_blocks = list(range(get_adapter(run.teacher).num_layers))
+            adapter = get_adapter(run.teacher)  # an encoder-decoder's two stacks are not tracked
+            run.student_blocks = None if adapter.is_encoder_decoder else list(range(adapter.num_layers))
             for p in run.student.parameters():
                 p.requires_grad_(True)
         size = size_report(run.teacher)
@@ -74,27 +80,32 @@ class TruncateStage(StageConfig):
     stage: Literal["truncate"] = "truncate"
     keep: list[int] | Literal["every-other", "first-k", "last-k"]
     k: int | None = Field(None, gt=0, description="number of layers for first-k / last-k")
+    stack: Literal["encoder", "decoder"] | None = Field(
+        None, description="the block stack to cut (encoder-decoder models; others have one)")
 
     def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:
-        kept = resolve_layers(self.keep, facts.student_layers, self.k, field=f"{self.label}.keep")
-        return replace(facts, student_layers=len(kept))
+        field = f"{self.label}.stack"
+        kept = resolve_layers(self.keep, facts.student_layers(self.stack, field), self.k, field=f"{self.label}.keep")
+        return facts.with_student_layers(len(kept), self.stack, field)
 
     def run(self, run: Run) -> None:
         student = run.require_student(self.stage)
-        layers = resolve_layers(self.keep, get_adapter(student).num_layers, self.k, field=f"{self.label}.keep")
-        truncate_layers(student, layers)
-        run.cut_student(layers)
+        adapter = get_adapter(student, self.stack)
+        layers = resolve_layers(self.keep, adapter.num_layers, self.k, field=f"{self.label}.keep")
+        truncate_layers(student, layers, stack=self.stack)
+        run.cut_student(layers, adapter.stack if adapter.is_encoder_decoder else None)
 
 
 @register_stage
 class EvaluateStage(StageConfig):
-    """Measure quality (perplexity or task metrics), size and speed of the student, the teacher, or the
-    latest export as a user loads it (`model: export`: a packed-quant folder through the integer kernels,
-    any other through `load`; its size is the files on disk, `memory_mb` the tensors it holds in memory)."""
+    """Measure quality (perplexity, task metrics, or ROUGE of generated targets), size and speed of the
+    student, the teacher, or the latest export as a user loads it (`model: export`: a packed-quant folder
+    through the integer kernels, any other through `load`; its size is the files on disk, `memory_mb` the
+    tensors it holds in memory)."""
 
     stage: Literal["evaluate"] = "evaluate"
     model: Literal["student", "teacher", "export"] = "student"
-    metrics: list[Literal["perplexity", "accuracy", "size", "speed"]] | None = None
+    metrics: list[Literal["perplexity", "accuracy", "rouge", "size", "speed"]] | None = None
     split: Literal["train", "validation", "test"] = "test"
     max_tokens: int | None = Field(None, gt=1, description="score at most this many tokens (perplexity)")
     window: int | None = Field(None, gt=1, description="perplexity window (default: the recipe's block_size)")
@@ -102,6 +113,10 @@ class EvaluateStage(StageConfig):
     batch_size: int = Field(4, gt=0)
     bos: Literal["auto", "always", "never"] = Field(
         "auto", description="start each perplexity window with BOS: auto follows the tokenizer (does it add one?)")
+    num_beams: int = Field(1, gt=0, description="rouge: beam search width (1: greedy)")
+    max_new_tokens: int | None = Field(None, gt=0, description="rouge: tokens generated per example (default: "
+                                                               "the seq2seq task's max_target_length)")
+    examples: int | None = Field(None, gt=0, description="rouge: score the first N test examples (default: all)")
 
     @model_validator(mode="after")
     def _stride_fits(self) -> EvaluateStage:
@@ -112,7 +127,7 @@ class EvaluateStage(StageConfig):
     def needs(self) -> tuple[DataSection, ...]:
         metrics = self.metrics or []
         return (("corpus",) if {"perplexity", "speed"} & set(metrics) else ()) + (
-            ("task",) if "accuracy" in metrics else ())
+            ("task",) if "accuracy" in metrics else ()) + (("seq2seq",) if "rouge" in metrics else ())
 
     def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:
         if self.window is not None or recipe.corpus is not None:
@@ -133,8 +148,22 @@ class EvaluateStage(StageConfig):
     def _metrics(self, run: Run) -> list[str]:
         if self.metrics:
             return self.metrics
-        quality = ["perplexity"] if run.recipe.corpus else ["accuracy"] if run.recipe.task else []
+        recipe = run.recipe
+        quality = (["perplexity"] if recipe.corpus else ["accuracy"] if recipe.task else
+                   ["rouge"] if recipe.seq2seq else [])
         return [*quality, "size"]
+
+    def _rouge(self, run: Run, model: nn.Module) -> dict[str, Any]:
+        data = run.seq2seq
+        rows = data.test.select(range(min(self.examples or len(data.test), len(data.test))))
+        decoder_only = not get_adapter(model).is_encoder_decoder
+        scores = evaluate_generation(
+            model, run.tokenizer, [data.prompt(s, decoder_only) for s in rows["source"]], rows["target"],
+            max_source_length=data.spec.max_source_length, num_beams=self.num_beams,
+            max_new_tokens=self.max_new_tokens or data.spec.max_target_length, batch_size=self.batch_size)
+        return {"rouge1": round(scores["rouge1"], 2), "rouge2": round(scores["rouge2"], 2),
+                "rougeL": round(scores["rougeL"], 2), "rouge_examples": scores["examples"],
+                "num_beams": self.num_beams, "generated_tokens_per_s": round(scores["tokens_per_s"] or 0.0, 1)}
 
     def _exported(self, run: Run) -> nn.Module:
         if run.last_export is None:
@@ -151,7 +180,10 @@ class EvaluateStage(StageConfig):
             model = run.teacher if self.model == "teacher" else run.require_student(self.stage)
         if model is None:
             raise LmcompressError(f"{self.label}: no teacher loaded")
-        row = {"stage": self.label, "model": self.model, "layers": get_adapter(model).num_layers}
+        adapter = get_adapter(model)
+        row = {"stage": self.label, "model": self.model,
+               **{(f"{st}_layers" if adapter.is_encoder_decoder else "layers"): adapter.on(st).num_layers
+                  for st in adapter.stacks}}
         metrics = self._metrics(run)
         window = self.window or run.recipe.block_size
         if "perplexity" in metrics:
@@ -167,6 +199,8 @@ class EvaluateStage(StageConfig):
             split = "test" if self.split != "train" else "train"
             scores = evaluate_classifier(model, run.tokenizer, run.task, split, batch_size=max(self.batch_size, 16))
             row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()})
+        if "rouge" in metrics:
+            row.update(self._rouge(run, model))
         if "size" in metrics and self.model == "export":
             disk = weight_file_bytes(run.last_export[0])
             memory = sum(t.numel() * t.element_size() for t in {id(t): t for t in

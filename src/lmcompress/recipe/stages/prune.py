@@ -163,8 +163,9 @@ class PruneStage(StageConfig, CalibrationSettings):
                               "calibration_data: corpus (the recipe's task gives labels, not next tokens)")
         if self.depth is None:
             return facts
-        count = self.depth.remove_count(facts.student_layers, f"{self.label}.depth")
-        return replace(facts, student_layers=facts.student_layers - count)
+        layers = facts.student_layers(field=self.label)
+        count = self.depth.remove_count(layers, f"{self.label}.depth")
+        return facts.with_student_layers(layers - count)
 
     def run(self, run: Run) -> None:
         """Depth first (the width measurements then run on fewer blocks), then width; one report row each."""

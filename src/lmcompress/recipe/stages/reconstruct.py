@@ -59,9 +59,10 @@ class ReconstructStage(TrainingStage, CalibrationSettings):
 
     def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:
         self.check_calibration(self.label, facts, recipe)
-        if facts.student_layers != facts.teacher_layers:
+        student, teacher = facts.student_layers(field=self.label), facts.teacher_layers(field=self.label)
+        if student != teacher:
             raise RecipeError(f"stage {self.label}: block reconstruction pairs student and teacher blocks one to one; "
-                              f"the student has {facts.student_layers} and the teacher {facts.teacher_layers}")
+                              f"the student has {student} and the teacher {teacher}")
         return facts
 
     def run(self, run: Run) -> None:

@@ -102,6 +102,12 @@ class TrainingStage(StageConfig, TrainSettings):
         return result
 
 
+def seq2seq_rows(run: Run, model: nn.Module) -> tuple:
+    """(train rows, test rows) of the recipe's seq2seq task, tokenized for `model`'s kind."""
+    decoder_only = not get_adapter(model).is_encoder_decoder
+    return tuple(run.seq2seq.tokenized(run.tokenizer, split, decoder_only) for split in ("train", "test"))
+
+
 def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
 
@@ -121,13 +127,15 @@ class DistillStage(TrainingStage):
     """Train the student against the frozen teacher with a weighted sum of losses.
 
     `data: corpus` trains on the recipe corpus in blocks of `block_size` tokens (task-agnostic; encoders
-    see masked inputs when `mlm_probability` > 0); `data: task` on the labelled task (task-specific KD).
+    see masked inputs when `mlm_probability` > 0); `data: task` on the labelled task (task-specific KD);
+    `data: seq2seq` on the source/target pairs (an encoder-decoder teacher-forced on the target, a
+    decoder-only model on prompt + answer, its losses on the answer tokens).
     """
 
     changes_student: ClassVar[bool] = True
 
     stage: Literal["distill"] = "distill"
-    data: Literal["corpus", "task"] = "corpus"
+    data: Literal["corpus", "task", "seq2seq"] = "corpus"
     block_size: int | None = Field(None, gt=0, description="tokens per block (default: the recipe's)")
     mlm_probability: float = Field(0.15, ge=0, lt=1, description="masking rate for encoder students on a corpus")
     losses: list[LOSSES.union()] = Field(min_length=1)
@@ -149,11 +157,14 @@ class DistillStage(TrainingStage):
             if spec == KEPT_BLOCKS:
                 if not facts.student_blocks_known:
                     raise RecipeError(f"{field}: 'kept' maps each student block to the teacher block it was cut "
-                                      "from; this student was not cut from the teacher's blocks (a fresh "
-                                      "`student` stage): name the map")
-                spec = list(range(facts.student_layers))  # which blocks stay is measured later; the count is known
-            if spec is not None:
-                layer_map(spec, facts.teacher_layers, facts.student_layers, getattr(loss, "k", None), field=field)
+                                      "from; where this student's blocks came from is not known (a fresh "
+                                      "`student` stage, or an encoder-decoder's stacks): name the map")
+                spec = list(range(facts.student_layers(field=field)))  # which blocks stay is measured later
+            if spec is not None:  # each compared stack (an encoder-decoder's both, unless the loss names one)
+                stack = getattr(loss, "stack", None)
+                for name in [facts.stack(stack, f"{self.label}.losses[{i}].stack")] if stack else facts.student_depths:
+                    layer_map(spec, facts.teacher_depths[name], facts.student_depths[name],
+                              getattr(loss, "k", None), field=field)
         return facts
 
     def _losses(self, run: Run) -> list:
@@ -167,6 +178,8 @@ class DistillStage(TrainingStage):
         """(train rows, held-out rows, collate) for this stage's data."""
         student = run.require_student(self.stage)
         pad = _pad_id(run.tokenizer)
+        if self.data == "seq2seq":
+            return seq2seq_rows(run, student) + (lambda rows: pad_collate(rows, pad),)
         if self.data == "task":
             max_length = run.recipe.task.max_length if run.recipe.task else None
             return (run.task.tokenized(run.tokenizer, "train", max_length),
@@ -270,7 +283,9 @@ class DistillStage(TrainingStage):
 
 @register_stage
 class FinetuneStage(TrainingStage):
-    """Give the teacher a task head and fine-tune it on the recipe's task (cross-entropy), for task KD.
+    """Fine-tune the teacher for task KD: on the recipe's `task`, give it a task head and train it
+    (cross-entropy); on its `seq2seq` task, train it to generate the targets (cross-entropy on the target
+    tokens: a decoder-only model's prompt is not scored).
 
     A teacher that already is a classifier for this task is left as it is unless `always` is set.
     `student: copy` makes the student a copy of the fine-tuned teacher (then truncate / distill it);
@@ -280,16 +295,26 @@ class FinetuneStage(TrainingStage):
     changes_student: ClassVar[bool] = True
 
     stage: Literal["finetune"] = "finetune"
+    data: Literal["task", "seq2seq"] = "task"
     lr: float = Field(5e-5, gt=0)
     student: Literal["copy", "head"] = "copy"
     always: bool = Field(False, description="fine-tune even if the teacher already has a head for this task")
 
     def needs(self) -> tuple[DataSection, ...]:
-        return ("task",)
+        return (self.data,)
+
+    def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:
+        if self.data == "seq2seq" and self.student == "head":
+            raise RecipeError(f"{self.label}.student: head gives the student a task head; a seq2seq task has "
+                              "none (use student: copy)")
+        return facts
 
     def run(self, run: Run) -> None:
         if run.teacher is None:
             raise LmcompressError(f"{self.label}: no teacher loaded")
+        if self.data == "seq2seq":
+            self._finetune_generation(run)
+            return
         task = run.task
         teacher = run.teacher
         has_head = is_sequence_classifier(teacher) and teacher.config.num_labels == task.num_labels
@@ -318,6 +343,15 @@ class FinetuneStage(TrainingStage):
         run.report.add(stage=self.label, model="teacher (fine-tuned)" if not has_head or self.always else "teacher",
                        **{k: round(v, 4) for k, v in scores.items() if isinstance(v, float)})
 
+    def _finetune_generation(self, run: Run) -> None:
+        teacher = run.teacher.requires_grad_(True)
+        teacher.train()
+        objective = DistillationObjective(teacher, None, [("ce", 1.0, CELoss())])
+        pad = _pad_id(run.tokenizer)
+        self.fit(run, objective, *seq2seq_rows(run, teacher), lambda rows: pad_collate(rows, pad))
+        run.teacher = freeze(teacher)
+        run.student = copy.deepcopy(run.teacher).requires_grad_(True)
+
 
 @register_stage
 class StudentStage(StageConfig):
@@ -341,9 +375,10 @@ class StudentStage(StageConfig):
     layer_map: str | list[int] = "uniform"
 
     def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:
-        layers = self.layers or facts.teacher_layers
-        layer_map(self.layer_map, facts.teacher_layers, layers, field=f"{self.label}.layer_map")
-        return replace(facts, student_layers=layers, student_blocks_known=self.init == "teacher")
+        teacher_layers = facts.teacher_layers(field=self.label)
+        layers = self.layers or teacher_layers
+        layer_map(self.layer_map, teacher_layers, layers, field=f"{self.label}.layer_map")
+        return replace(facts.with_student_layers(layers), student_blocks_known=self.init == "teacher")
 
     def run(self, run: Run) -> None:
         teacher = run.teacher

@@ -1,6 +1,7 @@
 """Sequence-to-sequence tasks: a source text and the target to generate from it (XSum / CNN-DailyMail style).
 
-From a local csv/jsonl file or folder (`train.*` and `test.*`), or a hub data set. One task serves both model
+From a local csv/jsonl file or folder (`train.*` and `test.*`), a hub data set, or the built-in `fine-foods`
+reviews as a prompt -> answer task (the review, then its verdict in words: `great` or `other`). One task serves both model
 kinds: an encoder-decoder reads the source and is trained on the target (`labels`, the model shifts them into
 its decoder inputs); a decoder-only model reads `prompt = source_prefix + source + answer_separator` followed
 by the target and its EOS, with the loss on the target tokens only (the prompt's labels are -100).
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import datasets
 
+from lmcompress.core.assets import ensure
 from lmcompress.core.errors import DataError
 from lmcompress.data.specs import Seq2SeqSpec
 from lmcompress.data.tasks import load_local_splits
@@ -21,6 +23,7 @@ IGNORE = -100  # label of a token the loss skips (prompt, padding), as transform
 
 # (source column, target column) of the hub data sets people summarize with.
 KNOWN_COLUMNS = {
+    "fine-foods": ("text", "label"),
     "EdinburghNLP/xsum": ("document", "summary"), "xsum": ("document", "summary"),
     "abisee/cnn_dailymail": ("article", "highlights"), "cnn_dailymail": ("article", "highlights"),
     "knkarthick/samsum": ("dialogue", "summary"), "samsum": ("dialogue", "summary"),
@@ -106,7 +109,7 @@ def _normalize(ds: datasets.Dataset, spec: Seq2SeqSpec, where: str) -> datasets.
 
 def load_seq2seq(spec: Seq2SeqSpec) -> Seq2SeqData:
     """The task `spec` names, its columns renamed to `source` and `target`, every row checked."""
-    path = Path(spec.name).expanduser()
+    path = ensure("fine-foods") if spec.name == "fine-foods" else Path(spec.name).expanduser()
     if path.exists():
         train, test = load_local_splits(path, lambda ds, where: _normalize(ds, spec, where))
     elif spec.name.startswith((".", "/", "~")) or spec.name.endswith((".csv", ".jsonl", ".json")):

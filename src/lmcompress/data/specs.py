@@ -34,8 +34,9 @@ class TaskSpec(Strict):
 class Seq2SeqSpec(Strict):
     """A sequence-to-sequence task: a source text and the target text to generate from it (summarization)."""
 
-    name: str = Field(description="a local csv/jsonl file or folder (train/test), or a hub data set id "
-                                  "(`EdinburghNLP/xsum`, `abisee/cnn_dailymail` with config `3.0.0`)")
+    name: str = Field(description="built-in `fine-foods` (review -> verdict), a local csv/jsonl file or folder "
+                                  "(train/test), or a hub data set id (`EdinburghNLP/xsum`, "
+                                  "`abisee/cnn_dailymail` with config `3.0.0`)")
     config: str | None = None
     source_column: str | None = Field(None, description="default: `source`, or the known data set's column")
     target_column: str | None = Field(None, description="default: `target`, or the known data set's column")

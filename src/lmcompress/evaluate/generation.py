@@ -36,6 +36,13 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
     return {kind: 100 * total / len(predictions) for kind, total in totals.items()}
 
 
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Percent of predictions equal to their reference, case and surrounding space aside (a prompt -> answer
+    task's accuracy)."""
+    same = sum(p.strip().lower() == r.strip().lower() for p, r in zip(predictions, references, strict=True))
+    return 100 * same / max(len(references), 1)
+
+
 @torch.no_grad()
 def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_source_length: int = 512,
                    max_new_tokens: int = 64, num_beams: int = 1, batch_size: int = 8,
@@ -73,5 +80,6 @@ def evaluate_generation(model: nn.Module, tokenizer, prompts: Sequence[str], ref
     """ROUGE-1/2/L of what `model` generates for `prompts` against `references`, with the speed it generated
     at (`generation`: the options of `generate_texts`)."""
     texts, tokens, seconds = generate_texts(model, tokenizer, prompts, **generation)
-    return {**rouge(texts, references), "examples": len(texts), "generated_tokens": tokens,
+    return {**rouge(texts, references), "exact_match": exact_match(texts, references), "examples": len(texts),
+            "generated_tokens": tokens,
             "tokens_per_s": tokens / seconds if seconds > 0 else None, "sample": texts[0] if texts else ""}

@@ -162,6 +162,16 @@ class ModelFacts:
             raise RecipeError(f"{field}: {tokens} tokens is longer than the model's context "
                               f"({self.max_positions} positions)")
 
+    def check_seq2seq_lengths(self, spec: Seq2SeqSpec) -> None:
+        """The seq2seq task's rows fit the model: an encoder-decoder reads source and target separately, a
+        decoder-only model the two one after the other."""
+        if len(self.student_depths) > 1:
+            self.check_length(spec.max_source_length, "seq2seq.max_source_length")
+            self.check_length(spec.max_target_length, "seq2seq.max_target_length")
+        else:
+            self.check_length(spec.max_source_length + spec.max_target_length,
+                              "seq2seq.max_source_length + max_target_length")
+
 
 class StageConfig(Strict):
     """Base of every stage. `stage` names the kind; `name` labels it in reports (defaults to `stage`)."""

@@ -132,6 +132,8 @@ class EvaluateStage(StageConfig):
     def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:
         if self.window is not None or recipe.corpus is not None:
             facts.check_length(self.window or recipe.block_size, f"{self.label}.window")
+        if "rouge" in (self.metrics or []):
+            facts.check_seq2seq_lengths(recipe.seq2seq)
         return facts
 
     def _bos(self, tokenizer: Any) -> int | None:
@@ -162,7 +164,8 @@ class EvaluateStage(StageConfig):
             max_source_length=data.spec.max_source_length, num_beams=self.num_beams,
             max_new_tokens=self.max_new_tokens or data.spec.max_target_length, batch_size=self.batch_size)
         return {"rouge1": round(scores["rouge1"], 2), "rouge2": round(scores["rouge2"], 2),
-                "rougeL": round(scores["rougeL"], 2), "rouge_examples": scores["examples"],
+                "rougeL": round(scores["rougeL"], 2), "exact_match": round(scores["exact_match"], 2),
+                "rouge_examples": scores["examples"],
                 "num_beams": self.num_beams, "generated_tokens_per_s": round(scores["tokens_per_s"] or 0.0, 1)}
 
     def _exported(self, run: Run) -> nn.Module:

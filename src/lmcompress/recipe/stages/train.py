@@ -152,6 +152,8 @@ class DistillStage(TrainingStage):
     def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:
         if self.data == "corpus":
             facts.check_length(self.block_size or recipe.block_size, f"{self.label}.block_size")
+        if self.data == "seq2seq":
+            facts.check_seq2seq_lengths(recipe.seq2seq)
         for i, loss in enumerate(self.losses):
             spec, field = getattr(loss, "layer_map", None), f"{self.label}.losses[{i}].layer_map"
             if spec == KEPT_BLOCKS:
@@ -304,9 +306,11 @@ class FinetuneStage(TrainingStage):
         return (self.data,)
 
     def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:
-        if self.data == "seq2seq" and self.student == "head":
-            raise RecipeError(f"{self.label}.student: head gives the student a task head; a seq2seq task has "
-                              "none (use student: copy)")
+        if self.data == "seq2seq":
+            if self.student == "head":
+                raise RecipeError(f"{self.label}.student: head gives the student a task head; a seq2seq task has "
+                                  "none (use student: copy)")
+            facts.check_seq2seq_lengths(recipe.seq2seq)
         return facts
 
     def run(self, run: Run) -> None:

@@ -1,0 +1,101 @@
+"""The seq2seq and decoder task-KD recipes: quantgpt-bart end to end on a tiny BART with local pairs (no
+registry ships an encoder-decoder model), the decoder task-KD recipes on the real SmolLM2 and fine-food
+reviews at a tiny budget; a seq2seq recipe's refusals name the field."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+
+import pytest
+from helpers import WORDS, integration, tiny_budget, tiny_model, tiny_tokenizer
+
+import lmcompress as lc
+from lmcompress.core.errors import RecipeError
+from lmcompress.models.adapters import get_adapter
+from lmcompress.quant.modules import is_quantized
+from lmcompress.recipe.runner import run_recipe
+
+logging.getLogger("accelerate").setLevel(logging.ERROR)
+
+
+def word_pairs(folder, rows=24, seed=0):
+    """train/test jsonl of `document` -> `summary` pairs over the tiny tokenizer's words."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", rows), ("test", 6)):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                words = [rng.choice(WORDS) for _ in range(12)]
+                f.write(json.dumps({"document": " ".join(words), "summary": " ".join(words[:3])}) + "\n")
+    return folder
+
+
+def tiny_bart_folder(path):
+    lc.save(tiny_model("bart", layers=2), tiny_tokenizer(), path, format="hf")
+    return path
+
+
+def test_quantgpt_bart_runs_end_to_end_on_a_tiny_bart(tmp_path):
+    seq2seq = {"name": str(word_pairs(tmp_path / "pairs")), "source_column": "document",
+               "target_column": "summary", "max_source_length": 16, "max_target_length": 6}
+    recipe = tiny_budget("quantgpt-bart", teacher=str(tiny_bart_folder(tmp_path / "bart")), seq2seq=seq2seq)
+    run = run_recipe(recipe, tmp_path / "run")
+    rows = {row["stage"]: row for row in run.report.rows}
+    assert is_quantized(run.student)
+    for name in ("teacher", "quantbart"):
+        assert rows[name]["rouge_examples"] == 6 and 0 <= rows[name]["rouge1"] <= 100
+        assert rows[name]["num_beams"] == 4
+    assert rows["distill"]["train_steps"] == 2 and "loss_contrastive" in rows["distill"]
+    exported, _ = lc.load(rows["export"]["path"])
+    assert get_adapter(exported).is_encoder_decoder and is_quantized(exported)
+
+
+def test_seq2seq_truncation_needs_its_stack_named(tmp_path):
+    seq2seq = {"name": str(word_pairs(tmp_path / "pairs")), "source_column": "document", "target_column": "summary"}
+    teacher = str(tiny_bart_folder(tmp_path / "bart"))
+    recipe = tiny_budget("quantgpt-bart", teacher=teacher, seq2seq=seq2seq)
+    with pytest.raises(RecipeError, match=r"seq2seq.max_source_length: 512 tokens is longer than the model's "
+                                          r"context \(256 positions\)"):
+        run_recipe(recipe, tmp_path / "run0")
+    seq2seq.update(max_source_length=16, max_target_length=6)
+    recipe = tiny_budget("quantgpt-bart", teacher=teacher, seq2seq=seq2seq)
+    data = recipe.model_dump(exclude_none=True)
+    data["stages"].insert(1, {"stage": "truncate", "keep": [0]})
+    with pytest.raises(RecipeError, match=r"truncate.stack: the model is an encoder-decoder with block stacks "
+                                          r"encoder and decoder"):
+        run_recipe(type(recipe).parse(data), tmp_path / "run")
+    data["stages"][1]["stack"] = "decoder"
+    run = run_recipe(type(recipe).parse(data), tmp_path / "run2")
+    assert get_adapter(run.student, "decoder").num_layers == 1 and get_adapter(run.student, "encoder").num_layers == 2
+    assert run.report.meta["kept_layers"] == {"decoder": [0]}
+
+
+@integration
+@pytest.mark.integration
+def test_generative_task_kd_recipe_runs_on_smollm2(tmp_path):
+    sets = ("seq2seq.train_limit=32", "seq2seq.max_source_length=48", "stages.2.examples=4", "stages.5.examples=4")
+    run = run_recipe(tiny_budget("genkd-smollm2-fine-foods", sets), tmp_path)
+    rows = {row["stage"]: row for row in run.report.rows}
+    assert rows["teacher"]["rouge_examples"] == rows["distilled"]["rouge_examples"] == 4
+    assert 0 <= rows["distilled"]["exact_match"] <= 100 and rows["distilled"]["layers"] == 15
+    assert rows["finetune"]["train_steps"] == 2 and rows["distill"]["train_steps"] == 2
+
+
+def test_classification_task_kd_recipe_runs_on_a_decoder(tmp_path):
+    """The SmolLM2 recipe's stages on a tiny LLaMA and a local two-class task (the generative recipe above
+    runs on the real SmolLM2; this one's path differs only in the task head)."""
+    teacher = tmp_path / "llama"
+    lc.save(tiny_model("llama", layers=4), tiny_tokenizer(), teacher, format="hf")
+    rng = random.Random(0)
+    with open(tmp_path / "task.jsonl", "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(8)),
+                                "label": ["other", "great"][i % 2]}) + "\n")
+    recipe = tiny_budget("taskkd-smollm2-fine-foods", teacher=str(teacher),
+                         task={"name": str(tmp_path / "task.jsonl"), "max_length": 16})
+    run = run_recipe(recipe, tmp_path / "run")
+    rows = {row["stage"]: row for row in run.report.rows}
+    assert rows["distilled"]["layers"] == 2 and 0 <= rows["distilled"]["accuracy"] <= 1
+    assert run.report.meta["kept_layers"] == [0, 2] and type(run.student).__name__.endswith("ForSequenceClassification")

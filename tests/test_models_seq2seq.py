@@ -160,3 +160,20 @@ def test_encoder_decoder_batch_without_a_target_is_refused():
 
     with pytest.raises(LmcompressError, match="needs `labels` .the target."):
         capture(tiny_model("bart", layers=2), Needs(logits=True), {"input_ids": IDS})
+
+
+@pytest.mark.parametrize("method", ["svd", "fwsvd", "autoencoder"])
+def test_factorization_applies_to_an_encoder_decoder_and_reloads(method, tmp_path):
+    from lmcompress.surgery.autoencoder import AutoencoderConfig
+    from lmcompress.surgery.factorize import factorize_
+
+    model = tiny_model("bart", layers=2)
+    batches = [seq2seq_batch()]
+    result = factorize_(model, method, patterns=["attention"], ratio=2.0, calibration=batches,
+                        autoencoder=AutoencoderConfig(shared=True, steps=2), progress=False)
+    # every attention linear of both stacks, cross-attention too: 4 per self-attention, 4 per cross-attention
+    assert len(result.modules) == 2 * 4 + 2 * 8 and result.plan.achieved > 1
+    expected = seq2seq_logits(model)
+    lc.save(model, tiny_tokenizer(), tmp_path / "factorized")
+    again, _ = lc.load(tmp_path / "factorized")
+    assert torch.allclose(seq2seq_logits(again), expected, atol=1e-5)

@@ -157,12 +157,14 @@ def apply_codes(model: nn.Module, record: AutoencodedWeights) -> None:
 
 
 def group_modules(adapter: ArchAdapter, names: Sequence[str], shared: bool) -> dict[str, list[str]]:
-    """{group: module names}. Shared groups put the same module of every block together (`layers.*.q_proj`)."""
+    """{group: module names}. Shared groups put the same module of every block of a stack together
+    (`layers.*.q_proj`; an encoder-decoder's encoder and decoder modules stay apart)."""
     groups: dict[str, list[str]] = {}
-    prefix = adapter.blocks_prefix + "."
+    prefixes = [adapter.on(stack).blocks_prefix + "." for stack in adapter.stacks]  # an encoder-decoder: two
     for name in names:
         key = name
-        if shared and name.startswith(prefix):
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
+        if shared and prefix is not None:
             _, _, tail = name[len(prefix) :].partition(".")
             key = f"{prefix}*.{tail}"
         groups.setdefault(key, []).append(name)

@@ -32,7 +32,7 @@ from torch import nn
 
 from lmcompress.core.errors import LmcompressError
 from lmcompress.models.adapters import ArchAdapter, get_adapter
-from lmcompress.models.blocks import NON_MODEL_KEYS
+from lmcompress.models.blocks import model_inputs, positions_mask
 
 
 @dataclass(frozen=True)
@@ -176,30 +176,19 @@ def _hooks(adapter: ArchAdapter, needs: Needs, cap: Capture, stop_after: int | N
             h.remove()
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The keys of a batch that the model's forward takes."""
-    return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
-
-
 def capture(model: nn.Module, needs: Needs, batch: dict[str, torch.Tensor]) -> Capture:
     """Run `model` on `batch` and return the captured tensors listed in `needs`.
 
     Gradients flow through the captured tensors as usual; wrap the call in `torch.no_grad()` for a teacher.
     """
     adapter = get_adapter(model)
-    inputs = model_inputs(batch)
+    inputs = model_inputs(batch, model=model)  # an encoder-decoder's decoder reads the target (teacher forcing)
     mask = inputs.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(inputs["input_ids"])
     target_mask = None
     if adapter.is_encoder_decoder:
-        labels = batch.get("labels")
-        if labels is None and "decoder_input_ids" not in inputs:
-            raise LmcompressError("an encoder-decoder model needs `labels` (the target) or `decoder_input_ids` "
-                                  "in the batch: use a seq2seq task")
-        if labels is not None:  # teacher forcing: the decoder reads the target shifted right
-            inputs.setdefault("decoder_input_ids", model.prepare_decoder_input_ids_from_labels(labels=labels))
-            target_mask = labels != -100
+        target_mask = positions_mask(adapter.on("decoder"), batch)
     elif adapter.causal and batch.get("labels") is not None and batch["labels"].dim() == 2:
         # prompt -> answer rows: the logits that predict an answer token (position t predicts token t + 1)
         target_mask = F.pad(batch["labels"][:, 1:] != -100, (0, 1), value=False)

@@ -572,6 +572,11 @@ class Seq2SeqAdapter(ArchAdapter):
         """A decoder block's attention over the encoder's output (None in the encoder)."""
         raise NotImplementedError
 
+    def encoder_readers(self, block: nn.Module) -> list[nn.Module]:
+        """The linears of a decoder block that read the encoder's output (its cross-attention's k and v): their
+        inputs are over the source's positions, not the target's."""
+        raise NotImplementedError
+
     @property
     def num_heads(self) -> int:
         return getattr(self.config, self.heads_attr[self.stack or "encoder"])
@@ -631,6 +636,10 @@ class BartAdapter(Seq2SeqAdapter):
 
     def cross_attention(self, block: nn.Module) -> nn.Module | None:
         return getattr(block, "encoder_attn", None)
+
+    def encoder_readers(self, block: nn.Module) -> list[nn.Module]:
+        cross = self.cross_attention(block)
+        return [] if cross is None else [cross.k_proj, cross.v_proj]
 
     def qkv(self, block: nn.Module) -> QKV:
         a = block.self_attn
@@ -705,6 +714,10 @@ class T5Adapter(Seq2SeqAdapter):
 
     def cross_attention(self, block: nn.Module) -> nn.Module | None:
         return block.layer[1].EncDecAttention if len(block.layer) == 3 else None
+
+    def encoder_readers(self, block: nn.Module) -> list[nn.Module]:
+        cross = self.cross_attention(block)
+        return [] if cross is None else [cross.k, cross.v]
 
     def qkv(self, block: nn.Module) -> QKV:
         a = block.layer[0].SelfAttention

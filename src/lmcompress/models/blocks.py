@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmcompress.core.errors import LmcompressError
-from lmcompress.models.adapters import get_adapter
+from lmcompress.models.adapters import ArchAdapter, get_adapter
 
 # Keys of a batch that are not model inputs, read by the losses and never passed to the model: the labels,
 # and the offline teacher cache's rows (`distill.teacher_cache`: top-k ids, their log-probs, the tail mass).
@@ -44,6 +44,14 @@ class BlockInputs:
     args: list[list[tuple | None]] = field(default_factory=list)  # positional args after the states; None:
     # the states were passed by keyword
     masks: list[torch.Tensor | None] = field(default_factory=list)  # per batch: (B, T) 1 = real token
+    # an encoder-decoder's decoder stack: the linears reading the encoder's output, and per batch the source's
+    # mask their inputs follow
+    encoder_readers: set[int] = field(default_factory=set)
+    source_masks: list[torch.Tensor | None] = field(default_factory=list)
+
+    def mask_of(self, module: nn.Module, batch: int) -> torch.Tensor | None:
+        """(B, T) the real positions of what `module` reads in batch `batch`."""
+        return self.source_masks[batch] if id(module) in self.encoder_readers else self.masks[batch]
 
     @property
     def num_batches(self) -> int:
@@ -94,16 +102,36 @@ def bf16_autocast(enabled: bool, device: torch.device | str = "cpu"):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """The keys of a batch the model's forward takes, on `device`."""
-    return {k: v.to(device) for k, v in batch.items() if k not in NON_MODEL_KEYS}
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | None = None,
+                 model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The keys of a batch the model's forward takes (on `device`, if given). For an encoder-decoder `model`
+    they include its decoder's inputs: the target (`labels`) shifted right, as teacher forcing reads it."""
+    inputs = {k: v if device is None else v.to(device) for k, v in batch.items() if k not in NON_MODEL_KEYS}
+    labels = batch.get("labels")
+    if (model is not None and labels is not None and "decoder_input_ids" not in inputs
+            and get_adapter(model).is_encoder_decoder):
+        labels = labels if device is None else labels.to(device)
+        inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+    return inputs
+
+
+def positions_mask(adapter: ArchAdapter, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """(B, T) the real positions of the states in `adapter`'s stack: the input's (`attention_mask`; None when
+    the batch has none), or an encoder-decoder decoder's: the labelled target positions."""
+    if adapter.is_encoder_decoder and adapter.stack == "decoder":
+        if batch.get("labels") is None:
+            raise LmcompressError("an encoder-decoder's decoder reads the target: the batch needs `labels` "
+                                  "(use a seq2seq task)")
+        return batch["labels"] != -100
+    return batch.get("attention_mask")
 
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
-                         progress: bool = True) -> BlockInputs:
-    """Run every batch through `model` once and record what enters its blocks (see the module docstring)."""
-    adapter = get_adapter(model)
+                         progress: bool = True, stack: str | None = None) -> BlockInputs:
+    """Run every batch through `model` once and record what enters its blocks (see the module docstring);
+    `stack`: which of an encoder-decoder's (its decoder's blocks then read the encoder's output as it is)."""
+    adapter = get_adapter(model, stack)
     blocks = adapter.blocks
     if len(blocks) == 0:
         raise LmcompressError("the model has no transformer blocks to walk")
@@ -143,7 +171,7 @@ def capture_block_inputs(model: nn.Module, batches: Sequence[dict[str, torch.Ten
     model.eval()
     try:
         for batch in tqdm(batches, desc="block inputs", unit="batch", disable=not progress):
-            inputs = model_inputs(batch, device)
+            inputs = model_inputs(batch, device, model)
             current.clear()
             try:
                 adapter.base(**inputs, **adapter.no_cache)
@@ -153,7 +181,9 @@ def capture_block_inputs(model: nn.Module, batches: Sequence[dict[str, torch.Ten
                 raise LmcompressError(f"only {len(current)} of {len(blocks)} blocks ran on a calibration batch")
             captured.kwargs.append([current[i][0] for i in range(len(blocks))])
             captured.args.append([current[i][1] for i in range(len(blocks))])
-            captured.masks.append(inputs.get("attention_mask"))
+            mask = positions_mask(adapter, batch)
+            captured.masks.append(None if mask is None else mask.to(device))
+            captured.source_masks.append(inputs.get("attention_mask"))
     finally:
         for h in handles:
             h.remove()
@@ -164,6 +194,8 @@ def capture_block_inputs(model: nn.Module, batches: Sequence[dict[str, torch.Ten
                     b.forward = own_forward[i]
         model.train(was_training)
     captured.hidden = first_hidden
+    if adapter.is_encoder_decoder and adapter.stack == "decoder":
+        captured.encoder_readers = {id(m) for block in blocks for m in adapter.encoder_readers(block)}
     return captured
 
 

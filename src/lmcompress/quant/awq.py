@@ -134,33 +134,39 @@ def awq_(model: nn.Module, specs: dict[str, QuantSpec], batches: Sequence[dict[s
     """Search and fold AWQ scales into the float `model` for the linears `specs` will quantize."""
     report = AWQReport()
     adapter = get_adapter(model)
-    names = {id(m): n for n, m in model.named_modules()}
     with fused_attention(model):
-        inputs = capture_block_inputs(model, batches, progress)
-        hidden = inputs.hidden
-        for index, block in enumerate(tqdm(inputs.blocks, desc="awq", unit="block", disable=not progress)):
-            def run(i=index, h=hidden[0]) -> torch.Tensor:
-                return inputs.run(i, 0, h)
-
-            pairs = _norm_pairs(block, run) + adapter.scaling_pairs(block)
-            for producer, linears in pairs:
-                label = f"{names.get(id(producer), '?')} -> {[names.get(id(m), '?') for m in linears]}"
-                chosen = [m for m in linears if names.get(id(m)) in specs]
-                if len(chosen) != len(linears) or not _equivalent(block, producer, linears, run):
-                    report.skipped.append(label)
-                    continue
-                x = _pair_inputs(inputs, index, hidden, linears[0])
-                scale, plain, best = _search(x, linears, [specs[names[id(m)]] for m in linears])
-                _producer_output_scale(producer, scale)
-                _consumer_input_scale(linears, scale)
-                report.pairs += 1
-                report.error_before += plain
-                report.error_after += best
-            hidden = list(inputs.run_all(index, hidden))
+        for stack in adapter.stacks:  # in forward order: a decoder's inputs come from the scaled encoder
+            inputs = capture_block_inputs(model, batches, progress, stack=stack if adapter.is_encoder_decoder else None)
+            _awq_stack(model, adapter, inputs, specs, report, progress)
     if report.skipped:
         log.info("awq: %d pair(s) left unscaled (not an exact scaling pair or not quantized): %s",
                  len(report.skipped), "; ".join(report.skipped[:4]))
     return report
+
+
+def _awq_stack(model: nn.Module, adapter, inputs, specs: dict[str, QuantSpec], report: AWQReport,
+               progress: bool) -> None:
+    names = {id(m): n for n, m in model.named_modules()}
+    hidden = inputs.hidden
+    for index, block in enumerate(tqdm(inputs.blocks, desc="awq", unit="block", disable=not progress)):
+        def run(i=index, h=hidden[0]) -> torch.Tensor:
+            return inputs.run(i, 0, h)
+
+        pairs = _norm_pairs(block, run) + adapter.scaling_pairs(block)
+        for producer, linears in pairs:
+            label = f"{names.get(id(producer), '?')} -> {[names.get(id(m), '?') for m in linears]}"
+            chosen = [m for m in linears if names.get(id(m)) in specs]
+            if len(chosen) != len(linears) or not _equivalent(block, producer, linears, run):
+                report.skipped.append(label)
+                continue
+            x = _pair_inputs(inputs, index, hidden, linears[0])
+            scale, plain, best = _search(x, linears, [specs[names[id(m)]] for m in linears])
+            _producer_output_scale(producer, scale)
+            _consumer_input_scale(linears, scale)
+            report.pairs += 1
+            report.error_before += plain
+            report.error_after += best
+        hidden = list(inputs.run_all(index, hidden))
 
 
 class _Stop(Exception):
@@ -183,7 +189,7 @@ def _pair_inputs(inputs, index: int, hidden: list[torch.Tensor], first: nn.Modul
                 inputs.run(index, b, h)
             except _Stop:
                 pass
-            mask = inputs.masks[b]
+            mask = inputs.mask_of(first, b)
             if mask is not None:
                 rows[-1] = rows[-1][mask.reshape(-1).bool()]
             count += rows[-1].shape[0]

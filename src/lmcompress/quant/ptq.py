@@ -46,6 +46,7 @@ from lmcompress.models.blocks import (
     capture_block_inputs,
     fused_attention,
     model_inputs,
+    positions_mask,
 )
 from lmcompress.quant.gptq import GPTQResult, Hessian, gptq_quantize
 from lmcompress.quant.grids import fit_scales
@@ -125,7 +126,7 @@ def ptq_(model: nn.Module, method: PTQMethod, batches: Sequence[dict[str, torch.
     if method == "rtn":
         return report
     _check_dynamic(modules)
-    blocks = get_adapter(model).blocks
+    blocks = get_adapter(model).forward_blocks
     in_blocks = {id(m) for b in blocks for m in b.modules() if isinstance(m, QuantLinear)}
     outside = {n: m for n, m in modules.items() if method == "mse" or id(m) not in in_blocks}
     for m in outside.values():
@@ -189,7 +190,7 @@ def _measure_hessian(inputs: BlockInputs, index: int, hidden: list[torch.Tensor]
     batch = 0
 
     def hook(module, args):
-        hessian.add(args[0], inputs.masks[batch])
+        hessian.add(args[0], inputs.mask_of(first, batch))
         raise _Stop
 
     handle = first.register_forward_pre_hook(hook)
@@ -215,9 +216,16 @@ def _autocast(settings: GPTQSettings):
 
 
 def _gptq_walk(model: nn.Module, batches, settings: GPTQSettings, report: PTQReport, progress: bool) -> None:
-    inputs = capture_block_inputs(model, batches, progress)
+    """Every block stack in forward order (an encoder-decoder's decoder then reads the rounded encoder)."""
+    adapter = get_adapter(model)
     report.calibration_sequences = sum(int(b["input_ids"].shape[0]) for b in batches)
-    report.calibration_tokens = inputs.tokens
+    for stack in adapter.stacks:
+        inputs = capture_block_inputs(model, batches, progress, stack=stack if adapter.is_encoder_decoder else None)
+        report.calibration_tokens = report.calibration_tokens or inputs.tokens  # the input's, read once
+        _gptq_stack(model, inputs, settings, report, progress)
+
+
+def _gptq_stack(model: nn.Module, inputs, settings: GPTQSettings, report: PTQReport, progress: bool) -> None:
     names = {id(m): n for n, m in model.named_modules()}
     hidden = inputs.hidden
     with torch.no_grad():
@@ -257,11 +265,14 @@ def _gptq_head(model: nn.Module, batches, settings: GPTQSettings, report: PTQRep
 
     handle = head.register_forward_pre_hook(hook)
     device = target.weight.device
+    last = get_adapter(model)
+    last = last.on(last.stacks[-1])  # the stack whose states the head reads
     try:
         with torch.no_grad(), fused_attention(model), _autocast(settings):
             for batch in batches:
-                inputs = model_inputs(batch, device)
-                mask = inputs.get("attention_mask")
+                inputs = model_inputs(batch, device, model)
+                mask = positions_mask(last, batch)
+                mask = None if mask is None else mask.to(device)
                 try:
                     model(**inputs, **get_adapter(model).no_cache)
                 except _Stop:

@@ -99,3 +99,32 @@ def test_classification_task_kd_recipe_runs_on_a_decoder(tmp_path):
     rows = {row["stage"]: row for row in run.report.rows}
     assert rows["distilled"]["layers"] == 2 and 0 <= rows["distilled"]["accuracy"] <= 1
     assert run.report.meta["kept_layers"] == [0, 2] and type(run.student).__name__.endswith("ForSequenceClassification")
+
+
+def prune_recipe(tmp_path, family: str, method: str):
+    seq2seq = {"name": str(word_pairs(tmp_path / "pairs")), "source_column": "document", "target_column": "summary",
+               "max_source_length": 16, "max_target_length": 6}
+    lc.save(tiny_model(family, layers=3), tiny_tokenizer(), tmp_path / family, format="hf")
+    return type(tiny_budget("quantgpt-bart")).parse({
+        "name": "prune", "teacher": str(tmp_path / family), "seq2seq": seq2seq,
+        "stages": [{"stage": "load"},
+                   {"stage": "prune", "stack": "decoder", "depth": {"method": method, "remove": 1},
+                    "calibration_samples": 4},
+                   {"stage": "evaluate", "metrics": ["rouge"], "max_new_tokens": 3}]})
+
+
+@pytest.mark.parametrize("family, method", [("t5", "block-influence"), ("bart", "angular"), ("bart", "perplexity")])
+def test_prune_stage_cuts_the_named_stack_by_measured_importance(family, method, tmp_path):
+    run = run_recipe(prune_recipe(tmp_path, family, method), tmp_path / "run")
+    assert get_adapter(run.student, "decoder").num_layers == 2 and get_adapter(run.student, "encoder").num_layers == 3
+    rows = {row["stage"]: row for row in run.report.rows}
+    assert rows["prune"]["removed_blocks"] and len(rows["prune"]["kept_blocks"]) == 2
+    assert run.report.meta["kept_layers"] == {"decoder": rows["prune"]["kept_blocks"]}
+    assert rows["evaluate"]["decoder_layers"] == 2 and rows["evaluate"]["rouge_examples"] == 6
+
+
+def test_t5_blocks_cannot_be_skipped_in_place_so_greedy_perplexity_is_refused(tmp_path):
+    from lmcompress.core.errors import LmcompressError
+
+    with pytest.raises(LmcompressError, match="t5 blocks cannot be skipped in place"):
+        run_recipe(prune_recipe(tmp_path, "t5", "perplexity"), tmp_path / "run")

@@ -60,7 +60,7 @@ def test_calibration_source_must_exist(tmp_path):
     with pytest.raises(RecipeError, match=r"needs a top-level `task:` section"):
         _recipe(tmp_path, "method: fwsvd, ratio: 2, calibration_data: task")
     recipe = _recipe(tmp_path, "method: asvd, ratio: 2")  # auto, and the recipe has neither corpus nor task
-    with pytest.raises(RecipeError, match="calibration needs data: add a `corpus:` or `task:` section"):
+    with pytest.raises(RecipeError, match="calibration needs data: add a `corpus:`, `task:` or `seq2seq:` section"):
         recipe.stages[0].run(_run(tmp_path, recipe))
 
 

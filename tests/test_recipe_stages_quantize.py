@@ -105,7 +105,7 @@ def test_bad_init_fields_are_named(stage, message):
 
 def test_gptq_init_without_data_fails_before_any_stage_runs(tmp_path):
     recipe = {"stages": [{"stage": "quantize", "bits": 4, "init": "gptq"}]}
-    with pytest.raises(RecipeError, match="calibration needs data: add a `corpus:` or `task:` section"):
+    with pytest.raises(RecipeError, match="calibration needs data: add a `corpus:`, `task:` or `seq2seq:` section"):
         lc.compress(tiny_model("llama"), recipe, tokenizer=tiny_tokenizer(), out_dir=tmp_path / "run")
 
 

@@ -121,7 +121,7 @@ def test_greedy_removal_takes_the_cheapest_block_each_round():
 
 
 def test_perplexity_method_needs_a_causal_lm_and_counts_are_checked():
-    with pytest.raises(RecipeError, match="method perplexity needs a causal LM"):
+    with pytest.raises(RecipeError, match="method perplexity needs a language model's loss"):
         choose_blocks(tiny_model("bert", layers=3), _batches(), "perplexity", 1, progress=False)
     with pytest.raises(RecipeError, match=r"remove must be 1..3 blocks of a 4-block model, got 4"):
         choose_blocks(tiny_model("llama", layers=4), _batches(), "angular", 4, progress=False)
@@ -202,5 +202,5 @@ def test_perplexity_on_task_calibration_is_refused_before_anything_runs(tmp_path
     path.write_text("teacher: tiny\ntask: {name: fine-foods}\nstages:\n"
                     "  - {stage: prune, depth: {method: perplexity, remove: 1}}\n")
     recipe = load_recipe(path)
-    with pytest.raises(RecipeError, match=r"prune\.depth\.method: perplexity is the corpus's next-token loss"):
+    with pytest.raises(RecipeError, match=r"prune\.depth\.method: perplexity is a language model's loss on text"):
         recipe.stages[0].preflight(ModelFacts(6, 6, 256), recipe)

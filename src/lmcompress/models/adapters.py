@@ -60,6 +60,9 @@ class ArchAdapter:
     # The block stacks the model has, by name. Decoder-only and encoder-only models have one; an adapter
     # of an encoder-decoder model views one stack at a time (`on("decoder")`).
     stacks: tuple[str, ...] = ("decoder",)
+    # Whether a block can be skipped in place by handing its input on (`models.blocks.skipping_blocks`): its
+    # output is the hidden states alone and no later block reads anything it computes.
+    skippable_blocks: bool = True
 
     def __init__(self, model: nn.Module, stack: str | None = None):
         self.model = model
@@ -675,6 +678,7 @@ class T5Adapter(Seq2SeqAdapter):
 
     family = "t5"
     model_types = ("t5", "mt5")
+    skippable_blocks = False  # blocks return (states, position biases); the first computes the biases all read
     layers_attr = {"encoder": "num_layers", "decoder": "num_decoder_layers"}
     heads_attr = {"encoder": "num_heads", "decoder": "num_heads"}
     ffn_attr = {"encoder": "d_ff", "decoder": "d_ff"}

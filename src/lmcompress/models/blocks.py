@@ -200,15 +200,20 @@ def capture_block_inputs(model: nn.Module, batches: Sequence[dict[str, torch.Ten
 
 
 @contextmanager
-def skipping_blocks(model: nn.Module, indices: Sequence[int]) -> Iterator[None]:
+def skipping_blocks(model: nn.Module, indices: Sequence[int], stack: str | None = None) -> Iterator[None]:
     """Within the block, the model computes as if blocks `indices` were removed: each hands its input on
     unchanged. The blocks stay in place, so every remaining block keeps its own per-layer mask and index
-    (a cheap, exact trial of a removal; `ArchAdapter.keep_blocks` makes it permanent).
+    (a cheap, exact trial of a removal; `ArchAdapter.keep_blocks` makes it permanent). `stack`: which of an
+    encoder-decoder's block stacks `indices` number.
 
     Blocks of transformers 5 return their hidden states as a tensor, and the pass-through does too; a model
     whose blocks return tuples would read a tensor's first row as its states, so that is an error, raised
     after the forward that found it."""
-    blocks = get_adapter(model).blocks
+    adapter = get_adapter(model, stack)
+    if not adapter.skippable_blocks:
+        raise LmcompressError(f"{adapter.family} blocks cannot be skipped in place (they pass more than their states "
+                              "on); measure with block-influence or angular instead")
+    blocks = adapter.blocks
     skipped = sorted(set(indices))
     if any(not 0 <= i < len(blocks) for i in skipped):
         raise LmcompressError(f"skipping_blocks: blocks {skipped} out of range for {len(blocks)} blocks")

@@ -25,6 +25,7 @@ from lmcompress.data.cache import DataCache
 from lmcompress.data.seq2seq import Seq2SeqData
 from lmcompress.data.specs import CorpusSpec, Seq2SeqSpec, TaskSpec
 from lmcompress.data.tasks import TaskData
+from lmcompress.models.adapters import get_adapter
 from lmcompress.report.tables import Report
 
 ModelTask = Literal["causal-lm", "seq2seq-lm", "masked-lm", "sequence-classification", "base"]
@@ -204,8 +205,9 @@ class CalibrationSettings(Strict):
     Mixed into the stage; the stage says whether it uses them now (`uses_calibration`)."""
 
     calibration_samples: int = Field(128, gt=0, description="calibration sequences")
-    calibration_data: Literal["auto", "corpus", "task"] = Field(
-        "auto", description="corpus token blocks (LM loss) or task examples (task loss); auto: task if the recipe has one"
+    calibration_data: Literal["auto", "corpus", "task", "seq2seq"] = Field(
+        "auto", description="corpus token blocks (LM loss), task examples (task loss) or seq2seq pairs (target "
+                            "loss); auto: the task, else the seq2seq pairs, else the corpus, as the recipe has them"
     )
     calibration_batch_size: int = Field(8, gt=0)
     calibration_block_size: int | None = Field(None, gt=0, description="tokens per corpus sequence (default: block_size)")
@@ -226,21 +228,28 @@ class CalibrationSettings(Strict):
         self._check_data(label, recipe)
         if self._calibration_source(recipe) == "corpus":
             facts.check_length(self.calibration_block_size or recipe.block_size, f"{label}.calibration_block_size")
+        elif self._calibration_source(recipe) == "seq2seq":
+            facts.check_seq2seq_lengths(recipe.seq2seq)
 
     def _check_data(self, label: str, recipe: RecipeSettings) -> None:
         if getattr(recipe, self._calibration_source(recipe)) is None:
-            raise RecipeError(f"stage {label}: calibration needs data: add a `corpus:` or `task:` section")
+            raise RecipeError(f"stage {label}: calibration needs data: add a `corpus:`, `task:` or `seq2seq:` "
+                              "section")
 
     def _calibration_source(self, recipe: RecipeSettings) -> DataSection:
         if self.calibration_data != "auto":
             return self.calibration_data
-        return "task" if recipe.task is not None else "corpus"
+        return "task" if recipe.task is not None else "seq2seq" if recipe.seq2seq is not None else "corpus"
 
     def calibration_dataset(self, run: Run, label: str) -> datasets.Dataset:
-        """Tokenized calibration examples: task examples, or corpus blocks of the training split."""
+        """Tokenized calibration examples: task examples, seq2seq pairs (for the student's kind of model), or
+        corpus blocks of the training split."""
         self._check_data(label, run.recipe)
         if self._calibration_source(run.recipe) == "task":
             return run.task.tokenized(run.tokenizer, "train", run.recipe.task.max_length)
+        if self._calibration_source(run.recipe) == "seq2seq":
+            model = run.student if run.student is not None else run.require_teacher(label)
+            return run.seq2seq.tokenized(run.tokenizer, "train", not get_adapter(model).is_encoder_decoder)
         return run.lm_blocks("train", self.calibration_block_size)
 
 

@@ -50,8 +50,8 @@ def calibration_batches(
     The choice is a seeded shuffle; `offset` skips that many shuffled examples first, so two calls with
     offsets 0 and N draw disjoint sets (calibration and a held-out early-stopping set).
 
-    `data` is a `datasets.Dataset` with `input_ids` (and, for a labelled task, `labels`, plus optionally
-    `attention_mask`), or a 2-D tensor of token ids. Without a `labels` column the labels are the input ids
+    `data` is a `datasets.Dataset` with `input_ids` (and, for a labelled task, `labels` — a class per row, or
+    a seq2seq task's target tokens — plus optionally `attention_mask`), or a 2-D tensor of token ids. Without a `labels` column the labels are the input ids
     themselves (the causal-LM loss; the model shifts them), with padding set to -100 so it is ignored.
     """
     if num_samples <= 0 or batch_size <= 0:
@@ -81,12 +81,16 @@ def _collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Ten
         input_ids[i, : len(t)] = t
         given = examples[i].get("attention_mask")
         mask[i, : len(t)] = torch.as_tensor(given, dtype=torch.long) if given is not None else 1
-    # Task examples come padded to max_length; drop the columns that are padding in every row.
-    width = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else width
-    input_ids, mask = input_ids[:, :width], mask[:, :width]
+    labels = [torch.as_tensor(e["labels"], dtype=torch.long) for e in examples] if "labels" in examples[0] else None
+    sequence_labels = labels is not None and labels[0].dim() > 0  # seq2seq rows: a target per position
+    if not sequence_labels:
+        # Task examples come padded to max_length; drop the columns that are padding in every row. (Seq2seq
+        # rows keep theirs: a decoder-only row's labels line up with its inputs, an encoder-decoder's do not.)
+        width = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else width
+        input_ids, mask = input_ids[:, :width], mask[:, :width]
     batch = {"input_ids": input_ids, "attention_mask": mask}
-    if "labels" in examples[0]:
-        batch["labels"] = torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long)
+    if labels is not None:
+        batch["labels"] = torch.stack(labels)
     else:
         batch["labels"] = input_ids.masked_fill(mask == 0, -100)
     return batch

@@ -66,11 +66,11 @@ class HiddenSimilarity:
 
 @torch.no_grad()
 def hidden_similarity(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], bf16: bool = False,
-                      progress: bool = True) -> HiddenSimilarity:
-    """Walk every calibration batch through the blocks once and compare the states at every pair of depths
-    over the batch's real tokens (padding left out)."""
+                      progress: bool = True, stack: str | None = None) -> HiddenSimilarity:
+    """Walk every calibration batch through the blocks (of an encoder-decoder's stack `stack`) once and compare
+    the states at every pair of depths over the batch's real tokens (padding left out)."""
     with fused_attention(model), bf16_autocast(bf16, next(model.parameters()).device):
-        inputs = capture_block_inputs(model, batches, progress=progress)
+        inputs = capture_block_inputs(model, batches, progress=progress, stack=stack)
         depth = len(inputs.blocks)
         cos_sum = torch.zeros(depth + 1, depth + 1, dtype=torch.float64)
         ang_sum = torch.zeros_like(cos_sum)
@@ -96,15 +96,17 @@ def hidden_similarity(model: nn.Module, batches: Sequence[dict[str, torch.Tensor
 
 @torch.no_grad()
 def calibration_loss(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], bf16: bool = False) -> float:
-    """Mean next-token loss of a causal LM over the batches' real tokens (each batch weighted by them)."""
+    """Mean loss of the model's own labels over the batches' real tokens (each batch weighted by them): a
+    causal LM's next tokens, an encoder-decoder's target tokens (teacher-forced)."""
     device = next(model.parameters()).device
+    shift = not get_adapter(model).is_encoder_decoder  # a seq2seq model's logits line up with its labels
     total, count = 0.0, 0
     with bf16_autocast(bf16, device):
         for batch in batches:
-            inputs = model_inputs(batch, device)
+            inputs = model_inputs(batch, device, model)
             labels = batch["labels"].to(device)
-            logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-            target = labels[:, 1:]
+            logits = model(**inputs, use_cache=False).logits.float()
+            logits, target = (logits[:, :-1], labels[:, 1:]) if shift else (logits, labels)
             n = int((target != -100).sum())
             if n:
                 total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
@@ -139,19 +141,20 @@ def _check_count(remove: int, depth: int) -> None:
 
 
 def choose_blocks(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], method: DepthMethod,
-                  remove: int, bf16: bool = False, progress: bool = True) -> DepthChoice:
-    """Measure `model` on the calibration batches and choose `remove` blocks to drop by `method`."""
-    adapter = get_adapter(model)
+                  remove: int, bf16: bool = False, progress: bool = True, stack: str | None = None) -> DepthChoice:
+    """Measure `model` on the calibration batches and choose `remove` blocks to drop by `method` (of an
+    encoder-decoder's stack `stack`; the measures then run on that stack's blocks)."""
+    adapter = get_adapter(model, stack)
     depth = adapter.num_layers
     _check_count(remove, depth)
     started = time.perf_counter()
     if method == "perplexity":
-        if not adapter.causal:
-            raise RecipeError("depth pruning: method perplexity needs a causal LM (its loss is next-token); "
-                              "use block-influence or angular for an encoder")
-        choice = _greedy_by_loss(model, batches, remove, bf16, progress)
+        if not (adapter.causal or adapter.is_encoder_decoder):
+            raise RecipeError("depth pruning: method perplexity needs a language model's loss (next-token or "
+                              "target tokens); use block-influence or angular for an encoder")
+        choice = _greedy_by_loss(model, batches, remove, bf16, progress, stack)
     elif method in ("block-influence", "angular"):
-        sim = hidden_similarity(model, batches, bf16=bf16, progress=progress)
+        sim = hidden_similarity(model, batches, bf16=bf16, progress=progress, stack=stack)
         influence = sim.block_influence()
         distances = sim.run_distances(remove)
         if method == "block-influence":
@@ -170,8 +173,8 @@ def choose_blocks(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], 
 
 
 def _greedy_by_loss(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], remove: int, bf16: bool,
-                    progress: bool) -> DepthChoice:
-    depth = get_adapter(model).num_layers
+                    progress: bool, stack: str | None = None) -> DepthChoice:
+    depth = get_adapter(model, stack).num_layers
     removed: list[int] = []
     bar = tqdm(total=sum(depth - k for k in range(remove)), desc="greedy depth pruning", unit="trial",
                disable=not progress)
@@ -180,13 +183,14 @@ def _greedy_by_loss(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]
         for _ in range(remove):
             trials = {}
             for i in (i for i in range(depth) if i not in removed):
-                with skipping_blocks(model, [*removed, i]):
+                with skipping_blocks(model, [*removed, i], stack):
                     trials[i] = calibration_loss(model, batches, bf16)
                 bar.update(1)
             best = min(trials, key=lambda i: (trials[i], i))
             removed.append(best)
             losses.append(trials[best])
     bar.close()
-    tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    shift = 0 if get_adapter(model).is_encoder_decoder else 1  # a causal LM's first token is never predicted
+    tokens = sum(int((b["labels"][:, shift:] != -100).sum()) for b in batches)
     return DepthChoice("perplexity", sorted(removed), [i for i in range(depth) if i not in removed],
                        {"removal_order": [float(i) for i in removed], "calibration_loss": losses}, tokens=tokens)

@@ -142,6 +142,8 @@ class PruneStage(StageConfig, CalibrationSettings):
     width: WidthPruning | None = None
     calibration_samples: int = Field(32, gt=0, description="calibration sequences the scores are measured on")
     bf16: bool = Field(False, description="measure under bf16 autocast (about 2x faster on CPUs with avx512_bf16)")
+    stack: Literal["encoder", "decoder"] | None = Field(
+        None, description="the block stack depth pruning cuts (encoder-decoder models; others have one)")
 
     @model_validator(mode="after")
     def _something(self) -> PruneStage:
@@ -158,14 +160,15 @@ class PruneStage(StageConfig, CalibrationSettings):
     def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:
         self.check_calibration(self.label, facts, recipe)
         if self.depth is not None and self.depth.method == "perplexity" and self.uses_calibration() \
-                and self._calibration_source(recipe) != "corpus":
-            raise RecipeError(f"{self.label}.depth.method: perplexity is the corpus's next-token loss; set "
-                              "calibration_data: corpus (the recipe's task gives labels, not next tokens)")
+                and self._calibration_source(recipe) == "task":
+            raise RecipeError(f"{self.label}.depth.method: perplexity is a language model's loss on text; set "
+                              "calibration_data: corpus or seq2seq (the recipe's task gives class labels)")
         if self.depth is None:
             return facts
-        layers = facts.student_layers(field=self.label)
+        field = f"{self.label}.stack"
+        layers = facts.student_layers(self.stack, field)
         count = self.depth.remove_count(layers, f"{self.label}.depth")
-        return facts.with_student_layers(layers - count)
+        return facts.with_student_layers(layers - count, self.stack, field)
 
     def run(self, run: Run) -> None:
         """Depth first (the width measurements then run on fewer blocks), then width; one report row each."""
@@ -186,19 +189,20 @@ class PruneStage(StageConfig, CalibrationSettings):
             self._report(run, "width", choice.summary(widths), before, student, choice.importance)
 
     def _prune_depth(self, run: Run, student, batches) -> None:
-        depth = get_adapter(student).num_layers
+        adapter = get_adapter(student, self.stack)
+        depth = adapter.num_layers
         field = f"{self.label}.depth"
         before = size_report(student)
         if self.depth.measured:
             choice = choose_blocks(student, batches, self.depth.method, self.depth.remove_count(depth, field),
-                                   bf16=self.bf16)
+                                   bf16=self.bf16, stack=self.stack)
         else:
             kept = self.depth.kept_blocks(depth, field)
             choice = DepthChoice("named", [i for i in range(depth) if i not in kept], kept)
-        truncate_layers(student, choice.kept)
+        truncate_layers(student, choice.kept, stack=self.stack)
         summary = choice.summary()
         scores = {k: summary.pop(k) for k in choice.scores}
-        run.cut_student(choice.kept)
+        run.cut_student(choice.kept, adapter.stack if adapter.is_encoder_decoder else None)
         self._report(run, "depth", summary, before, student, scores)
 
     def _report(self, run: Run, what: str, summary: dict, before: dict, student, scores: dict) -> None:

@@ -221,3 +221,16 @@ def test_awq_leaves_bart_post_norm_blocks_unscaled():
     # found by following the forward: an encoder block's norm -> fc1, a decoder block's two (-> cross q, -> fc1)
     assert report.pairs == 0 and len(report.skipped) == 2 * 1 + 2 * 2
     assert torch.allclose(seq2seq_logits(model), expected, atol=1e-6)  # no weight scaled
+
+
+def test_inspect_lists_both_stacks_and_gguf_export_is_refused_by_name(tmp_path, capsys):
+    from lmcompress.cli import main
+
+    lc.save(tiny_model("t5", layers=2), tiny_tokenizer(), tmp_path / "t5", format="hf")
+    assert main(["inspect", str(tmp_path / "t5")]) == 0
+    out = capsys.readouterr().out
+    assert "2 encoder layers (4 heads / 4 kv heads), 2 decoder layers (4 heads / 4 kv heads)" in out
+    assert "attention  decoder.block.0.layer.1.EncDecAttention.k" in out
+    with pytest.raises(UnsupportedArchitectureError, match="GGUF export supports LLaMA-family models; this is t5"):
+        lc.save(tiny_model("t5", layers=2), tiny_tokenizer(), tmp_path / "t5.gguf", format="gguf")
+    assert not (tmp_path / "t5.gguf").exists()

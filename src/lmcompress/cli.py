@@ -125,8 +125,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     model, _ = api.load(args.model)
     a = get_adapter(model)
-    print(f"{type(model).__name__} ({a.family} adapter): {a.num_layers} layers, hidden {a.hidden_size}, "
-          f"{a.num_heads} heads / {a.num_kv_heads} kv heads, {sum(p.numel() for p in model.parameters()):,} params")
+    stacks = ", ".join(f"{v.num_layers} {stack} layers ({v.num_heads} heads / {v.num_kv_heads} kv heads)"
+                       for stack in a.stacks for v in [a.on(stack)])
+    print(f"{type(model).__name__} ({a.family} adapter): {stacks}, hidden {a.hidden_size}, "
+          f"{sum(p.numel() for p in model.parameters()):,} params")
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if name and weight is not None and not any(True for _ in module.children()):

@@ -145,7 +145,20 @@ class QuantEmbedding(QuantModule):
                            self.norm_type, self.scale_grad_by_freq, self.sparse)
 
 
-class QuantTiedHead(nn.Module):
+class TableReader(nn.Module):
+    """A module that reads another module's quantized table (a tied head, a second lookup). The table's
+    module is held outside this one's module tree (it is registered where it lives), so it is stored once."""
+
+    def __init__(self, source: nn.Module):
+        super().__init__()
+        self._source = (source,)
+
+    @property
+    def source(self) -> nn.Module:
+        return self._source[0]
+
+
+class QuantTiedHead(TableReader):
     """Output head tied to a QuantEmbedding: logits = x @ quantized(table).T (+ bias).
 
     The embedding is held outside the module tree (it is registered where it lives), so the shared
@@ -153,15 +166,10 @@ class QuantTiedHead(nn.Module):
     """
 
     def __init__(self, embedding: QuantEmbedding, bias: nn.Parameter | None = None):
-        super().__init__()
-        self._source = (embedding,)
+        super().__init__(embedding)
         self.weight = embedding.weight
         self.bias = bias
         self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
-
-    @property
-    def source(self) -> QuantEmbedding:
-        return self._source[0]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tied to a quantized embedding"
@@ -175,29 +183,22 @@ def _lookup(input_ids: torch.Tensor, table: torch.Tensor, padding_idx: int | Non
     return rows if scale == 1.0 else rows * scale
 
 
-class QuantTiedEmbedding(nn.Module):
+class QuantTiedEmbedding(TableReader):
     """An embedding lookup into a QuantEmbedding's quantized table, rows times `scale` (held outside the
     module tree like `QuantTiedHead`'s, stored once); `weight` stays the shared Parameter."""
 
     def __init__(self, embedding: QuantEmbedding, scale: float = 1.0):
-        super().__init__()
-        self._source = (embedding,)
+        super().__init__(embedding)
         self.weight = embedding.weight
         self.scale = float(scale)
         self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
         self.padding_idx = embedding.padding_idx
-
-    @property
-    def source(self) -> QuantEmbedding:
-        return self._source[0]
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, reads a quantized embedding, scale={self.scale:g}"
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return _lookup(input_ids, self.source.quantized_weight(), self.padding_idx, self.scale)
-
-
 
 
 # --- reloaded (packed) form ----------------------------------------------------------------------
@@ -278,37 +279,27 @@ class PackedEmbedding(PackedModule):
         return F.embedding(input_ids, self.dequantized_weight(self.compute_dtype), self.padding_idx)
 
 
-class PackedTiedHead(nn.Module):
+class PackedTiedHead(TableReader):
     """Head that multiplies by a PackedEmbedding's table (held outside the module tree, stored once)."""
 
     def __init__(self, embedding: PackedEmbedding, bias: bool = False):
-        super().__init__()
-        self._source = (embedding,)
+        super().__init__(embedding)
         self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
         self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
-
-    @property
-    def source(self) -> PackedEmbedding:
-        return self._source[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.source.dequantized_weight(x.dtype), bias)
 
 
-class PackedTiedEmbedding(nn.Module):
+class PackedTiedEmbedding(TableReader):
     """A lookup into a PackedEmbedding's table (held outside the module tree, stored once), rows times `scale`."""
 
     def __init__(self, embedding: PackedEmbedding, scale: float = 1.0):
-        super().__init__()
-        self._source = (embedding,)
+        super().__init__(embedding)
         self.scale = float(scale)
         self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
         self.padding_idx = embedding.padding_idx
-
-    @property
-    def source(self) -> PackedEmbedding:
-        return self._source[0]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return _lookup(input_ids, self.source.dequantized_weight(self.source.compute_dtype), self.padding_idx,
@@ -350,7 +341,7 @@ def trainable_parameters(module: nn.Module, parts: list[str]) -> list[nn.Paramet
     return list(chosen.values())
 
 
-TIED_TYPES = (QuantTiedHead, PackedTiedHead, QuantTiedEmbedding, PackedTiedEmbedding)  # read another's table
+TIED_TYPES = (TableReader,)  # modules that read another's table
 QUANTIZED_TYPES = (QuantModule, PackedModule, *TIED_TYPES)
 
 

@@ -161,9 +161,14 @@ def test_a_decoder_config_naming_no_architectures_loads_as_a_causal_lm(model_typ
     assert not config.architectures and default_task(config) == "causal-lm"
 
 
-@pytest.mark.parametrize("model_type", ["bert", "distilbert", "roberta", "bart"])
+@pytest.mark.parametrize("model_type", ["bert", "distilbert", "roberta"])
 def test_an_encoder_config_naming_no_architectures_stays_bare(model_type):
     assert default_task(transformers.AutoConfig.for_model(model_type)) == "base"
+
+
+@pytest.mark.parametrize("model_type", ["bart", "t5", "mbart"])
+def test_an_encoder_decoder_config_loads_as_a_seq2seq_lm(model_type):
+    assert default_task(transformers.AutoConfig.for_model(model_type)) == "seq2seq-lm"
 
 
 @integration

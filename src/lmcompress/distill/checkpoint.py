@@ -11,6 +11,11 @@ A checkpoint is a folder `out_dir/checkpoints/<run_name>/step-NNNNNNNN/`:
     trainer_state.json      step, data position, tokens, seconds, recent losses, the settings that shape
                             the result, the LR scheduler's state and the optimizer's param groups
 
+Under FSDP2 (parameters sharded as DTensors) every process takes part in gathering the full tensors, the
+main process writes them, and loading hands each process its shards again: the files are the same as a
+one-process run's, so a checkpoint resumes on any number of devices with the same settings. DeepSpeed's
+sharded optimizer is not gathered: its checkpoints are refused.
+
 Nothing is pickled, so reading a checkpoint runs no code from it (accelerate's `save_state` pickles the
 scheduler, the RNG states and the optimizer, and loads some with `weights_only=False`). A folder that
 holds any other file, such as an accelerate checkpoint's `*.pkl`/`*.bin`, is refused before anything in it
@@ -155,6 +160,75 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tens
             for name, value in values.items()}
 
 
+# --- sharded (FSDP2) models: full tensors gathered on save, shards handed back on load -----------------
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """True when `module`'s parameters are sharded across processes (FSDP2's DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def _parameter_names(objective: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each parameter the optimizer steps, in its own order (the index this format keys by)."""
+    names = {id(p): n for n, p in objective.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _unique_names(objective: nn.Module) -> list[str]:
+    """State-dict names with each shared tensor once (tied parameters are one object)."""
+    seen, out = set(), []
+    for name, tensor in objective.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            out.append(name)
+    return out
+
+
+def _gathered(objective: nn.Module, optimizer: torch.optim.Optimizer, optimizer_state: bool
+              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(weights, optimizer tensors) of a sharded objective as full CPU tensors, in this format's names; every
+    process must call it (a collective), the main process gets them, the others empty dicts."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state, optim_state = get_state_dict(objective, optimizer if optimizer_state else [], options=options)
+    if not model_state:
+        return {}, {}
+    weights = {name: model_state[name] for name in _unique_names(objective)}
+    index = {name: i for i, name in enumerate(_parameter_names(objective, optimizer))}
+    tensors = {f"{index[fqn]}.{key}": value for fqn, values in (optim_state or {}).get("state", {}).items()
+               for key, value in values.items()}
+    return weights, tensors
+
+
+def _scatter(objective: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
+             tensors: dict[str, torch.Tensor] | None, groups: list[dict] | None) -> None:
+    """Load full tensors (read on every process) into a sharded objective and its optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    stored = {id(t): n for n, t in objective.state_dict(keep_vars=True).items() if n in weights}
+    model_state = {n: weights[stored[id(t)]] for n, t in objective.state_dict(keep_vars=True).items()}
+    optim_state = None
+    if tensors is not None:
+        names = _parameter_names(objective, optimizer)
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            i, name = key.split(".", 1)
+            state.setdefault(names[int(i)], {})[name] = value
+        position = 0
+        param_groups = []
+        for saved in groups:
+            size = len(saved["params"])
+            param_groups.append({**saved, "params": names[position:position + size]})
+            position += size
+        optim_state = {"state": state, "param_groups": param_groups}
+    options = StateDictOptions(full_state_dict=True, strict=True)
+    set_state_dict(objective, optimizer if optim_state is not None else [], model_state_dict=model_state,
+                   optim_state_dict=optim_state or {}, options=options)
+
+
 def _optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict],
                      optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     state: dict[int, dict[str, torch.Tensor]] = {}
@@ -177,11 +251,12 @@ def save_checkpoint(accelerator: Accelerator, objective: nn.Module, optimizer: t
     """Write `step-<state['step']>` (every process its RNG file, the main process the rest; the optimizer's
     tensors only with `optimizer_state`); keep the newest `keep`, and never fewer than two: the newest one
     is trusted only once the next step's loss confirms it (see `train`)."""
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise CheckpointError("checkpoints support one process or DDP; FSDP/DeepSpeed shard the optimizer "
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise CheckpointError("checkpoints support one process, DDP and FSDP2; DeepSpeed shards the optimizer "
                               "state, which this writer does not gather (set checkpoint_every: 0, "
                               "save_final: false)")
     final = ckpt_dir / f"step-{state['step']:08d}"
+    gathered = _gathered(objective, optimizer, optimizer_state) if is_sharded(objective) else None
     tmp = ckpt_dir / f"{TEMP_PREFIX}{final.name}"
     if accelerator.is_main_process:
         with _writing(final, tmp.name):
@@ -191,7 +266,7 @@ def save_checkpoint(accelerator: Accelerator, objective: nn.Module, optimizer: t
     try:
         _write_rng(tmp, final, accelerator.process_index)
         if accelerator.is_main_process:
-            _write_main(tmp, final, objective, optimizer, scheduler, state, optimizer_state)
+            _write_main(tmp, final, objective, optimizer, scheduler, state, optimizer_state, gathered)
     except CheckpointError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -214,12 +289,14 @@ def _write_rng(tmp: Path, final: Path, rank: int) -> None:
 
 
 def _write_main(tmp: Path, final: Path, objective: nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict, optimizer_state: bool) -> None:
+                scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict, optimizer_state: bool,
+                gathered: tuple[dict, dict] | None = None) -> None:
+    weights, tensors = gathered or (_unique_tensors(objective), None)
     with _writing(final, MODEL_FILE):
-        write_tensors(tmp / MODEL_FILE, {k: v.contiguous() for k, v in _unique_tensors(objective).items()})
+        write_tensors(tmp / MODEL_FILE, {k: v.contiguous() for k, v in weights.items()})
     if optimizer_state:
         with _writing(final, OPTIMIZER_FILE):
-            write_tensors(tmp / OPTIMIZER_FILE, _optimizer_tensors(optimizer))
+            write_tensors(tmp / OPTIMIZER_FILE, tensors if tensors is not None else _optimizer_tensors(optimizer))
     # Plain json.dumps (no default=str): a value JSON cannot hold must fail here, not load back as a string.
     full = {**state, "optimizer_state": optimizer_state, "scheduler": scheduler.state_dict(),
             "optimizer_groups": optimizer.state_dict()["param_groups"]}
@@ -255,6 +332,40 @@ def load_checkpoint(folder: Path, objective: nn.Module, optimizer: torch.optim.O
                     scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict, rank: int) -> None:
     """Restore weights, optimizer, scheduler and this process's RNG from `folder` (read by `read_state`); a
     checkpoint saved without optimizer state (a finished run's) restores all but the optimizer."""
+    if is_sharded(objective):
+        _load_sharded(folder, objective, optimizer, state)
+    else:
+        _load_weights_and_optimizer(folder, objective, optimizer, state)
+    with _reading(folder / STATE_FILE):
+        scheduler.load_state_dict(state["scheduler"])
+    path = folder / _rng_file(rank)
+    with _reading(path), safe_open(path, "pt") as f:
+        metadata = f.metadata()
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+        set_rng_state({"torch": tensors["torch"],
+                       "device": [tensors[f"device.{i}"] for i in range(len(tensors) - 1)],
+                       "python": json.loads(metadata["python"]), "numpy": json.loads(metadata["numpy"])})
+
+
+def _load_sharded(folder: Path, objective: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    path = folder / MODEL_FILE
+    with _reading(path):
+        weights = load_file(path)
+        expected = _unique_names(objective)
+        if set(weights) != set(expected):
+            missing, unexpected = sorted(set(expected) - set(weights))[:5], sorted(set(weights) - set(expected))[:5]
+            raise CheckpointError(f"checkpoint {path} does not match the model (missing {missing}, "
+                                  f"unexpected {unexpected}); start a fresh run without --resume")
+    tensors = None
+    if state.get("optimizer_state", True):
+        with _reading(folder / OPTIMIZER_FILE):
+            tensors = load_file(folder / OPTIMIZER_FILE)
+    with _reading(path):
+        _scatter(objective, optimizer, weights, tensors, state["optimizer_groups"])
+
+
+def _load_weights_and_optimizer(folder: Path, objective: nn.Module, optimizer: torch.optim.Optimizer,
+                                state: dict) -> None:
     path = folder / MODEL_FILE
     with _reading(path):
         weights = load_file(path)
@@ -271,12 +382,3 @@ def load_checkpoint(folder: Path, objective: nn.Module, optimizer: torch.optim.O
     if state.get("optimizer_state", True):
         with _reading(path):
             optimizer.load_state_dict(_optimizer_state(load_file(path), state["optimizer_groups"], optimizer))
-    with _reading(folder / STATE_FILE):
-        scheduler.load_state_dict(state["scheduler"])
-    path = folder / _rng_file(rank)
-    with _reading(path), safe_open(path, "pt") as f:
-        metadata = f.metadata()
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-        set_rng_state({"torch": tensors["torch"],
-                       "device": [tensors[f"device.{i}"] for i in range(len(tensors) - 1)],
-                       "python": json.loads(metadata["python"]), "numpy": json.loads(metadata["numpy"])})

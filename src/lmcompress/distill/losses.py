@@ -462,6 +462,11 @@ class DistillationObjective(nn.Module):
             raise RecipeError("losses: a loss compares with the teacher, but there is no teacher")
         object.__setattr__(self, "teacher", freeze(teacher) if teacher is not None else None)
 
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The student's block classes: what accelerate's FSDP transformer-based wrapping shards one by one."""
+        return getattr(self.student, "_no_split_modules", None)
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         if self.teacher is not None:

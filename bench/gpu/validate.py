@@ -69,9 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true",
                    help="the same code path on the CPU at a tiny budget (a few steps, short blocks)")
     args = p.parse_args(argv)
-    if args.dry_run:
-        args.tokens, args.seconds_per_row, args.batch_size, args.block_size = 1024, None, 2, 64
-        args.curve, args.eval_tokens = [256, 1024], 512
+    if args.dry_run:  # two steps a row: every row's training, curve and measurements run, in about 2 minutes
+        args.tokens, args.seconds_per_row, args.batch_size, args.block_size = 256, None, 2, 64
+        args.curve, args.eval_tokens = [128, 256], 256
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
         p.error(f"--rows: unknown {unknown}; known: {'; '.join(ROWS)}")
@@ -79,7 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory so far: the GPU's allocations on CUDA, the process's resident set elsewhere."""
+    """Peak memory: the GPU's allocations during the row on CUDA; elsewhere the process's resident set so far
+    (it only grows, so on the CPU it bounds the row from above)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e6
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KiB on Linux

@@ -144,6 +144,22 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
         assert torch.allclose(big[name], small[name], atol=1e-6), name
 
 
+@pytest.mark.slow
+def test_compiled_objective_trains_as_the_eager_one(tmp_path):
+    """`compile: true` (torch.compile through accelerate's dynamo plugin) gives the eager run's weights."""
+    def run(compile_, where):
+        torch.manual_seed(0)
+        teacher, student = tiny_model("llama"), tiny_model("llama", seed=1, layers=2)
+        obj = build_objective(teacher, student, [parse_loss({"type": "logits"})])
+        train(obj, blocks(8), TrainConfig(steps=2, batch_size=4, lr=1e-2, compile=compile_, log_with="none",
+                                          progress=False, save_final=False), tmp_path / where)
+        return student.state_dict()
+
+    eager, compiled = run(False, "eager"), run(True, "compiled")
+    for name in eager:
+        assert torch.allclose(eager[name], compiled[name], atol=1e-5), name
+
+
 def test_schedules():
     linear = _lr_lambda(TrainConfig(steps=10, warmup_steps=2))
     assert [round(linear(s), 3) for s in range(11)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25,

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from accelerate import PartialState
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -53,6 +54,9 @@ class LoadStage(StageConfig):
             )
         elif run.teacher is None:
             raise LmcompressError(f"{self.label}: the recipe names no `teacher:` and no model was given")
+        # Every stage runs where the model is: on the device accelerate gives this process (a GPU when there
+        # is one; the CPU otherwise), so measurement, pruning and PTQ use it as training does.
+        run.teacher.to(PartialState().device)
         quantized = quantized_source(run.teacher)
         if quantized:  # dequantized on load: its quality, and so the student's ceiling, is the file's
             note = f"{quantized} (the teacher is itself quantized; dequantized to float on load)"

@@ -234,3 +234,22 @@ def test_inspect_lists_both_stacks_and_gguf_export_is_refused_by_name(tmp_path, 
     with pytest.raises(UnsupportedArchitectureError, match="GGUF export supports LLaMA-family models; this is t5"):
         lc.save(tiny_model("t5", layers=2), tiny_tokenizer(), tmp_path / "t5.gguf", format="gguf")
     assert not (tmp_path / "t5.gguf").exists()
+
+
+@pytest.mark.parametrize("family", SEQ2SEQ)
+def test_a_fresh_student_takes_fewer_decoder_blocks_from_the_teacher(family):
+    from lmcompress.distill.student import build_student
+
+    teacher = tiny_model(family, layers=4)
+    config = get_adapter(teacher, "decoder").resized_config(layers=2)
+    student = build_student(teacher, config, map_spec="uniform", stack="decoder")
+    dec_t, dec_s = get_adapter(teacher, "decoder"), get_adapter(student, "decoder")
+    assert dec_s.num_layers == 2 and get_adapter(student, "encoder").num_layers == 4
+    for i, j in ((0, 0), (1, 2)):  # uniform: student block i starts as teacher block 2 i
+        assert torch.equal(linear_weight(dec_s.qkv(dec_s.blocks[i]).q), linear_weight(dec_t.qkv(dec_t.blocks[j]).q))
+    enc_t, enc_s = get_adapter(teacher, "encoder"), get_adapter(student, "encoder")
+    assert torch.equal(linear_weight(enc_s.qkv(enc_s.blocks[3]).q), linear_weight(enc_t.qkv(enc_t.blocks[3]).q))
+    if family == "t5":  # the new first block has the teacher's position-bias table
+        assert torch.equal(dec_s.blocks[0].layer[0].SelfAttention.relative_attention_bias.weight,
+                           dec_t.blocks[0].layer[0].SelfAttention.relative_attention_bias.weight)
+    assert student.generate(IDS, max_new_tokens=3, do_sample=False).shape[0] == 2

@@ -128,3 +128,19 @@ def test_t5_blocks_cannot_be_skipped_in_place_so_greedy_perplexity_is_refused(tm
 
     with pytest.raises(LmcompressError, match="t5 blocks cannot be skipped in place"):
         run_recipe(prune_recipe(tmp_path, "t5", "perplexity"), tmp_path / "run")
+
+
+def test_student_stage_shrinks_one_stack_and_distils_both(tmp_path):
+    seq2seq = {"name": str(word_pairs(tmp_path / "pairs")), "source_column": "document", "target_column": "summary",
+               "max_source_length": 16, "max_target_length": 6}
+    recipe = type(tiny_budget("quantgpt-bart")).parse({
+        "name": "student-bart", "teacher": str(tiny_bart_folder(tmp_path / "bart")), "seq2seq": seq2seq,
+        "stages": [{"stage": "load"}, {"stage": "student", "layers": 1, "stack": "decoder"},
+                   {"stage": "distill", "data": "seq2seq", "steps": 2, "batch_size": 2,
+                    "losses": [{"type": "logits"}, {"type": "hidden", "layer_map": "last"}]},
+                   {"stage": "evaluate", "metrics": ["rouge", "size"], "max_new_tokens": 3}]})
+    run = run_recipe(recipe, tmp_path / "run")
+    rows = {row["stage"]: row for row in run.report.rows}
+    assert (rows["evaluate"]["encoder_layers"], rows["evaluate"]["decoder_layers"]) == (2, 1)
+    assert rows["distill"]["train_steps"] == 2 and rows["distill"]["loss_hidden"] > 0
+    assert run.report.meta["student"].startswith("2 encoder, 1 decoder layers")

@@ -18,9 +18,10 @@ def _slice_to(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
 
 
 def build_student(teacher: nn.Module, config, init: str = "teacher", map_spec: str | list[int] = "uniform",
-                  field: str = "layer_map") -> nn.Module:
-    """A model of `teacher`'s class with `config`, initialised from the teacher where shapes allow."""
-    t_adapter = get_adapter(teacher)
+                  field: str = "layer_map", stack: str | None = None) -> nn.Module:
+    """A model of `teacher`'s class with `config`, initialised from the teacher where shapes allow. `stack`:
+    the block stack of an encoder-decoder whose depth `config` changes (the other keeps its blocks)."""
+    t_adapter = get_adapter(teacher, stack)
     depth = t_adapter.config_layers(config)
     pairs = layer_map(map_spec, t_adapter.num_layers, depth, field=field)
     source_of = {s: ts[0] for s, ts in pairs}
@@ -37,10 +38,12 @@ def build_student(teacher: nn.Module, config, init: str = "teacher", map_spec: s
                 if name.startswith(prefix):
                     index, rest = name[len(prefix):].split(".", 1)
                     source = f"{prefix}{source_of[int(index)]}.{rest}"
+                if source not in teacher_state:  # what only a stack's first block holds (T5's position bias)
+                    source = name
                 sliced = _slice_to(teacher_state[source], tensor.shape) if source in teacher_state else None
                 if sliced is not None:
                     tensor.copy_(sliced)
-            s_adapter = get_adapter(student)
+            s_adapter = get_adapter(student, stack)
             for i, block in enumerate(s_adapter.blocks):
                 _copy_fused_qkv(t_adapter, t_adapter.blocks[source_of[i]], s_adapter, block)
     return student.eval().requires_grad_(True)

@@ -377,27 +377,35 @@ class StudentStage(StageConfig):
     num_kv_heads: int | None = Field(None, gt=0)
     init: Literal["teacher", "random"] = "teacher"
     layer_map: str | list[int] = "uniform"
+    stack: Literal["encoder", "decoder"] | None = Field(
+        None, description="encoder-decoder models: the stack `layers` sets (the other keeps the teacher's)")
 
     def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:
-        teacher_layers = facts.teacher_layers(field=self.label)
+        field = f"{self.label}.stack"
+        teacher_layers = facts.teacher_layers(self.stack, field)
         layers = self.layers or teacher_layers
         layer_map(self.layer_map, teacher_layers, layers, field=f"{self.label}.layer_map")
-        return replace(facts.with_student_layers(layers), student_blocks_known=self.init == "teacher")
+        known = self.init == "teacher" and len(facts.student_depths) == 1
+        return replace(facts.with_student_layers(layers, self.stack, field), student_blocks_known=known)
 
     def run(self, run: Run) -> None:
         teacher = run.teacher
         if teacher is None:
             raise LmcompressError(f"{self.label}: no teacher loaded")
-        config = get_adapter(teacher).resized_config(self.layers, self.hidden_size, self.intermediate_size,
-                                                     self.num_heads, self.num_kv_heads)
-        student = build_student(teacher, config, self.init, self.layer_map, field=f"{self.label}.layer_map")
+        t_adapter = get_adapter(teacher, self.stack)
+        config = t_adapter.resized_config(self.layers, self.hidden_size, self.intermediate_size, self.num_heads,
+                                          self.num_kv_heads)
+        student = build_student(teacher, config, self.init, self.layer_map, field=f"{self.label}.layer_map",
+                                stack=self.stack)
         run.student = student
+        adapter = get_adapter(student, self.stack)
         # `layer_map: kept` in a later stage: the teacher block each student block started from, when it did
-        run.student_blocks = ([t[0] for _, t in layer_map(self.layer_map, get_adapter(teacher).num_layers,
-                                                          get_adapter(student).num_layers)]
-                              if self.init == "teacher" else None)
-        adapter = get_adapter(student)
-        run.report.meta["student"] = (f"{adapter.num_layers} layers, hidden {adapter.hidden_size}, "
+        # (an encoder-decoder's stacks are not tracked)
+        run.student_blocks = ([t[0] for _, t in layer_map(self.layer_map, t_adapter.num_layers, adapter.num_layers)]
+                              if self.init == "teacher" and not adapter.is_encoder_decoder else None)
+        depth = (", ".join(f"{adapter.on(st).num_layers} {st}" for st in adapter.stacks) if adapter.is_encoder_decoder
+                 else str(adapter.num_layers))
+        run.report.meta["student"] = (f"{depth} layers, hidden {adapter.hidden_size}, "
                                       f"{adapter.num_heads} heads, init {self.init}")
 
 

@@ -146,18 +146,28 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
 
 @pytest.mark.slow
 def test_compiled_objective_trains_as_the_eager_one(tmp_path):
-    """`compile: true` (torch.compile through accelerate's dynamo plugin) gives the eager run's weights."""
+    """`compile: true` (torch.compile through accelerate's dynamo plugin) trains the same function: the same
+    losses, and weights within what Adam's sign-like steps make of float reordering (2 lr per step)."""
+    lr, steps = 1e-3, 2
+
     def run(compile_, where):
         torch.manual_seed(0)
         teacher, student = tiny_model("llama"), tiny_model("llama", seed=1, layers=2)
         obj = build_objective(teacher, student, [parse_loss({"type": "logits"})])
-        train(obj, blocks(8), TrainConfig(steps=2, batch_size=4, lr=1e-2, compile=compile_, log_with="none",
-                                          progress=False, save_final=False), tmp_path / where)
-        return student.state_dict()
+        result = train(obj, blocks(8), TrainConfig(steps=steps, batch_size=4, lr=lr, compile=compile_,
+                                                   log_with="none", log_every=1, progress=False, save_final=False),
+                       tmp_path / where)
+        return result.final["loss"], student.state_dict()
 
-    eager, compiled = run(False, "eager"), run(True, "compiled")
+    from torch._dynamo.utils import counters
+
+    eager_loss, eager = run(False, "eager")
+    counters.clear()
+    compiled_loss, compiled = run(True, "compiled")
+    assert counters["stats"]["unique_graphs"] > 0  # dynamo did compile the objective
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-4)
     for name in eager:
-        assert torch.allclose(eager[name], compiled[name], atol=1e-5), name
+        assert torch.allclose(eager[name], compiled[name], atol=2 * lr * steps), name
 
 
 def test_schedules():

@@ -165,7 +165,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tens
 
 def is_sharded(module: nn.Module) -> bool:
     """True when `module`'s parameters are sharded across processes (FSDP2's DTensors)."""
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # lazy: torch.distributed loads only where it is asked about
 
     return any(isinstance(p, DTensor) for p in module.parameters())
 
@@ -190,7 +190,7 @@ def _gathered(objective: nn.Module, optimizer: torch.optim.Optimizer, optimizer_
               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(weights, optimizer tensors) of a sharded objective as full CPU tensors, in this format's names; every
     process must call it (a collective), the main process gets them, the others empty dicts."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict  # lazy: FSDP2 only
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state, optim_state = get_state_dict(objective, optimizer if optimizer_state else [], options=options)
@@ -206,7 +206,7 @@ def _gathered(objective: nn.Module, optimizer: torch.optim.Optimizer, optimizer_
 def _scatter(objective: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
              tensors: dict[str, torch.Tensor] | None, groups: list[dict] | None) -> None:
     """Load full tensors (read on every process) into a sharded objective and its optimizer."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict  # lazy: FSDP2 only
 
     stored = {id(t): n for n, t in objective.state_dict(keep_vars=True).items() if n in weights}
     model_state = {n: weights[stored[id(t)]] for n, t in objective.state_dict(keep_vars=True).items()}

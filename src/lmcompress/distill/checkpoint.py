@@ -208,8 +208,9 @@ def _scatter(objective: nn.Module, optimizer: torch.optim.Optimizer, weights: di
     """Load full tensors (read on every process) into a sharded objective and its optimizer."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict  # lazy: FSDP2 only
 
-    stored = {id(t): n for n, t in objective.state_dict(keep_vars=True).items() if n in weights}
-    model_state = {n: weights[stored[id(t)]] for n, t in objective.state_dict(keep_vars=True).items()}
+    local = objective.state_dict(keep_vars=True)
+    stored = {id(t): n for n, t in local.items() if n in weights}  # a tied alias reads its stored name
+    model_state = {n: weights[stored[id(t)]] for n, t in local.items()}
     optim_state = None
     if tensors is not None:
         names = _parameter_names(objective, optimizer)

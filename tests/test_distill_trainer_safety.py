@@ -1,6 +1,7 @@
 """The training loop when things go wrong: tampered checkpoints, divergence, changed settings on resume,
 metrics of repeated runs, a full disk while checkpointing."""
 
+import json
 import logging
 import pickle
 import re
@@ -132,6 +133,20 @@ def test_resume_with_changed_settings_is_refused_with_the_differences(tmp_path):
     free = TrainConfig(**{**config.model_dump(), "log_every": 1, "eval_every": 1, "checkpoint_every": 3,
                           "keep_checkpoints": 4, "spike_factor": 10.0, "log_with": "none"})
     assert train(gpt2_objective(), blocks(), free, tmp_path, resume=True).steps == 4
+
+
+def test_a_setting_added_after_the_checkpoint_counts_as_its_default(tmp_path):
+    # A checkpoint from an older lmcompress does not name `compile` (added later): resuming with the default
+    # continues, and resuming with it switched on is the change it is.
+    config = cut_run(tmp_path, steps=4)
+    state_file = checkpoints(tmp_path / "checkpoints/train")[-1] / checkpoint.STATE_FILE
+    state = json.loads(state_file.read_text())
+    del state["settings"]["compile"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=r"\(compile false -> true\)"):
+        train(gpt2_objective(), blocks(), TrainConfig(**{**config.model_dump(), "compile": True}), tmp_path,
+              resume=True)
+    assert train(gpt2_objective(), blocks(), config, tmp_path, resume=True).steps == 4
 
 
 def test_evaluation_does_not_move_the_random_streams_of_training(tmp_path):

@@ -317,8 +317,11 @@ def read_state(folder: Path) -> dict:
         return json.loads((folder / STATE_FILE).read_text())
 
 
-def check_settings(folder: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse to resume when a setting that shapes the result differs from the checkpoint's."""
+def check_settings(folder: Path, saved: dict[str, Any], current: dict[str, Any],
+                   defaults: dict[str, Any] | None = None) -> None:
+    """Refuse to resume when a setting that shapes the result differs from the checkpoint's. A setting the
+    checkpoint does not name (one added to lmcompress after it was written) counts as its default there."""
+    saved = {**{k: v for k, v in (defaults or {}).items() if k in current}, **saved}
     changed = [f"{k} {json.dumps(saved.get(k))} -> {json.dumps(current.get(k))}"
                for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     if changed:

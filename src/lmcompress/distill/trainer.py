@@ -416,7 +416,9 @@ def train(
     world = accelerator.num_processes
     settings = _settings(config, world, len(data))
     if start:
-        check_settings(start, state.get("settings", {}), settings)
+        defaults = {name: field.get_default(call_default_factory=True)
+                    for name, field in type(config).model_fields.items()}
+        check_settings(start, state.get("settings", {}), settings, defaults)
     order = BatchOrder(len(data), config.batch_size, world, accelerator.process_index, config.seed)
 
     objective.to(accelerator.device)

@@ -7,6 +7,7 @@ module `model.layers.2.mlp.up_proj`" and never checks `model_type` itself.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,44 @@ class WidthParts:
     mlp_in: list[nn.Module]
     mlp_out: nn.Module
     norms: list[nn.Module]
+
+
+@dataclass
+class DecodeBlock:
+    """One block as the lean decode step computes it: x += o(attn(rope(q, k), v)) of attn_norm(x), then
+    x += down(silu(gate(h)) * up(h)) of h = mlp_norm(x). The modules are the model's own (linears in any
+    inference form; RMS norms with `weight` and `variance_epsilon`)."""
+
+    attn_norm: nn.Module
+    q: nn.Module
+    k: nn.Module
+    v: nn.Module
+    o: nn.Module
+    mlp_norm: nn.Module
+    gate: nn.Module
+    up: nn.Module
+    down: nn.Module
+
+
+@dataclass
+class DecodeSpec:
+    """A LLaMA-family decoder as the lean decode path (`lmcompress.infer.lean`) runs it: pre-norm RMSNorm
+    blocks, rotary positions in transformers' rotate-half form, grouped-query attention scaled by
+    head_dim^-0.5, SwiGLU MLP, final norm, LM head. `rotary(n)` gives the (cos, sin) tables [n, head_dim]
+    of positions 0..n-1 from the model's own rotary module (any rope scaling it applies included)."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    blocks: list[DecodeBlock]
+    embeddings: nn.Module
+    final_norm: nn.Module
+    head: nn.Module
+    rotary: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+    max_positions: int | None = None
 
 
 class ArchAdapter:
@@ -259,6 +298,11 @@ class ArchAdapter:
         `blk.0.attn_q.weight`)."""
         raise UnsupportedArchitectureError(f"GGUF export supports LLaMA-family models; this is {self.family}")
 
+    def decode_spec(self) -> DecodeSpec:
+        """The model as the lean decode path runs it; UnsupportedArchitectureError saying why when it cannot."""
+        raise UnsupportedArchitectureError(f"lean decoding runs LLaMA-family decoders; {self.family or 'this'} "
+                                           "models decode through transformers' generate")
+
     def gguf_metadata(self) -> dict[str, float | int]:
         """The llama.cpp hyper-parameters this config implies beyond depth, widths and heads."""
         raise UnsupportedArchitectureError(f"GGUF export supports LLaMA-family models; this is {self.family}")
@@ -419,6 +463,41 @@ class LlamaAdapter(ArchAdapter):
         if heads is None:
             return None
         return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(rows)
+
+    # Model types whose blocks compute exactly what `DecodeSpec` describes (Qwen3's q/k norms, Gemma's norm
+    # offset and embedding scale, OLMo 2's norm placement and Granite's multipliers compute otherwise).
+    LEAN_DECODE_TYPES = ("llama", "mistral", "qwen2")
+
+    def decode_spec(self) -> DecodeSpec:
+        config, base = self.config, self.base
+        model_type = getattr(config, "model_type", None)
+        if model_type not in self.LEAN_DECODE_TYPES:
+            raise UnsupportedArchitectureError(f"lean decoding runs model types {', '.join(self.LEAN_DECODE_TYPES)}; "
+                                               f"{model_type!r} decodes through transformers' generate")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise UnsupportedArchitectureError(f"lean decoding: activation {config.hidden_act!r} (silu only)")
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        blocks = []
+        for block in self.blocks:
+            attention, mlp = block.self_attn, block.mlp
+            if hasattr(attention, "qkv_proj") or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+                raise UnsupportedArchitectureError("lean decoding needs separate q/k/v and gate/up/down projections")
+            blocks.append(DecodeBlock(attn_norm=block.input_layernorm, q=attention.q_proj, k=attention.k_proj,
+                                      v=attention.v_proj, o=attention.o_proj, mlp_norm=block.post_attention_layernorm,
+                                      gate=mlp.gate_proj, up=mlp.up_proj, down=mlp.down_proj))
+        rotary = base.rotary_emb
+
+        def tables(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            probe = torch.zeros(1, dtype=torch.float32)
+            cos, sin = rotary(probe, torch.arange(n)[None])
+            return cos[0].float(), sin[0].float()
+
+        limits = [p for p in (window, config.max_position_embeddings) if p]
+        return DecodeSpec(hidden_size=self.hidden_size, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                          head_dim=self.head_dim, intermediate_size=self.intermediate_size,
+                          rms_norm_eps=float(config.rms_norm_eps), blocks=blocks, embeddings=self.embeddings,
+                          final_norm=self.final_norm, head=self.model.get_output_embeddings(), rotary=tables,
+                          max_positions=min(limits) if limits else None)
 
     def scaling_pairs(self, block: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
         pairs = []

@@ -1,0 +1,811 @@
+// lmcompress native CPU runtime: low-bit matrix kernels that read packed codes, and one decode step for
+// LLaMA-family blocks (RMSNorm, rotary positions, grouped-query attention, SwiGLU) over a static KV cache.
+//
+// Weights. A quantized linear holds unsigned codes u in [0, 2^bits) for bits in {1, 2, 4, 8}; the level is
+// c = a * u - b (binary: a=2, b=1; ternary: a=1, b=1; ...), and W[o, i] = scale[o, g] * c + offset[o, g]
+// for i in group g. Rows are padded to a multiple of 64 codes (CHUNK) and laid out per 64-code chunk:
+//   8 bits: 64 bytes, byte j = u[j]
+//   4 bits: 32 bytes, byte j = u[j] | u[j + 32] << 4
+//   2 bits: 16 bytes, byte j = u[j] | u[j + 16] << 2 | u[j + 32] << 4 | u[j + 48] << 6
+//   1 bit :  8 bytes, bit i of the little-endian 64-bit word = u[i]
+// so that one chunk widens to 64 bytes with a few shifts and masks, and the whole weight is never widened.
+//
+// Activations are quantized per token to int8 (symmetric, scale max|x| / 127: the A8 of XTC and QuantGPT)
+// and the products are integer: sum_i c_i x_i = a * sum_i u_i x_i - b * sum_i x_i, with u unsigned and x
+// signed, which is what `vpdpbusd` (AVX-512 VNNI) and `vpmaddubsw` (AVX2) multiply. Every instruction path
+// computes the same int32 dot products; only the order of the float sums over groups differs.
+//
+// Instruction paths: AVX-512 VNNI, AVX2 and portable C++, compiled side by side with target attributes and
+// chosen at run time (`set_isa` forces one: tests run all three on one machine).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr int64_t CHUNK = 64;
+
+enum Isa { PORTABLE = 0, AVX2 = 1, AVX512 = 2 };
+
+int detect_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+    return AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return AVX2;
+  return PORTABLE;
+}
+
+int g_isa = -1;
+
+int isa() {
+  if (g_isa < 0) g_isa = detect_isa();
+  return g_isa;
+}
+
+const char* isa_name(int i) { return i == AVX512 ? "avx512-vnni" : i == AVX2 ? "avx2" : "portable"; }
+
+// ---------------------------------------------------------------------------------------------------
+// Weights
+
+struct QLinear {
+  int64_t out = 0, in = 0, kpad = 0, group = 0, ngroups = 1;
+  int bits = 0;  // 0: float weight (`weight`), else codes in `data`
+  int a = 1, b = 0;
+  torch::Tensor data;    // uint8 [out, kpad * bits / 8]
+  torch::Tensor scale;   // f32 [out, ngroups]
+  torch::Tensor offset;  // f32 [out, ngroups] or undefined
+  torch::Tensor bias;    // f32 [out] or undefined
+  torch::Tensor weight;  // f32 [out, in] when bits == 0
+
+  int64_t rowbytes() const { return kpad * bits / 8; }
+  int64_t chunks_per_group() const { return group / CHUNK; }
+  int64_t nbytes() const {
+    auto n = [](const torch::Tensor& t) { return t.defined() ? t.numel() * (int64_t)t.element_size() : 0; };
+    return n(data) + n(scale) + n(offset) + n(bias) + n(weight);
+  }
+};
+
+using QLinearPtr = std::shared_ptr<QLinear>;
+
+int64_t padded(int64_t in) { return (in + CHUNK - 1) / CHUNK * CHUNK; }
+
+// u uint8 [out, in] -> packed uint8 [out, kpad * bits / 8] (padding codes are 0)
+torch::Tensor pack_codes(torch::Tensor u, int64_t bits) {
+  TORCH_CHECK(u.dtype() == torch::kUInt8 && u.dim() == 2, "pack_codes: expected uint8 [out, in]");
+  TORCH_CHECK(bits == 1 || bits == 2 || bits == 4 || bits == 8, "pack_codes: bits must be 1, 2, 4 or 8");
+  auto uc = u.contiguous();
+  const int64_t out = uc.size(0), in = uc.size(1), kpad = padded(in), rowbytes = kpad * bits / 8;
+  auto dst = torch::zeros({out, rowbytes}, torch::kUInt8);
+  const uint8_t* src = uc.data_ptr<uint8_t>();
+  uint8_t* d = dst.data_ptr<uint8_t>();
+  at::parallel_for(0, out, 16, [&](int64_t o0, int64_t o1) {
+    std::vector<uint8_t> row(kpad, 0);
+    for (int64_t o = o0; o < o1; ++o) {
+      std::memcpy(row.data(), src + o * in, in);
+      uint8_t* r = d + o * rowbytes;
+      for (int64_t ch = 0; ch < kpad / CHUNK; ++ch) {
+        const uint8_t* c = row.data() + ch * CHUNK;
+        if (bits == 8) {
+          std::memcpy(r + ch * 64, c, 64);
+        } else if (bits == 4) {
+          for (int j = 0; j < 32; ++j) r[ch * 32 + j] = (uint8_t)((c[j] & 15) | (c[j + 32] & 15) << 4);
+        } else if (bits == 2) {
+          for (int j = 0; j < 16; ++j)
+            r[ch * 16 + j] = (uint8_t)((c[j] & 3) | (c[j + 16] & 3) << 2 | (c[j + 32] & 3) << 4 | (c[j + 48] & 3) << 6);
+        } else {
+          uint64_t word = 0;
+          for (int j = 0; j < 64; ++j) word |= (uint64_t)(c[j] & 1) << j;
+          std::memcpy(r + ch * 8, &word, 8);
+        }
+      }
+    }
+  });
+  return dst;
+}
+
+// packed row chunk -> 64 unsigned codes (portable; also used to widen row tiles for prefill)
+inline void unpack_chunk(const uint8_t* p, int bits, uint8_t* u) {
+  if (bits == 8) {
+    std::memcpy(u, p, 64);
+  } else if (bits == 4) {
+    for (int j = 0; j < 32; ++j) { u[j] = p[j] & 15; u[j + 32] = p[j] >> 4; }
+  } else if (bits == 2) {
+    for (int j = 0; j < 16; ++j) {
+      u[j] = p[j] & 3; u[j + 16] = (p[j] >> 2) & 3; u[j + 32] = (p[j] >> 4) & 3; u[j + 48] = p[j] >> 6;
+    }
+  } else {
+    uint64_t word;
+    std::memcpy(&word, p, 8);
+    for (int j = 0; j < 64; ++j) u[j] = (word >> j) & 1;
+  }
+}
+
+QLinearPtr make_linear(torch::Tensor data, torch::Tensor scale, std::optional<torch::Tensor> offset,
+                       std::optional<torch::Tensor> bias, int64_t in, int64_t group, int64_t bits, int64_t a,
+                       int64_t b) {
+  auto L = std::make_shared<QLinear>();
+  L->in = in;
+  L->kpad = padded(in);
+  L->bits = (int)bits;
+  L->a = (int)a;
+  L->b = (int)b;
+  TORCH_CHECK(data.dtype() == torch::kUInt8 && data.dim() == 2 && data.is_contiguous(),
+              "make_linear: data must be contiguous uint8 [out, rowbytes]");
+  L->out = data.size(0);
+  TORCH_CHECK(data.size(1) == L->rowbytes(), "make_linear: data rows hold ", data.size(1), " bytes, expected ",
+              L->rowbytes());
+  L->group = group <= 0 || group >= L->kpad ? L->kpad : group;
+  TORCH_CHECK(L->group % CHUNK == 0, "make_linear: group size must be a multiple of 64, got ", group);
+  L->ngroups = (L->in + L->group - 1) / L->group;
+  TORCH_CHECK(scale.dtype() == torch::kFloat && scale.dim() == 2 && scale.size(0) == L->out &&
+                  scale.size(1) == L->ngroups && scale.is_contiguous(),
+              "make_linear: scale must be contiguous f32 [out, ngroups]");
+  L->data = data;
+  L->scale = scale;
+  if (offset) {
+    TORCH_CHECK(offset->sizes() == scale.sizes() && offset->dtype() == torch::kFloat && offset->is_contiguous(),
+                "make_linear: offset must be contiguous f32 shaped like scale");
+    L->offset = *offset;
+  }
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == L->out && bias->dtype() == torch::kFloat, "make_linear: bias");
+    L->bias = bias->contiguous();
+  }
+  return L;
+}
+
+QLinearPtr make_float_linear(torch::Tensor weight, std::optional<torch::Tensor> bias) {
+  auto L = std::make_shared<QLinear>();
+  TORCH_CHECK(weight.dim() == 2 && weight.dtype() == torch::kFloat, "make_float_linear: f32 [out, in]");
+  L->weight = weight.contiguous();
+  L->out = weight.size(0);
+  L->in = weight.size(1);
+  L->kpad = L->in;
+  if (bias) L->bias = bias->contiguous().to(torch::kFloat);
+  return L;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Activations: int8 per token, zero-padded to kpad; 3 extra zero rows so 4-token tiles may read past M.
+
+struct Acts {
+  int64_t M = 0, kpad = 0;
+  std::vector<int8_t> q;
+  std::vector<float> s;
+  std::vector<int32_t> csum;  // [M, kpad / 64]: sum of the int8 values of each chunk
+};
+
+void quantize_acts(const float* x, int64_t M, int64_t in, int64_t ldx, int64_t kpad, Acts& A) {
+  A.M = M;
+  A.kpad = kpad;
+  const int64_t nch = kpad / CHUNK;
+  A.q.assign((M + 3) * kpad, 0);
+  A.s.assign(M, 1.f);
+  A.csum.assign(M * nch, 0);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* xr = x + m * ldx;
+      float amax = 0.f;
+      for (int64_t k = 0; k < in; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
+      int8_t* q = A.q.data() + m * kpad;
+      for (int64_t k = 0; k < in; ++k) q[k] = (int8_t)std::nearbyint(xr[k] * inv);
+      A.s[m] = s;
+      for (int64_t ch = 0; ch < nch; ++ch) {
+        int32_t sum = 0;
+        for (int j = 0; j < CHUNK; ++j) sum += q[ch * CHUNK + j];
+        A.csum[m * nch + ch] = sum;
+      }
+    }
+  });
+}
+
+// y = sx * (sum_g scale_g * a * dot_g - sum_g (scale_g * bterm - offset_g) * xsum_g) + bias, where dot_g is
+// sum (u - shift) x over group g (shift = 128 on the AVX2 8-bit path, else 0) and bterm = b - a * shift.
+// Built once per call: raw pointers and each token's per-group activation sums, so that the per-output
+// work is a few multiply-adds.
+struct Epilogue {
+  const float* scale = nullptr;
+  const float* offset = nullptr;
+  const float* bias = nullptr;
+  const float* sx = nullptr;
+  int64_t ngroups = 1;
+  float a = 1.f;
+  std::vector<float> xsum;  // [M, ngroups]
+
+  Epilogue(const QLinear& L, const Acts& A)
+      : scale(L.scale.data_ptr<float>()), offset(L.offset.defined() ? L.offset.data_ptr<float>() : nullptr),
+        bias(L.bias.defined() ? L.bias.data_ptr<float>() : nullptr), sx(A.s.data()), ngroups(L.ngroups),
+        a((float)L.a), xsum(A.M * L.ngroups, 0.f) {
+    const int64_t nch = A.kpad / CHUNK, cpg = L.chunks_per_group();
+    for (int64_t m = 0; m < A.M; ++m)
+      for (int64_t ch = 0; ch < nch; ++ch) xsum[m * ngroups + std::min(ch / cpg, ngroups - 1)] += (float)A.csum[m * nch + ch];
+  }
+
+  inline float operator()(int64_t o, int64_t m, float scaled_dot, int bterm) const {
+    const float* sc = scale + o * ngroups;
+    const float* xs = xsum.data() + m * ngroups;
+    float corr = 0.f;
+    if (offset) {
+      const float* off = offset + o * ngroups;
+      for (int64_t g = 0; g < ngroups; ++g) corr += (sc[g] * (float)bterm - off[g]) * xs[g];
+    } else {
+      for (int64_t g = 0; g < ngroups; ++g) corr += sc[g] * xs[g];
+      corr *= (float)bterm;
+    }
+    const float y = sx[m] * (a * scaled_dot - corr);
+    return bias ? y + bias[o] : y;
+  }
+};
+
+// ---- portable -------------------------------------------------------------------------------------
+
+void rows_portable(const QLinear& L, const Acts& A, const Epilogue& E, float* y, int64_t ldy, int64_t o0, int64_t o1) {
+  const int64_t nch = L.kpad / CHUNK, cpg = L.chunks_per_group(), rb = L.rowbytes(), cb = CHUNK * L.bits / 8;
+  const uint8_t* w = L.data.data_ptr<uint8_t>();
+  uint8_t u[CHUNK];
+  for (int64_t o = o0; o < o1; ++o) {
+    const float* sc = E.scale + o * L.ngroups;
+    for (int64_t m = 0; m < A.M; ++m) {
+      const int8_t* x = A.q.data() + m * A.kpad;
+      float acc = 0.f;
+      for (int64_t g = 0; g < L.ngroups; ++g) {
+        int32_t dot = 0;
+        for (int64_t ch = g * cpg; ch < std::min(nch, (g + 1) * cpg); ++ch) {
+          unpack_chunk(w + o * rb + ch * cb, L.bits, u);
+          for (int j = 0; j < CHUNK; ++j) dot += (int32_t)u[j] * x[ch * CHUNK + j];
+        }
+        acc += sc[g] * (float)dot;
+      }
+      y[m * ldy + o] = E(o, m, acc, L.b);
+    }
+  }
+}
+
+// ---- AVX-512 VNNI ---------------------------------------------------------------------------------
+
+#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,fma")))
+#define TARGET_AVX2 __attribute__((target("avx2,fma")))
+
+template <int BITS>
+TARGET_AVX512 inline __m512i widen512(const uint8_t* p) {
+  if constexpr (BITS == 8) {
+    return _mm512_loadu_si512((const void*)p);
+  } else if constexpr (BITS == 4) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)p), m = _mm256_set1_epi8(15);
+    const __m256i lo = _mm256_and_si256(v, m), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  } else if constexpr (BITS == 2) {
+    const __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)p));
+    const __m512i shifts = _mm512_set_epi16(6, 6, 6, 6, 6, 6, 6, 6, 4, 4, 4, 4, 4, 4, 4, 4, 2, 2, 2, 2, 2, 2, 2, 2,
+                                            0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_and_si512(_mm512_srlv_epi16(v, shifts), _mm512_set1_epi8(3));
+  } else {
+    uint64_t word;
+    std::memcpy(&word, p, 8);
+    return _mm512_maskz_mov_epi8((__mmask64)word, _mm512_set1_epi8(1));
+  }
+}
+
+TARGET_AVX512 inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// one token, 4 rows at a time: independent accumulators overlap the dependent vpdpbusd chains
+template <int BITS>
+TARGET_AVX512 void rows_avx512_m1(const QLinear& L, const Acts& A, const Epilogue& E, float* y, int64_t o0, int64_t o1) {
+  const int64_t nch = L.kpad / CHUNK, cpg = L.chunks_per_group(), rb = L.rowbytes(), cb = CHUNK * BITS / 8;
+  const uint8_t* w = L.data.data_ptr<uint8_t>();
+  const int8_t* x = A.q.data();
+  for (int64_t o = o0; o < o1; o += 4) {
+    const int rows = (int)std::min<int64_t>(4, o1 - o);
+    __m512 facc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t g = 0; g < L.ngroups; ++g) {
+      __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                        _mm512_setzero_si512()};
+      const int64_t c1 = std::min(nch, (g + 1) * cpg);
+      for (int64_t ch = g * cpg; ch < c1; ++ch) {
+        const __m512i xv = _mm512_loadu_si512((const void*)(x + ch * CHUNK));
+        for (int r = 0; r < rows; ++r)
+          acc[r] = _mm512_dpbusd_epi32(acc[r], widen512<BITS>(w + (o + r) * rb + ch * cb), xv);
+      }
+      for (int r = 0; r < rows; ++r)
+        facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]),
+                                  _mm512_set1_ps(E.scale[(o + r) * L.ngroups + g]), facc[r]);
+    }
+    for (int r = 0; r < rows; ++r) y[o + r] = E(o + r, 0, hsum512(facc[r]), L.b);
+  }
+}
+
+// several tokens: widen 4 rows once, then 4-row x 4-token tiles
+TARGET_AVX512 void rows_avx512_mm(const QLinear& L, const Acts& A, const Epilogue& E, float* y, int64_t ldy, int64_t o0, int64_t o1) {
+  const int64_t nch = L.kpad / CHUNK, cpg = L.chunks_per_group(), rb = L.rowbytes(), cb = CHUNK * L.bits / 8;
+  const int64_t K = L.kpad, M = A.M;
+  const uint8_t* w = L.data.data_ptr<uint8_t>();
+  std::vector<uint8_t> wbuf(4 * K);
+  for (int64_t o = o0; o < o1; o += 4) {
+    const int rows = (int)std::min<int64_t>(4, o1 - o);
+    std::fill(wbuf.begin(), wbuf.end(), 0);
+    for (int r = 0; r < rows; ++r)
+      for (int64_t ch = 0; ch < nch; ++ch) unpack_chunk(w + (o + r) * rb + ch * cb, L.bits, wbuf.data() + r * K + ch * CHUNK);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      __m512 facc[4][4];
+      for (int r = 0; r < 4; ++r)
+        for (int t = 0; t < 4; ++t) facc[r][t] = _mm512_setzero_ps();
+      for (int64_t g = 0; g < L.ngroups; ++g) {
+        __m512i acc[4][4];
+        for (int r = 0; r < 4; ++r)
+          for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_setzero_si512();
+        const int64_t c1 = std::min(nch, (g + 1) * cpg);
+        for (int64_t ch = g * cpg; ch < c1; ++ch) {
+          __m512i xv[4], wv[4];
+          for (int t = 0; t < 4; ++t) xv[t] = _mm512_loadu_si512((const void*)(A.q.data() + (m0 + t) * K + ch * CHUNK));
+          for (int r = 0; r < 4; ++r) wv[r] = _mm512_loadu_si512((const void*)(wbuf.data() + r * K + ch * CHUNK));
+          for (int r = 0; r < 4; ++r)
+            for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], wv[r], xv[t]);
+        }
+        for (int r = 0; r < rows; ++r) {
+          const __m512 s = _mm512_set1_ps(E.scale[(o + r) * L.ngroups + g]);
+          for (int t = 0; t < 4; ++t) facc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][t]), s, facc[r][t]);
+        }
+      }
+      for (int t = 0; t < 4 && m0 + t < M; ++t)
+        for (int r = 0; r < rows; ++r) y[(m0 + t) * ldy + o + r] = E(o + r, m0 + t, hsum512(facc[r][t]), L.b);
+    }
+  }
+}
+
+// ---- AVX2 -----------------------------------------------------------------------------------------
+
+// 32 codes (half h of a chunk) as unsigned bytes; 8-bit codes come back signed (u - 128), see `dot32`
+template <int BITS>
+TARGET_AVX2 inline __m256i widen256(const uint8_t* p, int h) {
+  if constexpr (BITS == 8) {
+    return _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(p + 32 * h)), _mm256_set1_epi8((char)0x80));
+  } else if constexpr (BITS == 4) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)p), m = _mm256_set1_epi8(15);
+    return h == 0 ? _mm256_and_si256(v, m) : _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+  } else if constexpr (BITS == 2) {
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p));
+    const __m256i shifts = h == 0 ? _mm256_set_epi64x(2, 2, 0, 0) : _mm256_set_epi64x(6, 6, 4, 4);
+    return _mm256_and_si256(_mm256_srlv_epi64(v, shifts), _mm256_set1_epi8(3));
+  } else {
+    uint32_t bits32;
+    std::memcpy(&bits32, p + 4 * h, 4);
+    // byte j takes bit j: broadcast the 4 bytes so byte j holds source byte j / 8, then test bit j % 8
+    const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits32),
+                                          _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
+                                                            0x0101010101010101LL, 0x0000000000000000LL));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit), _mm256_set1_epi8(1));
+  }
+}
+
+// sum over 32 products into 8 int32 lanes: unsigned codes (< 16) x signed activations never saturate
+// vpmaddubsw's int16 pairs; 8-bit codes use |c| and sign(x, c) (|c| <= 128, |x| <= 127 fits int16)
+template <int BITS>
+TARGET_AVX2 inline __m256i dot32(__m256i wv, __m256i xv) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (BITS == 8) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv)), ones);
+  } else {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
+  }
+}
+
+TARGET_AVX2 inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int BITS>
+TARGET_AVX2 void rows_avx2(const QLinear& L, const Acts& A, const Epilogue& E, float* y, int64_t ldy, int64_t o0, int64_t o1) {
+  const int64_t nch = L.kpad / CHUNK, cpg = L.chunks_per_group(), rb = L.rowbytes(), cb = CHUNK * BITS / 8;
+  const uint8_t* w = L.data.data_ptr<uint8_t>();
+  const int bterm = BITS == 8 ? L.b - L.a * 128 : L.b;
+  for (int64_t m = 0; m < A.M; ++m) {
+    const int8_t* x = A.q.data() + m * A.kpad;
+    for (int64_t o = o0; o < o1; o += 2) {
+      const int rows = (int)std::min<int64_t>(2, o1 - o);
+      __m256 facc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t g = 0; g < L.ngroups; ++g) {
+        __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        const int64_t c1 = std::min(nch, (g + 1) * cpg);
+        for (int64_t ch = g * cpg; ch < c1; ++ch)
+          for (int h = 0; h < 2; ++h) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i*)(x + ch * CHUNK + 32 * h));
+            for (int r = 0; r < rows; ++r)
+              acc[r] = _mm256_add_epi32(acc[r], dot32<BITS>(widen256<BITS>(w + (o + r) * rb + ch * cb, h), xv));
+          }
+        for (int r = 0; r < rows; ++r)
+          facc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]),
+                                    _mm256_set1_ps(E.scale[(o + r) * L.ngroups + g]), facc[r]);
+      }
+      for (int r = 0; r < rows; ++r) y[m * ldy + o + r] = E(o + r, m, hsum256(facc[r]), bterm);
+    }
+  }
+}
+
+// ---- dispatch -------------------------------------------------------------------------------------
+
+void rows(const QLinear& L, const Acts& A, const Epilogue& E, float* y, int64_t ldy, int64_t o0, int64_t o1) {
+  const int i = isa();
+  if (i == AVX512) {
+    if (A.M > 1) return rows_avx512_mm(L, A, E, y, ldy, o0, o1);
+    switch (L.bits) {
+      case 1: return rows_avx512_m1<1>(L, A, E, y, o0, o1);
+      case 2: return rows_avx512_m1<2>(L, A, E, y, o0, o1);
+      case 4: return rows_avx512_m1<4>(L, A, E, y, o0, o1);
+      default: return rows_avx512_m1<8>(L, A, E, y, o0, o1);
+    }
+  }
+  if (i == AVX2) {
+    switch (L.bits) {
+      case 1: return rows_avx2<1>(L, A, E, y, ldy, o0, o1);
+      case 2: return rows_avx2<2>(L, A, E, y, ldy, o0, o1);
+      case 4: return rows_avx2<4>(L, A, E, y, ldy, o0, o1);
+      default: return rows_avx2<8>(L, A, E, y, ldy, o0, o1);
+    }
+  }
+  rows_portable(L, A, E, y, ldy, o0, o1);
+}
+
+// y[m, :out] (row stride ldy) = x[m, :in] (row stride ldx) @ W.T (+ bias), for a quantized or float linear
+void linear_into(const QLinear& L, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, Acts& A) {
+  if (L.bits == 0) {
+    auto xt = torch::from_blob(const_cast<float*>(x), {M, L.in}, {ldx, 1}, torch::kFloat);
+    auto yt = torch::from_blob(y, {M, L.out}, {ldy, 1}, torch::kFloat);
+    yt.copy_(L.bias.defined() ? torch::addmm(L.bias, xt, L.weight.t()) : torch::mm(xt, L.weight.t()));
+    return;
+  }
+  if (A.M != M || A.kpad != L.kpad) quantize_acts(x, M, L.in, ldx, L.kpad, A);
+  const Epilogue E(L, A);
+  const int64_t blocks = (L.out + 3) / 4;
+  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+    rows(L, A, E, y, ldy, b0 * 4, std::min(L.out, b1 * 4));
+  });
+}
+
+torch::Tensor linear(const QLinear& L, torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == L.in, "linear: expected x [tokens, ", L.in, "], got ", x.sizes());
+  auto xc = x.to(torch::kFloat).contiguous();
+  auto y = torch::empty({xc.size(0), L.out}, torch::kFloat);
+  Acts A;
+  A.M = -1;
+  linear_into(L, xc.data_ptr<float>(), xc.size(0), L.in, y.data_ptr<float>(), L.out, A);
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// LLaMA-family decode step
+
+#define VECTORIZE __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+
+VECTORIZE void rmsnorm(const float* x, const float* w, float eps, int64_t n, float* out) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float inv = 1.f / std::sqrt(ss / (float)n + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * inv * w[i];
+}
+
+// x[:half] * cos - x[half:] * sin | x[half:] * cos + x[:half] * sin  (transformers' rotate_half form)
+VECTORIZE void rope(float* x, const float* cos, const float* sin, int64_t hd) {
+  const int64_t h = hd / 2;
+#pragma omp simd
+  for (int64_t i = 0; i < h; ++i) {
+    const float x1 = x[i], x2 = x[i + h];
+    x[i] = x1 * cos[i] - x2 * sin[i];
+    x[i + h] = x2 * cos[i + h] + x1 * sin[i + h];
+  }
+}
+
+// One query against cached positions 0..n-1 of one kv head: softmax(q.K * scale) V into out. `score`
+// holds n floats (rounded up to 16). Explicit SIMD paths: a per-position call to a generic function (or
+// libm's scalar expf) costs more than the arithmetic at decode.
+void attend_portable(const float* q, const float* K, const float* V, int64_t n, int64_t hd, float scale,
+                     float* score, float* out) {
+  float mx = -INFINITY;
+  for (int64_t p = 0; p < n; ++p) {
+    float s = 0.f;
+    for (int64_t i = 0; i < hd; ++i) s += q[i] * K[p * hd + i];
+    score[p] = s * scale;
+    mx = std::max(mx, score[p]);
+  }
+  float sum = 0.f;
+  for (int64_t p = 0; p < n; ++p) sum += (score[p] = std::exp(score[p] - mx));
+  std::fill(out, out + hd, 0.f);
+  for (int64_t p = 0; p < n; ++p)
+    for (int64_t i = 0; i < hd; ++i) out[i] += score[p] / sum * V[p * hd + i];
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the max): 2^n * e^r, |r| <= ln2 / 2, degree-6 Taylor in r
+// (relative error ~2e-7)
+TARGET_AVX512 inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+TARGET_AVX512 void attend_avx512(const float* q, const float* K, const float* V, int64_t n, int64_t hd,
+                                 float scale, float* score, float* out) {
+  const int64_t vecs = hd / 16;
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t p = 0; p < n; ++p) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t v = 0; v < vecs; ++v)
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * v), _mm512_loadu_ps(K + p * hd + 16 * v), acc);
+    score[p] = _mm512_reduce_add_ps(acc) * scale;
+  }
+  const int64_t full = (n + 15) / 16 * 16;
+  for (int64_t p = n; p < full; ++p) score[p] = -INFINITY;
+  for (int64_t p = 0; p < full; p += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(score + p));
+  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t p = 0; p < full; p += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(score + p), top));
+    _mm512_storeu_ps(score + p, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  const float inv = 1.f / _mm512_reduce_add_ps(sum);
+  __m512 o[16];  // head_dim <= 256
+  for (int64_t v = 0; v < vecs; ++v) o[v] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < n; ++p) {
+    const __m512 w = _mm512_set1_ps(score[p]);
+    for (int64_t v = 0; v < vecs; ++v) o[v] = _mm512_fmadd_ps(w, _mm512_loadu_ps(V + p * hd + 16 * v), o[v]);
+  }
+  for (int64_t v = 0; v < vecs; ++v) _mm512_storeu_ps(out + 16 * v, _mm512_mul_ps(o[v], _mm512_set1_ps(inv)));
+}
+
+TARGET_AVX2 inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+TARGET_AVX2 void attend_avx2(const float* q, const float* K, const float* V, int64_t n, int64_t hd, float scale,
+                             float* score, float* out) {
+  const int64_t vecs = hd / 8;
+  for (int64_t p = 0; p < n; ++p) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t v = 0; v < vecs; ++v)
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * v), _mm256_loadu_ps(K + p * hd + 8 * v), acc);
+    score[p] = hsum256(acc) * scale;
+  }
+  const int64_t full = (n + 7) / 8 * 8;
+  for (int64_t p = n; p < full; ++p) score[p] = -INFINITY;
+  float top = -INFINITY;
+  for (int64_t p = 0; p < n; ++p) top = std::max(top, score[p]);
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t p = 0; p < full; p += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(score + p), _mm256_set1_ps(top)));
+    _mm256_storeu_ps(score + p, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  const float inv = 1.f / hsum256(sum);
+  __m256 o[32];  // head_dim <= 256
+  for (int64_t v = 0; v < vecs; ++v) o[v] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < n; ++p) {
+    const __m256 w = _mm256_set1_ps(score[p]);
+    for (int64_t v = 0; v < vecs; ++v) o[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(V + p * hd + 8 * v), o[v]);
+  }
+  for (int64_t v = 0; v < vecs; ++v) _mm256_storeu_ps(out + 8 * v, _mm256_mul_ps(o[v], _mm256_set1_ps(inv)));
+}
+
+void attend(const float* q, const float* K, const float* V, int64_t n, int64_t hd, float scale, float* score,
+            float* out) {
+  const int i = isa();
+  if (i == AVX512 && hd % 16 == 0 && hd <= 256) return attend_avx512(q, K, V, n, hd, scale, score, out);
+  if (i >= AVX2 && hd % 8 == 0 && hd <= 256) return attend_avx2(q, K, V, n, hd, scale, score, out);
+  attend_portable(q, K, V, n, hd, scale, score, out);
+}
+
+VECTORIZE void swiglu(const float* gate, const float* up, float* out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+}
+
+struct Layer {
+  torch::Tensor attn_norm, mlp_norm;
+  std::vector<QLinearPtr> qkv, gate_up;  // parts whose outputs are concatenated: fused or separate
+  QLinearPtr o, down;
+};
+
+struct Decoder {
+  int64_t hidden, heads, kv_heads, head_dim, intermediate;
+  float eps;
+  std::vector<Layer> layers;
+  torch::Tensor cos, sin;      // [max_positions, head_dim]
+  torch::Tensor kcache, vcache;  // [layers, batch, kv_heads, max_len, head_dim]
+
+  Decoder(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double eps,
+          torch::Tensor cos, torch::Tensor sin)
+      : hidden(hidden), heads(heads), kv_heads(kv_heads), head_dim(head_dim), intermediate(intermediate),
+        eps((float)eps), cos(cos.to(torch::kFloat).contiguous()), sin(sin.to(torch::kFloat).contiguous()) {
+    TORCH_CHECK(heads % kv_heads == 0 && head_dim % 2 == 0, "Decoder: heads must be a multiple of kv_heads");
+    TORCH_CHECK(this->cos.dim() == 2 && this->cos.size(1) == head_dim && this->sin.sizes() == this->cos.sizes(),
+                "Decoder: cos/sin must be [positions, head_dim]");
+  }
+
+  void add_layer(torch::Tensor attn_norm, std::vector<QLinearPtr> qkv, QLinearPtr o, torch::Tensor mlp_norm,
+                 std::vector<QLinearPtr> gate_up, QLinearPtr down) {
+    auto out_sum = [](const std::vector<QLinearPtr>& parts) {
+      int64_t n = 0;
+      for (auto& p : parts) n += p->out;
+      return n;
+    };
+    TORCH_CHECK(out_sum(qkv) == (heads + 2 * kv_heads) * head_dim, "add_layer: q/k/v rows do not match the heads");
+    TORCH_CHECK(out_sum(gate_up) == 2 * intermediate, "add_layer: gate/up rows do not match intermediate size");
+    TORCH_CHECK(o->out == hidden && down->out == hidden && down->in == intermediate, "add_layer: o/down shapes");
+    layers.push_back({attn_norm.to(torch::kFloat).contiguous(), mlp_norm.to(torch::kFloat).contiguous(), qkv,
+                      gate_up, o, down});
+  }
+
+  void set_cache(torch::Tensor k, torch::Tensor v) {
+    TORCH_CHECK(k.dim() == 5 && k.size(0) == (int64_t)layers.size() && k.size(2) == kv_heads &&
+                    k.size(4) == head_dim && k.sizes() == v.sizes() && k.is_contiguous() && v.is_contiguous() &&
+                    k.dtype() == torch::kFloat,
+                "set_cache: expected contiguous f32 [layers, batch, kv_heads, max_len, head_dim] k and v");
+    TORCH_CHECK(k.size(3) <= cos.size(0), "set_cache: max_len ", k.size(3), " exceeds the rotary table (",
+                cos.size(0), " positions)");
+    kcache = k;
+    vcache = v;
+  }
+
+  // x [B, T, hidden] (the embedded tokens at positions pos..pos+T-1) -> the last block's output, in place
+  torch::Tensor forward(torch::Tensor x, int64_t pos) {
+    TORCH_CHECK(kcache.defined(), "forward: call set_cache first");
+    TORCH_CHECK(x.dim() == 3 && x.size(2) == hidden && x.dtype() == torch::kFloat && x.is_contiguous(),
+                "forward: expected contiguous f32 [batch, tokens, hidden]");
+    const int64_t B = x.size(0), T = x.size(1), N = B * T, maxlen = kcache.size(3);
+    TORCH_CHECK(B == kcache.size(1), "forward: batch ", B, " but the cache holds ", kcache.size(1));
+    TORCH_CHECK(pos >= 0 && pos + T <= maxlen, "forward: positions ", pos, "..", pos + T, " exceed the cache (",
+                maxlen, ")");
+    const int64_t qw = heads * head_dim, kw = kv_heads * head_dim, qkvw = qw + 2 * kw;
+    float* xs = x.data_ptr<float>();
+    std::vector<float> h(N * hidden), qkv(N * qkvw), att(N * qw), gu(N * 2 * intermediate), act(N * intermediate);
+    Acts A;
+    for (size_t l = 0; l < layers.size(); ++l) {
+      const Layer& ly = layers[l];
+      for (int64_t n = 0; n < N; ++n)
+        rmsnorm(xs + n * hidden, ly.attn_norm.data_ptr<float>(), eps, hidden, h.data() + n * hidden);
+      A.M = -1;
+      int64_t col = 0;
+      for (auto& p : ly.qkv) {
+        linear_into(*p, h.data(), N, hidden, qkv.data() + col, qkvw, A);
+        col += p->out;
+      }
+      float* kc = kcache.data_ptr<float>() + l * B * kv_heads * maxlen * head_dim;
+      float* vc = vcache.data_ptr<float>() + l * B * kv_heads * maxlen * head_dim;
+      at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) {
+          const int64_t b = n / T, p = pos + n % T;
+          const float* c = cos.data_ptr<float>() + p * head_dim;
+          const float* s = sin.data_ptr<float>() + p * head_dim;
+          float* row = qkv.data() + n * qkvw;
+          for (int64_t hh = 0; hh < heads + kv_heads; ++hh) rope(row + hh * head_dim, c, s, head_dim);
+          for (int64_t kh = 0; kh < kv_heads; ++kh) {
+            const int64_t at = ((b * kv_heads + kh) * maxlen + p) * head_dim;
+            std::memcpy(kc + at, row + qw + kh * head_dim, head_dim * sizeof(float));
+            std::memcpy(vc + at, row + qw + kw + kh * head_dim, head_dim * sizeof(float));
+          }
+        }
+      });
+      attention(qkv.data(), qkvw, kc, vc, B, T, pos, maxlen, att.data());
+      A.M = -1;
+      std::vector<float> proj(N * hidden);
+      linear_into(*ly.o, att.data(), N, qw, proj.data(), hidden, A);
+      for (int64_t i = 0; i < N * hidden; ++i) xs[i] += proj[i];
+      for (int64_t n = 0; n < N; ++n)
+        rmsnorm(xs + n * hidden, ly.mlp_norm.data_ptr<float>(), eps, hidden, h.data() + n * hidden);
+      A.M = -1;
+      col = 0;
+      for (auto& p : ly.gate_up) {
+        linear_into(*p, h.data(), N, hidden, gu.data() + col, 2 * intermediate, A);
+        col += p->out;
+      }
+      for (int64_t n = 0; n < N; ++n)
+        swiglu(gu.data() + n * 2 * intermediate, gu.data() + n * 2 * intermediate + intermediate,
+               act.data() + n * intermediate, intermediate);
+      A.M = -1;
+      linear_into(*ly.down, act.data(), N, intermediate, proj.data(), hidden, A);
+      for (int64_t i = 0; i < N * hidden; ++i) xs[i] += proj[i];
+    }
+    return x;
+  }
+
+  // att[n, h * hd] for the queries in qkv (row stride qkvw) against cached keys/values 0..pos+t
+  void attention(const float* qkv, int64_t qkvw, const float* kc, const float* vc, int64_t B, int64_t T,
+                 int64_t pos, int64_t maxlen, float* att) {
+    const int64_t group = heads / kv_heads, qw = heads * head_dim;
+    const float scale = 1.f / std::sqrt((float)head_dim);
+    if (T > 1) {  // prefill: ATen's fused attention over the cache written so far
+      auto opts = torch::TensorOptions().dtype(torch::kFloat);
+      auto q = torch::from_blob(const_cast<float*>(qkv), {B, T, heads, head_dim}, {T * qkvw, qkvw, head_dim, 1}, opts)
+                   .transpose(1, 2);
+      const int64_t len = pos + T;
+      auto k = torch::from_blob(const_cast<float*>(kc), {B, kv_heads, maxlen, head_dim}, opts).narrow(2, 0, len);
+      auto v = torch::from_blob(const_cast<float*>(vc), {B, kv_heads, maxlen, head_dim}, opts).narrow(2, 0, len);
+      std::optional<torch::Tensor> mask;
+      if (pos > 0)  // query t sees keys 0..pos+t
+        mask = torch::arange(len).unsqueeze(0) <= (torch::arange(T) + pos).unsqueeze(1);
+      auto o = at::scaled_dot_product_attention(q, k, v, mask, 0.0, pos == 0, scale, true);
+      torch::from_blob(att, {B, T, heads, head_dim}, opts).copy_(o.transpose(1, 2));
+      return;
+    }
+    at::parallel_for(0, B * heads, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> score((pos + 1 + 15) / 16 * 16);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / heads, hh = i % heads, kh = hh / group;
+        const float* q = qkv + b * qkvw + hh * head_dim;
+        const float* K = kc + (b * kv_heads + kh) * maxlen * head_dim;
+        const float* V = vc + (b * kv_heads + kh) * maxlen * head_dim;
+        attend(q, K, V, pos + 1, head_dim, scale, score.data(), att + b * qw + hh * head_dim);
+      }
+    });
+  }
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack_codes", &pack_codes, "unsigned codes [out, in] -> packed rows (see native.cpp)");
+  m.def("isa", []() { return std::string(isa_name(isa())); });
+  m.def("detected_isa", []() { return std::string(isa_name(detect_isa())); });
+  m.def("set_isa", [](const std::string& name) {
+    const int want = name == "avx512-vnni" ? AVX512 : name == "avx2" ? AVX2 : name == "portable" ? PORTABLE : -2;
+    TORCH_CHECK(want != -2, "set_isa: expected avx512-vnni, avx2 or portable, got ", name);
+    TORCH_CHECK(want <= detect_isa(), "set_isa: this CPU cannot run ", name, " (best: ", isa_name(detect_isa()), ")");
+    g_isa = want;
+  });
+  pybind11::class_<QLinear, QLinearPtr>(m, "QLinear")
+      .def_readonly("out_features", &QLinear::out)
+      .def_readonly("in_features", &QLinear::in)
+      .def_readonly("bits", &QLinear::bits)
+      .def_readonly("group", &QLinear::group)
+      .def_readonly("a", &QLinear::a)
+      .def_readonly("b", &QLinear::b)
+      .def_readonly("data", &QLinear::data)
+      .def_readonly("scale", &QLinear::scale)
+      .def_property_readonly("offset", [](const QLinear& L) { return L.offset.defined() ? std::optional<torch::Tensor>(L.offset) : std::nullopt; })
+      .def_property_readonly("bias", [](const QLinear& L) { return L.bias.defined() ? std::optional<torch::Tensor>(L.bias) : std::nullopt; })
+      .def_property_readonly("nbytes", &QLinear::nbytes)
+      .def("__call__", &linear);
+  m.def("make_linear", &make_linear);
+  m.def("make_float_linear", &make_float_linear);
+  pybind11::class_<Decoder>(m, "Decoder")
+      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, torch::Tensor, torch::Tensor>())
+      .def("add_layer", &Decoder::add_layer)
+      .def("set_cache", &Decoder::set_cache)
+      .def("forward", &Decoder::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
+}

@@ -1,0 +1,181 @@
+"""lmcompress's own CPU kernels (csrc/native.cpp): matrix kernels that read 1-, 2-, 4- and 8-bit packed
+codes without widening the weight, with AVX-512 VNNI, AVX2 and portable paths chosen at run time.
+
+`NativeRows` (kernel="native") holds a weight in the fewest of 1/2/4/8 bits its levels fit through an
+affine map c = a * u - b of unsigned codes u (binary a=2, b=1 -> 1 bit; ternary and symmetric int2 -> 2
+bits; ParetoQ's stretched 2-bit grid {-3,-1,1,3}: a=2, b=3 -> 2 bits; int3/int4 -> 4 bits; wider -> 8), with
+per-row scales or groups of a multiple of 64 inputs. Activations are rounded to int8 per token (the A8 of
+XTC and QuantGPT), so outputs match a float matmul within that rounding.
+
+The extension is compiled by torch.utils.cpp_extension on first use (about a minute; cached under
+~/.cache/torch_extensions) and needs a C++ compiler and ninja; without them `available()` is False, the
+automatic kernel choice uses PyTorch's kernels, and asking for kernel="native" says why it cannot run.
+`set_isa` forces an instruction path (tests run every path on one machine).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from lmcompress.core.errors import LmcompressError
+from lmcompress.infer.kernels import Kernel, register_kernel
+from lmcompress.quant.codes import IntWeight
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "native.cpp"
+STORAGE_BITS = (1, 2, 4, 8)
+CHUNK = 64  # codes per packed chunk; groups must be a multiple of it
+ISAS = ("avx512-vnni", "avx2", "portable")
+
+
+def missing_tools() -> list[str]:
+    """What building the extension needs and this machine lacks."""
+    return [tool for tool in ("c++", "ninja") if shutil.which(tool) is None]
+
+
+@functools.cache
+def available() -> bool:
+    """The extension builds (or is built) here: a C++ compiler and ninja are present, and the build works."""
+    if missing_tools():
+        return False
+    try:
+        extension()
+    except Exception as exc:  # a failed build means "not here": the caller falls back and says so
+        log.warning("lmcompress native kernels could not be built (%s); using PyTorch's kernels", exc)
+        return False
+    return True
+
+
+@functools.cache
+def extension():
+    """Build once (cached by torch under ~/.cache/torch_extensions) and return the extension module."""
+    missing = missing_tools()
+    if missing:
+        raise LmcompressError(f"the native kernels need {' and '.join(missing)} to compile; install them "
+                              "(e.g. `apt install g++ ninja-build` / `pip install ninja`) or use kernel='auto'")
+    # torch's extension builder is imported only when the native kernels are used.
+    from torch.utils.cpp_extension import load
+
+    log.info("compiling lmcompress native kernels (first use, about a minute)")
+    build = Path(os.environ.get("LMCOMPRESS_BUILD_DIR", Path.home() / ".cache" / "lmcompress" / "native"))
+    build.mkdir(parents=True, exist_ok=True)
+    return load("lmc_native", sources=[str(SOURCE)], build_directory=str(build), verbose=False,
+                extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+
+
+def isa() -> str:
+    """The instruction path the kernels use: avx512-vnni, avx2 or portable."""
+    return extension().isa()
+
+
+def set_isa(name: str | None) -> None:
+    """Force an instruction path (one of ISAS) the CPU has; None goes back to the best one."""
+    ext = extension()
+    ext.set_isa(ext.detected_isa() if name is None else name)
+
+
+def storage(levels: torch.Tensor) -> tuple[int, int, int]:
+    """(bits, a, b): the fewest storage bits whose unsigned codes u give every level as a * u - b."""
+    if levels.numel() == 0:
+        return 1, 1, 0
+    values = levels.unique().tolist()
+    low, high = values[0], values[-1]
+    best = (8, 1, -low)
+    for a in (1, 2):
+        if a == 2 and any((v - low) % 2 for v in values):
+            continue
+        top = (high - low) // a
+        bits = next((b for b in STORAGE_BITS if top < 2**b), None)
+        if bits is not None and bits < best[0]:
+            best = (bits, a, -low)
+    return best
+
+
+class NativeRows(Kernel):
+    """Packed 1/2/4/8-bit codes read by the native kernels (see the module docstring)."""
+
+    name = "native"
+
+    @staticmethod
+    def supports(weight: IntWeight) -> bool:
+        return weight.per_row or weight.group_size % CHUNK == 0
+
+    def __init__(self, weight: IntWeight, bias: torch.Tensor | None = None):
+        if not self.supports(weight):
+            raise LmcompressError(f"the native kernels take per-row scales or groups of a multiple of {CHUNK} "
+                                  f"inputs; got group size {weight.group_size}")
+        codes, scale, offset = weight.signed()
+        bits, a, b = storage(codes)
+        units = torch.div(codes.to(torch.int16) + b, a, rounding_mode="floor").to(torch.uint8)
+        ext = extension()
+        data = ext.pack_codes(units.contiguous(), bits)
+        self.handle = ext.make_linear(data, scale.float().contiguous(),
+                                      None if offset is None else offset.float().contiguous(),
+                                      None if bias is None else bias.detach().float().contiguous(),
+                                      weight.in_features, weight.group_size or 0, bits, a, b)
+        self.out_features, self.in_features, self.storage_bits = weight.out_features, weight.in_features, bits
+        self.name = f"native-{bits}bit"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.handle(x)
+
+    @property
+    def nbytes(self) -> int:
+        return self.handle.nbytes
+
+
+register_kernel("native")(NativeRows)
+
+
+def handle_of(module: torch.nn.Module):
+    """The native linear computing `module`: its NativeRows kernel's, or a float linear sharing an
+    nn.Linear's weight. LmcompressError naming the kernel for a module another kernel runs."""
+    kernel = getattr(module, "kernel", None)
+    if isinstance(kernel, NativeRows):
+        return kernel.handle
+    if kernel is None and isinstance(module, torch.nn.Linear):
+        bias = None if module.bias is None else module.bias.detach().float()
+        return extension().make_float_linear(module.weight.detach().float(), bias)
+    found = getattr(kernel, "name", type(module).__name__)
+    raise LmcompressError(f"lean decoding reads native kernels; this {type(module).__name__} runs {found} "
+                          "(load with kernel='native' or 'auto' where the native kernels build)")
+
+
+def _same_storage(kernels: list[NativeRows]) -> bool:
+    first = kernels[0].handle
+    return all(k.handle.bits == first.bits and k.handle.a == first.a and k.handle.b == first.b
+               and k.handle.group == first.group and k.in_features == first.in_features
+               and (k.handle.offset is None) == (first.offset is None) for k in kernels)
+
+
+def fuse(modules: list[torch.nn.Module]) -> list:
+    """Native linears computing `modules`' outputs concatenated: one linear holding all their rows when
+    their codes are stored alike (one activation pass and one parallel loop instead of several), else one
+    per module. Fusing re-points each module's kernel at row views of the fused buffers, so the weights
+    stay resident once."""
+    kernels = [getattr(m, "kernel", None) for m in modules]
+    if len(modules) < 2 or not all(isinstance(k, NativeRows) for k in kernels) or not _same_storage(kernels):
+        return [handle_of(m) for m in modules]
+    ext, handles = extension(), [k.handle for k in kernels]
+    first = handles[0]
+    data = torch.cat([h.data for h in handles])
+    scale = torch.cat([h.scale for h in handles])
+    offset = None if first.offset is None else torch.cat([h.offset for h in handles])
+    with_bias = any(h.bias is not None for h in handles)
+    bias = torch.cat([h.bias if h.bias is not None else torch.zeros(h.out_features) for h in handles]) if with_bias else None
+    fused = ext.make_linear(data, scale, offset, bias, first.in_features, first.group, first.bits, first.a, first.b)
+    start = 0
+    for kernel, old in zip(kernels, handles, strict=True):
+        rows = slice(start, start + old.out_features)
+        kernel.handle = ext.make_linear(data[rows], scale[rows], None if offset is None else offset[rows],
+                                        None if old.bias is None else bias[rows], old.in_features, old.group,
+                                        old.bits, old.a, old.b)
+        start += old.out_features
+    return [fused]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lmcompress.core.errors import LmcompressError
+from lmcompress.infer import native
 from lmcompress.infer.kernels import (
     FbgemmGroupSplit,
     FbgemmRows,
@@ -100,7 +101,8 @@ def test_int8pack_kernel_matches_within_bf16(scheme):
     assert not Int8PackRows.supports(random_weight(24, 100, 8))  # the op crashes unless in % 16 == 0
 
 
-def test_choose_kernel():
+def test_choose_kernel_without_the_native_kernels(monkeypatch):
+    monkeypatch.setattr(native, "available", lambda: False)  # a machine without a C++ compiler
     assert choose_kernel(random_weight(48, 128, 2)) is FbgemmRows
     assert choose_kernel(random_weight(48, 128, 2), prefer="memory") is Int4Groups
     assert choose_kernel(random_weight(48, 128, 2, group_size=64)) is Int4Groups
@@ -108,6 +110,15 @@ def test_choose_kernel():
     assert choose_kernel(random_weight(40, 100, 2, group_size=50)) is FbgemmGroupSplit
     assert choose_kernel(random_weight(40, 96, 8), prefer="accuracy") is Int8PackRows
     assert choose_kernel(random_weight(48, 128, 2), prefer="accuracy") is Int4Groups
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernels do not build here")
+def test_choose_kernel_takes_the_native_kernels_where_they_fit():
+    assert choose_kernel(random_weight(48, 128, 2)) is native.NativeRows
+    assert choose_kernel(random_weight(48, 128, 2), prefer="memory") is native.NativeRows
+    assert choose_kernel(random_weight(48, 100, 8, group_size=64)) is native.NativeRows  # ragged last group
+    assert choose_kernel(random_weight(48, 128, 4, group_size=32)) is Int4Groups  # groups of 64k only
+    assert choose_kernel(random_weight(48, 128, 2), prefer="accuracy") is Int4Groups  # bf16 activations
 
 
 def test_kernel_linear_holds_no_float_weight():

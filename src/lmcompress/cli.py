@@ -106,6 +106,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+    from transformers import TextStreamer
+
+    from lmcompress import formats
+    from lmcompress.infer import lean
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    packed = formats.is_export(args.model) and formats.read_marker(args.model).get("format") == "packed-quant"
+    model, tokenizer = formats.load_inference(args.model) if packed else formats.load_model(args.model)
+    if args.no_lean:
+        model.__dict__.pop("generate", None)
+    elif not packed and not lean.attach(model):
+        print(f"lean decoding off: {lean.lean_problem(model)}", file=sys.stderr)
+    path = "lean" if isinstance(model.__dict__.get("generate"), lean.LeanGenerate) else "transformers"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise LmcompressError("generate: the prompt is empty")
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p} \
+        if args.sample else {"do_sample": False}
+    generator = torch.Generator().manual_seed(args.seed) if args.sample and path == "lean" else None
+    if args.sample and path != "lean":
+        torch.manual_seed(args.seed)
+    extra = {"generator": generator} if generator is not None else {}
+    started = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, streamer=TextStreamer(tokenizer),
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling, **extra)
+    seconds = time.perf_counter() - started
+    new = out.shape[1] - ids.shape[1]
+    print(f"\n[{new} tokens in {seconds:.2f} s, {new / seconds:.1f} tok/s with the prompt's {ids.shape[1]} "
+          f"tokens, {path} decoding, {torch.get_num_threads()} threads]", file=sys.stderr)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from lmcompress import api
 
@@ -192,6 +230,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for report.json/report.md (default: runs/eval)")
     p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate text from a prompt, streaming tokens as they come",
+                       description="Greedy or sampled generation. Packed exports of LLaMA-family models decode "
+                                   "through the lean native path (static KV cache, one native call per token).")
+    p.add_argument("model", help="packed export folder, built-in name, folder, .gguf file or hub id")
+    p.add_argument("prompt", help="the prompt text, or - to read it from standard input")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this probability")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--no-lean", action="store_true", help="decode with transformers' generate instead")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="export a model (hf folder, compressed folder or gguf)")
     p.add_argument("model")

@@ -26,7 +26,7 @@ from lmcompress.formats.registry import (
     load_export,
     size_report,
 )
-from lmcompress.infer import to_inference
+from lmcompress.infer import attach, to_inference
 from lmcompress.models import loading
 
 
@@ -41,9 +41,12 @@ def load_model(name_or_path: str | Path, **options: Any):
 
 def load_inference(folder: str | Path, kernel: str = "auto", prefer: str = "speed"):
     """(model, tokenizer) from a `packed-quant` folder, with integer-kernel modules in place of the packed
-    ones (the codes are unpacked once and packed for the kernel; no float weight is built)."""
+    ones (the codes are unpacked once and packed for the kernel; no float weight is built). Where the lean
+    decode path can run the model (LLaMA-family, native kernels), `model.generate` goes through it."""
     model, tokenizer = get_format("packed-quant").load(folder)
-    return to_inference(model, kernel=kernel, prefer=prefer), tokenizer
+    model = to_inference(model, kernel=kernel, prefer=prefer)
+    attach(model)
+    return model, tokenizer
 
 
 __all__ = ["FORMATS", "MARKER", "Format", "PlannedTensor", "auto_format", "export_model", "get_format",

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lmcompress import __version__
-from lmcompress.infer import lowbit
+from lmcompress.infer import native
 from lmcompress.infer.kernels import cpu_flags, cpu_has_vnni, kernel_options
 
 LIBRARIES = ("torch", "transformers", "accelerate", "datasets", "safetensors", "compressed-tensors", "gguf",
@@ -53,7 +53,7 @@ def describe() -> dict[str, Any]:
         "kernels": {
             "fbgemm (int8 codes, 8-bit activations)": "fbgemm" in torch.backends.quantized.supported_engines,
             "int4pack / int8pack (bf16 activations)": hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"),
-            "lowbit2 (2-bit AVX-512 VNNI extension)": lowbit.available(),
+            "native (1/2/4/8-bit packed codes; lean decoding)": native.status(),
         },
         "kernel_options": kernel_options(),
         "compiler": shutil.which("c++"),

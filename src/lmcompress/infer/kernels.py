@@ -23,8 +23,9 @@ Which op when (measured on a 2-core AVX-512/VNNI EPYC with torch 2.13, see bench
   one kernel call per group, so slower.
 - `Int8PackRows`: `_weight_int8pack_mm` (int8 weights, bf16 activations) for prefer="accuracy": no
   activation quantization, slower (the 49152-row LM head takes 4.3 ms per token against fbgemm's 0.8 ms).
-- `lowbit.Lowbit2Rows` (opt-in, kernel="lowbit2"): 2-bit codes read by an AVX-512 VNNI C++ extension, the
-  only path that reads fewer bytes than int8 at decode (see lowbit.py, which registers it here).
+- `native.NativeRows` (kernel="native"): lmcompress's own kernels (csrc/native.cpp), reading 1-, 2-, 4- and
+  8-bit packed codes without widening them, AVX-512 VNNI / AVX2 / portable paths chosen at run time; the
+  kernels of the lean decode path (native.py registers it here and as the automatic choice where it builds).
 
 Every kernel registers the `kernel=` option that selects it with `register_kernel`.
 
@@ -121,6 +122,8 @@ def _linear_dynamic_per_token(x: torch.Tensor, packed, reduce_range: bool) -> to
 K = TypeVar("K", bound=type[Kernel])
 # `kernel=` option -> (kernel class, whether weights it does not support get the automatic choice instead)
 _KERNELS: dict[str, tuple[type[Kernel], bool]] = {}
+# kernels the automatic choice tries first: (kernel class, takes(weight, prefer) -> whether it should run it)
+_AUTO_FIRST: list[tuple[type[Kernel], Callable[[IntWeight, str], bool]]] = []
 
 
 def kernel_options() -> list[str]:
@@ -128,15 +131,19 @@ def kernel_options() -> list[str]:
     return ["auto", *_KERNELS]
 
 
-def register_kernel(option: str, fallback: bool = False) -> Callable[[K], K]:
+def register_kernel(option: str, fallback: bool = False,
+                    auto: Callable[[IntWeight, str], bool] | None = None) -> Callable[[K], K]:
     """Class decorator: `build_kernel(weight, kernel=option)` builds this kernel. With `fallback` the option is
     an opt-in for the weights the kernel supports (a special low-bit kernel for part of a model); the other
-    weights get the "auto" choice. Without it, a weight the kernel cannot take is the kernel's error."""
+    weights get the "auto" choice. Without it, a weight the kernel cannot take is the kernel's error.
+    `auto(weight, prefer)`: the automatic choice takes this kernel for the weights it says yes to."""
 
     def register(cls: K) -> K:
         if option == "auto" or option in _KERNELS:
             raise TypeError(f"kernel option {option!r} is taken")
         _KERNELS[option] = (cls, fallback)
+        if auto is not None:
+            _AUTO_FIRST.append((cls, auto))
         return cls
 
     return register
@@ -297,7 +304,8 @@ PREFER = ("speed", "memory", "accuracy")
 
 
 def choose_kernel(weight: IntWeight, prefer: str = "speed") -> type[Kernel]:
-    """The kernel class for a weight.
+    """The kernel class for a weight: a kernel registered with `auto` that takes it (the native kernels, where
+    they build, for prefer="speed" and "memory"), else:
 
     prefer="speed": fbgemm int8 for per-row scales (fastest measured; activations quantized to 8 bits
     per token), the int4 op for per-group scales when the shape allows it, else the group-split fallback.
@@ -307,6 +315,9 @@ def choose_kernel(weight: IntWeight, prefer: str = "speed") -> type[Kernel]:
     """
     if prefer not in PREFER:
         raise LmcompressError(f"prefer: expected one of {PREFER}, got {prefer!r}")
+    for cls, takes in _AUTO_FIRST:
+        if takes(weight, prefer):
+            return cls
     if (prefer != "speed" or not weight.per_row) and Int4Groups.supports(weight):
         return Int4Groups
     if prefer == "accuracy" and Int8PackRows.supports(weight):
@@ -317,7 +328,7 @@ def choose_kernel(weight: IntWeight, prefer: str = "speed") -> type[Kernel]:
 def build_kernel(weight: IntWeight, bias: torch.Tensor | None = None, kernel: str = "auto",
                  prefer: str = "speed") -> Kernel:
     """Pack `weight` for the kernel registered as `kernel`: "auto" picks with `choose_kernel`, and so does an
-    opt-in kernel such as "lowbit2" (the 2-bit AVX-512 kernel of lowbit.py) for a weight it does not take."""
+    opt-in kernel (registered with fallback=True) for a weight it does not take."""
     if kernel == "auto":
         cls = choose_kernel(weight, prefer)
     elif kernel in _KERNELS:

@@ -8,6 +8,10 @@ the final norm, the head and the choice of the next token. The kernels are the m
 (`infer/native.py`), so the eager path through the same modules computes the same numbers up to the order
 of float sums.
 
+The KV cache holds IEEE half floats by default (as llama.cpp's does: half the bytes read per token, and
+at a 600-token context the cache is half as large as a ternary SmolLM2's weights); `kv_dtype=torch.float32`
+computes exactly what the eager path does.
+
 `LeanDecoder(model).generate(input_ids, ...)` takes what `model.generate` takes for greedy and sampled
 decoding of equal-length prompts; `attach(model)` makes `model.generate` use it whenever a call asks for
 nothing else (anything it does not do goes to transformers' generate).
@@ -38,7 +42,10 @@ def _norm_weight(norm: nn.Module) -> torch.Tensor:
 class LeanDecoder:
     """Greedy and sampled decoding of a LLaMA-family inference model through the native decode step."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, kv_dtype: torch.dtype = torch.float16):
+        if kv_dtype not in (torch.float16, torch.float32):
+            raise LmcompressError(f"lean decoding: kv_dtype must be torch.float16 or torch.float32, got {kv_dtype}")
+        self.kv_dtype = kv_dtype
         spec = get_adapter(model).decode_spec()
         ext = native.extension()
         self.spec = spec
@@ -60,8 +67,11 @@ class LeanDecoder:
         self.eps = next(iter(eps)) if spec.blocks else spec.rms_norm_eps
         self._ext = ext
         self._cache_shape: tuple[int, int] | None = None  # (batch, positions)
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _ensure_cache(self, batch: int, positions: int) -> None:
+    def _ensure_cache(self, batch: int, positions: int, keep: int = 0) -> None:
+        """A cache for `batch` sequences of at least `positions` positions; the first `keep` positions of the
+        current cache are carried over when it has to grow."""
         if self.max_positions is not None and positions > self.max_positions:
             raise LmcompressError(f"lean decoding: {positions} positions exceed the model's "
                                   f"{self.max_positions}")
@@ -78,13 +88,23 @@ class LeanDecoder:
             for parts in self._parts:
                 self.decoder.add_layer(*parts)
         shape = (self.blocks, batch, spec.num_kv_heads, length, spec.head_dim)
-        self.decoder.set_cache(torch.zeros(shape), torch.zeros(shape))
+        k, v = torch.zeros(shape, dtype=self.kv_dtype), torch.zeros(shape, dtype=self.kv_dtype)
+        if keep:
+            k[:, :, :, :keep] = self._cache[0][:, :, :, :keep]
+            v[:, :, :, :keep] = self._cache[1][:, :, :, :keep]
+        self.decoder.set_cache(k, v)
+        self._cache = (k, v)
         self._cache_shape = (batch, length)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, position: int) -> torch.Tensor:
         """Logits [batch, vocab] of the last of `input_ids` [batch, tokens], which sit at positions
-        position..position+tokens-1 (the cache holds every earlier position)."""
+        position..position+tokens-1 (the cache holds every earlier position of this batch, and grows as
+        needed)."""
+        batch, tokens = input_ids.shape
+        if position and (self._cache_shape is None or self._cache_shape[0] != batch):
+            raise LmcompressError("lean decoding: continue a batch from position 0 first (the cache is empty)")
+        self._ensure_cache(batch, position + tokens, keep=position)
         x = self.spec.embeddings(input_ids).float().contiguous()
         x = self.decoder.forward(x, position)
         last = self.spec.final_norm(x[:, -1]).float().contiguous()

@@ -70,6 +70,16 @@ def extension():
                 extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
 
 
+def status() -> str:
+    """What `lmcompress env` reports, without compiling: built (and the path it runs), or why not."""
+    missing = missing_tools()
+    if missing:
+        return f"cannot build here: no {' or '.join(missing)}"
+    if extension.cache_info().currsize:
+        return f"built, {isa()} path"
+    return "compiles on first use"
+
+
 def isa() -> str:
     """The instruction path the kernels use: avx512-vnni, avx2 or portable."""
     return extension().isa()
@@ -82,20 +92,19 @@ def set_isa(name: str | None) -> None:
 
 
 def storage(levels: torch.Tensor) -> tuple[int, int, int]:
-    """(bits, a, b): the fewest storage bits whose unsigned codes u give every level as a * u - b."""
+    """(bits, a, b): the fewest storage bits whose unsigned codes u give every level as a * u - b, with b
+    fixed by (bits, a) — centred grids, so that weights of one width are stored alike and can be fused."""
     if levels.numel() == 0:
-        return 1, 1, 0
-    values = levels.unique().tolist()
-    low, high = values[0], values[-1]
-    best = (8, 1, -low)
-    for a in (1, 2):
-        if a == 2 and any((v - low) % 2 for v in values):
-            continue
-        top = (high - low) // a
-        bits = next((b for b in STORAGE_BITS if top < 2**b), None)
-        if bits is not None and bits < best[0]:
-            best = (bits, a, -low)
-    return best
+        return 1, 2, 1
+    values = levels.unique()
+    low, high = int(values[0]), int(values[-1])
+    odd = bool((values % 2 != 0).all())
+    for bits in STORAGE_BITS:
+        if odd and -(2**bits - 1) <= low and high <= 2**bits - 1:  # odd levels: a = 2 (binary, seq grids)
+            return bits, 2, 2**bits - 1
+        if bits > 1 and -(2 ** (bits - 1)) <= low and high <= 2 ** (bits - 1) - 1:
+            return bits, 1, 2 ** (bits - 1)
+    raise LmcompressError(f"levels {low}..{high} do not fit 8-bit codes")
 
 
 class NativeRows(Kernel):
@@ -126,12 +135,27 @@ class NativeRows(Kernel):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.handle(x)
 
+    def __deepcopy__(self, memo: dict) -> NativeRows:
+        # the extension's linear is not picklable: copy its tensors into a new one
+        copy = object.__new__(NativeRows)
+        copy.__dict__.update(self.__dict__)
+        h = self.handle
+        copy.handle = extension().make_linear(
+            h.data.clone(), h.scale.clone(), None if h.offset is None else h.offset.clone(),
+            None if h.bias is None else h.bias.clone(), h.in_features, h.group, h.bits, h.a, h.b)
+        return copy
+
     @property
     def nbytes(self) -> int:
         return self.handle.nbytes
 
 
-register_kernel("native")(NativeRows)
+def _auto(weight: IntWeight, prefer: str) -> bool:
+    # "accuracy" keeps activations in bf16, which these kernels round to int8
+    return prefer != "accuracy" and NativeRows.supports(weight) and available()
+
+
+register_kernel("native", auto=_auto)(NativeRows)
 
 
 def handle_of(module: torch.nn.Module):

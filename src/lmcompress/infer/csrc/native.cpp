@@ -28,6 +28,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -232,6 +233,21 @@ struct Epilogue {
       for (int64_t ch = 0; ch < nch; ++ch) xsum[m * ngroups + std::min(ch / cpg, ngroups - 1)] += (float)A.csum[m * nch + ch];
   }
 
+  // sum_g (scale_g * bterm - offset_g) * xsum_g of row o, token m
+  inline float correction(int64_t o, int64_t m, int bterm) const {
+    const float* sc = scale + o * ngroups;
+    const float* xs = xsum.data() + m * ngroups;
+    float corr = 0.f;
+    if (offset) {
+      const float* off = offset + o * ngroups;
+      for (int64_t g = 0; g < ngroups; ++g) corr += (sc[g] * (float)bterm - off[g]) * xs[g];
+    } else {
+      for (int64_t g = 0; g < ngroups; ++g) corr += sc[g] * xs[g];
+      corr *= (float)bterm;
+    }
+    return corr;
+  }
+
   inline float operator()(int64_t o, int64_t m, float scaled_dot, int bterm) const {
     const float* sc = scale + o * ngroups;
     const float* xs = xsum.data() + m * ngroups;
@@ -297,32 +313,116 @@ TARGET_AVX512 inline __m512i widen512(const uint8_t* p) {
   }
 }
 
+// The decode kernels skip the shifts: the chunk's bytes are broadcast to every lane that needs them and
+// each lane keeps its own bit field in place, so lane s of a 2-bit chunk holds u * 4^s (4-bit: the upper
+// half holds u * 16). Products stay in range (192 * 127 * 4 per vpdpbusd lane) and every lane's integer sum
+// is a multiple of its factor, so scaling the float row sums by `lane_scale` once is exact.
+template <int BITS>
+TARGET_AVX512 inline __m512i fields512(const uint8_t* p) {
+  if constexpr (BITS == 8) {
+    return _mm512_loadu_si512((const void*)p);
+  } else if constexpr (BITS == 4) {
+    const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)p));
+    return _mm512_and_si512(v, _mm512_inserti64x4(_mm512_set1_epi8(0x0F), _mm256_set1_epi8((char)0xF0), 1));
+  } else if constexpr (BITS == 2) {
+    const __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)p));
+    return _mm512_and_si512(v, _mm512_set_epi32(0xC0C0C0C0, 0xC0C0C0C0, 0xC0C0C0C0, 0xC0C0C0C0, 0x30303030,
+                                                 0x30303030, 0x30303030, 0x30303030, 0x0C0C0C0C, 0x0C0C0C0C,
+                                                 0x0C0C0C0C, 0x0C0C0C0C, 0x03030303, 0x03030303, 0x03030303, 0x03030303));
+  } else {
+    return widen512<1>(p);
+  }
+}
+
+template <int BITS>
+TARGET_AVX512 inline __m512 lane_scale() {
+  if constexpr (BITS == 4) {
+    return _mm512_insertf32x8(_mm512_set1_ps(1.f), _mm256_set1_ps(1.f / 16), 1);
+  } else if constexpr (BITS == 2) {
+    return _mm512_set_ps(1.f / 64, 1.f / 64, 1.f / 64, 1.f / 64, 1.f / 16, 1.f / 16, 1.f / 16, 1.f / 16, 1.f / 4,
+                         1.f / 4, 1.f / 4, 1.f / 4, 1.f, 1.f, 1.f, 1.f);
+  } else {
+    return _mm512_set1_ps(1.f);
+  }
+}
+
 TARGET_AVX512 inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-// one token, 4 rows at a time: independent accumulators overlap the dependent vpdpbusd chains
+// one token, ROWS rows at a time: independent accumulators overlap the dependent vpdpbusd chains (ROWS is a
+// compile-time constant so that they stay in registers)
+template <int BITS, int ROWS>
+TARGET_AVX512 inline void tile_avx512_m1(const QLinear& L, const int8_t* x, const Epilogue& E, float* y, int64_t o) {
+  const int64_t nch = L.kpad / CHUNK, cpg = L.chunks_per_group(), rb = L.rowbytes(), cb = CHUNK * BITS / 8;
+  const uint8_t* w = L.data.data_ptr<uint8_t>() + o * rb;
+  __m512 facc[ROWS];
+  for (int r = 0; r < ROWS; ++r) facc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < L.ngroups; ++g) {
+    __m512i acc[ROWS];
+    for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_si512();
+    const int64_t c1 = std::min(nch, (g + 1) * cpg);
+    for (int64_t ch = g * cpg; ch < c1; ++ch) {
+      const __m512i xv = _mm512_loadu_si512((const void*)(x + ch * CHUNK));
+      for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], fields512<BITS>(w + r * rb + ch * cb), xv);
+    }
+    for (int r = 0; r < ROWS; ++r)
+      facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(E.scale[(o + r) * L.ngroups + g]), facc[r]);
+  }
+  for (int r = 0; r < ROWS; ++r) y[o + r] = E(o + r, 0, hsum512(_mm512_mul_ps(facc[r], lane_scale<BITS>())), L.b);
+}
+
+// v[r] (16 vectors) -> one vector of their 16 horizontal sums, in order: three rounds of pairwise lane
+// shuffles and adds instead of 16 separate reductions
+TARGET_AVX512 inline __m512 reduce16(const __m512* v) {
+  __m512 s1[8], s2[4];
+  for (int i = 0; i < 8; ++i)
+    s1[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // lanes of s2[i] hold rows 4i..4i+3
+    s2[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s1[2 * i], s1[2 * i + 1], 0x88), _mm512_shuffle_f32x4(s1[2 * i], s1[2 * i + 1], 0xDD));
+  const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(s2[0], s2[1]), _mm512_unpackhi_ps(s2[0], s2[1]));
+  const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(s2[2], s2[3]), _mm512_unpackhi_ps(s2[2], s2[3]));
+  const __m512 r = _mm512_add_ps(
+      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
+      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))));
+  // element 4l + j of r is row 4j + l
+  return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), r);
+}
+
+// one token, 16 rows: sub-tiles of SUB independent vpdpbusd chains (enough to hide its latency) per group, float accumulators per row,
+// then one reduction and a vectorized epilogue
+template <int BITS, int SUB = 8>
+TARGET_AVX512 inline void tile16_avx512_m1(const QLinear& L, const int8_t* x, const Epilogue& E, float* y, int64_t o) {
+  const int64_t nch = L.kpad / CHUNK, cpg = L.chunks_per_group(), rb = L.rowbytes(), cb = CHUNK * BITS / 8;
+  const uint8_t* w = L.data.data_ptr<uint8_t>() + o * rb;
+  __m512 facc[16];
+  for (int r = 0; r < 16; ++r) facc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < L.ngroups; ++g) {
+    const int64_t c0 = g * cpg, c1 = std::min(nch, (g + 1) * cpg);
+    for (int sub = 0; sub < 16; sub += SUB) {
+      __m512i acc[SUB];
+      for (int r = 0; r < SUB; ++r) acc[r] = _mm512_setzero_si512();
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        const __m512i xv = _mm512_loadu_si512((const void*)(x + ch * CHUNK));
+        for (int r = 0; r < SUB; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], fields512<BITS>(w + (sub + r) * rb + ch * cb), xv);
+      }
+      for (int r = 0; r < SUB; ++r)
+        facc[sub + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(E.scale[(o + sub + r) * L.ngroups + g]), facc[sub + r]);
+    }
+  }
+  for (int r = 0; r < 16; ++r) facc[r] = _mm512_mul_ps(facc[r], lane_scale<BITS>());
+  alignas(64) float corr[16];
+  for (int r = 0; r < 16; ++r) corr[r] = E.correction(o + r, 0, L.b);
+  __m512 out = _mm512_mul_ps(_mm512_set1_ps(E.sx[0]),
+                             _mm512_fmsub_ps(_mm512_set1_ps(E.a), reduce16(facc), _mm512_load_ps(corr)));
+  if (E.bias) out = _mm512_add_ps(out, _mm512_loadu_ps(E.bias + o));
+  _mm512_storeu_ps(y + o, out);
+}
+
 template <int BITS>
 TARGET_AVX512 void rows_avx512_m1(const QLinear& L, const Acts& A, const Epilogue& E, float* y, int64_t o0, int64_t o1) {
-  const int64_t nch = L.kpad / CHUNK, cpg = L.chunks_per_group(), rb = L.rowbytes(), cb = CHUNK * BITS / 8;
-  const uint8_t* w = L.data.data_ptr<uint8_t>();
-  const int8_t* x = A.q.data();
-  for (int64_t o = o0; o < o1; o += 4) {
-    const int rows = (int)std::min<int64_t>(4, o1 - o);
-    __m512 facc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t g = 0; g < L.ngroups; ++g) {
-      __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
-                        _mm512_setzero_si512()};
-      const int64_t c1 = std::min(nch, (g + 1) * cpg);
-      for (int64_t ch = g * cpg; ch < c1; ++ch) {
-        const __m512i xv = _mm512_loadu_si512((const void*)(x + ch * CHUNK));
-        for (int r = 0; r < rows; ++r)
-          acc[r] = _mm512_dpbusd_epi32(acc[r], widen512<BITS>(w + (o + r) * rb + ch * cb), xv);
-      }
-      for (int r = 0; r < rows; ++r)
-        facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]),
-                                  _mm512_set1_ps(E.scale[(o + r) * L.ngroups + g]), facc[r]);
-    }
-    for (int r = 0; r < rows; ++r) y[o + r] = E(o + r, 0, hsum512(facc[r]), L.b);
-  }
+  int64_t o = o0;
+  for (; o + 16 <= o1; o += 16) tile16_avx512_m1<BITS>(L, A.q.data(), E, y, o);
+  for (; o + 4 <= o1; o += 4) tile_avx512_m1<BITS, 4>(L, A.q.data(), E, y, o);
+  for (; o < o1; ++o) tile_avx512_m1<BITS, 1>(L, A.q.data(), E, y, o);
 }
 
 // several tokens: widen 4 rows once, then 4-row x 4-token tiles
@@ -470,9 +570,9 @@ void linear_into(const QLinear& L, const float* x, int64_t M, int64_t ldx, float
   }
   if (A.M != M || A.kpad != L.kpad) quantize_acts(x, M, L.in, ldx, L.kpad, A);
   const Epilogue E(L, A);
-  const int64_t blocks = (L.out + 3) / 4;
-  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
-    rows(L, A, E, y, ldy, b0 * 4, std::min(L.out, b1 * 4));
+  const int64_t blocks = (L.out + 15) / 16;  // 16-row tiles (the AVX-512 decode tile)
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+    rows(L, A, E, y, ldy, b0 * 16, std::min(L.out, b1 * 16));
   });
 }
 
@@ -511,23 +611,34 @@ VECTORIZE void rope(float* x, const float* cos, const float* sin, int64_t hd) {
   }
 }
 
-// One query against cached positions 0..n-1 of one kv head: softmax(q.K * scale) V into out. `score`
-// holds n floats (rounded up to 16). Explicit SIMD paths: a per-position call to a generic function (or
-// libm's scalar expf) costs more than the arithmetic at decode.
-void attend_portable(const float* q, const float* K, const float* V, int64_t n, int64_t hd, float scale,
+// Attention of the G query heads that share one kv head (grouped-query attention) against cached positions
+// 0..n-1: out[g] = softmax(q[g] . K * scale) V. Each cached row is read once for all G queries. The cache
+// holds float or IEEE half (`Half` = uint16_t storage) rows of hd values. Explicit SIMD paths: a
+// per-position call to a generic function (or libm's scalar expf) costs more than the arithmetic at decode.
+using Half = uint16_t;
+
+inline float load1(const float* p) { return *p; }
+inline float load1(const Half* p) { return (float)c10::Half(*p, c10::Half::from_bits()); }
+
+template <typename T>
+void attend_portable(const float* q, int64_t G, const T* K, const T* V, int64_t n, int64_t hd, float scale,
                      float* score, float* out) {
-  float mx = -INFINITY;
-  for (int64_t p = 0; p < n; ++p) {
-    float s = 0.f;
-    for (int64_t i = 0; i < hd; ++i) s += q[i] * K[p * hd + i];
-    score[p] = s * scale;
-    mx = std::max(mx, score[p]);
+  for (int64_t g = 0; g < G; ++g) {
+    float* sc = score + g * n;
+    float mx = -INFINITY;
+    for (int64_t p = 0; p < n; ++p) {
+      float s = 0.f;
+      for (int64_t i = 0; i < hd; ++i) s += q[g * hd + i] * load1(K + p * hd + i);
+      sc[p] = s * scale;
+      mx = std::max(mx, sc[p]);
+    }
+    float sum = 0.f;
+    for (int64_t p = 0; p < n; ++p) sum += (sc[p] = std::exp(sc[p] - mx));
+    float* o = out + g * hd;
+    std::fill(o, o + hd, 0.f);
+    for (int64_t p = 0; p < n; ++p)
+      for (int64_t i = 0; i < hd; ++i) o[i] += sc[p] / sum * load1(V + p * hd + i);
   }
-  float sum = 0.f;
-  for (int64_t p = 0; p < n; ++p) sum += (score[p] = std::exp(score[p] - mx));
-  std::fill(out, out + hd, 0.f);
-  for (int64_t p = 0; p < n; ++p)
-    for (int64_t i = 0; i < hd; ++i) out[i] += score[p] / sum * V[p * hd + i];
 }
 
 // exp(x) for x <= 0 (softmax after subtracting the max): 2^n * e^r, |r| <= ln2 / 2, degree-6 Taylor in r
@@ -547,87 +658,70 @@ TARGET_AVX512 inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-TARGET_AVX512 void attend_avx512(const float* q, const float* K, const float* V, int64_t n, int64_t hd,
-                                 float scale, float* score, float* out) {
-  const int64_t vecs = hd / 16;
-  __m512 mx = _mm512_set1_ps(-INFINITY);
-  for (int64_t p = 0; p < n; ++p) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t v = 0; v < vecs; ++v)
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * v), _mm512_loadu_ps(K + p * hd + 16 * v), acc);
-    score[p] = _mm512_reduce_add_ps(acc) * scale;
-  }
+TARGET_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+TARGET_AVX512 inline __m512 load16(const Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+
+// softmax of G rows of n scores (row stride `stride`, padded to a multiple of 16 with -inf) in place
+TARGET_AVX512 void softmax_rows512(float* score, int64_t G, int64_t n, int64_t stride) {
   const int64_t full = (n + 15) / 16 * 16;
-  for (int64_t p = n; p < full; ++p) score[p] = -INFINITY;
-  for (int64_t p = 0; p < full; p += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(score + p));
-  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t p = 0; p < full; p += 16) {
-    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(score + p), top));
-    _mm512_storeu_ps(score + p, e);
-    sum = _mm512_add_ps(sum, e);
+  for (int64_t g = 0; g < G; ++g) {
+    float* sc = score + g * stride;
+    for (int64_t p = n; p < full; ++p) sc[p] = -INFINITY;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t p = 0; p < full; p += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sc + p));
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t p = 0; p < full; p += 16) {
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + p), top));
+      _mm512_storeu_ps(sc + p, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    for (int64_t p = 0; p < full; p += 16) _mm512_storeu_ps(sc + p, _mm512_mul_ps(_mm512_loadu_ps(sc + p), inv));
   }
-  const float inv = 1.f / _mm512_reduce_add_ps(sum);
-  __m512 o[16];  // head_dim <= 256
-  for (int64_t v = 0; v < vecs; ++v) o[v] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < n; ++p) {
-    const __m512 w = _mm512_set1_ps(score[p]);
-    for (int64_t v = 0; v < vecs; ++v) o[v] = _mm512_fmadd_ps(w, _mm512_loadu_ps(V + p * hd + 16 * v), o[v]);
-  }
-  for (int64_t v = 0; v < vecs; ++v) _mm512_storeu_ps(out + 16 * v, _mm512_mul_ps(o[v], _mm512_set1_ps(inv)));
 }
 
-TARGET_AVX2 inline __m256 exp256(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
-  __m256 p = _mm256_set1_ps(1.f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+// VECS = hd / 16 (4 for head_dim 64, 8 for 128); G <= 8 queries per kv head
+template <int VECS, typename T>
+TARGET_AVX512 void attend_avx512(const float* q, int64_t G, const T* K, const T* V, int64_t n, float scale,
+                                 float* score, float* out) {
+  constexpr int64_t hd = VECS * 16;
+  const int64_t stride = (n + 15) / 16 * 16;
+  for (int64_t p = 0; p < n; ++p) {
+    __m512 k[VECS];
+    for (int v = 0; v < VECS; ++v) k[v] = load16(K + p * hd + 16 * v);
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q + g * hd), k[0]);
+      for (int v = 1; v < VECS; ++v) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * hd + 16 * v), k[v], acc);
+      score[g * stride + p] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+  softmax_rows512(score, G, n, stride);
+  for (int64_t g0 = 0; g0 < G; g0 += 2) {  // two query heads at a time: 2 * VECS accumulators
+    const int64_t gs = std::min<int64_t>(2, G - g0);
+    __m512 o[2][VECS];
+    for (int g = 0; g < 2; ++g)
+      for (int v = 0; v < VECS; ++v) o[g][v] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < n; ++p) {
+      const __m512 w0 = _mm512_set1_ps(score[g0 * stride + p]);
+      const __m512 w1 = _mm512_set1_ps(gs > 1 ? score[(g0 + 1) * stride + p] : 0.f);
+      for (int v = 0; v < VECS; ++v) {
+        const __m512 vv = load16(V + p * hd + 16 * v);
+        o[0][v] = _mm512_fmadd_ps(w0, vv, o[0][v]);
+        o[1][v] = _mm512_fmadd_ps(w1, vv, o[1][v]);
+      }
+    }
+    for (int64_t g = 0; g < gs; ++g)
+      for (int v = 0; v < VECS; ++v) _mm512_storeu_ps(out + (g0 + g) * hd + 16 * v, o[g][v]);
+  }
 }
 
-TARGET_AVX2 void attend_avx2(const float* q, const float* K, const float* V, int64_t n, int64_t hd, float scale,
-                             float* score, float* out) {
-  const int64_t vecs = hd / 8;
-  for (int64_t p = 0; p < n; ++p) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t v = 0; v < vecs; ++v)
-      acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * v), _mm256_loadu_ps(K + p * hd + 8 * v), acc);
-    score[p] = hsum256(acc) * scale;
-  }
-  const int64_t full = (n + 7) / 8 * 8;
-  for (int64_t p = n; p < full; ++p) score[p] = -INFINITY;
-  float top = -INFINITY;
-  for (int64_t p = 0; p < n; ++p) top = std::max(top, score[p]);
-  __m256 sum = _mm256_setzero_ps();
-  for (int64_t p = 0; p < full; p += 8) {
-    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(score + p), _mm256_set1_ps(top)));
-    _mm256_storeu_ps(score + p, e);
-    sum = _mm256_add_ps(sum, e);
-  }
-  const float inv = 1.f / hsum256(sum);
-  __m256 o[32];  // head_dim <= 256
-  for (int64_t v = 0; v < vecs; ++v) o[v] = _mm256_setzero_ps();
-  for (int64_t p = 0; p < n; ++p) {
-    const __m256 w = _mm256_set1_ps(score[p]);
-    for (int64_t v = 0; v < vecs; ++v) o[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(V + p * hd + 8 * v), o[v]);
-  }
-  for (int64_t v = 0; v < vecs; ++v) _mm256_storeu_ps(out + 8 * v, _mm256_mul_ps(o[v], _mm256_set1_ps(inv)));
-}
-
-void attend(const float* q, const float* K, const float* V, int64_t n, int64_t hd, float scale, float* score,
+template <typename T>
+void attend(const float* q, int64_t G, const T* K, const T* V, int64_t n, int64_t hd, float scale, float* score,
             float* out) {
-  const int i = isa();
-  if (i == AVX512 && hd % 16 == 0 && hd <= 256) return attend_avx512(q, K, V, n, hd, scale, score, out);
-  if (i >= AVX2 && hd % 8 == 0 && hd <= 256) return attend_avx2(q, K, V, n, hd, scale, score, out);
-  attend_portable(q, K, V, n, hd, scale, score, out);
+  if (isa() == AVX512 && hd == 64) return attend_avx512<4>(q, G, K, V, n, scale, score, out);
+  if (isa() == AVX512 && hd == 128) return attend_avx512<8>(q, G, K, V, n, scale, score, out);
+  attend_portable(q, G, K, V, n, hd, scale, score, out);
 }
 
 VECTORIZE void swiglu(const float* gate, const float* up, float* out, int64_t n) {
@@ -674,8 +768,8 @@ struct Decoder {
   void set_cache(torch::Tensor k, torch::Tensor v) {
     TORCH_CHECK(k.dim() == 5 && k.size(0) == (int64_t)layers.size() && k.size(2) == kv_heads &&
                     k.size(4) == head_dim && k.sizes() == v.sizes() && k.is_contiguous() && v.is_contiguous() &&
-                    k.dtype() == torch::kFloat,
-                "set_cache: expected contiguous f32 [layers, batch, kv_heads, max_len, head_dim] k and v");
+                    (k.dtype() == torch::kFloat || k.dtype() == torch::kHalf) && v.dtype() == k.dtype(),
+                "set_cache: expected contiguous f32 or f16 [layers, batch, kv_heads, max_len, head_dim] k and v");
     TORCH_CHECK(k.size(3) <= cos.size(0), "set_cache: max_len ", k.size(3), " exceeds the rotary table (",
                 cos.size(0), " positions)");
     kcache = k;
@@ -705,8 +799,7 @@ struct Decoder {
         linear_into(*p, h.data(), N, hidden, qkv.data() + col, qkvw, A);
         col += p->out;
       }
-      float* kc = kcache.data_ptr<float>() + l * B * kv_heads * maxlen * head_dim;
-      float* vc = vcache.data_ptr<float>() + l * B * kv_heads * maxlen * head_dim;
+      const int64_t layer_at = l * B * kv_heads * maxlen * head_dim;
       at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
         for (int64_t n = n0; n < n1; ++n) {
           const int64_t b = n / T, p = pos + n % T;
@@ -715,13 +808,18 @@ struct Decoder {
           float* row = qkv.data() + n * qkvw;
           for (int64_t hh = 0; hh < heads + kv_heads; ++hh) rope(row + hh * head_dim, c, s, head_dim);
           for (int64_t kh = 0; kh < kv_heads; ++kh) {
-            const int64_t at = ((b * kv_heads + kh) * maxlen + p) * head_dim;
-            std::memcpy(kc + at, row + qw + kh * head_dim, head_dim * sizeof(float));
-            std::memcpy(vc + at, row + qw + kw + kh * head_dim, head_dim * sizeof(float));
+            const int64_t at = layer_at + ((b * kv_heads + kh) * maxlen + p) * head_dim;
+            store_row(kcache, at, row + qw + kh * head_dim);
+            store_row(vcache, at, row + qw + kw + kh * head_dim);
           }
         }
       });
-      attention(qkv.data(), qkvw, kc, vc, B, T, pos, maxlen, att.data());
+      if (kcache.dtype() == torch::kHalf)
+        attention(qkv.data(), qkvw, (const Half*)kcache.data_ptr<at::Half>() + layer_at,
+                  (const Half*)vcache.data_ptr<at::Half>() + layer_at, B, T, pos, maxlen, att.data());
+      else
+        attention(qkv.data(), qkvw, kcache.data_ptr<float>() + layer_at, vcache.data_ptr<float>() + layer_at, B, T,
+                  pos, maxlen, att.data());
       A.M = -1;
       std::vector<float> proj(N * hidden);
       linear_into(*ly.o, att.data(), N, qw, proj.data(), hidden, A);
@@ -744,33 +842,44 @@ struct Decoder {
     return x;
   }
 
+  void store_row(torch::Tensor& cache, int64_t at, const float* row) {
+    if (cache.dtype() == torch::kHalf) {
+      at::Half* dst = cache.data_ptr<at::Half>() + at;
+      for (int64_t i = 0; i < head_dim; ++i) dst[i] = at::Half(row[i]);
+    } else {
+      std::memcpy(cache.data_ptr<float>() + at, row, head_dim * sizeof(float));
+    }
+  }
+
   // att[n, h * hd] for the queries in qkv (row stride qkvw) against cached keys/values 0..pos+t
-  void attention(const float* qkv, int64_t qkvw, const float* kc, const float* vc, int64_t B, int64_t T,
-                 int64_t pos, int64_t maxlen, float* att) {
+  template <typename T>
+  void attention(const float* qkv, int64_t qkvw, const T* kc, const T* vc, int64_t B, int64_t T_, int64_t pos,
+                 int64_t maxlen, float* att) {
     const int64_t group = heads / kv_heads, qw = heads * head_dim;
     const float scale = 1.f / std::sqrt((float)head_dim);
-    if (T > 1) {  // prefill: ATen's fused attention over the cache written so far
+    if (T_ > 1) {  // prefill: ATen's fused attention over the cache written so far
       auto opts = torch::TensorOptions().dtype(torch::kFloat);
-      auto q = torch::from_blob(const_cast<float*>(qkv), {B, T, heads, head_dim}, {T * qkvw, qkvw, head_dim, 1}, opts)
+      auto copts = torch::TensorOptions().dtype(std::is_same_v<T, float> ? torch::kFloat : torch::kHalf);
+      auto q = torch::from_blob(const_cast<float*>(qkv), {B, T_, heads, head_dim}, {T_ * qkvw, qkvw, head_dim, 1}, opts)
                    .transpose(1, 2);
-      const int64_t len = pos + T;
-      auto k = torch::from_blob(const_cast<float*>(kc), {B, kv_heads, maxlen, head_dim}, opts).narrow(2, 0, len);
-      auto v = torch::from_blob(const_cast<float*>(vc), {B, kv_heads, maxlen, head_dim}, opts).narrow(2, 0, len);
+      const int64_t len = pos + T_;
+      auto k = torch::from_blob((void*)kc, {B, kv_heads, maxlen, head_dim}, copts).narrow(2, 0, len).to(torch::kFloat);
+      auto v = torch::from_blob((void*)vc, {B, kv_heads, maxlen, head_dim}, copts).narrow(2, 0, len).to(torch::kFloat);
       std::optional<torch::Tensor> mask;
       if (pos > 0)  // query t sees keys 0..pos+t
-        mask = torch::arange(len).unsqueeze(0) <= (torch::arange(T) + pos).unsqueeze(1);
+        mask = torch::arange(len).unsqueeze(0) <= (torch::arange(T_) + pos).unsqueeze(1);
       auto o = at::scaled_dot_product_attention(q, k, v, mask, 0.0, pos == 0, scale, true);
-      torch::from_blob(att, {B, T, heads, head_dim}, opts).copy_(o.transpose(1, 2));
+      torch::from_blob(att, {B, T_, heads, head_dim}, opts).copy_(o.transpose(1, 2));
       return;
     }
-    at::parallel_for(0, B * heads, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<float> score((pos + 1 + 15) / 16 * 16);
+    // decode: the query heads of one kv head together (their queries are adjacent in q)
+    at::parallel_for(0, B * kv_heads, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> score(group * ((pos + 1 + 15) / 16 * 16));
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / heads, hh = i % heads, kh = hh / group;
-        const float* q = qkv + b * qkvw + hh * head_dim;
-        const float* K = kc + (b * kv_heads + kh) * maxlen * head_dim;
-        const float* V = vc + (b * kv_heads + kh) * maxlen * head_dim;
-        attend(q, K, V, pos + 1, head_dim, scale, score.data(), att + b * qw + hh * head_dim);
+        const int64_t b = i / kv_heads, kh = i % kv_heads;
+        const float* q = qkv + b * qkvw + kh * group * head_dim;
+        const int64_t at = (b * kv_heads + kh) * maxlen * head_dim;
+        attend(q, group, kc + at, vc + at, pos + 1, head_dim, scale, score.data(), att + b * qw + kh * group * head_dim);
       }
     });
   }

@@ -1,150 +1,251 @@
-"""CPU inference speed of SmolLM2-135M: fp32, bf16, PyTorch quantize_dynamic int8, our integer-kernel
-inference form at 8/4/2/ternary/1 bits, and llama.cpp on our GGUF exports.
+"""CPU inference of SmolLM2-135M, side by side in one run: fp32, bf16 and PyTorch `quantize_dynamic` int8
+through transformers; our packed exports at 8/4/2/ternary/1 bits through the lean decode path
+(`lc.load_inference`: native kernels, static KV cache); and llama.cpp on its own Q8_0, Q4_0, Q4_K_M, TQ1_0
+and TQ2_0 files (`llama-bench`).
 
-Each configuration runs in a fresh process (so resident memory is its own) and reports: bytes of the
-weights as stored (packed size of the codes + scales + float tensors; for llama.cpp the GGUF file), the
-process's resident memory after loading (and the model's part of it: minus the RSS before loading),
-prefill tokens/s on one 512-token sequence, decode tokens/s at batch 1 over 128 greedy new tokens, and the
-decode floor = memory bandwidth / weight bytes read per token (bench/membw.py), with how close we get.
+Per configuration and thread count, each in a fresh process: file MB (the weights file; for llama.cpp the
+GGUF), MB the weights occupy in memory (parameters, buffers, kernel-packed codes; llama.cpp maps its file),
+the process's resident MB after the run and at its peak (a Python process with torch and transformers
+starts near 400 MB; llama-bench is a small C++ program), prefill
+tokens/s over one 512-token prompt, decode tokens/s over 128 greedy tokens after that prompt (llama-bench
+`-n 128 -d 512`: the same context depth), decode at batch 4 (4 equal prompts; not for llama.cpp, whose
+llama-bench has no batched decode), and the decode floor = read bandwidth (bench/membw.py, measured in this
+run) / weight bytes read per token, with how close decode gets.
 
-Our models are round-to-nearest (this measures speed, not quality): attention and MLP linears at the
-given bits with per-row scales; the tied embedding table and LM head int8 per row from one set of codes.
-"memory" variants pack for the int4 op (4 bits resident) instead of fbgemm's int8; "accuracy" variants
-keep activations in bf16 (int4 op, _weight_int8pack_mm) instead of quantizing them to 8 bits per token; "lowbit" variants run
-the 2-bit AVX-512 VNNI kernel of lmcompress/infer/lowbit.py (a C++ extension built on first use).
+Our exports are round-to-nearest (speed does not depend on training): attention and MLP linears at the
+given bits with per-row scales, the tied embedding/head table at 8 bits, activations int8 per token.
+`ours-ternary-eager` is the ternary export through transformers' generate (same kernels, no lean path).
 
-    flock /tmp/lmc-heavy.lock python bench/inference.py --threads 1            # full run
-    flock /tmp/lmc-heavy.lock python bench/inference.py --prefill 32 --new-tokens 4 --configs fp32 ternary
+    python bench/inference.py --threads 1 2 --out bench/results/inference      # the full run
+    python bench/inference.py --threads 1 --configs fp32 ours-ternary --prefill 64 --new-tokens 8
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
+import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MODEL = Path("/root/.cache/lmcompress/model/smollm2-135m")
-OURS = {"int8": 8, "int4": 4, "int2": 2, "ternary": "ternary", "binary": 1}
-CONFIGS = ["fp32", "bf16", "torch-int8", *(f"ours-{k}" for k in OURS), "ours-int4-memory",
-           "ours-ternary-memory", "ours-int8-accuracy", "ours-ternary-accuracy", *(f"ours-{k}-lowbit" for k in ("int2", "ternary", "binary")),
-           *(f"llamacpp-{k}" for k in OURS)]
+OURS = {"int8": "8-8-8", "int4": "4-8-8", "int2": "2-8-8", "ternary": "t-8-8", "binary": "1-8-8"}
+LLAMACPP = ("Q8_0", "Q4_0", "Q4_K_M", "TQ1_0", "TQ2_0")
+CONFIGS = ["fp32", "bf16", "torch-int8", *(f"ours-{k}" for k in OURS), "ours-ternary-eager",
+           *(f"llamacpp-{t}" for t in LLAMACPP)]
+BATCH = 4
+
+
+def asset(name: str) -> Path:
+    """A built-in asset's folder (fetched if missing)."""
+    import lmcompress.data
+    import lmcompress.models  # noqa: F401  (importing them registers the built-in assets)
+    from lmcompress.core import assets
+
+    return assets.ensure(name)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def rss_bytes() -> int:
+    """Resident bytes now, after handing freed heap pages back to the OS."""
+    import ctypes
+
     import psutil
 
-    return psutil.Process().memory_info().rss
-
-
-def release_freed_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS, so RSS shows what is still held."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
+    return psutil.Process().memory_info().rss
 
 
-def tensor_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
+def held_bytes(model) -> int:
+    """Bytes the model's weights occupy in memory: parameters, buffers and kernel-packed codes."""
+    from lmcompress.infer import KernelEmbedding, KernelLinear
+
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
+    kernels = sum(m.nbytes for m in model.modules() if isinstance(m, KernelLinear | KernelEmbedding))
+    dynamic = sum(m.weight().numel() for m in model.modules() if type(m).__name__ == "Linear"
+                  and type(m).__module__.startswith("torch.ao.nn.quantized.dynamic"))
+    return sum(tensors.values()) + kernels + dynamic
 
 
-def packed_weight_bytes(weight) -> int:
-    """Bytes of one IntWeight as a packed file stores it: codes at their bit width (ternary base-3 at
-    1.6 bits), scales (and zero points) in fp16."""
-    bits = 1.6 if weight.scheme == "ternary" else weight.bits
-    extra = 0 if weight.zero is None else weight.zero.numel() * 2
-    return int(weight.codes.numel() * bits / 8) + weight.scale.numel() * 2 + extra
-
-
-# --- one configuration in this process ------------------------------------------------------------------
-
-def prompt_ids(tokenizer, length: int):
+def prompt_ids(tokenizer, length: int, batch: int = 1):
+    """`batch` different prompts of exactly `length` tokens (windows of one long text)."""
     import torch
 
-    text = (MODEL / "chat_template.jinja").read_text() * 50  # any long English-ish text
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :length]
-    assert ids.shape[1] == length, "prompt text too short"
-    return ids.to(torch.long)
+    lines = (asset("sotu") / "sotu.jsonl").read_text().splitlines()[-8:]  # recent addresses
+    text = "\n".join(json.loads(line)["text"] for line in lines)
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    assert ids.numel() >= batch * length, "prompt text too short"
+    return torch.stack([ids[i * length:(i + 1) * length] for i in range(batch)])
 
 
-def time_hf(model, tokenizer, prefill: int, new_tokens: int) -> dict:
-    import torch
-
-    ids = prompt_ids(tokenizer, prefill)
-    with torch.inference_mode():
-        model(ids[:, :8])  # warm-up
-        t0 = time.perf_counter()
-        model(ids, use_cache=False)
-        prefill_s = time.perf_counter() - t0
-        start = ids[:, :16]
-        model.generate(start, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        t0 = time.perf_counter()
-        out = model.generate(start, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.eos_token_id)
-        decode_s = time.perf_counter() - t0
-    assert out.shape[1] == 16 + new_tokens
-    return {"prefill_tok_s": prefill / prefill_s, "decode_tok_s": new_tokens / decode_s}
+def best(fn, repeats: int) -> float:
+    """Fastest of `repeats` timed calls (seconds), after one untimed call: the shared machine is noisy."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
 
 
-def run_hf(config: str, prefill: int, new_tokens: int) -> dict:
+# --- one configuration, in its own process ------------------------------------------------------------
+
+def export_dir(work: Path, kind: str) -> Path:
+    return work / "exports" / kind
+
+
+def make_export(work: Path, kind: str) -> None:
+    """The packed export of one of OURS (made once; its own process, so no run's memory sees it)."""
+    import lmcompress as lc
+
+    folder = export_dir(work, kind)
+    if (folder / "lmcompress.json").is_file():
+        return
+    model, tokenizer = lc.load("smollm2-135m")
+    lc.quantize_(model, lc.QuantConfig(bits=OURS[kind]))
+    lc.save(model, tokenizer, folder, overwrite=True)
+
+
+def weights_file_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def time_generate(generate, ids, new_tokens: int, repeats: int) -> float:
+    """Seconds for `new_tokens` greedy tokens after the prompt `ids`, prefill excluded (the run with the
+    prompt and one token is subtracted)."""
+    whole = best(lambda: generate(ids, new_tokens), repeats)
+    prompt_only = best(lambda: generate(ids, 1), repeats)
+    return max(whole - prompt_only, 1e-9)
+
+
+def run_transformers(config: str, args) -> dict:
     import torch
     import transformers
 
-    from lmcompress.infer import KernelEmbedding, KernelLinear, apply_dequantized, rtn_weights, to_inference
     from lmcompress.models.adapters import is_linear
 
-    base_rss = rss_bytes()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL)
-    dtype = torch.bfloat16 if config == "bf16" else torch.float32
-    model = transformers.AutoModelForCausalLM.from_pretrained(MODEL, dtype=dtype).eval()
-    row = {"config": config}
-    logits_check = None
+    path = asset("smollm2-135m")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16 if config == "bf16" else torch.float32).eval()
+    row = {"file_bytes": weights_file_bytes(Path(path)), "path": "transformers"}
     if config == "torch-int8":
         import warnings
 
         warnings.simplefilter("ignore")
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-        dynamic = [m for m in model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
-        matmul_bytes = sum(m.weight().numel() for m in dynamic)  # int8 codes; per-tensor scales
-        row["stored_bytes"] = matmul_bytes + tensor_bytes(model.parameters())
-    elif config.startswith("ours-"):
-        kind, _, variant = config[len("ours-"):].partition("-")
-        weights = rtn_weights(model, OURS[kind], ("attention", "mlp"))
-        weights.update(rtn_weights(model, 8, ("embeddings", "head")))
-        ids = prompt_ids(tokenizer, 32)
-        with torch.inference_mode():  # the fake-quant model's logits, then its float weights are dropped
-            logits_check = apply_dequantized(model, weights)(ids).logits
-        to_inference(model, weights, prefer=variant if variant in ("memory", "accuracy") else "speed",
-                     kernel="lowbit2" if variant == "lowbit" else "auto")
-        with torch.inference_mode():
-            fast = model(ids).logits
-        row["logits_err"] = float((fast - logits_check).abs().max() / logits_check.std())
-        row["top1_agree"] = float((fast.argmax(-1) == logits_check.argmax(-1)).float().mean())
-        del logits_check, fast
-        unique = {id(w): w for w in weights.values()}.values()
-        row["stored_bytes"] = sum(packed_weight_bytes(w) for w in unique) + tensor_bytes(model.parameters())
-        row["kernels"] = sorted({m.kernel.name for m in model.modules() if isinstance(m, KernelLinear)})
-        matmul_bytes = sum(m.nbytes for m in model.modules() if isinstance(m, KernelLinear))
-        row["embedding_bytes"] = sum(m.nbytes for m in model.modules() if isinstance(m, KernelEmbedding))
+        row["bytes_per_token"] = sum(m.weight().numel() for m in model.modules()
+                                     if isinstance(m, torch.ao.nn.quantized.dynamic.Linear))
     else:
-        row["stored_bytes"] = tensor_bytes(model.parameters())
-        linears = [m.weight for n, m in model.named_modules() if is_linear(m)]
-        matmul_bytes = tensor_bytes(linears)
-    return row, model, tokenizer, base_rss, matmul_bytes
+        row["bytes_per_token"] = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if is_linear(m))
+    return _time_hf(model, tokenizer, row, args)
+
+
+def _time_hf(model, tokenizer, row: dict, args) -> dict:
+    import torch
+
+    def generate(ids, n):
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=tokenizer.eos_token_id)
+
+    one = prompt_ids(tokenizer, args.prefill)
+    with torch.inference_mode():
+        row["prefill_tok_s"] = args.prefill / best(lambda: model(one, use_cache=False), args.repeats)
+        row["decode_tok_s"] = args.new_tokens / time_generate(generate, one, args.new_tokens, args.repeats)
+        many = prompt_ids(tokenizer, args.prefill, BATCH)
+        row["decode_b4_tok_s"] = BATCH * args.new_tokens / time_generate(generate, many, args.new_tokens, 1)
+    row["rss_bytes"], row["peak_rss_bytes"], row["weights_bytes"] = rss_bytes(), peak_rss_bytes(), held_bytes(model)
+    return row
+
+
+def run_ours(config: str, args) -> dict:
+    import torch
+
+    import lmcompress as lc
+    from lmcompress.infer import KernelLinear, LeanDecoder, lean, native
+
+    kind, _, variant = config[len("ours-"):].partition("-")
+    folder = export_dir(args.work, kind)
+    model, tokenizer = lc.load_inference(folder)
+    linears = [m for m in model.modules() if isinstance(m, KernelLinear)]
+    row = {"file_bytes": weights_file_bytes(folder), "bytes_per_token": sum(m.nbytes for m in linears),
+           "kernels": sorted({m.kernel.name for m in linears}), "isa": native.isa() if native.available() else None}
+    if variant == "eager":
+        model.__dict__.pop("generate", None)  # transformers' generate through the same kernels
+        row["path"] = "transformers"
+        row = _time_hf(model, tokenizer, row, args)
+    else:
+        assert isinstance(model.generate, lean.LeanGenerate), lean.lean_problem(model)
+        row["path"] = "lean"
+        decoder = LeanDecoder(model)
+        one = prompt_ids(tokenizer, args.prefill)
+        row["prefill_tok_s"] = args.prefill / best(lambda: decoder.forward(one, 0), args.repeats)
+
+        def generate(ids, n):
+            return decoder.generate(ids, n)
+
+        row["decode_tok_s"] = args.new_tokens / time_generate(generate, one, args.new_tokens, args.repeats)
+        many = prompt_ids(tokenizer, args.prefill, BATCH)
+        row["decode_b4_tok_s"] = BATCH * args.new_tokens / time_generate(generate, many, args.new_tokens, 1)
+        row["rss_bytes"], row["peak_rss_bytes"], row["weights_bytes"] = rss_bytes(), peak_rss_bytes(), held_bytes(model)
+    # quality sanity (after the memory readings): the lean/eager logits against the float computation the
+    # codes stand for, on a 64-token window
+    fake, _ = lc.load(folder)
+    ids = prompt_ids(tokenizer, 64)
+    with torch.inference_mode():
+        exact, got = fake(ids).logits[0, -1], model(ids).logits[0, -1]
+    row["logits_err"] = float((got - exact).abs().max() / exact.std())
+    return row
+
+
+def run_llamacpp(config: str, args) -> dict:
+    kind = config[len("llamacpp-"):]
+    gguf = args.work / "gguf" / f"smollm2-135m-{kind}.gguf"
+    tool = args.llamacpp_bin / "llama-bench"
+    row = {"file_bytes": gguf.stat().st_size, "path": "llama.cpp", "bytes_per_token": matmul_bytes(gguf)}
+    runs = {"prefill_tok_s": ["-p", str(args.prefill), "-n", "0"],
+            "decode_tok_s": ["-p", "0", "-n", str(args.new_tokens), "-d", str(args.prefill)]}
+    peak = 0
+    for key, extra in runs.items():
+        cmd = ["/usr/bin/time", "-f", "MAXRSS %M", str(tool), "-m", str(gguf), "-t", str(args.threads),
+               "-r", str(max(args.repeats, 2)), "-o", "json", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"llama-bench failed: {proc.stderr[-1500:]}")
+        result = json.loads(proc.stdout)[0]
+        row[key] = float(result["avg_ts"])
+        row[key.replace("_tok_s", "_stddev")] = float(result["stddev_ts"])
+        peak = max(peak, int(next(line.split()[1] for line in proc.stderr.splitlines() if line.startswith("MAXRSS"))) * 1024)
+        row["llama_cpp_build"] = result.get("build_commit")
+    row["rss_bytes"] = row["peak_rss_bytes"] = peak  # llama-bench's peak (/usr/bin/time): its steady state
+    row["weights_bytes"] = row["file_bytes"]  # the GGUF is memory-mapped and read whole
+    row["gguf_types"] = gguf_types(gguf)
+    return row
+
+
+def matmul_bytes(gguf: Path) -> int:
+    """Bytes of the 2-D tensors (what a decode step reads; the tied token table is the output head)."""
+    import gguf as gguf_lib
+
+    return sum(int(t.n_bytes) for t in gguf_lib.GGUFReader(gguf).tensors if len(t.shape) == 2)
+
+
+def gguf_types(gguf: Path) -> list[str]:
+    import gguf as gguf_lib
+
+    return sorted({t.tensor_type.name for t in gguf_lib.GGUFReader(gguf).tensors})
 
 
 def main_one(args) -> dict:
@@ -153,132 +254,136 @@ def main_one(args) -> dict:
     torch.set_num_threads(args.threads)
     config = args.one
     if config.startswith("llamacpp-"):
-        return run_llamacpp(config, args)
-    row, model, tokenizer, base_rss, matmul_bytes = run_hf(config, args.prefill, args.new_tokens)
-    row["bytes_per_token"] = matmul_bytes
-    row.update(time_hf(model, tokenizer, args.prefill, args.new_tokens))
-    release_freed_memory()  # after the runs: memory-mapped weights are resident once they have been read
-    row["rss_bytes"] = rss_bytes()
-    row["model_rss_bytes"] = row["rss_bytes"] - base_rss
-    return row
+        row = run_llamacpp(config, args)
+    elif config.startswith("ours-"):
+        row = run_ours(config, args)
+    else:
+        row = run_transformers(config, args)
+    return {"config": config, "threads": args.threads, **row}
 
 
-def run_llamacpp(config: str, args) -> dict:
-    import llama_cpp
-    import torch
-    import transformers
+# --- setup: exports and llama.cpp files -------------------------------------------------------------
 
-    from lmcompress.formats.gguf import export_gguf
-    from lmcompress.infer import rtn_weights
+def prepare(args, configs: list[str]) -> None:
+    for config in configs:
+        if config.startswith("ours-"):
+            kind = config[len("ours-"):].split("-")[0]
+            if not (export_dir(args.work, kind) / "lmcompress.json").is_file():
+                print(f"[setup] packed export {kind}", flush=True)
+                subprocess.run([sys.executable, __file__, "--make-export", kind, "--work", str(args.work)], check=True)
+    kinds = [c[len("llamacpp-"):] for c in configs if c.startswith("llamacpp-")]
+    if not kinds:
+        return
+    sys.path.insert(0, str(HERE))
+    import peer_tools
 
-    kind = config[len("llamacpp-"):]
-    tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL)
-    model = transformers.AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
-    weights = rtn_weights(model, OURS[kind], ("attention", "mlp"))
-    weights.update(rtn_weights(model, 8, ("embeddings", "head")))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = export_gguf(model, tokenizer, Path(tmp) / f"{kind}.gguf", weights=weights)
-        import gguf
-
-        reader = gguf.GGUFReader(path)
-        types = sorted({t.tensor_type.name for t in reader.tensors})
-        matmul_bytes = sum(int(t.n_bytes) for t in reader.tensors if len(t.shape) == 2)
-        del reader, model, weights
-        release_freed_memory()
-        base_rss = rss_bytes()
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=args.prefill + 160, n_threads=args.threads,
-                              n_threads_batch=args.threads, n_batch=args.prefill, verbose=False)
-        row = {"config": config, "stored_bytes": path.stat().st_size, "gguf_types": types,
-               "bytes_per_token": matmul_bytes}
-        ids = prompt_ids(tokenizer, args.prefill)[0].tolist()
-        llm.eval(ids[:8])
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(ids)
-        row["prefill_tok_s"] = args.prefill / (time.perf_counter() - t0)
-        llm.reset()
-        t0 = time.perf_counter()
-        made = 0
-        for _ in llm.generate(ids[:16], temp=0.0, reset=True):
-            made += 1
-            if made == args.new_tokens:
-                break
-        row["decode_tok_s"] = args.new_tokens / (time.perf_counter() - t0)
-        row["rss_bytes"] = rss_bytes()
-        row["model_rss_bytes"] = row["rss_bytes"] - base_rss
-        llm.close()
-    return row
+    lc = peer_tools.setup_llamacpp(args.peers, jobs=2)
+    args.llamacpp_bin = lc.bin
+    folder = args.work / "gguf"
+    folder.mkdir(parents=True, exist_ok=True)
+    f32 = folder / "smollm2-135m-F32.gguf"
+    if not f32.is_file():
+        print("[setup] convert_hf_to_gguf.py -> F32", flush=True)
+        peer_tools.run_logged([lc.python, lc.converter, asset("smollm2-135m"), "--outtype", "f32",
+                               "--outfile", f32], args.work / "convert.log", cwd=lc.root, what="convert_hf_to_gguf.py")
+    for kind in kinds:
+        out = folder / f"smollm2-135m-{kind}.gguf"
+        if not out.is_file():
+            print(f"[setup] llama-quantize {kind}", flush=True)
+            peer_tools.run_logged([lc.tool("llama-quantize"), f32, out, kind], args.work / "quantize.log",
+                                  what="llama-quantize")
 
 
-# --- the driver -----------------------------------------------------------------------------------
+# --- the driver ---------------------------------------------------------------------------------------
 
-def main() -> None:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (the fastest counts)")
+    ap.add_argument("--work", type=Path, default=Path("runs/bench-inference"), help="exports and GGUF files")
+    ap.add_argument("--peers", type=Path, default=None, help="llama.cpp work folder (bench/peer_tools.py)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "inference")
     ap.add_argument("--one", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    ap.add_argument("--make-export", help=argparse.SUPPRESS)
+    ap.add_argument("--llamacpp-bin", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.work = args.work.resolve()
+    if args.peers is None:
+        sys.path.insert(0, str(HERE))
+        import peer_tools
+
+        args.peers = peer_tools.default_work_dir()
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.make_export:
+        make_export(args.work, args.make_export)
+        return
     if args.one:
+        args.threads = args.threads[0]
         print("ROW " + json.dumps(main_one(args)), flush=True)
         return
-
+    prepare(args, args.configs)
     sys.path.insert(0, str(HERE))
     from membw import measure_bandwidth
 
-    bandwidth = measure_bandwidth(args.threads)["read_gbps"] * 1e9
-    print(f"read bandwidth ({args.threads} thread): {bandwidth / 1e9:.1f} GB/s", flush=True)
+    out_json = args.out.with_suffix(".json")
     rows = []
-    for config in args.configs:
-        if config.startswith("llamacpp-"):
-            try:
-                import llama_cpp  # noqa: F401
-            except ImportError:
-                print(f"{config}: skipped (llama-cpp-python not installed)")
+    bandwidth = {}
+    for threads in args.threads:
+        bandwidth[threads] = measure_bandwidth(threads)["read_gbps"] * 1e9
+        print(f"read bandwidth, {threads} thread(s): {bandwidth[threads] / 1e9:.1f} GB/s", flush=True)
+        for config in args.configs:
+            cmd = [sys.executable, __file__, "--one", config, "--threads", str(threads), "--prefill",
+                   str(args.prefill), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+                   "--work", str(args.work), "--peers", str(args.peers)]
+            if getattr(args, "llamacpp_bin", None):
+                cmd += ["--llamacpp-bin", str(args.llamacpp_bin)]
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+            if proc.returncode or not found:
+                print(f"{config} ({threads} thread(s)): failed (rc {proc.returncode})\n{proc.stderr[-2000:]}", flush=True)
                 continue
-        cmd = [sys.executable, __file__, "--one", config, "--threads", str(args.threads), "--prefill",
-               str(args.prefill), "--new-tokens", str(args.new_tokens)]
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-        if proc.returncode or not found:
-            print(f"{config}: failed (rc {proc.returncode})\n{proc.stderr[-2000:]}", flush=True)
-            continue
-        row = json.loads(found[-1])
-        row["floor_tok_s"] = bandwidth / row["bytes_per_token"]
-        row["of_floor"] = row["decode_tok_s"] / row["floor_tok_s"]
-        rows.append(row)
-        print(format_row(row), flush=True)
-    write_outputs(rows, args, bandwidth)
+            row = json.loads(found[-1])
+            row["floor_tok_s"] = bandwidth[threads] / row["bytes_per_token"]
+            row["of_floor"] = row["decode_tok_s"] / row["floor_tok_s"]
+            rows.append(row)
+            print(format_row(row), flush=True)
+            write_outputs(rows, args, bandwidth, out_json)  # as they come: a killed run keeps its rows
 
 
 def format_row(r: dict) -> str:
-    return (f"{r['config']:22s} stored {r['stored_bytes'] / 1e6:7.1f} MB  rss {r['rss_bytes'] / 1e6:7.1f} MB "
-            f"(model {r['model_rss_bytes'] / 1e6:6.1f})  prefill {r['prefill_tok_s']:7.1f} tok/s  "
-            f"decode {r['decode_tok_s']:6.1f} tok/s  floor {r['floor_tok_s']:6.1f} ({100 * r['of_floor']:.0f}%)")
+    b4 = f"  b4 {r['decode_b4_tok_s']:6.1f}" if "decode_b4_tok_s" in r else ""
+    return (f"{r['config']:20s} t{r['threads']}  file {r['file_bytes'] / 1e6:6.1f} MB  weights "
+            f"{r['weights_bytes'] / 1e6:6.1f} MB  rss {r['rss_bytes'] / 1e6:5.0f} MB  prefill {r['prefill_tok_s']:7.1f}  decode {r['decode_tok_s']:6.1f}{b4}"
+            f"  floor {r['floor_tok_s']:6.1f} ({100 * r['of_floor']:.0f}%)")
 
 
-def write_outputs(rows: list[dict], args, bandwidth: float) -> None:
-    if not rows:
-        return
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    base = {r["config"]: r for r in rows}.get("fp32")
-    lines = ["| model | stored MB | RSS MB (model) | prefill tok/s | decode tok/s | x fp32 decode | floor tok/s "
-             "| % of floor | kernels / GGUF types |", "|---|---|---|---|---|---|---|---|---|"]
+def write_outputs(rows: list[dict], args, bandwidth: dict, out_json: Path) -> None:
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["| model | threads | file MB | weights resident MB | process RSS MB (peak) | prefill tok/s | decode "
+             "tok/s | x fp32 | decode batch 4 tok/s | floor tok/s | % of floor | path / kernels / GGUF types |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    fp32 = {r["threads"]: r for r in rows if r["config"] == "fp32"}
     for r in rows:
+        base = fp32.get(r["threads"])
         speedup = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}" if base else "-"
-        what = ", ".join(r.get("kernels") or r.get("gguf_types") or [])
-        lines.append(f"| {r['config']} | {r['stored_bytes'] / 1e6:.1f} | {r['rss_bytes'] / 1e6:.0f} "
-                     f"({r['model_rss_bytes'] / 1e6:.0f}) | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
-                     f"{speedup} | {r['floor_tok_s']:.0f} | {100 * r['of_floor']:.0f} | {what} |")
+        b4 = f"{r['decode_b4_tok_s']:.1f}" if "decode_b4_tok_s" in r else "-"
+        what = ", ".join([r["path"], *(r.get("kernels") or r.get("gguf_types") or [])])
+        lines.append(f"| {r['config']} | {r['threads']} | {r['file_bytes'] / 1e6:.1f} | {r['weights_bytes'] / 1e6:.1f} | "
+                     f"{r['rss_bytes'] / 1e6:.0f} ({r['peak_rss_bytes'] / 1e6:.0f}) | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {speedup} | {b4} | "
+                     f"{r['floor_tok_s']:.0f} | {100 * r['of_floor']:.0f} | {what} |")
     table = "\n".join(lines)
-    meta = {"threads": args.threads, "prefill": args.prefill, "new_tokens": args.new_tokens,
-            "read_bandwidth_gbps": bandwidth / 1e9, "rows": rows}
-    args.out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    meta = {"prefill": args.prefill, "new_tokens": args.new_tokens, "batch": BATCH, "repeats": args.repeats,
+            "read_bandwidth_gbps": {str(t): b / 1e9 for t, b in bandwidth.items()}, "rows": rows}
+    out_json.write_text(json.dumps(meta, indent=1))
     args.out.with_suffix(".md").write_text(table + "\n")
-    print(table)
     plot(rows, args.out.with_suffix(".png"))
 
 
@@ -288,16 +393,23 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = {"transformers": "tab:gray", "lean": "tab:blue", "llama.cpp": "tab:orange"}
     for r in rows:
-        ax.scatter(r["stored_bytes"] / 1e6, r["decode_tok_s"], s=30)
-        ax.annotate(r["config"], (r["stored_bytes"] / 1e6, r["decode_tok_s"]), fontsize=7,
+        marker = "o" if r["threads"] == 1 else "^"
+        ax.scatter(r["file_bytes"] / 1e6, r["decode_tok_s"], s=36, marker=marker, color=colors[r["path"]])
+        ax.annotate(f"{r['config']} t{r['threads']}", (r["file_bytes"] / 1e6, r["decode_tok_s"]), fontsize=6,
                     xytext=(3, 3), textcoords="offset points")
+    for label, color in colors.items():
+        ax.scatter([], [], color=color, label=label)
+    ax.scatter([], [], marker="o", color="k", label="1 thread")
+    ax.scatter([], [], marker="^", color="k", label="2 threads")
     ax.set_xscale("log")
-    ax.set_xlabel("stored size (MB, log)")
-    ax.set_ylabel("decode tokens/s (batch 1)")
-    ax.set_title("SmolLM2-135M on CPU: decode speed vs size")
+    ax.set_xlabel("file size (MB, log)")
+    ax.set_ylabel("decode tokens/s (batch 1, after a 512-token prompt)")
+    ax.set_title("SmolLM2-135M on CPU: decode speed against file size")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

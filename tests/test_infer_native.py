@@ -319,3 +319,18 @@ def test_smollm2_packed_export_decodes_lean_as_close_as_eager(tmp_path, bits):
     assert float((got - exact).abs().mean()) < 2 * float((eager - exact).abs().mean())
     assert float((got.argmax(-1) == exact.argmax(-1)).float().mean()) >= 0.75
     assert fast.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, ids.shape[1] + 4)
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 64), ("ternary", None)], ids=str)
+def test_a_tied_embedding_reads_the_head_codes(bits, group):
+    model = tiny_model("llama", hidden=128, heads=2, kv_heads=1, layers=1)
+    weights = rtn_weights(model, bits, ("embeddings", "head"), group_size=group)
+    weight = weights["model.embed_tokens"]
+    to_inference(model, weights, kernel="native")
+    embedding = model.model.embed_tokens
+    assert embedding.table is model.lm_head.kernel and embedding.nbytes == 0  # held once, by the head
+    ids = torch.tensor([[0, 5, 99, 127], [3, 3, 64, 1]])
+    expected = torch.nn.functional.embedding(ids, weight.dequantize())
+    torch.testing.assert_close(embedding(ids), expected)
+    with pytest.raises(RuntimeError, match="outside 0..127"):
+        embedding(torch.tensor([128]))

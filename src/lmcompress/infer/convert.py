@@ -68,6 +68,22 @@ def find_quantized(model: nn.Module) -> dict[str, tuple[IntWeight, torch.Tensor 
     return found
 
 
+def _tied_heads(model: nn.Module, targets: Mapping[str, tuple[IntWeight, torch.Tensor | None, bool]]) -> dict[str, str]:
+    """{embedding name: head name} for heads that compute with their embedding's codes: the same IntWeight
+    (rtn_weights gives tied modules one), or a quantized tied head whose `source` is the embedding."""
+    modules = dict(model.named_modules())
+    names = {id(module): name for name, module in modules.items()}
+    pairs = {}
+    for head, (weight, _, is_embedding) in targets.items():
+        if is_embedding:
+            continue
+        source = getattr(modules[head], "source", None)
+        for name, (other, _, other_is_embedding) in targets.items():
+            if other_is_embedding and (other is weight or names.get(id(source)) == name):
+                pairs[name] = head
+    return pairs
+
+
 def to_inference(model: nn.Module, weights: Mapping[str, IntWeight] | None = None, kernel: str = "auto",
                  prefer: str = "speed") -> nn.Module:
     """Swap quantized modules of `model` for inference-form modules in place; returns `model`.
@@ -90,12 +106,17 @@ def to_inference(model: nn.Module, weights: Mapping[str, IntWeight] | None = Non
         if not targets:
             raise LmcompressError("to_inference: no quantized module found; quantize the model first or "
                                   "pass weights={name: IntWeight}")
-    for name, (weight, bias, is_embedding) in targets.items():
+    tied = _tied_heads(model, targets)
+    built: dict[str, nn.Module] = {}
+    for name, (weight, bias, is_embedding) in sorted(targets.items(), key=lambda item: item[1][2]):  # heads first
         module = model.get_submodule(name)
         if is_embedding:
-            new = KernelEmbedding(weight, padding_idx=getattr(module, "padding_idx", None))
+            head = built.get(tied.get(name, ""))
+            table = head.kernel if head is not None and hasattr(head.kernel, "lookup") else None
+            new = KernelEmbedding(weight, padding_idx=getattr(module, "padding_idx", None), table=table)
         else:
             new = KernelLinear(weight, bias, kernel=kernel, prefer=prefer)
+        built[name] = new
         set_module(model, name, new)
     _unshare_storages(model)
     return model.eval()

@@ -47,16 +47,26 @@ class KernelLinear(nn.Module):
 
 
 class KernelEmbedding(nn.Module):
-    """Embedding lookup from int8 codes: only the looked-up rows are scaled to floats."""
+    """Embedding lookup from integer codes: only the looked-up rows are scaled to floats.
 
-    def __init__(self, weight: IntWeight, padding_idx: int | None = None):
+    With `table` (the kernel of a tied LM head that can `lookup` rows of its weight) the rows come from the
+    head's packed codes and the embedding holds nothing of its own: the tied table is resident once.
+    Otherwise the codes are held as int8.
+    """
+
+    def __init__(self, weight: IntWeight, padding_idx: int | None = None, table: Kernel | None = None):
         super().__init__()
-        codes, scale, offset = weight.signed()
-        self.num_embeddings, self.embedding_dim = codes.shape
+        self.num_embeddings, self.embedding_dim = weight.codes.shape
         self.padding_idx = padding_idx
         self.bits = weight.bits
         self.scheme = weight.scheme
         self.group_size = weight.group_size
+        self.table = table
+        if table is not None:
+            for name in ("codes", "scale", "offset"):
+                self.register_buffer(name, None)
+            return
+        codes, scale, offset = weight.signed()
         self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scale", scale.contiguous())
         self.register_buffer("offset", None if offset is None else offset.contiguous())
@@ -67,6 +77,8 @@ class KernelEmbedding(nn.Module):
         return per_group.repeat_interleave(self.group_size, -1)[..., : self.embedding_dim]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.table is not None:
+            return self.table.lookup(ids)
         rows = F.embedding(ids, self.codes).float() * self._expand(F.embedding(ids, self.scale))
         if self.offset is not None:
             rows = rows + self._expand(F.embedding(ids, self.offset))
@@ -74,7 +86,9 @@ class KernelEmbedding(nn.Module):
 
     @property
     def nbytes(self) -> int:
+        """Bytes this module holds (0 when it reads a tied head's codes)."""
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, {self.scheme} {self.bits}-bit int8 codes"
+        held = f"reads the tied head's {self.table.name} codes" if self.table is not None else "int8 codes"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.scheme} {self.bits}-bit, {held}"

@@ -145,6 +145,10 @@ class NativeRows(Kernel):
             None if h.bias is None else h.bias.clone(), h.in_features, h.group, h.bits, h.a, h.b)
         return copy
 
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the weight as floats: a tied embedding reads the head's codes instead of a copy."""
+        return extension().lookup_rows(self.handle, ids)
+
     @property
     def nbytes(self) -> int:
         return self.handle.nbytes

@@ -53,6 +53,10 @@ int isa() {
   return g_isa;
 }
 
+// functions compiled for one instruction set each, called only after `isa()` says the CPU has it
+#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,fma")))
+#define TARGET_AVX2 __attribute__((target("avx2,fma")))
+
 const char* isa_name(int i) { return i == AVX512 ? "avx512-vnni" : i == AVX2 ? "avx2" : "portable"; }
 
 // ---------------------------------------------------------------------------------------------------
@@ -177,14 +181,52 @@ QLinearPtr make_float_linear(torch::Tensor weight, std::optional<torch::Tensor> 
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Activations: int8 per token, zero-padded to kpad; 3 extra zero rows so 4-token tiles may read past M.
+// Activations: int8 per token, zero-padded to kpad, with zero rows past M for the token tiles.
 
 struct Acts {
   int64_t M = 0, kpad = 0;
   std::vector<int8_t> q;
   std::vector<float> s;
   std::vector<int32_t> csum;  // [M, kpad / 64]: sum of the int8 values of each chunk
+  std::vector<int32_t> tiled;  // the prefill kernel's layout of q (tile_activations), when it runs
 };
+
+// one token: q = round(x * (1 / s)) (nearest, ties to even) with s = max|x| / 127; returns s. Chunk sums go
+// to csum. The AVX-512 path computes exactly the same values.
+float quantize_row_portable(const float* x, int64_t in, int64_t kpad, int8_t* q, int32_t* csum) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < in; ++k) amax = std::max(amax, std::fabs(x[k]));
+  const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
+  for (int64_t k = 0; k < in; ++k) q[k] = (int8_t)std::nearbyint(x[k] * inv);
+  for (int64_t ch = 0; ch < kpad / CHUNK; ++ch) {
+    int32_t sum = 0;
+    for (int j = 0; j < CHUNK; ++j) sum += q[ch * CHUNK + j];
+    csum[ch] = sum;
+  }
+  return s;
+}
+
+TARGET_AVX512 float quantize_row_avx512(const float* x, int64_t in, int64_t kpad, int8_t* q, int32_t* csum) {
+  __m512 mx = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= in; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  if (k < in) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps((__mmask16)((1u << (in - k)) - 1), x + k)));
+  const float amax = _mm512_reduce_max_ps(mx);
+  const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (int64_t ch = 0; ch < kpad / CHUNK; ++ch) {
+    __m512i sum = _mm512_setzero_si512();
+    for (int v = 0; v < 4; ++v) {
+      const int64_t at = ch * CHUNK + v * 16;
+      const __mmask16 live = at >= in ? 0 : at + 16 <= in ? 0xFFFF : (__mmask16)((1u << (in - at)) - 1);
+      const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, x + at), vinv));
+      sum = _mm512_add_epi32(sum, qi);
+      _mm_storeu_si128((__m128i*)(q + at), _mm512_cvtsepi32_epi8(qi));
+    }
+    csum[ch] = _mm512_reduce_add_epi32(sum);
+  }
+  return s;
+}
 
 void quantize_acts(const float* x, int64_t M, int64_t in, int64_t ldx, int64_t kpad, Acts& A) {
   A.M = M;
@@ -193,20 +235,12 @@ void quantize_acts(const float* x, int64_t M, int64_t in, int64_t ldx, int64_t k
   A.q.assign((M + 3) * kpad, 0);
   A.s.assign(M, 1.f);
   A.csum.assign(M * nch, 0);
+  const bool simd = isa() == AVX512;
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
-      const float* xr = x + m * ldx;
-      float amax = 0.f;
-      for (int64_t k = 0; k < in; ++k) amax = std::max(amax, std::fabs(xr[k]));
-      const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
       int8_t* q = A.q.data() + m * kpad;
-      for (int64_t k = 0; k < in; ++k) q[k] = (int8_t)std::nearbyint(xr[k] * inv);
-      A.s[m] = s;
-      for (int64_t ch = 0; ch < nch; ++ch) {
-        int32_t sum = 0;
-        for (int j = 0; j < CHUNK; ++j) sum += q[ch * CHUNK + j];
-        A.csum[m * nch + ch] = sum;
-      }
+      int32_t* cs = A.csum.data() + m * nch;
+      A.s[m] = simd ? quantize_row_avx512(x + m * ldx, in, kpad, q, cs) : quantize_row_portable(x + m * ldx, in, kpad, q, cs);
     }
   });
 }
@@ -290,8 +324,12 @@ void rows_portable(const QLinear& L, const Acts& A, const Epilogue& E, float* y,
 
 // ---- AVX-512 VNNI ---------------------------------------------------------------------------------
 
-#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,fma")))
-#define TARGET_AVX2 __attribute__((target("avx2,fma")))
+
+// acc += u8 a . s8 b in place. The intrinsic returns a new value, and with many accumulators GCC then copies
+// (and spills) them around every instruction; the asm keeps each accumulator in its register.
+TARGET_AVX512 inline void dpbusd(__m512i& acc, __m512i a, __m512i b) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+}
 
 template <int BITS>
 TARGET_AVX512 inline __m512i widen512(const uint8_t* p) {
@@ -351,7 +389,8 @@ TARGET_AVX512 inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
 // one token, ROWS rows at a time: independent accumulators overlap the dependent vpdpbusd chains (ROWS is a
 // compile-time constant so that they stay in registers)
 template <int BITS, int ROWS>
-TARGET_AVX512 inline void tile_avx512_m1(const QLinear& L, const int8_t* x, const Epilogue& E, float* y, int64_t o) {
+TARGET_AVX512 inline void tile_avx512_m1(const QLinear& L, const int8_t* x, const Epilogue& E, float* y, int64_t o,
+                                         int64_t m) {
   const int64_t nch = L.kpad / CHUNK, cpg = L.chunks_per_group(), rb = L.rowbytes(), cb = CHUNK * BITS / 8;
   const uint8_t* w = L.data.data_ptr<uint8_t>() + o * rb;
   __m512 facc[ROWS];
@@ -362,12 +401,12 @@ TARGET_AVX512 inline void tile_avx512_m1(const QLinear& L, const int8_t* x, cons
     const int64_t c1 = std::min(nch, (g + 1) * cpg);
     for (int64_t ch = g * cpg; ch < c1; ++ch) {
       const __m512i xv = _mm512_loadu_si512((const void*)(x + ch * CHUNK));
-      for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], fields512<BITS>(w + r * rb + ch * cb), xv);
+      for (int r = 0; r < ROWS; ++r) dpbusd(acc[r], fields512<BITS>(w + r * rb + ch * cb), xv);
     }
     for (int r = 0; r < ROWS; ++r)
       facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(E.scale[(o + r) * L.ngroups + g]), facc[r]);
   }
-  for (int r = 0; r < ROWS; ++r) y[o + r] = E(o + r, 0, hsum512(_mm512_mul_ps(facc[r], lane_scale<BITS>())), L.b);
+  for (int r = 0; r < ROWS; ++r) y[o + r] = E(o + r, m, hsum512(_mm512_mul_ps(facc[r], lane_scale<BITS>())), L.b);
 }
 
 // v[r] (16 vectors) -> one vector of their 16 horizontal sums, in order: three rounds of pairwise lane
@@ -390,7 +429,8 @@ TARGET_AVX512 inline __m512 reduce16(const __m512* v) {
 // one token, 16 rows: sub-tiles of SUB independent vpdpbusd chains (enough to hide its latency) per group, float accumulators per row,
 // then one reduction and a vectorized epilogue
 template <int BITS, int SUB = 8>
-TARGET_AVX512 inline void tile16_avx512_m1(const QLinear& L, const int8_t* x, const Epilogue& E, float* y, int64_t o) {
+TARGET_AVX512 inline void tile16_avx512_m1(const QLinear& L, const int8_t* x, const Epilogue& E, float* y, int64_t o,
+                                           int64_t m) {
   const int64_t nch = L.kpad / CHUNK, cpg = L.chunks_per_group(), rb = L.rowbytes(), cb = CHUNK * BITS / 8;
   const uint8_t* w = L.data.data_ptr<uint8_t>() + o * rb;
   __m512 facc[16];
@@ -402,7 +442,7 @@ TARGET_AVX512 inline void tile16_avx512_m1(const QLinear& L, const int8_t* x, co
       for (int r = 0; r < SUB; ++r) acc[r] = _mm512_setzero_si512();
       for (int64_t ch = c0; ch < c1; ++ch) {
         const __m512i xv = _mm512_loadu_si512((const void*)(x + ch * CHUNK));
-        for (int r = 0; r < SUB; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], fields512<BITS>(w + (sub + r) * rb + ch * cb), xv);
+        for (int r = 0; r < SUB; ++r) dpbusd(acc[r], fields512<BITS>(w + (sub + r) * rb + ch * cb), xv);
       }
       for (int r = 0; r < SUB; ++r)
         facc[sub + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(E.scale[(o + sub + r) * L.ngroups + g]), facc[sub + r]);
@@ -410,55 +450,103 @@ TARGET_AVX512 inline void tile16_avx512_m1(const QLinear& L, const int8_t* x, co
   }
   for (int r = 0; r < 16; ++r) facc[r] = _mm512_mul_ps(facc[r], lane_scale<BITS>());
   alignas(64) float corr[16];
-  for (int r = 0; r < 16; ++r) corr[r] = E.correction(o + r, 0, L.b);
-  __m512 out = _mm512_mul_ps(_mm512_set1_ps(E.sx[0]),
+  for (int r = 0; r < 16; ++r) corr[r] = E.correction(o + r, m, L.b);
+  __m512 out = _mm512_mul_ps(_mm512_set1_ps(E.sx[m]),
                              _mm512_fmsub_ps(_mm512_set1_ps(E.a), reduce16(facc), _mm512_load_ps(corr)));
   if (E.bias) out = _mm512_add_ps(out, _mm512_loadu_ps(E.bias + o));
   _mm512_storeu_ps(y + o, out);
 }
 
+// one to a few tokens: the decode tiles, token after token within each 16-row tile (whose codes then stay
+// in L1), so a batch of 4 reads the weights once
 template <int BITS>
-TARGET_AVX512 void rows_avx512_m1(const QLinear& L, const Acts& A, const Epilogue& E, float* y, int64_t o0, int64_t o1) {
+TARGET_AVX512 void rows_avx512_few(const QLinear& L, const Acts& A, const Epilogue& E, float* y, int64_t ldy,
+                                   int64_t o0, int64_t o1) {
+  const int8_t* x = A.q.data();
   int64_t o = o0;
-  for (; o + 16 <= o1; o += 16) tile16_avx512_m1<BITS>(L, A.q.data(), E, y, o);
-  for (; o + 4 <= o1; o += 4) tile_avx512_m1<BITS, 4>(L, A.q.data(), E, y, o);
-  for (; o < o1; ++o) tile_avx512_m1<BITS, 1>(L, A.q.data(), E, y, o);
+  for (; o + 16 <= o1; o += 16)
+    for (int64_t m = 0; m < A.M; ++m) tile16_avx512_m1<BITS>(L, x + m * A.kpad, E, y + m * ldy, o, m);
+  for (; o + 4 <= o1; o += 4)
+    for (int64_t m = 0; m < A.M; ++m) tile_avx512_m1<BITS, 4>(L, x + m * A.kpad, E, y + m * ldy, o, m);
+  for (; o < o1; ++o)
+    for (int64_t m = 0; m < A.M; ++m) tile_avx512_m1<BITS, 1>(L, x + m * A.kpad, E, y + m * ldy, o, m);
 }
 
-// several tokens: widen 4 rows once, then 4-row x 4-token tiles
-TARGET_AVX512 void rows_avx512_mm(const QLinear& L, const Acts& A, const Epilogue& E, float* y, int64_t ldy, int64_t o0, int64_t o1) {
-  const int64_t nch = L.kpad / CHUNK, cpg = L.chunks_per_group(), rb = L.rowbytes(), cb = CHUNK * L.bits / 8;
-  const int64_t K = L.kpad, M = A.M;
+// Many tokens (prefill): each 16-row block is repacked once per call into the VNNI layout -- 64 bytes per 4
+// inputs, int32 lane r holding row r's 4 codes -- so that one vpdpbusd against 4 activation bytes broadcast
+// to every lane advances 16 rows' dot products and no horizontal sum is ever needed. The activations are
+// laid out once per call as [token tile][inputs / 4][token] int32 (`Acts::tiled`), so each broadcast reads
+// base + a constant offset. Tiles of 16 rows x 12 tokens, with 12 named accumulators (an array of them ends
+// up on the stack), over blocks of at most 512 inputs; each block's int32 sums are scaled into per-token
+// float sums.
+constexpr int MM_TOKENS = 12;
+constexpr int64_t MM_BLOCK = 4096;  // inputs per block (measured: smaller blocks did not help at 576-1536 inputs)
+#define MM_EACH(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+
+void tile_activations(Acts& A) {
+  const int64_t k4s = A.kpad / 4, tiles = (A.M + MM_TOKENS - 1) / MM_TOKENS;
+  A.tiled.assign(tiles * k4s * MM_TOKENS, 0);
+  for (int64_t m = 0; m < A.M; ++m) {
+    const int32_t* src = (const int32_t*)(A.q.data() + m * A.kpad);
+    int32_t* dst = A.tiled.data() + (m / MM_TOKENS) * k4s * MM_TOKENS + m % MM_TOKENS;
+    for (int64_t k4 = 0; k4 < k4s; ++k4) dst[k4 * MM_TOKENS] = src[k4];
+  }
+}
+
+TARGET_AVX512 void rows_avx512_mm(const QLinear& L, const Acts& A, const Epilogue& E, float* y, int64_t ldy,
+                                  int64_t o0, int64_t o1) {
+  const int64_t K = L.kpad, k4s = K / 4, nch = K / CHUNK, rb = L.rowbytes(), cb = CHUNK * L.bits / 8;
+  const int64_t G = L.ngroups, k4_per_group = L.group / 4, M = A.M;
   const uint8_t* w = L.data.data_ptr<uint8_t>();
-  std::vector<uint8_t> wbuf(4 * K);
-  for (int64_t o = o0; o < o1; o += 4) {
-    const int rows = (int)std::min<int64_t>(4, o1 - o);
-    std::fill(wbuf.begin(), wbuf.end(), 0);
-    for (int r = 0; r < rows; ++r)
-      for (int64_t ch = 0; ch < nch; ++ch) unpack_chunk(w + (o + r) * rb + ch * cb, L.bits, wbuf.data() + r * K + ch * CHUNK);
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      __m512 facc[4][4];
-      for (int r = 0; r < 4; ++r)
-        for (int t = 0; t < 4; ++t) facc[r][t] = _mm512_setzero_ps();
-      for (int64_t g = 0; g < L.ngroups; ++g) {
-        __m512i acc[4][4];
-        for (int r = 0; r < 4; ++r)
-          for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_setzero_si512();
-        const int64_t c1 = std::min(nch, (g + 1) * cpg);
-        for (int64_t ch = g * cpg; ch < c1; ++ch) {
-          __m512i xv[4], wv[4];
-          for (int t = 0; t < 4; ++t) xv[t] = _mm512_loadu_si512((const void*)(A.q.data() + (m0 + t) * K + ch * CHUNK));
-          for (int r = 0; r < 4; ++r) wv[r] = _mm512_loadu_si512((const void*)(wbuf.data() + r * K + ch * CHUNK));
-          for (int r = 0; r < 4; ++r)
-            for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], wv[r], xv[t]);
-        }
-        for (int r = 0; r < rows; ++r) {
-          const __m512 s = _mm512_set1_ps(E.scale[(o + r) * L.ngroups + g]);
-          for (int t = 0; t < 4; ++t) facc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][t]), s, facc[r][t]);
+  std::vector<uint8_t> packed(k4s * 64), row(K);
+  std::vector<float> scale(G * 16), corr(G * 16);  // [group][row]: scale, and scale * b - offset
+  std::vector<float> facc_all((M + MM_TOKENS) * 16);  // [token][row] float sums over the blocks done
+  for (int64_t o = o0; o < o1; o += 16) {
+    const int rows = (int)std::min<int64_t>(16, o1 - o);
+    std::fill(packed.begin(), packed.end(), 0);
+    std::fill(scale.begin(), scale.end(), 0.f);
+    std::fill(corr.begin(), corr.end(), 0.f);
+    for (int r = 0; r < rows; ++r) {
+      for (int64_t ch = 0; ch < nch; ++ch) unpack_chunk(w + (o + r) * rb + ch * cb, L.bits, row.data() + ch * CHUNK);
+      for (int64_t k4 = 0; k4 < k4s; ++k4) std::memcpy(packed.data() + k4 * 64 + r * 4, row.data() + k4 * 4, 4);
+      for (int64_t g = 0; g < G; ++g) {
+        scale[g * 16 + r] = E.scale[(o + r) * G + g];
+        corr[g * 16 + r] = scale[g * 16 + r] * (float)L.b - (E.offset ? E.offset[(o + r) * G + g] : 0.f);
+      }
+    }
+    std::fill(facc_all.begin(), facc_all.end(), 0.f);
+    // blocks of at most MM_BLOCK inputs within one scale group: the block's codes and each token tile's
+    // activations for it stay in L1 while every token tile passes
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 s = _mm512_loadu_ps(scale.data() + g * 16);
+      const int64_t g1 = std::min(k4s, (g + 1) * k4_per_group);
+      for (int64_t b0 = g * k4_per_group; b0 < g1; b0 += MM_BLOCK / 4) {
+        const int64_t b1 = std::min(g1, b0 + MM_BLOCK / 4);
+        for (int64_t m0 = 0; m0 < M; m0 += MM_TOKENS) {
+          const int32_t* xt = A.tiled.data() + (m0 / MM_TOKENS) * k4s * MM_TOKENS;
+#define MM_ZERO(i) __m512i acc##i = _mm512_setzero_si512();
+          MM_EACH(MM_ZERO)
+          for (int64_t k4 = b0; k4 < b1; ++k4) {
+            const __m512i wv = _mm512_loadu_si512((const void*)(packed.data() + k4 * 64));
+            const int32_t* xk = xt + k4 * MM_TOKENS;
+#define MM_STEP(i) asm("vpdpbusd %2, %1, %0" : "+v"(acc##i) : "v"(wv), "v"(_mm512_set1_epi32(xk[i])));
+            MM_EACH(MM_STEP)
+          }
+          float* f = facc_all.data() + m0 * 16;
+#define MM_SCALE(i) _mm512_storeu_ps(f + 16 * i, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc##i), s, _mm512_loadu_ps(f + 16 * i)));
+          MM_EACH(MM_SCALE)
         }
       }
-      for (int t = 0; t < 4 && m0 + t < M; ++t)
-        for (int r = 0; r < rows; ++r) y[(m0 + t) * ldy + o + r] = E(o + r, m0 + t, hsum512(facc[r][t]), L.b);
+    }
+    const __mmask16 keep = (__mmask16)(rows >= 16 ? 0xFFFF : (1u << rows) - 1);
+    const __m512 bias = E.bias ? _mm512_maskz_loadu_ps(keep, E.bias + o) : _mm512_setzero_ps();
+    for (int64_t m = 0; m < M; ++m) {
+      __m512 c = _mm512_setzero_ps();
+      for (int64_t g = 0; g < G; ++g)
+        c = _mm512_fmadd_ps(_mm512_loadu_ps(corr.data() + g * 16), _mm512_set1_ps(E.xsum[m * G + g]), c);
+      const __m512 out = _mm512_fmadd_ps(_mm512_set1_ps(E.sx[m]),
+                                         _mm512_fmsub_ps(_mm512_set1_ps(E.a), _mm512_loadu_ps(facc_all.data() + m * 16), c), bias);
+      _mm512_mask_storeu_ps(y + m * ldy + o, keep, out);
     }
   }
 }
@@ -541,12 +629,12 @@ TARGET_AVX2 void rows_avx2(const QLinear& L, const Acts& A, const Epilogue& E, f
 void rows(const QLinear& L, const Acts& A, const Epilogue& E, float* y, int64_t ldy, int64_t o0, int64_t o1) {
   const int i = isa();
   if (i == AVX512) {
-    if (A.M > 1) return rows_avx512_mm(L, A, E, y, ldy, o0, o1);
+    if (A.M > 4) return rows_avx512_mm(L, A, E, y, ldy, o0, o1);
     switch (L.bits) {
-      case 1: return rows_avx512_m1<1>(L, A, E, y, o0, o1);
-      case 2: return rows_avx512_m1<2>(L, A, E, y, o0, o1);
-      case 4: return rows_avx512_m1<4>(L, A, E, y, o0, o1);
-      default: return rows_avx512_m1<8>(L, A, E, y, o0, o1);
+      case 1: return rows_avx512_few<1>(L, A, E, y, ldy, o0, o1);
+      case 2: return rows_avx512_few<2>(L, A, E, y, ldy, o0, o1);
+      case 4: return rows_avx512_few<4>(L, A, E, y, ldy, o0, o1);
+      default: return rows_avx512_few<8>(L, A, E, y, ldy, o0, o1);
     }
   }
   if (i == AVX2) {
@@ -568,9 +656,13 @@ void linear_into(const QLinear& L, const float* x, int64_t M, int64_t ldx, float
     yt.copy_(L.bias.defined() ? torch::addmm(L.bias, xt, L.weight.t()) : torch::mm(xt, L.weight.t()));
     return;
   }
-  if (A.M != M || A.kpad != L.kpad) quantize_acts(x, M, L.in, ldx, L.kpad, A);
+  if (A.M != M || A.kpad != L.kpad) {
+    quantize_acts(x, M, L.in, ldx, L.kpad, A);
+    A.tiled.clear();
+  }
+  if (isa() == AVX512 && M > 4 && A.tiled.empty()) tile_activations(A);
   const Epilogue E(L, A);
-  const int64_t blocks = (L.out + 15) / 16;  // 16-row tiles (the AVX-512 decode tile)
+  const int64_t blocks = (L.out + 15) / 16;  // 16-row tiles (the AVX-512 decode and prefill tile)
   at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
     rows(L, A, E, y, ldy, b0 * 16, std::min(L.out, b1 * 16));
   });
@@ -584,6 +676,36 @@ torch::Tensor linear(const QLinear& L, torch::Tensor x) {
   A.M = -1;
   linear_into(L, xc.data_ptr<float>(), xc.size(0), L.in, y.data_ptr<float>(), L.out, A);
   return y;
+}
+
+// rows `ids` of the weight as floats (an embedding lookup from a tied head's codes): scale * (a * u - b) + offset
+torch::Tensor lookup_rows(const QLinear& L, torch::Tensor ids) {
+  TORCH_CHECK(L.bits > 0, "lookup_rows: a float linear holds its own weight");
+  auto flat = ids.to(torch::kLong).contiguous().view(-1);
+  const int64_t n = flat.size(0), nch = L.kpad / CHUNK, cpg = L.chunks_per_group(), rb = L.rowbytes(),
+                cb = CHUNK * L.bits / 8;
+  auto out = torch::empty({n, L.in}, torch::kFloat);
+  const int64_t* id = flat.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(id[i] >= 0 && id[i] < L.out, "lookup_rows: id ", id[i], " is outside 0..", L.out - 1);
+  const uint8_t* w = L.data.data_ptr<uint8_t>();
+  const float* sc = L.scale.data_ptr<float>();
+  const float* off = L.offset.defined() ? L.offset.data_ptr<float>() : nullptr;
+  float* y = out.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+    uint8_t u[CHUNK];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t row = id[i];
+      for (int64_t ch = 0; ch < nch; ++ch) {
+        unpack_chunk(w + row * rb + ch * cb, L.bits, u);
+        const int64_t g = std::min(ch / cpg, L.ngroups - 1);
+        const float s = sc[row * L.ngroups + g], o = off ? off[row * L.ngroups + g] : 0.f;
+        for (int j = 0; j < CHUNK && ch * CHUNK + j < L.in; ++j)
+          y[i * L.in + ch * CHUNK + j] = s * (float)(L.a * (int)u[j] - L.b) + o;
+      }
+    }
+  });
+  return out.view([&] { auto s = ids.sizes().vec(); s.push_back(L.in); return s; }());
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -912,6 +1034,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__call__", &linear);
   m.def("make_linear", &make_linear);
   m.def("make_float_linear", &make_float_linear);
+  m.def("lookup_rows", &lookup_rows, "rows of a quantized linear's weight as floats (tied embedding lookups)");
   pybind11::class_<Decoder>(m, "Decoder")
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, torch::Tensor, torch::Tensor>())
       .def("add_layer", &Decoder::add_layer)

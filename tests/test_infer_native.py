@@ -111,6 +111,12 @@ def test_what_the_kernels_cannot_take_is_refused_by_name():
         native.set_isa("sse9")
 
 
+def test_a_cpu_without_the_fast_instructions_is_told_so():
+    assert native.path_note("avx512-vnni") is None
+    assert "no AVX-512 VNNI; running the avx2 path" in native.path_note("avx2")
+    assert "no AVX-512 VNNI and AVX2/FMA; running the portable path" in native.path_note("portable")
+
+
 def test_the_path_in_use_is_reported():
     assert native.isa() in native.ISAS
     assert native.status().startswith("built, ")

@@ -66,8 +66,21 @@ def extension():
     log.info("compiling lmcompress native kernels (first use, about a minute)")
     build = Path(os.environ.get("LMCOMPRESS_BUILD_DIR", Path.home() / ".cache" / "lmcompress" / "native"))
     build.mkdir(parents=True, exist_ok=True)
-    return load("lmc_native", sources=[str(SOURCE)], build_directory=str(build), verbose=False,
-                extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    ext = load("lmc_native", sources=[str(SOURCE)], build_directory=str(build), verbose=False,
+               extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    note = path_note(ext.detected_isa())
+    if note:
+        log.warning(note)
+    return ext
+
+
+def path_note(detected: str) -> str | None:
+    """What a user should know about the instruction path this CPU gets (None for the fastest one)."""
+    if detected == ISAS[0]:
+        return None
+    lacks = "AVX-512 VNNI" if detected == "avx2" else "AVX-512 VNNI and AVX2/FMA"
+    return (f"lmcompress native kernels: this CPU has no {lacks}; running the {detected} path, which is "
+            "correct but slower (prefill most of all)")
 
 
 def status() -> str:

@@ -283,17 +283,7 @@ struct Epilogue {
   }
 
   inline float operator()(int64_t o, int64_t m, float scaled_dot, int bterm) const {
-    const float* sc = scale + o * ngroups;
-    const float* xs = xsum.data() + m * ngroups;
-    float corr = 0.f;
-    if (offset) {
-      const float* off = offset + o * ngroups;
-      for (int64_t g = 0; g < ngroups; ++g) corr += (sc[g] * (float)bterm - off[g]) * xs[g];
-    } else {
-      for (int64_t g = 0; g < ngroups; ++g) corr += sc[g] * xs[g];
-      corr *= (float)bterm;
-    }
-    const float y = sx[m] * (a * scaled_dot - corr);
+    const float y = sx[m] * (a * scaled_dot - correction(o, m, bterm));
     return bias ? y + bias[o] : y;
   }
 };
@@ -838,11 +828,69 @@ TARGET_AVX512 void attend_avx512(const float* q, int64_t G, const T* K, const T*
   }
 }
 
+#define TARGET_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
+
+TARGET_AVX2_F16C inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2));
+}
+
+TARGET_AVX2_F16C inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+TARGET_AVX2_F16C inline __m256 load8(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+
+// as attend_avx512, 8 lanes; VECS = hd / 8 (8 for head_dim 64, 16 for 128)
+template <int VECS, typename T>
+TARGET_AVX2_F16C void attend_avx2(const float* q, int64_t G, const T* K, const T* V, int64_t n, float scale,
+                                  float* score, float* out) {
+  constexpr int64_t hd = VECS * 8;
+  const int64_t stride = (n + 15) / 16 * 16, full = (n + 7) / 8 * 8;
+  for (int64_t p = 0; p < n; ++p) {
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q + g * hd), load8(K + p * hd));
+      for (int v = 1; v < VECS; ++v) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * hd + 8 * v), load8(K + p * hd + 8 * v), acc);
+      score[g * stride + p] = hsum256(acc) * scale;
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* sc = score + g * stride;
+    for (int64_t p = n; p < full; ++p) sc[p] = -INFINITY;
+    float top = -INFINITY;
+    for (int64_t p = 0; p < n; ++p) top = std::max(top, sc[p]);
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t p = 0; p < full; p += 8) {
+      const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + p), _mm256_set1_ps(top)));
+      _mm256_storeu_ps(sc + p, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    const __m256 inv = _mm256_set1_ps(1.f / hsum256(sum));
+    __m256 o[VECS];
+    for (int v = 0; v < VECS; ++v) o[v] = _mm256_setzero_ps();
+    for (int64_t p = 0; p < n; ++p) {
+      const __m256 wp = _mm256_set1_ps(sc[p]);
+      for (int v = 0; v < VECS; ++v) o[v] = _mm256_fmadd_ps(wp, load8(V + p * hd + 8 * v), o[v]);
+    }
+    for (int v = 0; v < VECS; ++v) _mm256_storeu_ps(out + g * hd + 8 * v, _mm256_mul_ps(o[v], inv));
+  }
+}
+
 template <typename T>
 void attend(const float* q, int64_t G, const T* K, const T* V, int64_t n, int64_t hd, float scale, float* score,
             float* out) {
   if (isa() == AVX512 && hd == 64) return attend_avx512<4>(q, G, K, V, n, scale, score, out);
   if (isa() == AVX512 && hd == 128) return attend_avx512<8>(q, G, K, V, n, scale, score, out);
+  if (isa() >= AVX2 && hd == 64) return attend_avx2<8>(q, G, K, V, n, scale, score, out);
+  if (isa() >= AVX2 && hd == 128) return attend_avx2<16>(q, G, K, V, n, scale, score, out);
   attend_portable(q, G, K, V, n, hd, scale, score, out);
 }
 

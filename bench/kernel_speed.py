@@ -2,9 +2,12 @@
 
 For each (out, in) shape and each token count (1 = decode, 512 = prefill) it times one call of:
 fp32 `F.linear`; bf16 `F.linear`; fbgemm `quantized.linear_dynamic` with per-channel int8 weights (what
-`quantize_dynamic` runs; fp32 in and out, activations quantized on the fly); `_weight_int8pack_mm`
+`quantize_dynamic` runs; fp32 in and out, activations quantized on the fly with one scale per call); the same
+op with a scale per token (`FbgemmRows`: rows scaled to max 1 first, as lmcompress runs it for accuracy); `_weight_int8pack_mm`
 (int8 weights, bf16 activations); `_weight_int4pack_mm_for_cpu` (int4, group 64, bf16 activations);
-`torch._int_mm` with per-token int8 activation quantization included.
+`torch._int_mm` with per-token int8 activation quantization included; and lmcompress's native kernels
+(`lmcompress.infer.native`) on 8-, 4- and 2-bit codes with per-row scales (activations int8 per token, as
+fbgemm's), on the instruction path this CPU gets.
 
     flock /tmp/lmc-heavy.lock python bench/kernel_speed.py --threads 2 --out bench/results/kernels.json
 """
@@ -71,6 +74,19 @@ def kernels_for(out_f: int, in_f: int, tokens: int) -> dict:
             lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed4, GROUP, scale_zeros),
         "_int_mm + per-token act quant": int_mm,
     }
+    from lmcompress.infer import native
+    from lmcompress.quant.codes import IntWeight
+
+    from lmcompress.infer.kernels import FbgemmRows
+
+    per_token = FbgemmRows(IntWeight(codes=codes.to(torch.int16), scale=scale, bits=8, scheme="sym"))
+    runs["fbgemm int8, per-token activation scales (FbgemmRows)"] = lambda: per_token(x)
+    if native.available():
+        for bits, qmax in ((8, 127), (4, 7), (2, 1)):
+            s = w.abs().amax(1) / qmax
+            levels = torch.round(w / s[:, None]).clamp(-qmax - (bits == 2), qmax).to(torch.int16)
+            kernel = native.NativeRows(IntWeight(codes=levels, scale=s, bits=bits, scheme="sym"))
+            runs[f"native {bits}-bit ({native.isa()})"] = lambda kernel=kernel: kernel(x)
     if tokens == 1:  # fp32 activations are 10-50x slower; at 512 tokens one call takes seconds
         runs["_weight_int8pack_mm (fp32 x)"] = lambda: torch.ops.aten._weight_int8pack_mm(x, codes, scale)
     return {name: timeit(fn) for name, fn in runs.items()}

@@ -68,14 +68,13 @@ def rss_bytes() -> int:
 
 
 def held_bytes(model) -> int:
-    """Bytes the model's weights occupy in memory: parameters, buffers and kernel-packed codes."""
-    from lmcompress.infer import KernelEmbedding, KernelLinear
+    """Bytes the model's weights occupy in memory: parameters, buffers and kernel-held codes (for
+    `quantize_dynamic` modules, their int8 weights)."""
+    from lmcompress.infer import resident_bytes
 
-    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
-    kernels = sum(m.nbytes for m in model.modules() if isinstance(m, KernelLinear | KernelEmbedding))
     dynamic = sum(m.weight().numel() for m in model.modules() if type(m).__name__ == "Linear"
                   and type(m).__module__.startswith("torch.ao.nn.quantized.dynamic"))
-    return sum(tensors.values()) + kernels + dynamic
+    return resident_bytes(model) + dynamic
 
 
 def prompt_ids(tokenizer, length: int, batch: int = 1):

@@ -75,9 +75,8 @@ def kernels_for(out_f: int, in_f: int, tokens: int) -> dict:
         "_int_mm + per-token act quant": int_mm,
     }
     from lmcompress.infer import native
-    from lmcompress.quant.codes import IntWeight
-
     from lmcompress.infer.kernels import FbgemmRows
+    from lmcompress.quant.codes import IntWeight
 
     per_token = FbgemmRows(IntWeight(codes=codes.to(torch.int16), scale=scale, bits=8, scheme="sym"))
     runs["fbgemm int8, per-token activation scales (FbgemmRows)"] = lambda: per_token(x)

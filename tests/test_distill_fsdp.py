@@ -72,6 +72,10 @@ def worker(out_dir: str) -> None:
         "stored_names_are_plain": stored == plain_names if stored is not None else None,
         "files": sorted(p.name for p in folder.iterdir()),
     }))
+    # Tear the gloo group down before the interpreter exits: left to exit, its threads sometimes race it
+    # (std::terminate, "terminate called without an active exception", in a full test run).
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow

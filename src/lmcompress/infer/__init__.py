@@ -11,7 +11,7 @@ from lmcompress.infer.convert import (
 )
 from lmcompress.infer.kernels import build_kernel, choose_kernel
 from lmcompress.infer.lean import LeanDecoder, attach
-from lmcompress.infer.modules import KernelEmbedding, KernelLinear
+from lmcompress.infer.modules import KernelEmbedding, KernelLinear, resident_bytes
 from lmcompress.quant.codes import IntWeight  # what `to_inference(weights=...)` takes
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "build_kernel",
     "choose_kernel",
     "register_extractor",
+    "resident_bytes",
     "rtn_weight",
     "rtn_weights",
     "to_inference",

@@ -55,16 +55,10 @@ class LeanDecoder:
         self._cos_sin = spec.rotary
         self._parts = []
         for block in spec.blocks:
-            norms = {id(block.attn_norm), id(block.mlp_norm)}
-            eps = {getattr(block.attn_norm, "variance_epsilon", spec.rms_norm_eps),
-                   getattr(block.mlp_norm, "variance_epsilon", spec.rms_norm_eps)}
-            if len(norms) != 2 or len(eps) != 1:
-                raise LmcompressError("lean decoding: each block needs its own two RMS norms with one epsilon")
             self._parts.append((_norm_weight(block.attn_norm), native.fuse([block.q, block.k, block.v]),
                                 native.handle_of(block.o), _norm_weight(block.mlp_norm),
                                 native.fuse([block.gate, block.up]), native.handle_of(block.down)))
         self.head = native.handle_of(spec.head)
-        self.eps = next(iter(eps)) if spec.blocks else spec.rms_norm_eps
         self._ext = ext
         self._cache_shape: tuple[int, int] | None = None  # (batch, positions)
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -84,7 +78,7 @@ class LeanDecoder:
         if self.decoder is None or self._cache_shape is None or self._cache_shape[1] < length:
             cos, sin = self._cos_sin(length)
             self.decoder = self._ext.Decoder(spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim,
-                                             spec.intermediate_size, self.eps, cos, sin)
+                                             spec.intermediate_size, spec.norm_eps, cos, sin)
             for parts in self._parts:
                 self.decoder.add_layer(*parts)
         shape = (self.blocks, batch, spec.num_kv_heads, length, spec.head_dim)

@@ -92,3 +92,11 @@ class KernelEmbedding(nn.Module):
     def extra_repr(self) -> str:
         held = f"reads the tied head's {self.table.name} codes" if self.table is not None else "int8 codes"
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.scheme} {self.bits}-bit, {held}"
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes a model's weights occupy in memory: its parameters and buffers (each storage once) and the codes
+    its integer kernels hold outside them (fbgemm's packed params, the native kernels' buffers)."""
+    tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+               for t in [*model.parameters(), *model.buffers()]}
+    return sum(tensors.values()) + sum(m.nbytes for m in model.modules() if isinstance(m, KernelLinear))

@@ -77,7 +77,7 @@ class DecodeSpec:
     num_kv_heads: int
     head_dim: int
     intermediate_size: int
-    rms_norm_eps: float
+    norm_eps: float
     blocks: list[DecodeBlock]
     embeddings: nn.Module
     final_norm: nn.Module
@@ -477,11 +477,15 @@ class LlamaAdapter(ArchAdapter):
         if getattr(config, "hidden_act", "silu") != "silu":
             raise UnsupportedArchitectureError(f"lean decoding: activation {config.hidden_act!r} (silu only)")
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        eps = float(config.rms_norm_eps)
         blocks = []
         for block in self.blocks:
             attention, mlp = block.self_attn, block.mlp
             if hasattr(attention, "qkv_proj") or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
                 raise UnsupportedArchitectureError("lean decoding needs separate q/k/v and gate/up/down projections")
+            norms = (block.input_layernorm, block.post_attention_layernorm)
+            if norms[0] is norms[1] or any(getattr(n, "variance_epsilon", eps) != eps for n in norms):
+                raise UnsupportedArchitectureError("lean decoding needs two RMS norms per block with the config's epsilon")
             blocks.append(DecodeBlock(attn_norm=block.input_layernorm, q=attention.q_proj, k=attention.k_proj,
                                       v=attention.v_proj, o=attention.o_proj, mlp_norm=block.post_attention_layernorm,
                                       gate=mlp.gate_proj, up=mlp.up_proj, down=mlp.down_proj))
@@ -495,7 +499,7 @@ class LlamaAdapter(ArchAdapter):
         limits = [p for p in (window, config.max_position_embeddings) if p]
         return DecodeSpec(hidden_size=self.hidden_size, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                           head_dim=self.head_dim, intermediate_size=self.intermediate_size,
-                          rms_norm_eps=float(config.rms_norm_eps), blocks=blocks, embeddings=self.embeddings,
+                          norm_eps=eps, blocks=blocks, embeddings=self.embeddings,
                           final_norm=self.final_norm, head=self.model.get_output_embeddings(), rotary=tables,
                           max_positions=min(limits) if limits else None)
 

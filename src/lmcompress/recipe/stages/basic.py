@@ -22,6 +22,7 @@ from lmcompress.evaluate import (
 )
 from lmcompress.formats import export_model, load_inference, load_model, size_report
 from lmcompress.formats.card import CardFacts, teacher_card_facts
+from lmcompress.infer import resident_bytes
 from lmcompress.models.adapters import get_adapter
 from lmcompress.models.builtin import BUILTIN_ORIGINS
 from lmcompress.models.loading import quantized_source
@@ -210,8 +211,7 @@ class EvaluateStage(StageConfig):
             row.update(self._rouge(run, model))
         if "size" in metrics and self.model == "export":
             disk = weight_file_bytes(run.last_export[0])
-            memory = sum(t.numel() * t.element_size() for t in {id(t): t for t in
-                                                                 [*model.parameters(), *model.buffers()]}.values())
+            memory = resident_bytes(model)
             row.update(size_mb=round(disk / 1e6, 3), memory_mb=round(memory / 1e6, 2))
             if run.teacher_bytes:
                 row["compression_ratio"] = round(run.teacher_bytes / disk, 3)

@@ -11,6 +11,7 @@ from helpers import tiny_model, tiny_tokenizer, write_word_corpus
 from lmcompress import api
 from lmcompress.cli import main
 from lmcompress.core.errors import RecipeError
+from lmcompress.infer import native
 from lmcompress.planner import parse_budget, parse_target, plan_compression
 from lmcompress.planner.costs import TokenCosts
 from lmcompress.planner.depth import DepthSearch
@@ -229,6 +230,9 @@ def test_plan_only_writes_the_plan_and_trains_nothing_and_resume_runs_that_plan(
     assert exported["model"] == "export" and exported["size_mb"] == pytest.approx(file_mb, abs=1e-3)
     assert exported["perplexity"] == pytest.approx(final["perplexity"], rel=0.05) and exported["memory_mb"] > 0
     assert exported["decode_tokens_per_s"] > 0 and rows["teacher"]["decode_tokens_per_s"] > 0
+    # timed as deployed: the packed export through the lean path where the native kernels build
+    assert exported["speed_path"] == ("lean" if native.available() else "transformers")
+    assert rows["teacher"]["speed_path"] == "transformers"  # a float teacher as it is
     assert verdict["size_met"] is True and verdict["file_mb"] == pytest.approx(file_mb, abs=1e-3)
     assert verdict["ppl_ratio"] == pytest.approx(exported["perplexity"] / rows["teacher"]["perplexity"], rel=1e-3)
     assert (out / "stages.png").stat().st_size > 0 and "![stages on (file MB, perplexity)](stages.png)" in (

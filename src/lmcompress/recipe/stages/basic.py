@@ -22,7 +22,9 @@ from lmcompress.evaluate import (
 )
 from lmcompress.formats import export_model, load_inference, load_model, size_report
 from lmcompress.formats.card import CardFacts, teacher_card_facts
-from lmcompress.infer import resident_bytes
+from lmcompress.infer import attach, resident_bytes, to_inference
+from lmcompress.infer.convert import find_quantized
+from lmcompress.infer.lean import LeanGenerate
 from lmcompress.models.adapters import get_adapter
 from lmcompress.models.builtin import BUILTIN_ORIGINS
 from lmcompress.models.loading import quantized_source
@@ -99,6 +101,16 @@ class TruncateStage(StageConfig):
         layers = resolve_layers(self.keep, adapter.num_layers, self.k, field=f"{self.label}.keep")
         truncate_layers(student, layers, stack=self.stack)
         run.cut_student(layers, adapter.stack if adapter.is_encoder_decoder else None)
+
+
+def _deployed(model: nn.Module) -> nn.Module:
+    """The model as it runs once deployed, for timing: quantized modules (fake-quant or packed) through the
+    integer kernels, with lean decoding where it applies; an inference-form or float model as it is."""
+    if isinstance(model.__dict__.get("generate"), LeanGenerate) or not find_quantized(model):
+        return model
+    fast = to_inference(copy.deepcopy(model))
+    attach(fast)
+    return fast
 
 
 @register_stage
@@ -222,8 +234,10 @@ class EvaluateStage(StageConfig):
                        compression_ratio=round(size.get("compression_ratio", 1.0), 3))
         if "speed" in metrics:
             ids = run.token_stream(self.split)[: 2 * window].view(2, window)
-            row["prefill_tokens_per_s"] = round(prefill_speed(model, ids), 1)
-            row["decode_tokens_per_s"] = round(decode_speed(model, ids[:1, :32]), 1)
+            deployed = _deployed(model)
+            row["prefill_tokens_per_s"] = round(prefill_speed(deployed, ids), 1)
+            row["decode_tokens_per_s"] = round(decode_speed(deployed, ids[:1, :32]), 1)
+            row["speed_path"] = "lean" if isinstance(deployed.__dict__.get("generate"), LeanGenerate) else "transformers"
         run.report.add(**row)
 
 

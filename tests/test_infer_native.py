@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -340,3 +342,13 @@ def test_a_tied_embedding_reads_the_head_codes(bits, group):
     torch.testing.assert_close(embedding(ids), expected)
     with pytest.raises(RuntimeError, match="outside 0..127"):
         embedding(torch.tensor([128]))
+
+
+def test_ninja_is_found_without_an_activated_venv(monkeypatch):
+    # the `ninja` wheel's binary sits in the venv's bin folder, which is not on PATH unless activated
+    monkeypatch.setenv("PATH", "/usr/bin/none")
+    monkeypatch.setattr(native.shutil, "which", lambda tool: None)
+    import ninja
+
+    assert native._find_ninja() == str(Path(ninja.BIN_DIR) / "ninja")
+    assert ninja.BIN_DIR in os.environ["PATH"].split(os.pathsep)

@@ -8,8 +8,9 @@ per-row scales or groups of a multiple of 64 inputs. Activations are rounded to 
 XTC and QuantGPT), so outputs match a float matmul within that rounding.
 
 The extension is compiled by torch.utils.cpp_extension on first use (about a minute; cached under
-~/.cache/torch_extensions) and needs a C++ compiler and ninja; without them `available()` is False, the
-automatic kernel choice uses PyTorch's kernels, and asking for kernel="native" says why it cannot run.
+~/.cache/lmcompress/native) and needs a C++ compiler and ninja (the `ninja` wheel is a dependency); without
+them `available()` is False, the automatic kernel choice uses PyTorch's kernels, and asking for
+kernel="native" says why it cannot run.
 `set_isa` forces an instruction path (tests run every path on one machine).
 """
 
@@ -35,9 +36,27 @@ CHUNK = 64  # codes per packed chunk; groups must be a multiple of it
 ISAS = ("avx512-vnni", "avx2", "portable")
 
 
+def _find_ninja() -> str | None:
+    """The ninja binary torch's extension builder runs: on PATH, or the `ninja` wheel's (a dependency), whose
+    folder is put on PATH for the build (a venv's bin folder is not on PATH unless it is activated)."""
+    found = shutil.which("ninja")
+    if found:
+        return found
+    try:
+        import ninja  # the PyPI wheel ships the binary
+    except ImportError:
+        return None
+    binary = Path(ninja.BIN_DIR) / "ninja"
+    if not binary.is_file():
+        return None
+    os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+    return str(binary)
+
+
 def missing_tools() -> list[str]:
     """What building the extension needs and this machine lacks."""
-    return [tool for tool in ("c++", "ninja") if shutil.which(tool) is None]
+    missing = [] if shutil.which("c++") else ["c++"]
+    return missing if _find_ninja() else [*missing, "ninja"]
 
 
 @functools.cache
@@ -59,7 +78,7 @@ def extension():
     missing = missing_tools()
     if missing:
         raise LmcompressError(f"the native kernels need {' and '.join(missing)} to compile; install them "
-                              "(e.g. `apt install g++ ninja-build` / `pip install ninja`) or use kernel='auto'")
+                              "(e.g. `apt install g++`, `pip install ninja`) or use kernel='auto'")
     # torch's extension builder is imported only when the native kernels are used.
     from torch.utils.cpp_extension import load
 

@@ -423,6 +423,10 @@ TARGET_AVX512 inline void tile16_avx512_m1(const QLinear& L, const int8_t* x, co
                                            int64_t m) {
   const int64_t nch = L.kpad / CHUNK, cpg = L.chunks_per_group(), rb = L.rowbytes(), cb = CHUNK * BITS / 8;
   const uint8_t* w = L.data.data_ptr<uint8_t>() + o * rb;
+  // the next tile is the next 16 * rb contiguous bytes: ask for it now, as this tile's rows are read
+  // interleaved (several streams of small chunks), which the hardware prefetcher follows poorly
+  if (o + 32 <= L.out)
+    for (int64_t b = 0; b < 16 * rb; b += 64) _mm_prefetch((const char*)(w + 16 * rb + b), _MM_HINT_T0);
   __m512 facc[16];
   for (int r = 0; r < 16; ++r) facc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < L.ngroups; ++g) {

@@ -321,26 +321,6 @@ TARGET_AVX512 inline void dpbusd(__m512i& acc, __m512i a, __m512i b) {
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
 }
 
-template <int BITS>
-TARGET_AVX512 inline __m512i widen512(const uint8_t* p) {
-  if constexpr (BITS == 8) {
-    return _mm512_loadu_si512((const void*)p);
-  } else if constexpr (BITS == 4) {
-    const __m256i v = _mm256_loadu_si256((const __m256i*)p), m = _mm256_set1_epi8(15);
-    const __m256i lo = _mm256_and_si256(v, m), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-  } else if constexpr (BITS == 2) {
-    const __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)p));
-    const __m512i shifts = _mm512_set_epi16(6, 6, 6, 6, 6, 6, 6, 6, 4, 4, 4, 4, 4, 4, 4, 4, 2, 2, 2, 2, 2, 2, 2, 2,
-                                            0, 0, 0, 0, 0, 0, 0, 0);
-    return _mm512_and_si512(_mm512_srlv_epi16(v, shifts), _mm512_set1_epi8(3));
-  } else {
-    uint64_t word;
-    std::memcpy(&word, p, 8);
-    return _mm512_maskz_mov_epi8((__mmask64)word, _mm512_set1_epi8(1));
-  }
-}
-
 // The decode kernels skip the shifts: the chunk's bytes are broadcast to every lane that needs them and
 // each lane keeps its own bit field in place, so lane s of a 2-bit chunk holds u * 4^s (4-bit: the upper
 // half holds u * 16). Products stay in range (192 * 127 * 4 per vpdpbusd lane) and every lane's integer sum
@@ -357,8 +337,10 @@ TARGET_AVX512 inline __m512i fields512(const uint8_t* p) {
     return _mm512_and_si512(v, _mm512_set_epi32(0xC0C0C0C0, 0xC0C0C0C0, 0xC0C0C0C0, 0xC0C0C0C0, 0x30303030,
                                                  0x30303030, 0x30303030, 0x30303030, 0x0C0C0C0C, 0x0C0C0C0C,
                                                  0x0C0C0C0C, 0x0C0C0C0C, 0x03030303, 0x03030303, 0x03030303, 0x03030303));
-  } else {
-    return widen512<1>(p);
+  } else {  // 1 bit: the chunk's 64-bit word is a byte mask
+    uint64_t word;
+    std::memcpy(&word, p, 8);
+    return _mm512_maskz_mov_epi8((__mmask64)word, _mm512_set1_epi8(1));
   }
 }
 

@@ -49,3 +49,32 @@ def test_packed_folder_loads_into_inference_form(tmp_path):
     assert relative_error(model, fast, ids) < TOLERANCE
     for name, tensor in [*fast.named_parameters(), *fast.named_buffers()]:
         assert not (tensor.dtype.is_floating_point and tensor.dim() == 2 and min(tensor.shape) > 1), name
+
+
+def test_conversion_holds_one_module_codes_at_a_time(monkeypatch):
+    """Each linear's codes are extracted right before its kernel is built (extracting the whole model's first
+    doubled the peak memory of loading SmolLM2); the tied embedding still reads the head's kernel."""
+    import lmcompress.infer.convert as convert
+
+    model = tiny_model("llama", hidden=64, layers=2, tie_word_embeddings=True)
+    quantize_(model, CONFIGS["ternary"])
+    events = []
+    extract, build = convert._extract, convert.KernelLinear
+
+    def recording_extract(module):
+        found = extract(module)
+        if found is not None and not found[2]:
+            events.append("extract")
+        return found
+
+    def recording_build(*args, **kwargs):
+        events.append("build")
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(convert, "_extract", recording_extract)
+    monkeypatch.setattr(convert, "KernelLinear", recording_build)
+    fast = to_inference(model)
+    assert len(events) >= 16 and events == ["extract", "build"] * (len(events) // 2)
+    embedding = fast.get_submodule("model.embed_tokens")
+    if hasattr(fast.lm_head.kernel, "lookup"):  # the native kernels, where they build
+        assert embedding.table is fast.lm_head.kernel

@@ -59,29 +59,28 @@ def _unshare_storages(model: nn.Module) -> None:
 
 
 def find_quantized(model: nn.Module) -> dict[str, tuple[IntWeight, torch.Tensor | None, bool]]:
-    """{name: (IntWeight, bias, is_embedding)} of the modules a registered extractor recognises."""
-    found = {}
-    for name, module in model.named_modules():
+    """{name: (IntWeight, bias, is_embedding)} of the modules a registered extractor recognises (every
+    module's codes at once: a format writing them all needs them; `to_inference` takes one at a time)."""
+    return dict(_iter_quantized(model))
+
+
+def _iter_quantized(model: nn.Module):
+    for name, module in list(model.named_modules()):  # a snapshot: to_inference swaps modules meanwhile
         extracted = _extract(module)
         if extracted is not None:
-            found[name] = extracted
-    return found
+            yield name, extracted
+
+
+def has_quantized(model: nn.Module) -> bool:
+    """Whether a registered extractor recognises any module (extracts at most one)."""
+    return next(_iter_quantized(model), None) is not None
 
 
 def _tied_heads(model: nn.Module, targets: Mapping[str, tuple[IntWeight, torch.Tensor | None, bool]]) -> dict[str, str]:
-    """{embedding name: head name} for heads that compute with their embedding's codes: the same IntWeight
-    (rtn_weights gives tied modules one), or a quantized tied head whose `source` is the embedding."""
-    modules = dict(model.named_modules())
-    names = {id(module): name for name, module in modules.items()}
-    pairs = {}
-    for head, (weight, _, is_embedding) in targets.items():
-        if is_embedding:
-            continue
-        source = getattr(modules[head], "source", None)
-        for name, (other, _, other_is_embedding) in targets.items():
-            if other_is_embedding and (other is weight or names.get(id(source)) == name):
-                pairs[name] = head
-    return pairs
+    """{embedding name: head name} for heads that compute with their embedding's codes: rtn_weights gives
+    tied modules one IntWeight."""
+    return {name: head for head, (weight, _, is_embedding) in targets.items() if not is_embedding
+            for name, (other, _, other_is_embedding) in targets.items() if other_is_embedding and other is weight}
 
 
 def to_inference(model: nn.Module, weights: Mapping[str, IntWeight] | None = None, kernel: str = "auto",
@@ -93,22 +92,37 @@ def to_inference(model: nn.Module, weights: Mapping[str, IntWeight] | None = Non
     `kernels.build_kernel` ("auto" + "speed" picks the fastest measured kernel; "memory" prefers 4-bit
     resident weights).
     """
-    targets: dict[str, tuple[IntWeight, torch.Tensor | None, bool]] = {}
     if weights is not None:
         modules = dict(model.named_modules())
+        targets: dict[str, tuple[IntWeight, torch.Tensor | None, bool]] = {}
         for name, weight in weights.items():
             if name not in modules:
                 raise LmcompressError(f"to_inference: weights name {name!r} is not a module of the model")
             module = modules[name]
             targets[name] = (weight, getattr(module, "bias", None), isinstance(module, nn.Embedding))
+        tied = _tied_heads(model, targets)
+        ordered = sorted(targets.items(), key=lambda item: item[1][2])  # heads first
     else:
-        targets = find_quantized(model)
-        if not targets:
-            raise LmcompressError("to_inference: no quantized module found; quantize the model first or "
-                                  "pass weights={name: IntWeight}")
-    tied = _tied_heads(model, targets)
+        # One module's codes at a time (the whole model's, extracted at once, doubled the peak memory of a
+        # load); embeddings after the heads that may read their codes.
+        tied = {}
+        names = {id(module): name for name, module in model.named_modules()}
+        embeddings: list[tuple[str, tuple[IntWeight, torch.Tensor | None, bool]]] = []
+
+        def linears_then_embeddings():
+            for name, found in _iter_quantized(model):
+                if found[2]:
+                    embeddings.append((name, found))
+                    continue
+                source = getattr(model.get_submodule(name), "source", None)
+                if source is not None and id(source) in names:
+                    tied[names[id(source)]] = name
+                yield name, found
+            yield from embeddings
+
+        ordered = linears_then_embeddings()
     built: dict[str, nn.Module] = {}
-    for name, (weight, bias, is_embedding) in sorted(targets.items(), key=lambda item: item[1][2]):  # heads first
+    for name, (weight, bias, is_embedding) in ordered:
         module = model.get_submodule(name)
         if is_embedding:
             head = built.get(tied.get(name, ""))
@@ -118,6 +132,9 @@ def to_inference(model: nn.Module, weights: Mapping[str, IntWeight] | None = Non
             new = KernelLinear(weight, bias, kernel=kernel, prefer=prefer)
         built[name] = new
         set_module(model, name, new)
+    if weights is None and not built:
+        raise LmcompressError("to_inference: no quantized module found; quantize the model first or "
+                              "pass weights={name: IntWeight}")
     _unshare_storages(model)
     return model.eval()
 

@@ -23,7 +23,7 @@ from lmcompress.evaluate import (
 from lmcompress.formats import export_model, load_inference, load_model, size_report
 from lmcompress.formats.card import CardFacts, teacher_card_facts
 from lmcompress.infer import attach, resident_bytes, to_inference
-from lmcompress.infer.convert import find_quantized
+from lmcompress.infer.convert import has_quantized
 from lmcompress.infer.lean import LeanGenerate
 from lmcompress.models.adapters import get_adapter
 from lmcompress.models.builtin import BUILTIN_ORIGINS
@@ -106,7 +106,7 @@ class TruncateStage(StageConfig):
 def _deployed(model: nn.Module) -> nn.Module:
     """The model as it runs once deployed, for timing: quantized modules (fake-quant or packed) through the
     integer kernels, with lean decoding where it applies; an inference-form or float model as it is."""
-    if isinstance(model.__dict__.get("generate"), LeanGenerate) or not find_quantized(model):
+    if isinstance(model.__dict__.get("generate"), LeanGenerate) or not has_quantized(model):
         return model
     fast = to_inference(copy.deepcopy(model))
     attach(fast)

@@ -13,7 +13,8 @@ llama-bench has no batched decode), and the decode floor = read bandwidth (bench
 run) / weight bytes read per token, with how close decode gets.
 
 Our exports are round-to-nearest (speed does not depend on training): attention and MLP linears at the
-given bits with per-row scales, the tied embedding/head table at 8 bits, activations int8 per token.
+given bits with per-row scales, the tied embedding/head table at 8 bits (`-e4`: at 4 bits, which is what
+a file at most 60% of llama.cpp's smallest needs: the 8-bit table alone is 28 MB), activations int8 per token.
 `ours-ternary-eager` is the ternary export through transformers' generate (same kernels, no lean path).
 
     python bench/inference.py --threads 1 2 --out bench/results/inference      # the full run
@@ -33,7 +34,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-OURS = {"int8": "8-8-8", "int4": "4-8-8", "int2": "2-8-8", "ternary": "t-8-8", "binary": "1-8-8"}
+OURS = {"int8": "8-8-8", "int4": "4-8-8", "int2": "2-8-8", "ternary": "t-8-8", "binary": "1-8-8",
+        "int2-e4": "2-4-8", "ternary-e4": "t-4-8"}
 LLAMACPP = ("Q8_0", "Q4_0", "Q4_K_M", "TQ1_0", "TQ2_0")
 CONFIGS = ["fp32", "bf16", "torch-int8", *(f"ours-{k}" for k in OURS), "ours-ternary-eager",
            *(f"llamacpp-{t}" for t in LLAMACPP)]
@@ -169,19 +171,25 @@ def _time_hf(model, tokenizer, row: dict, args) -> dict:
     return row
 
 
+def ours_kind(config: str) -> tuple[str, bool]:
+    """(key of OURS, through transformers' generate?) of an `ours-...` configuration."""
+    name = config[len("ours-"):]
+    return name.removesuffix("-eager"), name.endswith("-eager")
+
+
 def run_ours(config: str, args) -> dict:
     import torch
 
     import lmcompress as lc
     from lmcompress.infer import KernelLinear, LeanDecoder, lean, native
 
-    kind, _, variant = config[len("ours-"):].partition("-")
+    kind, eager = ours_kind(config)
     folder = export_dir(args.work, kind)
     model, tokenizer = lc.load_inference(folder)
     linears = [m for m in model.modules() if isinstance(m, KernelLinear)]
     row = {"file_bytes": weights_file_bytes(folder), "bytes_per_token": sum(m.nbytes for m in linears),
            "kernels": sorted({m.kernel.name for m in linears}), "isa": native.isa() if native.available() else None}
-    if variant == "eager":
+    if eager:
         model.__dict__.pop("generate", None)  # transformers' generate through the same kernels
         row["path"] = "transformers"
         row = _time_hf(model, tokenizer, row, args)
@@ -266,7 +274,7 @@ def main_one(args) -> dict:
 def prepare(args, configs: list[str]) -> None:
     for config in configs:
         if config.startswith("ours-"):
-            kind = config[len("ours-"):].split("-")[0]
+            kind = ours_kind(config)[0]
             if not (export_dir(args.work, kind) / "lmcompress.json").is_file():
                 print(f"[setup] packed export {kind}", flush=True)
                 subprocess.run([sys.executable, __file__, "--make-export", kind, "--work", str(args.work)], check=True)

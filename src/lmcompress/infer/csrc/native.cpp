@@ -356,6 +356,18 @@ TARGET_AVX512 inline __m512 lane_scale() {
   }
 }
 
+// the same factors as right shifts of the int32 lane sums (exact: each is a multiple of its factor)
+template <int BITS>
+TARGET_AVX512 inline __m512i lane_unshift(__m512i v) {
+  if constexpr (BITS == 4) {
+    return _mm512_srav_epi32(v, _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi32(4), 1));
+  } else if constexpr (BITS == 2) {
+    return _mm512_srav_epi32(v, _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0));
+  } else {
+    return v;
+  }
+}
+
 TARGET_AVX512 inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 // one token, ROWS rows at a time: independent accumulators overlap the dependent vpdpbusd chains (ROWS is a
@@ -382,16 +394,24 @@ TARGET_AVX512 inline void tile_avx512_m1(const QLinear& L, const int8_t* x, cons
 }
 
 // v[r] (16 vectors) -> one vector of their 16 horizontal sums, in order: three rounds of pairwise lane
-// shuffles and adds instead of 16 separate reductions
+// shuffles and adds instead of 16 separate reductions. INT: the vectors hold int32 lanes (cast), summed
+// as integers.
+template <bool INT>
+TARGET_AVX512 inline __m512 add16(__m512 a, __m512 b) {
+  if constexpr (INT) return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(a), _mm512_castps_si512(b)));
+  else return _mm512_add_ps(a, b);
+}
+
+template <bool INT = false>
 TARGET_AVX512 inline __m512 reduce16(const __m512* v) {
   __m512 s1[8], s2[4];
   for (int i = 0; i < 8; ++i)
-    s1[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    s1[i] = add16<INT>(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
   for (int i = 0; i < 4; ++i)  // lanes of s2[i] hold rows 4i..4i+3
-    s2[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s1[2 * i], s1[2 * i + 1], 0x88), _mm512_shuffle_f32x4(s1[2 * i], s1[2 * i + 1], 0xDD));
-  const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(s2[0], s2[1]), _mm512_unpackhi_ps(s2[0], s2[1]));
-  const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(s2[2], s2[3]), _mm512_unpackhi_ps(s2[2], s2[3]));
-  const __m512 r = _mm512_add_ps(
+    s2[i] = add16<INT>(_mm512_shuffle_f32x4(s1[2 * i], s1[2 * i + 1], 0x88), _mm512_shuffle_f32x4(s1[2 * i], s1[2 * i + 1], 0xDD));
+  const __m512 t0 = add16<INT>(_mm512_unpacklo_ps(s2[0], s2[1]), _mm512_unpackhi_ps(s2[0], s2[1]));
+  const __m512 t1 = add16<INT>(_mm512_unpacklo_ps(s2[2], s2[3]), _mm512_unpackhi_ps(s2[2], s2[3]));
+  const __m512 r = add16<INT>(
       _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
       _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))));
   // element 4l + j of r is row 4j + l
@@ -412,6 +432,10 @@ TARGET_AVX512 inline void tile16_avx512_m1(const QLinear& L, const int8_t* x, co
   // interleaved (several streams of small chunks), which the hardware prefetcher follows poorly
   if (o + 32 <= L.out)
     for (int64_t b = 0; b < 16 * rb; b += 64) _mm_prefetch((const char*)(w + 16 * rb + b), _MM_HINT_T0);
+  // Per-row scales (one group): each row's int32 lanes are unshifted, reduced as integers (the exact dot
+  // product) and scaled, corrected and biased as one vector of 16 rows. Groups: each group's sums are
+  // scaled into float accumulators per row.
+  const bool per_row = L.ngroups == 1;
   __m512 facc[16];
   for (int r = 0; r < 16; ++r) facc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < L.ngroups; ++g) {
@@ -426,16 +450,30 @@ TARGET_AVX512 inline void tile16_avx512_m1(const QLinear& L, const int8_t* x, co
 #define DEC_STEP(r) dpbusd(acc##r, fields512<BITS>(p + r * rb), xv);
         DEC_EACH(DEC_STEP)
       }
-      const float* s = E.scale + (o + sub) * L.ngroups + g;
+      if (per_row) {
+#define DEC_ROW(r) facc[sub + r] = _mm512_castsi512_ps(lane_unshift<BITS>(acc##r));
+        DEC_EACH(DEC_ROW)
+      } else {
+        const float* s = E.scale + (o + sub) * L.ngroups + g;
 #define DEC_SCALE(r) facc[sub + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc##r), _mm512_set1_ps(s[r * L.ngroups]), facc[sub + r]);
-      DEC_EACH(DEC_SCALE)
+        DEC_EACH(DEC_SCALE)
+      }
     }
   }
-  for (int r = 0; r < 16; ++r) facc[r] = _mm512_mul_ps(facc[r], lane_scale<BITS>());
-  alignas(64) float corr[16];
-  for (int r = 0; r < 16; ++r) corr[r] = E.correction(o + r, m, L.b);
-  __m512 out = _mm512_mul_ps(_mm512_set1_ps(E.sx[m]),
-                             _mm512_fmsub_ps(_mm512_set1_ps(E.a), reduce16(facc), _mm512_load_ps(corr)));
+  __m512 dot, corr;
+  if (per_row) {
+    const __m512 scale = _mm512_loadu_ps(E.scale + o);
+    dot = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_castps_si512(reduce16<true>(facc))), scale);
+    corr = _mm512_mul_ps(scale, _mm512_set1_ps((float)L.b * E.xsum[m]));
+    if (E.offset) corr = _mm512_fnmadd_ps(_mm512_loadu_ps(E.offset + o), _mm512_set1_ps(E.xsum[m]), corr);
+  } else {
+    for (int r = 0; r < 16; ++r) facc[r] = _mm512_mul_ps(facc[r], lane_scale<BITS>());
+    alignas(64) float c[16];
+    for (int r = 0; r < 16; ++r) c[r] = E.correction(o + r, m, L.b);
+    dot = reduce16(facc);
+    corr = _mm512_load_ps(c);
+  }
+  __m512 out = _mm512_mul_ps(_mm512_set1_ps(E.sx[m]), _mm512_fmsub_ps(_mm512_set1_ps(E.a), dot, corr));
   if (E.bias) out = _mm512_add_ps(out, _mm512_loadu_ps(E.bias + o));
   _mm512_storeu_ps(y + o, out);
 }

@@ -207,22 +207,36 @@ float quantize_row_portable(const float* x, int64_t in, int64_t kpad, int8_t* q,
 }
 
 TARGET_AVX512 float quantize_row_avx512(const float* x, int64_t in, int64_t kpad, int8_t* q, int32_t* csum) {
-  __m512 mx = _mm512_setzero_ps();
+  // four independent max chains (one would wait on vmaxps' latency every 16 values)
+  __m512 m0 = _mm512_setzero_ps(), m1 = m0, m2 = m0, m3 = m0;
   int64_t k = 0;
+  for (; k + 64 <= in; k += 64) {
+    m0 = _mm512_max_ps(m0, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+    m1 = _mm512_max_ps(m1, _mm512_abs_ps(_mm512_loadu_ps(x + k + 16)));
+    m2 = _mm512_max_ps(m2, _mm512_abs_ps(_mm512_loadu_ps(x + k + 32)));
+    m3 = _mm512_max_ps(m3, _mm512_abs_ps(_mm512_loadu_ps(x + k + 48)));
+  }
+  __m512 mx = _mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3));
   for (; k + 16 <= in; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
   if (k < in) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps((__mmask16)((1u << (in - k)) - 1), x + k)));
   const float amax = _mm512_reduce_max_ps(mx);
   const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
   const __m512 vinv = _mm512_set1_ps(inv);
+  // the 4 x 16 int32 of a chunk -> 64 int8 in order: two saturating packs interleave them per 128-bit lane
+  // (dword 4L + j holds vector j's elements 4L..4L+3), one dword permutation undoes that
+  const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
   for (int64_t ch = 0; ch < kpad / CHUNK; ++ch) {
-    __m512i sum = _mm512_setzero_si512();
+    const int64_t at = ch * CHUNK;
+    __m512i qi[4];
     for (int v = 0; v < 4; ++v) {
-      const int64_t at = ch * CHUNK + v * 16;
-      const __mmask16 live = at >= in ? 0 : at + 16 <= in ? 0xFFFF : (__mmask16)((1u << (in - at)) - 1);
-      const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, x + at), vinv));
-      sum = _mm512_add_epi32(sum, qi);
-      _mm_storeu_si128((__m128i*)(q + at), _mm512_cvtsepi32_epi8(qi));
+      const int64_t from = at + v * 16;
+      const __m512 xv = from + 16 <= in ? _mm512_loadu_ps(x + from)
+                        : _mm512_maskz_loadu_ps(from >= in ? 0 : (__mmask16)((1u << (in - from)) - 1), x + from);
+      qi[v] = _mm512_cvtps_epi32(_mm512_mul_ps(xv, vinv));
     }
+    const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(qi[0], qi[1]), _mm512_add_epi32(qi[2], qi[3]));
+    const __m512i bytes = _mm512_packs_epi16(_mm512_packs_epi32(qi[0], qi[1]), _mm512_packs_epi32(qi[2], qi[3]));
+    _mm512_storeu_si512((void*)(q + at), _mm512_permutexvar_epi32(order, bytes));
     csum[ch] = _mm512_reduce_add_epi32(sum);
   }
   return s;
@@ -504,32 +518,100 @@ constexpr int MM_TOKENS = 12;
 constexpr int64_t MM_BLOCK = 4096;  // inputs per block (measured: smaller blocks did not help at 576-1536 inputs)
 #define MM_EACH(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 
-void tile_activations(Acts& A) {
+// 64 codes of one packed row chunk as bytes, in input order (the prefill repack)
+template <int BITS>
+TARGET_AVX512 inline __m512i codes512(const uint8_t* p) {
+  if constexpr (BITS == 8) {
+    return _mm512_loadu_si512((const void*)p);
+  } else if constexpr (BITS == 4) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)p), low = _mm256_set1_epi8(15);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, low)),
+                              _mm256_and_si256(_mm256_srli_epi16(v, 4), low), 1);
+  } else if constexpr (BITS == 2) {  // 64-bit lanes shifted by 0, 2, 4, 6 bits per 16 bytes; bits that cross
+    const __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)p));  // bytes are masked off
+    return _mm512_and_si512(_mm512_srlv_epi64(v, _mm512_set_epi64(6, 6, 4, 4, 2, 2, 0, 0)), _mm512_set1_epi8(3));
+  } else {
+    uint64_t word;
+    std::memcpy(&word, p, 8);
+    return _mm512_maskz_mov_epi8((__mmask64)word, _mm512_set1_epi8(1));
+  }
+}
+
+// 16 vectors of 16 int32 -> their transpose (out[k] lane i = r[i] lane k): unpack 32/64-bit, then two
+// rounds of 128-bit lane shuffles
+TARGET_AVX512 inline void transpose16(const __m512i* r, __m512i* out) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {  // lane L of t[i]: rows i, i+1 of elements 4L, 4L+1; of t[i+1]: 4L+2, 4L+3
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int q = 0; q < 16; q += 4) {  // lane L of u[q + c]: rows q..q+3 of element 4L + c
+    u[q] = _mm512_unpacklo_epi64(t[q], t[q + 2]);
+    u[q + 1] = _mm512_unpackhi_epi64(t[q], t[q + 2]);
+    u[q + 2] = _mm512_unpacklo_epi64(t[q + 1], t[q + 3]);
+    u[q + 3] = _mm512_unpackhi_epi64(t[q + 1], t[q + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // element 4L + c of rows 4q.. is lane L of u[4q + c]
+    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44), v3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+    out[c] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    out[4 + c] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+    out[8 + c] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    out[12 + c] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+  }
+}
+
+// rows r < `rows` of a 16-row block (row stride rb bytes) into the VNNI layout: per chunk, the 16 rows' 16
+// int32 quads transposed so that vector k holds quad k of every row. Missing rows are zero.
+template <int BITS>
+TARGET_AVX512 void repack16(const uint8_t* w, int64_t rb, int64_t nch, int rows, uint8_t* packed) {
+  constexpr int64_t cb = CHUNK * BITS / 8;
+  for (int64_t ch = 0; ch < nch; ++ch) {
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) r[i] = i < rows ? codes512<BITS>(w + i * rb + ch * cb) : _mm512_setzero_si512();
+    __m512i t[16];
+    transpose16(r, t);
+    for (int k = 0; k < 16; ++k) _mm512_storeu_si512((void*)(packed + (ch * 16 + k) * 64), t[k]);
+  }
+}
+
+// [token][inputs / 4] int32 -> [token tile][inputs / 4][token]: per tile and 16 quads, a transpose
+TARGET_AVX512 void tile_activations(Acts& A) {
   const int64_t k4s = A.kpad / 4, tiles = (A.M + MM_TOKENS - 1) / MM_TOKENS;
-  A.tiled.assign(tiles * k4s * MM_TOKENS, 0);
-  for (int64_t m = 0; m < A.M; ++m) {
-    const int32_t* src = (const int32_t*)(A.q.data() + m * A.kpad);
-    int32_t* dst = A.tiled.data() + (m / MM_TOKENS) * k4s * MM_TOKENS + m % MM_TOKENS;
-    for (int64_t k4 = 0; k4 < k4s; ++k4) dst[k4 * MM_TOKENS] = src[k4];
+  A.tiled.resize(tiles * k4s * MM_TOKENS);
+  const int32_t* src = (const int32_t*)A.q.data();
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t m0 = tile * MM_TOKENS, live = std::min<int64_t>(MM_TOKENS, A.M - m0);
+    int32_t* dst = A.tiled.data() + tile * k4s * MM_TOKENS;
+    for (int64_t k0 = 0; k0 < k4s; k0 += 16) {  // kpad is a multiple of 64: k4s of 16
+      __m512i r[16], t[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < live ? _mm512_loadu_si512((const void*)(src + (m0 + i) * k4s + k0)) : _mm512_setzero_si512();
+      transpose16(r, t);
+      for (int k = 0; k < 16; ++k) _mm512_mask_storeu_epi32(dst + (k0 + k) * MM_TOKENS, (__mmask16)((1u << MM_TOKENS) - 1), t[k]);
+    }
   }
 }
 
 TARGET_AVX512 void rows_avx512_mm(const QLinear& L, const Acts& A, const Epilogue& E, float* y, int64_t ldy,
                                   int64_t o0, int64_t o1) {
-  const int64_t K = L.kpad, k4s = K / 4, nch = K / CHUNK, rb = L.rowbytes(), cb = CHUNK * L.bits / 8;
+  const int64_t K = L.kpad, k4s = K / 4, nch = K / CHUNK, rb = L.rowbytes();
   const int64_t G = L.ngroups, k4_per_group = L.group / 4, M = A.M;
   const uint8_t* w = L.data.data_ptr<uint8_t>();
-  std::vector<uint8_t> packed(k4s * 64), row(K);
+  std::vector<uint8_t> packed(k4s * 64);
   std::vector<float> scale(G * 16), corr(G * 16);  // [group][row]: scale, and scale * b - offset
   std::vector<float> facc_all((M + MM_TOKENS) * 16);  // [token][row] float sums over the blocks done
   for (int64_t o = o0; o < o1; o += 16) {
     const int rows = (int)std::min<int64_t>(16, o1 - o);
-    std::fill(packed.begin(), packed.end(), 0);
     std::fill(scale.begin(), scale.end(), 0.f);
     std::fill(corr.begin(), corr.end(), 0.f);
+    switch (L.bits) {
+      case 1: repack16<1>(w + o * rb, rb, nch, rows, packed.data()); break;
+      case 2: repack16<2>(w + o * rb, rb, nch, rows, packed.data()); break;
+      case 4: repack16<4>(w + o * rb, rb, nch, rows, packed.data()); break;
+      default: repack16<8>(w + o * rb, rb, nch, rows, packed.data());
+    }
     for (int r = 0; r < rows; ++r) {
-      for (int64_t ch = 0; ch < nch; ++ch) unpack_chunk(w + (o + r) * rb + ch * cb, L.bits, row.data() + ch * CHUNK);
-      for (int64_t k4 = 0; k4 < k4s; ++k4) std::memcpy(packed.data() + k4 * 64 + r * 4, row.data() + k4 * 4, 4);
       for (int64_t g = 0; g < G; ++g) {
         scale[g * 16 + r] = E.scale[(o + r) * G + g];
         corr[g * 16 + r] = scale[g * 16 + r] * (float)L.b - (E.offset ? E.offset[(o + r) * G + g] : 0.f);

@@ -76,7 +76,7 @@ def has_quantized(model: nn.Module) -> bool:
     return next(_iter_quantized(model), None) is not None
 
 
-def _tied_heads(model: nn.Module, targets: Mapping[str, tuple[IntWeight, torch.Tensor | None, bool]]) -> dict[str, str]:
+def _tied_heads(targets: Mapping[str, tuple[IntWeight, torch.Tensor | None, bool]]) -> dict[str, str]:
     """{embedding name: head name} for heads that compute with their embedding's codes: rtn_weights gives
     tied modules one IntWeight."""
     return {name: head for head, (weight, _, is_embedding) in targets.items() if not is_embedding
@@ -100,7 +100,7 @@ def to_inference(model: nn.Module, weights: Mapping[str, IntWeight] | None = Non
                 raise LmcompressError(f"to_inference: weights name {name!r} is not a module of the model")
             module = modules[name]
             targets[name] = (weight, getattr(module, "bias", None), isinstance(module, nn.Embedding))
-        tied = _tied_heads(model, targets)
+        tied = _tied_heads(targets)
         ordered = sorted(targets.items(), key=lambda item: item[1][2])  # heads first
     else:
         # One module's codes at a time (the whole model's, extracted at once, doubled the peak memory of a

@@ -338,7 +338,7 @@ TARGET_AVX512 inline void dpbusd(__m512i& acc, __m512i a, __m512i b) {
 // The decode kernels skip the shifts: the chunk's bytes are broadcast to every lane that needs them and
 // each lane keeps its own bit field in place, so lane s of a 2-bit chunk holds u * 4^s (4-bit: the upper
 // half holds u * 16). Products stay in range (192 * 127 * 4 per vpdpbusd lane) and every lane's integer sum
-// is a multiple of its factor, so scaling the float row sums by `lane_scale` once is exact.
+// is a multiple of its factor, so shifting the int32 sums right (`lane_unshift`) before any float work is exact.
 template <int BITS>
 TARGET_AVX512 inline __m512i fields512(const uint8_t* p) {
   if constexpr (BITS == 8) {
@@ -358,19 +358,7 @@ TARGET_AVX512 inline __m512i fields512(const uint8_t* p) {
   }
 }
 
-template <int BITS>
-TARGET_AVX512 inline __m512 lane_scale() {
-  if constexpr (BITS == 4) {
-    return _mm512_insertf32x8(_mm512_set1_ps(1.f), _mm256_set1_ps(1.f / 16), 1);
-  } else if constexpr (BITS == 2) {
-    return _mm512_set_ps(1.f / 64, 1.f / 64, 1.f / 64, 1.f / 64, 1.f / 16, 1.f / 16, 1.f / 16, 1.f / 16, 1.f / 4,
-                         1.f / 4, 1.f / 4, 1.f / 4, 1.f, 1.f, 1.f, 1.f);
-  } else {
-    return _mm512_set1_ps(1.f);
-  }
-}
-
-// the same factors as right shifts of the int32 lane sums (exact: each is a multiple of its factor)
+// the lanes' factors removed by right shifts of their int32 sums (exact: each is a multiple of its factor)
 template <int BITS>
 TARGET_AVX512 inline __m512i lane_unshift(__m512i v) {
   if constexpr (BITS == 4) {
@@ -402,9 +390,10 @@ TARGET_AVX512 inline void tile_avx512_m1(const QLinear& L, const int8_t* x, cons
       for (int r = 0; r < ROWS; ++r) dpbusd(acc[r], fields512<BITS>(w + r * rb + ch * cb), xv);
     }
     for (int r = 0; r < ROWS; ++r)
-      facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(E.scale[(o + r) * L.ngroups + g]), facc[r]);
+      facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lane_unshift<BITS>(acc[r])), _mm512_set1_ps(E.scale[(o + r) * L.ngroups + g]),
+                                facc[r]);
   }
-  for (int r = 0; r < ROWS; ++r) y[o + r] = E(o + r, m, hsum512(_mm512_mul_ps(facc[r], lane_scale<BITS>())), L.b);
+  for (int r = 0; r < ROWS; ++r) y[o + r] = E(o + r, m, hsum512(facc[r]), L.b);
 }
 
 // v[r] (16 vectors) -> one vector of their 16 horizontal sums, in order: three rounds of pairwise lane
@@ -469,7 +458,7 @@ TARGET_AVX512 inline void tile16_avx512_m1(const QLinear& L, const int8_t* x, co
         DEC_EACH(DEC_ROW)
       } else {
         const float* s = E.scale + (o + sub) * L.ngroups + g;
-#define DEC_SCALE(r) facc[sub + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc##r), _mm512_set1_ps(s[r * L.ngroups]), facc[sub + r]);
+#define DEC_SCALE(r) facc[sub + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lane_unshift<BITS>(acc##r)), _mm512_set1_ps(s[r * L.ngroups]), facc[sub + r]);
         DEC_EACH(DEC_SCALE)
       }
     }
@@ -481,7 +470,6 @@ TARGET_AVX512 inline void tile16_avx512_m1(const QLinear& L, const int8_t* x, co
     corr = _mm512_mul_ps(scale, _mm512_set1_ps((float)L.b * E.xsum[m]));
     if (E.offset) corr = _mm512_fnmadd_ps(_mm512_loadu_ps(E.offset + o), _mm512_set1_ps(E.xsum[m]), corr);
   } else {
-    for (int r = 0; r < 16; ++r) facc[r] = _mm512_mul_ps(facc[r], lane_scale<BITS>());
     alignas(64) float c[16];
     for (int r = 0; r < 16; ++r) c[r] = E.correction(o + r, m, L.b);
     dot = reduce16(facc);

@@ -352,3 +352,16 @@ def test_ninja_is_found_without_an_activated_venv(monkeypatch):
 
     assert native._find_ninja() == str(Path(ninja.BIN_DIR) / "ninja")
     assert ninja.BIN_DIR in os.environ["PATH"].split(os.pathsep)
+
+
+def test_a_stale_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path):
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not native.clear_stale_lock(tmp_path) and lock.exists()  # a build may be running
+    old = time.time() - native.STALE_LOCK_SECONDS - 5
+    os.utime(lock, (old, old))
+    assert native.clear_stale_lock(tmp_path) and not lock.exists()
+    assert not native.clear_stale_lock(tmp_path)  # nothing left to clear

@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -85,12 +86,31 @@ def extension():
     log.info("compiling lmcompress native kernels (first use, about a minute)")
     build = Path(os.environ.get("LMCOMPRESS_BUILD_DIR", Path.home() / ".cache" / "lmcompress" / "native"))
     build.mkdir(parents=True, exist_ok=True)
+    clear_stale_lock(build)
     ext = load("lmc_native", sources=[str(SOURCE)], build_directory=str(build), verbose=False,
                extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
     note = path_note(ext.detected_isa())
     if note:
         log.warning(note)
     return ext
+
+
+STALE_LOCK_SECONDS = 600  # a build takes about a minute; a lock this old has no live builder
+
+
+def clear_stale_lock(build: Path, now: float | None = None) -> bool:
+    """Remove the `lock` torch's builder leaves when a first compile is interrupted: every later load would
+    wait on it forever without a word. True if one was removed (and said so)."""
+    lock = build / "lock"
+    try:
+        age = (time.time() if now is None else now) - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < STALE_LOCK_SECONDS:
+        return False
+    log.warning("removing a stale build lock %s (%.0f min old: an interrupted compile left it)", lock, age / 60)
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def path_note(detected: str) -> str | None:

@@ -10,6 +10,7 @@ op with a scale per token (`FbgemmRows`: rows scaled to max 1 first, as lmcompre
 fbgemm's), on the instruction path this CPU gets.
 
     flock /tmp/lmc-heavy.lock python bench/kernel_speed.py --threads 2 --out bench/results/kernels.json
+    python bench/kernel_speed.py --threads 1 --tokens 512 --isa avx512-amx avx512-vnni   # both AVX-512 paths
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def timeit(fn, min_time: float = 0.3, max_reps: int = 2000) -> tuple[float, floa
     return times[0], times[len(times) // 2]
 
 
-def kernels_for(out_f: int, in_f: int, tokens: int) -> dict:
+def kernels_for(out_f: int, in_f: int, tokens: int, isas: list[str] | None = None) -> dict:
     w = torch.randn(out_f, in_f) * 0.02
     x = torch.randn(tokens, in_f)
     xb, wb = x.bfloat16(), w.bfloat16()
@@ -85,10 +86,24 @@ def kernels_for(out_f: int, in_f: int, tokens: int) -> dict:
             s = w.abs().amax(1) / qmax
             levels = torch.round(w / s[:, None]).clamp(-qmax - (bits == 2), qmax).to(torch.int16)
             kernel = native.NativeRows(IntWeight(codes=levels, scale=s, bits=bits, scheme="sym"))
-            runs[f"native {bits}-bit ({native.isa()})"] = lambda kernel=kernel: kernel(x)
+            if not isas:
+                runs[f"native {bits}-bit ({native.isa()})"] = lambda kernel=kernel: kernel(x)
+            for isa in isas or []:  # (switching paths costs a call each: under 1 us)
+                runs[f"native {bits}-bit ({isa})"] = lambda kernel=kernel, isa=isa: on_path(isa, kernel, x)
     if tokens == 1:  # fp32 activations are 10-50x slower; at 512 tokens one call takes seconds
         runs["_weight_int8pack_mm (fp32 x)"] = lambda: torch.ops.aten._weight_int8pack_mm(x, codes, scale)
     return {name: timeit(fn) for name, fn in runs.items()}
+
+
+def on_path(isa: str, kernel, x: torch.Tensor) -> torch.Tensor:
+    """One call of `kernel` on instruction path `isa` (the machine's best path is restored after)."""
+    from lmcompress.infer import native
+
+    native.set_isa(isa)
+    try:
+        return kernel(x)
+    finally:
+        native.set_isa(None)
 
 
 def main() -> None:
@@ -96,20 +111,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 512])
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--isa", nargs="+", default=None,
+                    help="native instruction paths to time (default: the best this CPU has), e.g. avx512-amx avx512-vnni")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results = []
     for tokens in args.tokens:
         for shape_name, (out_f, in_f) in SHAPES.items():
-            for kernel, (best, median) in kernels_for(out_f, in_f, tokens).items():
+            for kernel, (best, median) in kernels_for(out_f, in_f, tokens, args.isa).items():
                 results.append({"tokens": tokens, "shape": shape_name, "kernel": kernel, "best_us": best * 1e6,
                                 "median_us": median * 1e6, "gflops": 2 * tokens * out_f * in_f / best / 1e9})
                 print(f"tokens={tokens:4d} {shape_name:18s} {kernel:42s} best {best * 1e6:10.1f} us "
                       f"median {median * 1e6:10.1f} us {results[-1]['gflops']:7.1f} GFLOP/s", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__,
+        args.out.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "isa": args.isa,
                                         "results": results}, indent=1))
 
 

@@ -72,7 +72,7 @@ def test_every_path_equals_the_int8_reference(isa, scheme, bits, out, inn, group
     weight = random_int_weight(out, inn, scheme, bits, group)
     bias = torch.randn(out) if out % 2 else None
     kernel = native.NativeRows(weight, bias)
-    for tokens in (1, 3, 6):  # one token (decode tile), and row x token tiles with partial tiles
+    for tokens in (1, 3, 6, 37):  # one token (decode tile), and row x token tiles with partial tiles (AMX: 32)
         x = torch.randn(tokens, inn) * 3
         ref = int8_reference(weight, x, bias)
         torch.testing.assert_close(kernel(x).double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
@@ -109,12 +109,12 @@ def test_what_the_kernels_cannot_take_is_refused_by_name():
     assert not native.NativeRows.supports(weight)
     with pytest.raises(LmcompressError, match="multiple of 64 inputs; got group size 32"):
         native.NativeRows(weight)
-    with pytest.raises(RuntimeError, match="this CPU cannot run|expected avx512-vnni, avx2 or portable"):
+    with pytest.raises(RuntimeError, match="this CPU cannot run|expected avx512-amx, avx512-vnni, avx2 or portable"):
         native.set_isa("sse9")
 
 
 def test_a_cpu_without_the_fast_instructions_is_told_so():
-    assert native.path_note("avx512-vnni") is None
+    assert native.path_note("avx512-amx") is None and native.path_note("avx512-vnni") is None
     assert "no AVX-512 VNNI; running the avx2 path" in native.path_note("avx2")
     assert "no AVX-512 VNNI and AVX2/FMA; running the portable path" in native.path_note("portable")
 

@@ -15,12 +15,15 @@
 // signed, which is what `vpdpbusd` (AVX-512 VNNI) and `vpmaddubsw` (AVX2) multiply. Every instruction path
 // computes the same int32 dot products; only the order of the float sums over groups differs.
 //
-// Instruction paths: AVX-512 VNNI, AVX2 and portable C++, compiled side by side with target attributes and
-// chosen at run time (`set_isa` forces one: tests run all three on one machine).
+// Instruction paths: AVX-512 with AMX tiles for prefill (Sapphire Rapids and later), AVX-512 VNNI, AVX2 and
+// portable C++, compiled side by side with target attributes and chosen at run time (`set_isa` forces one:
+// tests run every path the machine has).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -35,13 +38,29 @@ namespace {
 
 constexpr int64_t CHUNK = 64;
 
-enum Isa { PORTABLE = 0, AVX2 = 1, AVX512 = 2 };
+// AMX is AVX-512 VNNI plus Intel's tile matrix unit (Sapphire Rapids and later), used for prefill only
+enum Isa { PORTABLE = 0, AVX2 = 1, AVX512 = 2, AMX = 3 };
+
+// AMX-TILE and AMX-INT8 in CPUID leaf 7, and the kernel's permission to use the tile state (Linux asks
+// each process to request it: without it the first tile instruction faults)
+bool amx_usable() {
+#if defined(__linux__) && defined(__x86_64__)
+  unsigned eax, ebx, ecx, edx;
+  __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
+  const bool tile = (edx >> 24) & 1, int8 = (edx >> 25) & 1;
+  if (!tile || !int8) return false;
+  constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+  return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#else
+  return false;
+#endif
+}
 
 int detect_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
-    return AVX512;
+    return amx_usable() ? AMX : AVX512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return AVX2;
   return PORTABLE;
 }
@@ -56,8 +75,11 @@ int isa() {
 // functions compiled for one instruction set each, called only after `isa()` says the CPU has it
 #define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,fma")))
 #define TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define TARGET_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,fma,amx-tile,amx-int8")))
 
-const char* isa_name(int i) { return i == AVX512 ? "avx512-vnni" : i == AVX2 ? "avx2" : "portable"; }
+const char* isa_name(int i) {
+  return i == AMX ? "avx512-amx" : i == AVX512 ? "avx512-vnni" : i == AVX2 ? "avx2" : "portable";
+}
 
 // ---------------------------------------------------------------------------------------------------
 // Weights
@@ -183,6 +205,8 @@ QLinearPtr make_float_linear(torch::Tensor weight, std::optional<torch::Tensor> 
 // ---------------------------------------------------------------------------------------------------
 // Activations: int8 per token, zero-padded to kpad, with zero rows past M for the token tiles.
 
+constexpr int64_t AMX_TOKENS = 32;  // tokens per AMX pass (two 16-row tiles)
+
 struct Acts {
   int64_t M = 0, kpad = 0;
   std::vector<int8_t> q;
@@ -246,10 +270,10 @@ void quantize_acts(const float* x, int64_t M, int64_t in, int64_t ldx, int64_t k
   A.M = M;
   A.kpad = kpad;
   const int64_t nch = kpad / CHUNK;
-  A.q.assign((M + 3) * kpad, 0);
+  A.q.assign(std::max(M + 3, (M + AMX_TOKENS - 1) / AMX_TOKENS * AMX_TOKENS) * kpad, 0);  // whole AMX token tiles
   A.s.assign(M, 1.f);
   A.csum.assign(M * nch, 0);
-  const bool simd = isa() == AVX512;
+  const bool simd = isa() >= AVX512;
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       int8_t* q = A.q.data() + m * kpad;
@@ -581,35 +605,61 @@ TARGET_AVX512 void tile_activations(Acts& A) {
   }
 }
 
-TARGET_AVX512 void rows_avx512_mm(const QLinear& L, const Acts& A, const Epilogue& E, float* y, int64_t ldy,
-                                  int64_t o0, int64_t o1) {
-  const int64_t K = L.kpad, k4s = K / 4, nch = K / CHUNK, rb = L.rowbytes();
-  const int64_t G = L.ngroups, k4_per_group = L.group / 4, M = A.M;
-  const uint8_t* w = L.data.data_ptr<uint8_t>();
-  std::vector<uint8_t> packed(k4s * 64);
-  std::vector<float> scale(G * 16), corr(G * 16);  // [group][row]: scale, and scale * b - offset
-  std::vector<float> facc_all((M + MM_TOKENS) * 16);  // [token][row] float sums over the blocks done
-  for (int64_t o = o0; o < o1; o += 16) {
-    const int rows = (int)std::min<int64_t>(16, o1 - o);
+// One 16-row block of a prefill: its codes in the VNNI layout (`repack16`), and per group the 16 rows'
+// scales and corrections (scale * b - offset); rows past `rows` have zero scales.
+struct Block16 {
+  std::vector<uint8_t> packed;
+  std::vector<float> scale, corr;  // [group][row]
+
+  Block16(const QLinear& L) : packed(L.kpad / 4 * 64), scale(L.ngroups * 16), corr(L.ngroups * 16) {}
+
+  TARGET_AVX512 void load(const QLinear& L, const Epilogue& E, int64_t o, int rows) {
+    const int64_t rb = L.rowbytes(), nch = L.kpad / CHUNK, G = L.ngroups;
+    const uint8_t* w = L.data.data_ptr<uint8_t>() + o * rb;
+    switch (L.bits) {
+      case 1: repack16<1>(w, rb, nch, rows, packed.data()); break;
+      case 2: repack16<2>(w, rb, nch, rows, packed.data()); break;
+      case 4: repack16<4>(w, rb, nch, rows, packed.data()); break;
+      default: repack16<8>(w, rb, nch, rows, packed.data());
+    }
     std::fill(scale.begin(), scale.end(), 0.f);
     std::fill(corr.begin(), corr.end(), 0.f);
-    switch (L.bits) {
-      case 1: repack16<1>(w + o * rb, rb, nch, rows, packed.data()); break;
-      case 2: repack16<2>(w + o * rb, rb, nch, rows, packed.data()); break;
-      case 4: repack16<4>(w + o * rb, rb, nch, rows, packed.data()); break;
-      default: repack16<8>(w + o * rb, rb, nch, rows, packed.data());
-    }
-    for (int r = 0; r < rows; ++r) {
+    for (int r = 0; r < rows; ++r)
       for (int64_t g = 0; g < G; ++g) {
         scale[g * 16 + r] = E.scale[(o + r) * G + g];
         corr[g * 16 + r] = scale[g * 16 + r] * (float)L.b - (E.offset ? E.offset[(o + r) * G + g] : 0.f);
       }
+  }
+
+  // y[m, o + r] for every token m from facc ([token][16 rows]: sum over groups of scale * integer dot)
+  TARGET_AVX512 void store(const Epilogue& E, const float* facc, int64_t M, int64_t o, int rows, float* y,
+                           int64_t ldy) const {
+    const __mmask16 keep = (__mmask16)(rows >= 16 ? 0xFFFF : (1u << rows) - 1);
+    const __m512 bias = E.bias ? _mm512_maskz_loadu_ps(keep, E.bias + o) : _mm512_setzero_ps();
+    for (int64_t m = 0; m < M; ++m) {
+      __m512 c = _mm512_setzero_ps();
+      for (int64_t g = 0; g < E.ngroups; ++g)
+        c = _mm512_fmadd_ps(_mm512_loadu_ps(corr.data() + g * 16), _mm512_set1_ps(E.xsum[m * E.ngroups + g]), c);
+      const __m512 out = _mm512_fmadd_ps(_mm512_set1_ps(E.sx[m]),
+                                         _mm512_fmsub_ps(_mm512_set1_ps(E.a), _mm512_loadu_ps(facc + m * 16), c), bias);
+      _mm512_mask_storeu_ps(y + m * ldy + o, keep, out);
     }
+  }
+};
+
+TARGET_AVX512 void rows_avx512_mm(const QLinear& L, const Acts& A, const Epilogue& E, float* y, int64_t ldy,
+                                  int64_t o0, int64_t o1) {
+  const int64_t k4s = L.kpad / 4, G = L.ngroups, k4_per_group = L.group / 4, M = A.M;
+  Block16 B(L);
+  std::vector<float> facc_all((M + MM_TOKENS) * 16);  // [token][row] float sums over the blocks done
+  for (int64_t o = o0; o < o1; o += 16) {
+    const int rows = (int)std::min<int64_t>(16, o1 - o);
+    B.load(L, E, o, rows);
     std::fill(facc_all.begin(), facc_all.end(), 0.f);
     // blocks of at most MM_BLOCK inputs within one scale group: the block's codes and each token tile's
     // activations for it stay in L1 while every token tile passes
     for (int64_t g = 0; g < G; ++g) {
-      const __m512 s = _mm512_loadu_ps(scale.data() + g * 16);
+      const __m512 s = _mm512_loadu_ps(B.scale.data() + g * 16);
       const int64_t g1 = std::min(k4s, (g + 1) * k4_per_group);
       for (int64_t b0 = g * k4_per_group; b0 < g1; b0 += MM_BLOCK / 4) {
         const int64_t b1 = std::min(g1, b0 + MM_BLOCK / 4);
@@ -618,7 +668,7 @@ TARGET_AVX512 void rows_avx512_mm(const QLinear& L, const Acts& A, const Epilogu
 #define MM_ZERO(i) __m512i acc##i = _mm512_setzero_si512();
           MM_EACH(MM_ZERO)
           for (int64_t k4 = b0; k4 < b1; ++k4) {
-            const __m512i wv = _mm512_loadu_si512((const void*)(packed.data() + k4 * 64));
+            const __m512i wv = _mm512_loadu_si512((const void*)(B.packed.data() + k4 * 64));
             const int32_t* xk = xt + k4 * MM_TOKENS;
 #define MM_STEP(i) asm("vpdpbusd %2, %1, %0" : "+v"(acc##i) : "v"(wv), "v"(_mm512_set1_epi32(xk[i])));
             MM_EACH(MM_STEP)
@@ -629,17 +679,77 @@ TARGET_AVX512 void rows_avx512_mm(const QLinear& L, const Acts& A, const Epilogu
         }
       }
     }
-    const __mmask16 keep = (__mmask16)(rows >= 16 ? 0xFFFF : (1u << rows) - 1);
-    const __m512 bias = E.bias ? _mm512_maskz_loadu_ps(keep, E.bias + o) : _mm512_setzero_ps();
-    for (int64_t m = 0; m < M; ++m) {
-      __m512 c = _mm512_setzero_ps();
-      for (int64_t g = 0; g < G; ++g)
-        c = _mm512_fmadd_ps(_mm512_loadu_ps(corr.data() + g * 16), _mm512_set1_ps(E.xsum[m * G + g]), c);
-      const __m512 out = _mm512_fmadd_ps(_mm512_set1_ps(E.sx[m]),
-                                         _mm512_fmsub_ps(_mm512_set1_ps(E.a), _mm512_loadu_ps(facc_all.data() + m * 16), c), bias);
-      _mm512_mask_storeu_ps(y + m * ldy + o, keep, out);
-    }
+    B.store(E, facc_all.data(), M, o, rows, y, ldy);
   }
+}
+
+// ---- AMX ------------------------------------------------------------------------------------------
+// Prefill on the tile unit: `tdpbsud` multiplies a 16 x 64 int8 tile (16 tokens' activations, 64 inputs)
+// by a 16 x 64 uint8 tile in the VNNI layout (64 inputs of 16 rows: exactly `repack16`'s chunk) into 16 x 16
+// int32 sums, 16K multiply-adds per instruction. Blocks of 32 rows (two repacked 16-row blocks) x 32 tokens
+// keep four accumulator tiles (tmm0-3), two activation tiles (tmm4-5) and two weight tiles (tmm6-7) busy;
+// at the end of each scale group the sums go to memory and are scaled into per-token float sums.
+
+struct TileConfig {  // the 64-byte operand of `ldtilecfg`
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+TARGET_AMX void rows_amx_mm(const QLinear& L, const Acts& A, const Epilogue& E, float* y, int64_t ldy,
+                            int64_t o0, int64_t o1) {
+  const int64_t K = L.kpad, G = L.ngroups, cpg = L.chunks_per_group(), nch = K / CHUNK, M = A.M;
+  const int64_t Mt = (M + AMX_TOKENS - 1) / AMX_TOKENS * AMX_TOKENS;  // A.q holds zero rows up to Mt
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
+  _tile_loadconfig(&cfg);
+  Block16 B0(L), B1(L);
+  std::vector<float> facc0(Mt * 16), facc1(Mt * 16);  // [token][row] of each 16-row block
+  alignas(64) int32_t sums[4][16 * 16];
+  for (int64_t o = o0; o < o1; o += 32) {
+    const int rows0 = (int)std::min<int64_t>(16, o1 - o), rows1 = (int)std::clamp<int64_t>(o1 - o - 16, 0, 16);
+    B0.load(L, E, o, rows0);
+    if (rows1) B1.load(L, E, o + 16, rows1);
+    std::fill(facc0.begin(), facc0.end(), 0.f);
+    std::fill(facc1.begin(), facc1.end(), 0.f);
+    // (blocking the inputs so that a block's weight tiles stay in L1 across token tiles measured no faster)
+    for (int64_t m0 = 0; m0 < M; m0 += AMX_TOKENS) {
+      const int8_t* x0 = A.q.data() + m0 * K;
+      const int8_t* x1 = x0 + 16 * K;
+      for (int64_t g = 0; g < G; ++g) {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        for (int64_t ch = g * cpg; ch < std::min(nch, (g + 1) * cpg); ++ch) {
+          _tile_loadd(4, x0 + ch * CHUNK, K);
+          _tile_loadd(5, x1 + ch * CHUNK, K);
+          _tile_loadd(6, B0.packed.data() + ch * 16 * 64, 64);
+          _tile_dpbsud(0, 4, 6);
+          _tile_dpbsud(1, 5, 6);
+          if (rows1) {
+            _tile_loadd(7, B1.packed.data() + ch * 16 * 64, 64);
+            _tile_dpbsud(2, 4, 7);
+            _tile_dpbsud(3, 5, 7);
+          }
+        }
+        _tile_stored(0, sums[0], 64); _tile_stored(1, sums[1], 64);
+        if (rows1) { _tile_stored(2, sums[2], 64); _tile_stored(3, sums[3], 64); }
+        const int live = (int)std::min<int64_t>(AMX_TOKENS, M - m0);
+        const __m512 s0 = _mm512_loadu_ps(B0.scale.data() + g * 16), s1 = _mm512_loadu_ps(B1.scale.data() + g * 16);
+        for (int t = 0; t < live; ++t) {  // token m0 + t is row t % 16 of tile t / 16 (+2 for block 1)
+          float* f0 = facc0.data() + (m0 + t) * 16;
+          _mm512_storeu_ps(f0, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[t / 16] + (t % 16) * 16)), s0,
+                                               _mm512_loadu_ps(f0)));
+          if (rows1) {
+            float* f1 = facc1.data() + (m0 + t) * 16;
+            _mm512_storeu_ps(f1, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[2 + t / 16] + (t % 16) * 16)),
+                                                 s1, _mm512_loadu_ps(f1)));
+          }
+        }
+      }
+    }
+    B0.store(E, facc0.data(), M, o, rows0, y, ldy);
+    if (rows1) B1.store(E, facc1.data(), M, o + 16, rows1, y, ldy);
+  }
+  _tile_release();
 }
 
 // ---- AVX2 -----------------------------------------------------------------------------------------
@@ -719,7 +829,8 @@ TARGET_AVX2 void rows_avx2(const QLinear& L, const Acts& A, const Epilogue& E, f
 
 void rows(const QLinear& L, const Acts& A, const Epilogue& E, float* y, int64_t ldy, int64_t o0, int64_t o1) {
   const int i = isa();
-  if (i == AVX512) {
+  if (i == AMX && A.M > 4) return rows_amx_mm(L, A, E, y, ldy, o0, o1);
+  if (i >= AVX512) {
     if (A.M > 4) return rows_avx512_mm(L, A, E, y, ldy, o0, o1);
     switch (L.bits) {
       case 1: return rows_avx512_few<1>(L, A, E, y, ldy, o0, o1);
@@ -751,7 +862,7 @@ void linear_into(const QLinear& L, const float* x, int64_t M, int64_t ldx, float
     quantize_acts(x, M, L.in, ldx, L.kpad, A);
     A.tiled.clear();
   }
-  if (isa() == AVX512 && M > 4 && A.tiled.empty()) tile_activations(A);
+  if (isa() == AVX512 && M > 4 && A.tiled.empty()) tile_activations(A);  // the VNNI prefill's layout
   const Epilogue E(L, A);
   const int64_t blocks = (L.out + 15) / 16;  // 16-row tiles (the AVX-512 decode and prefill tile)
   at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
@@ -980,8 +1091,8 @@ TARGET_AVX2_F16C void attend_avx2(const float* q, int64_t G, const T* K, const T
 template <typename T>
 void attend(const float* q, int64_t G, const T* K, const T* V, int64_t n, int64_t hd, float scale, float* score,
             float* out) {
-  if (isa() == AVX512 && hd == 64) return attend_avx512<4>(q, G, K, V, n, scale, score, out);
-  if (isa() == AVX512 && hd == 128) return attend_avx512<8>(q, G, K, V, n, scale, score, out);
+  if (isa() >= AVX512 && hd == 64) return attend_avx512<4>(q, G, K, V, n, scale, score, out);
+  if (isa() >= AVX512 && hd == 128) return attend_avx512<8>(q, G, K, V, n, scale, score, out);
   if (isa() >= AVX2 && hd == 64) return attend_avx2<8>(q, G, K, V, n, scale, score, out);
   if (isa() >= AVX2 && hd == 128) return attend_avx2<16>(q, G, K, V, n, scale, score, out);
   attend_portable(q, G, K, V, n, hd, scale, score, out);
@@ -1155,8 +1266,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", []() { return std::string(isa_name(isa())); });
   m.def("detected_isa", []() { return std::string(isa_name(detect_isa())); });
   m.def("set_isa", [](const std::string& name) {
-    const int want = name == "avx512-vnni" ? AVX512 : name == "avx2" ? AVX2 : name == "portable" ? PORTABLE : -2;
-    TORCH_CHECK(want != -2, "set_isa: expected avx512-vnni, avx2 or portable, got ", name);
+    const int want = name == "avx512-amx" ? AMX : name == "avx512-vnni" ? AVX512 : name == "avx2" ? AVX2
+                     : name == "portable" ? PORTABLE : -2;
+    TORCH_CHECK(want != -2, "set_isa: expected avx512-amx, avx512-vnni, avx2 or portable, got ", name);
     TORCH_CHECK(want <= detect_isa(), "set_isa: this CPU cannot run ", name, " (best: ", isa_name(detect_isa()), ")");
     g_isa = want;
   });

@@ -23,7 +23,16 @@ Run it under the heavy-job lock:
 
     flock /tmp/lmc-heavy.lock python bench/offline.py
 
-It writes `offline.json`, `offline.md` and `offline.png` (ratio against perplexity / accuracy) to `--out`.
+It writes `offline.json`, `offline.md` and `offline.png` (ratio against perplexity / accuracy) to `--out`,
+and with autoencoder rows `offline_curves.png`: each autoencoder's early-stopping metric per check and, with
+held-out batches, every factorization's held-out loss at the same ratio as a horizontal line (is the
+autoencoder still improving when it stops, and where does it flatten against SVD?).
+
+The paper's setting (Banaei et al. 2023, its public code's defaults; `preset: paper` in
+lmcompress.surgery.autoencoder): 30 epochs over the rows in batches of 16, the best epoch kept by the loss on
+held-out calibration sequences (`--eval-samples`, never the test split):
+
+    python bench/offline.py --ae-preset paper --methods svd fwsvd asvd ae-concat --eval-samples 16
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ from lmcompress.formats import load_model
 from lmcompress.report.tables import markdown_table
 from lmcompress.surgery.autoencoder import AutoencoderConfig
 from lmcompress.surgery.calibration import calibration_batches, collect_stats
-from lmcompress.surgery.factorize import factorize_, select_for_factorization
+from lmcompress.surgery.factorize import factorize_, mean_loss, select_for_factorization
 
 METHODS = ("svd", "fwsvd", "asvd", "ae", "ae-concat")
 log = logging.getLogger("bench.offline")
@@ -66,9 +75,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=256, help="perplexity window (disjoint windows)")
     p.add_argument("--eval-tokens", type=int, default=16384, help="SOTU test tokens scored per model")
     p.add_argument("--test-limit", type=int, default=None, help="fine-foods test reviews scored (default: all)")
-    p.add_argument("--ae-steps", type=int, default=2000, help="optimizer steps per autoencoder (at most)")
+    p.add_argument("--ae-steps", type=int, default=None, help="optimizer steps per autoencoder (at most; default 2000, "
+                                                              "the paper preset: its epochs decide)")
     p.add_argument("--ae-lr", type=float, default=1e-3)
-    p.add_argument("--ae-batch-size", type=int, default=256)
+    p.add_argument("--ae-batch-size", type=int, default=None, help="rows per step (default: 256, the paper preset 16)")
+    p.add_argument("--ae-preset", choices=("lmcompress", "paper"), default="lmcompress",
+                   help="paper: the paper's code's autoencoder settings (30 epochs, batch 16, ...)")
+    p.add_argument("--ae-epochs", type=int, default=None, help="passes over the rows (the paper preset: 30)")
+    p.add_argument("--ae-eval-every-epochs", type=int, default=None, help="epochs between early-stopping checks")
+    p.add_argument("--eval-samples", type=int, default=16,
+                   help="held-out calibration sequences for the paper preset's early stopping (after the calibration ones)")
     p.add_argument("--minilm-model", type=Path, default=None, help="a fine-tuned MiniLM classifier folder")
     p.add_argument("--finetune-steps", type=int, default=300, help="finetune-stage steps (or head-only epochs x 10)")
     p.add_argument("--train-limit", type=int, default=None, help="fine-foods training reviews used to fine-tune")
@@ -76,27 +92,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/bench/offline"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    args.ae_steps_given = args.ae_steps is not None
+    args.ae_steps = 2000 if args.ae_steps is None else args.ae_steps
     if args.quick:
         args.ratios = args.ratios[:1]
-        args.calibration_samples, args.eval_tokens, args.ae_steps = 16, 1024, 40
+        args.ae_steps_given = True
+        args.calibration_samples, args.eval_tokens, args.ae_steps, args.eval_samples = 16, 1024, 40, 2
+        args.ae_epochs = 1 if args.ae_preset == "paper" else args.ae_epochs
         args.test_limit, args.train_limit, args.finetune_steps = args.test_limit or 128, args.train_limit or 256, 20
     return args
 
 
 def autoencoder_config(args, shared: bool) -> AutoencoderConfig:
-    return AutoencoderConfig(shared=shared, steps=args.ae_steps, lr=args.ae_lr, batch_size=args.ae_batch_size,
-                             seed=args.seed)
+    """The command line's autoencoder: the preset, with what the flags set on top (the paper preset keeps its
+    own step count, epochs and batch unless they are given)."""
+    given = {"shared": shared, "lr": args.ae_lr, "seed": args.seed}
+    if args.ae_preset == "paper":
+        given |= {"preset": "paper", "steps": args.ae_steps if args.ae_steps_given else None}
+    else:
+        given |= {"steps": args.ae_steps}
+    for key, value in (("batch_size", args.ae_batch_size), ("epochs", args.ae_epochs),
+                       ("eval_every_epochs", args.ae_eval_every_epochs)):
+        if value is not None:
+            given[key] = value
+    return AutoencoderConfig(**given)
 
 
-def compress_and_score(name, model, patterns, stats, score, args) -> list[dict]:
-    """Every method x ratio on a fresh copy of `model`; `score(model) -> dict` measures quality."""
+def compress_and_score(name, model, patterns, stats, score, args, eval_batches=None) -> list[dict]:
+    """Every method x ratio on a fresh copy of `model`; `score(model) -> dict` measures quality;
+    `eval_batches`: held-out calibration batches for the autoencoder's early stopping by loss."""
     rows = []
     for method in args.methods:
         for ratio in args.ratios:
             log.info("%s: %s at %gx", name, method, ratio)
             student = copy.deepcopy(model)
             core = "autoencoder" if method.startswith("ae") else method
-            result = factorize_(student, core, patterns=patterns, ratio=ratio, stats=stats,
+            result = factorize_(student, core, patterns=patterns, ratio=ratio, stats=stats, eval_batches=eval_batches,
                                 autoencoder=autoencoder_config(args, shared=method == "ae-concat"))
             summary = result.summary()
             calibration_s = round(stats.seconds, 1) if method in ("fwsvd", "asvd") else 0.0
@@ -104,10 +135,24 @@ def compress_and_score(name, model, patterns, stats, score, args) -> list[dict]:
                    "ratio_achieved": summary["ratio_achieved"], **score(student),
                    "size_range": summary["size_range"], "fit_s": round(result.fit_seconds, 1),
                    "calibration_s": calibration_s, "total_s": round(result.fit_seconds + calibration_s, 1)}
+            if eval_batches:  # the autoencoder's early-stopping metric, for every method: one axis for the curves
+                row["heldout_loss"] = round(mean_loss(student, eval_batches), 5)
+            if core == "autoencoder":  # each group's checks: is it still improving when it stops?
+                row["curves"] = {g: fit["history"] for g, fit in result.details["groups"].items()}
+                row["epochs"] = max(h[-1]["epoch"] for h in row["curves"].values() if h)
             rows.append(row)
             log.info("%s", row)
             del student
     return rows
+
+
+def held_out_batches(data, args, pad_token_id: int = 0) -> list | None:
+    """Training sequences after the calibration ones (disjoint from them and from the test split): what an
+    autoencoder stopping on held-out loss (the paper preset) is scored on."""
+    if autoencoder_config(args, True).early_stopping != "perplexity":
+        return None
+    return calibration_batches(data, args.eval_samples, args.calibration_batch_size, pad_token_id=pad_token_id,
+                               seed=args.seed, offset=args.calibration_samples)
 
 
 def smollm2_rows(args) -> tuple[list[dict], dict]:
@@ -123,12 +168,15 @@ def smollm2_rows(args) -> tuple[list[dict], dict]:
     modules = select_for_factorization(model, args.lm_patterns, field_name="--lm-patterns")
     blocks = pack_blocks(corpus["train"], tokenizer, args.calibration_length)
     batches = calibration_batches(blocks, args.calibration_samples, args.calibration_batch_size, seed=args.seed)
+    held_out = held_out_batches(blocks, args)
     stats = collect_stats(model, modules, batches, fisher="fwsvd" in args.methods, activations="asvd" in args.methods)
     info = {"patterns": args.lm_patterns, "modules": len(modules),
             "params_selected": sum(p.numel() for m in modules.values() for p in m.parameters()),
             "calibration": f"{stats.sequences} x {args.calibration_length} SOTU train tokens (LM loss)",
             "calibration_s": round(stats.seconds, 1), "eval_tokens": args.eval_tokens}
-    return [baseline, *compress_and_score("smollm2", model, args.lm_patterns, stats, score, args)], info
+    if held_out:
+        baseline["heldout_loss"] = round(mean_loss(model, held_out), 5)
+    return [baseline, *compress_and_score("smollm2", model, args.lm_patterns, stats, score, args, held_out)], info
 
 
 def finetuned_minilm(task, args):
@@ -162,15 +210,19 @@ def minilm_rows(args) -> tuple[list[dict], dict]:
 
     baseline = {"model": "minilm", "method": "none", "ratio_asked": 1.0, "ratio_achieved": 1.0, **score(model)}
     modules = select_for_factorization(model, args.cls_patterns, field_name="--cls-patterns")
-    batches = calibration_batches(task.tokenized(tokenizer, "train"), args.calibration_samples,
-                                  args.calibration_batch_size, pad_token_id=tokenizer.pad_token_id or 0, seed=args.seed)
+    train = task.tokenized(tokenizer, "train")
+    batches = calibration_batches(train, args.calibration_samples, args.calibration_batch_size,
+                                  pad_token_id=tokenizer.pad_token_id or 0, seed=args.seed)
+    held_out = held_out_batches(train, args, pad_token_id=tokenizer.pad_token_id or 0)
     stats = collect_stats(model, modules, batches, fisher="fwsvd" in args.methods, activations="asvd" in args.methods)
     info = {"patterns": args.cls_patterns, "modules": len(modules),
             "params_selected": sum(p.numel() for m in modules.values() for p in m.parameters()),
             "finetune": how, "finetune_s": round(finetune_s, 1),
             "calibration": f"{stats.sequences} fine-foods train reviews (task loss)",
             "calibration_s": round(stats.seconds, 1), "test_examples": len(task.test)}
-    return [baseline, *compress_and_score("minilm", model, args.cls_patterns, stats, score, args)], info
+    if held_out:
+        baseline["heldout_loss"] = round(mean_loss(model, held_out), 5)
+    return [baseline, *compress_and_score("minilm", model, args.cls_patterns, stats, score, args, held_out)], info
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -206,6 +258,47 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_curves(rows: list[dict], path: Path) -> bool:
+    """Each autoencoder row's early-stopping metric per check against epochs, one panel per model and ratio;
+    with held-out batches, every other method's held-out loss at that ratio as a horizontal line (the same
+    units), and the test scores written in the panel. False if no row has a curve."""
+    ae = [r for r in rows if r.get("curves")]
+    if not ae:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["model"], r["ratio_asked"]) for r in ae})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (model, ratio) in zip(axes[0], panels, strict=True):
+        for r in (r for r in ae if (r["model"], r["ratio_asked"]) == (model, ratio)):
+            for group, history in r["curves"].items():
+                if history:
+                    ax.plot([h["epoch"] for h in history], [h["metric"] for h in history], marker=".",
+                            label=f"{r['method']} {group.split('.')[-1]}")
+        for r in rows:
+            same = r["model"] == model and (r["ratio_asked"] == ratio or r["method"] == "none")
+            if same and not r.get("curves") and "heldout_loss" in r:
+                ax.axhline(r["heldout_loss"], linestyle="--", linewidth=1,
+                           color="gray" if r["method"] == "none" else f"C{METHODS.index(r['method']) + 3}",
+                           label=f"{r['method']} (held-out loss)")
+        metric = "perplexity" if model == "smollm2" else "accuracy"
+        scored = ", ".join(f"{r['method']} {r[metric]:g}" for r in rows
+                           if r["model"] == model and r["ratio_asked"] == ratio and metric in r)
+        ax.set_title(f"{model} {ratio:g}x", fontsize=10)
+        ax.set_xlabel("epochs over the rows")
+        ax.set_ylabel("early-stopping metric (held-out loss, or training loss)")
+        ax.text(0.02, 0.02, f"test {metric}: {scored}", transform=ax.transAxes, fontsize=6, wrap=True)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -232,6 +325,7 @@ def main(argv=None) -> dict:
     ) + f"\n- command: `{result['command']}`\n\n" + markdown_table(rows, used)
     (args.out / "offline.md").write_text(text)
     plot(rows, args.out / "offline.png")
+    plot_curves(rows, args.out / "offline_curves.png")
     print(text)
     return result
 

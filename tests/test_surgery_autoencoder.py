@@ -1,10 +1,17 @@
 """The row autoencoder: reconstructs low-rank structure, keeps norms, shares across layers, stops early."""
 
+import pytest
 import torch
 from helpers import tiny_model
 
 from lmcompress.models import get_adapter
-from lmcompress.surgery.autoencoder import AutoencoderConfig, decoder_numel, fit_autoencoder, group_modules
+from lmcompress.surgery.autoencoder import (
+    AutoencoderConfig,
+    autoencoder_unit,
+    decoder_numel,
+    fit_autoencoder,
+    group_modules,
+)
 
 
 def _low_rank(rows=300, cols=32, rank=3, seed=0):
@@ -76,3 +83,46 @@ def test_fitted_norms_scale_each_row_along_its_decoded_direction():
     cos = torch.nn.functional.cosine_similarity(direction, w, dim=1)
     torch.testing.assert_close(fitted.codes["w"].norms, w.norm(dim=1) * cos.clamp_min(0), rtol=1e-4, atol=1e-6)
     assert (fitted.regenerate("w") - w).norm() < (kept.regenerate("w") - w).norm()
+
+
+def test_the_paper_preset_sets_what_the_papers_code_sets_and_given_options_win():
+    paper = AutoencoderConfig(preset="paper")
+    assert (paper.encoder_hidden, paper.decoder_hidden, paper.batch_size, paper.epochs, paper.steps) == (
+        [8.0, 4.0], [2.0, 4.0], 16, 30, None)
+    assert (paper.schedule, paper.rmse, paper.encoder_input, paper.fit_norms, paper.cap_hidden) == (
+        "step", "absolute", "raw", False, False)
+    assert paper.latent_activation and paper.patience is None and paper.eval_every_epochs == 1
+    assert AutoencoderConfig(preset="paper", epochs=3, batch_size=64).epochs == 3  # given beats the preset
+    assert AutoencoderConfig().encoder_hidden == [4.0, 2.0]  # the default preset is unchanged
+    with pytest.raises(ValueError, match="steps and epochs are both null"):
+        AutoencoderConfig(steps=None)
+
+
+def test_the_paper_setting_trains_whole_epochs_on_a_step_schedule_and_keeps_the_best_check():
+    w = _low_rank(rows=64)
+    metrics = iter([3.0, 1.0, 2.0, 4.0])  # the second epoch's check is the best
+    seen = []
+
+    def held_out(candidate):
+        seen.append(candidate.regenerate("w").clone())
+        return next(metrics)
+
+    config = AutoencoderConfig(preset="paper", epochs=4, step_epochs=1, step_gamma=0.5)
+    fit = fit_autoencoder({"w": w}, latent_size=4, config=config, evaluate=held_out, progress=False)
+    assert fit.steps == 4 * 4  # 64 rows in batches of 16, every epoch run (no patience)
+    assert [h["epoch"] for h in fit.history] == [1.0, 2.0, 3.0, 4.0] and fit.best_metric == 1.0
+    assert all(h["train_loss"] > 0 for h in fit.history)
+    torch.testing.assert_close(fit.weights.regenerate("w"), seen[1])
+    torch.testing.assert_close(fit.weights.regenerate("w").norm(dim=1), w.norm(dim=1), rtol=1e-5, atol=1e-6)
+    decoder = fit.weights.decoders["group"]
+    assert decoder.hidden == [8, 16]  # 2x and 4x the latent, uncapped
+
+
+def test_uncapped_widths_are_what_the_ratio_solver_counts():
+    w = torch.randn(40, 8, generator=torch.Generator().manual_seed(5))  # row length 8 < 4 x latent
+    for cap in (True, False):
+        config = AutoencoderConfig(steps=2, cap_hidden=cap)
+        decoder = fit_autoencoder({"w": w}, 4, config, progress=False).weights.decoders["group"]
+        assert decoder.hidden == ([8, 8] if cap else [8, 16])
+        unit = autoencoder_unit("g", {"m": torch.nn.Linear(8, 40, bias=False)}, config)
+        assert unit.cost(4) == 40 * 4 + 40 + sum(p.numel() for p in decoder.parameters())

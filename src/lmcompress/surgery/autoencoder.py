@@ -11,6 +11,11 @@ the better variant in the paper.
 
 After fitting, the weights are regenerated once and written into the model's ordinary linear modules, so
 the model runs as before; the codes are kept on the model (`autoencoded(model)`) for export.
+
+`preset: paper` sets every option the paper's public code sets by default (BERT keys, shared): encoder
+widths 8x/4x the latent with LeakyReLU on the latent too, decoder 2x/4x, raw rows in, exact row norms out,
+loss 0.9091 (1 - cos) + 0.0909 absolute RMSE, Adam 1e-3 on batches of 16 rows, the rate x0.8 every 10
+epochs, 30 epochs, the best epoch kept by held-out loss. Options given beside the preset override it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -32,49 +37,82 @@ from lmcompress.core.errors import LmcompressError
 from lmcompress.models.adapters import ArchAdapter, linear_weight
 from lmcompress.surgery.solver import Unit
 
+# What the paper's code runs by default (github.com/MohammadrezaBanaei/auto-encoder-based-transformer-compression,
+# configs/config.yaml): `preset: paper` fills these in for every field the user did not set.
+PAPER = {"shared": True, "encoder_hidden": [8.0, 4.0], "decoder_hidden": [2.0, 4.0], "steps": None, "epochs": 30,
+         "batch_size": 16, "lr": 1e-3, "schedule": "step", "step_epochs": 10, "step_gamma": 0.8,
+         "cosine_weight": 0.9091, "rmse_weight": 0.0909, "rmse": "absolute", "encoder_input": "raw",
+         "latent_activation": True, "cap_hidden": False, "fit_norms": False, "early_stopping": "perplexity",
+         "eval_every_epochs": 1, "patience": None}
+
 
 class AutoencoderConfig(Strict):
     """Options of the autoencoder method (the `autoencoder:` section of a factorize stage)."""
 
+    preset: Literal["lmcompress", "paper"] = Field("lmcompress", description=(
+        "paper: the paper's code's defaults for every option not given (see the module docstring)"))
     shared: bool = Field(True, description="one autoencoder per module kind across layers (the paper's 'concatenated')")
     latent_size: int | None = Field(None, gt=0, description="fixed latent size instead of solving it from `ratio`")
     encoder_hidden: list[float] = Field([4.0, 2.0], description="hidden widths as multiples of the latent size")
     decoder_hidden: list[float] = Field([2.0, 4.0], description="hidden widths as multiples of the latent size")
-    steps: int = Field(2000, gt=0, description="optimizer steps per autoencoder (at most)")
+    cap_hidden: bool = Field(True, description="hidden widths at most the row length (the paper does not cap)")
+    latent_activation: bool = Field(False, description="LeakyReLU on the encoder's output too (as the paper)")
+    steps: int | None = Field(2000, gt=0, description="optimizer steps per autoencoder (at most; null: `epochs` decides)")
     epochs: int | None = Field(None, gt=0, description="passes over the rows (at most), if also given")
     batch_size: int = Field(256, gt=0, description="rows per step")
     lr: float = Field(1e-3, gt=0)
+    schedule: Literal["cosine", "step"] = Field("cosine", description=(
+        "cosine: decay to a tenth over the run; step: times `step_gamma` every `step_epochs` epochs (the paper)"))
+    step_epochs: int = Field(10, gt=0)
+    step_gamma: float = Field(0.8, gt=0, le=1)
+    encoder_input: Literal["unit", "raw"] = Field("unit", description="rows scaled to length 1, or as they are (the paper)")
     cosine_weight: float = Field(0.9, ge=0, description="weight of (1 - cosine similarity) in the loss")
-    rmse_weight: float = Field(0.1, ge=0, description="weight of the relative RMSE in the loss")
+    rmse_weight: float = Field(0.1, ge=0, description="weight of the RMSE of the restored rows in the loss")
+    rmse: Literal["relative", "absolute"] = Field("relative", description=(
+        "relative: over each module's RMS weight, so modules of different scale mix fairly; absolute: the paper's"))
     fisher_weighted: bool = Field(False, description="weight each row's loss by its Fisher information")
     fit_norms: bool = Field(True, description=(
         "store each row's least-squares scale along its decoded direction (norm x cosine) instead of its "
-        "norm (false: the exact norm); the paper's code trains the norms. On SmolLM2 q/k at 2x it halved "
-        "the perplexity (161 -> 81)"))
+        "norm (false: the exact norm, as the paper). On SmolLM2 q/k at 2x it halved the perplexity (161 -> 81)"))
     early_stopping: Literal["reconstruction", "perplexity"] = "reconstruction"
     eval_every: int = Field(100, gt=0, description="steps between early-stopping checks")
-    patience: int = Field(5, gt=0, description="checks without improvement before stopping")
+    eval_every_epochs: int | None = Field(None, gt=0, description="epochs between checks (instead of `eval_every`)")
+    patience: int | None = Field(5, gt=0, description="checks without improvement before stopping (null: run "
+                                                      "every step and keep the best check)")
     seed: int = 0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data):
+        if isinstance(data, dict) and data.get("preset") == "paper":
+            return {**PAPER, **data}
+        return data
 
-def hidden_sizes(multiples: Sequence[float], latent_size: int, row_size: int) -> list[int]:
-    """Hidden widths for a latent size: multiples of it, at least 1 and at most the row length."""
-    return [max(1, min(row_size, round(m * latent_size))) for m in multiples]
+    @model_validator(mode="after")
+    def _length(self):
+        if self.steps is None and self.epochs is None:
+            raise ValueError("steps and epochs are both null: give at least one (how long each autoencoder trains)")
+        return self
 
 
-def _mlp(sizes: Sequence[int]) -> list[nn.Module]:
+def hidden_sizes(multiples: Sequence[float], latent_size: int, row_size: int, cap: bool = True) -> list[int]:
+    """Hidden widths for a latent size: multiples of it, at least 1 and (with `cap`) at most the row length."""
+    return [max(1, min(row_size, round(m * latent_size)) if cap else round(m * latent_size)) for m in multiples]
+
+
+def _mlp(sizes: Sequence[int], last_activation: bool = False) -> list[nn.Module]:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
+        if i < len(sizes) - 2 or last_activation:
             layers.append(nn.LeakyReLU())
     return layers
 
 
 class RowEncoder(nn.Module):
-    def __init__(self, row_size: int, hidden: Sequence[int], latent_size: int):
+    def __init__(self, row_size: int, hidden: Sequence[int], latent_size: int, latent_activation: bool = False):
         super().__init__()
-        self.net = nn.Sequential(*_mlp([row_size, *hidden, latent_size]))
+        self.net = nn.Sequential(*_mlp([row_size, *hidden, latent_size], last_activation=latent_activation))
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         return self.net(rows)
@@ -184,7 +222,7 @@ def autoencoder_unit(group: str, modules: dict[str, nn.Module], config: Autoenco
 
     def cost(latent: int) -> int:
         return rows * latent + per_module + decoder_numel(
-            latent, hidden_sizes(config.decoder_hidden, latent, row_size), row_size
+            latent, hidden_sizes(config.decoder_hidden, latent, row_size, config.cap_hidden), row_size
         )
 
     return Unit(name=group, original=original, cost=cost, max_size=row_size, members=list(modules))
@@ -195,7 +233,7 @@ class FitResult:
     weights: AutoencodedWeights
     steps: int
     best_metric: float
-    history: list[tuple[int, float]]
+    history: list[dict]  # one per check: step, epoch, train_loss (mean since the last check), metric
     seconds: float
 
 
@@ -210,12 +248,13 @@ def fit_autoencoder(
 ) -> FitResult:
     """Train one autoencoder on the rows of `weights` ({name: (out, in)}), all with the same row length.
 
-    The loss per row is `cosine_weight * (1 - cos) + rmse_weight * relative RMSE`, where the RMSE is taken on
-    the restored rows (norm included) relative to the module's RMS weight, so modules of different scale
-    mix fairly; with `row_importance` ({name: (out,)}, e.g. Fisher) rows are weighted by it (relative to the
-    module mean). Early stopping: every `eval_every` steps the metric (the mean training loss over those
-    steps, or `evaluate(current codes)` such as a calibration perplexity) is checked, the best state is
-    kept and training stops after `patience` checks without improvement.
+    The loss per row is `cosine_weight * (1 - cos) + rmse_weight * RMSE`, where the RMSE is taken on the
+    restored rows (norm included), relative to the module's RMS weight (`rmse: relative`, so modules of
+    different scale mix fairly) or as it is (`absolute`); with `row_importance` ({name: (out,)}, e.g. Fisher)
+    rows are weighted by it (relative to the module mean). Early stopping: every `eval_every` steps (or
+    `eval_every_epochs` epochs) the metric (the mean training loss since the last check, or
+    `evaluate(current codes)` such as a held-out loss) is checked, the best state is kept and training
+    stops after `patience` checks without improvement (never, with `patience: null`).
     """
     started = time.perf_counter()
     names = list(weights)
@@ -226,9 +265,12 @@ def fit_autoencoder(
     rows = torch.cat(mats)
     norms = rows.norm(dim=1)
     targets = rows / norms.clamp_min(1e-12)[:, None]
-    # Per-row factor turning ‖unit difference‖ into an RMSE relative to the module's RMS weight.
-    rms = torch.cat([torch.full((m.shape[0],), float(m.pow(2).mean().sqrt().clamp_min(1e-12))) for m in mats])
-    rmse_factor = norms / (rms * math.sqrt(row_size))
+    inputs = rows if config.encoder_input == "raw" else targets
+    # Per-row factor turning ‖unit difference‖ into an RMSE, absolute or relative to the module's RMS weight.
+    rmse_factor = norms / math.sqrt(row_size)
+    if config.rmse == "relative":
+        rmse_factor = rmse_factor / torch.cat([torch.full((m.shape[0],), float(m.pow(2).mean().sqrt().clamp_min(1e-12)))
+                                               for m in mats])
     importance = torch.ones(len(rows))
     if config.fisher_weighted:
         if not row_importance:
@@ -239,12 +281,14 @@ def fit_autoencoder(
 
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
-        encoder = RowEncoder(row_size, hidden_sizes(config.encoder_hidden, latent_size, row_size), latent_size)
-        decoder = RowDecoder(latent_size, hidden_sizes(config.decoder_hidden, latent_size, row_size), row_size)
+        encoder = RowEncoder(row_size, hidden_sizes(config.encoder_hidden, latent_size, row_size, config.cap_hidden),
+                             latent_size, config.latent_activation)
+        decoder = RowDecoder(latent_size, hidden_sizes(config.decoder_hidden, latent_size, row_size, config.cap_hidden),
+                             row_size)
         order_gen = torch.Generator().manual_seed(config.seed)
 
     def loss_of(idx: torch.Tensor | slice) -> torch.Tensor:
-        decoded = decoder(encoder(targets[idx]))
+        decoded = decoder(encoder(inputs[idx]))
         cos = (decoded * targets[idx]).sum(dim=1)
         sq = (rmse_factor[idx] ** 2) * (decoded - targets[idx]).pow(2).sum(dim=1)
         w = importance[idx]
@@ -253,7 +297,7 @@ def fit_autoencoder(
 
     def current_codes() -> AutoencodedWeights:
         with torch.no_grad():
-            latents = encoder(targets)
+            latents = encoder(inputs)
             scales = norms
             if config.fit_norms:  # ‖w‖·cos is the scale of the decoded unit row closest to w
                 scales = norms * (decoder(latents) * targets).sum(dim=1).clamp_min(0)
@@ -263,13 +307,17 @@ def fit_autoencoder(
         return record
 
     steps_per_epoch = math.ceil(len(rows) / config.batch_size)
-    total_steps = config.steps if config.epochs is None else min(config.steps, config.epochs * steps_per_epoch)
+    total_steps = int(min(config.steps or math.inf, (config.epochs or math.inf) * steps_per_epoch))
+    every = config.eval_every_epochs * steps_per_epoch if config.eval_every_epochs else config.eval_every
     params = [*encoder.parameters(), *decoder.parameters()]
     optimizer = torch.optim.Adam(params, lr=config.lr)
-    # Cosine decay to a tenth of the rate: large steps early, fine reconstruction late.
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / total_steps, 1.0)))
-    )
+    if config.schedule == "step":  # the paper's StepLR, by epochs
+        decay = config.step_epochs * steps_per_epoch
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: config.step_gamma ** (s // decay))
+    else:  # decay to a tenth of the rate: large steps early, fine reconstruction late
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / total_steps, 1.0)))
+        )
     best, best_state, history, since_best = math.inf, None, [], 0
     window: list[float] = []
     order = torch.empty(0, dtype=torch.long)
@@ -289,17 +337,19 @@ def fit_autoencoder(
         step += 1
         window.append(loss.item())
         bar.update(1)
-        if step % config.eval_every == 0 or step == total_steps:
-            metric = evaluate(current_codes()) if evaluate is not None else sum(window) / len(window)
+        if step % every == 0 or step == total_steps:
+            train_loss = sum(window) / len(window)
+            metric = evaluate(current_codes()) if evaluate is not None else train_loss
             window = []
-            history.append((step, metric))
+            history.append({"step": step, "epoch": round(step / steps_per_epoch, 3), "train_loss": round(train_loss, 6),
+                            "metric": round(metric, 6)})
             bar.set_postfix(metric=f"{metric:.4g}")
             if not math.isfinite(best) or metric < best - 1e-4 * abs(best):
                 best, since_best = metric, 0
                 best_state = copy.deepcopy((encoder.state_dict(), decoder.state_dict()))
             else:
                 since_best += 1
-                if since_best >= config.patience:
+                if config.patience is not None and since_best >= config.patience:
                     break
     bar.close()
     if best_state is not None:

@@ -184,9 +184,24 @@ def _autoencode(model, modules, ratio, config: AutoencoderConfig, stats, eval_ba
                               evaluate=evaluate, progress=progress)
         record.update(fit.weights)
         sizes.update(dict.fromkeys(names, plan.sizes[group]))
-        fits[group] = {"steps": fit.steps, "metric": round(fit.best_metric, 6), "seconds": round(fit.seconds, 1)}
+        fits[group] = {"steps": fit.steps, "metric": round(fit.best_metric, 6), "seconds": round(fit.seconds, 1),
+                       "history": fit.history}
     apply_codes(model, record)
     return FactorizeResult("autoencoder", plan, sizes, details={"groups": fits})
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, batches) -> float:
+    """The model's mean loss over `batches` (eval mode, no gradients): a held-out score for early stopping
+    and for comparing compressions of one model in the same units."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        losses = [model(**{k: v.to(device) for k, v in b.items()}).loss.item() for b in batches]
+    finally:
+        model.train(was_training)
+    return sum(losses) / len(losses)
 
 
 def _calibration_loss(model: nn.Module, weights: dict[str, torch.Tensor], batches):
@@ -198,12 +213,7 @@ def _calibration_loss(model: nn.Module, weights: dict[str, torch.Tensor], batche
         try:
             for name, w in weights.items():
                 w.copy_(candidate.regenerate(name).to(w.dtype))
-            device = next(model.parameters()).device
-            was_training = model.training
-            model.eval()
-            losses = [model(**{k: v.to(device) for k, v in b.items()}).loss.item() for b in batches]
-            model.train(was_training)
-            return sum(losses) / len(losses)
+            return mean_loss(model, batches)
         finally:
             for name, w in weights.items():
                 w.copy_(originals[name])

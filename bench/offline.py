@@ -23,7 +23,8 @@ Run it under the heavy-job lock:
 
     flock /tmp/lmc-heavy.lock python bench/offline.py
 
-It writes `offline.json`, `offline.md` and `offline.png` (ratio against perplexity / accuracy) to `--out`,
+Each row is appended to `offline.rows.jsonl` as it is measured; at the end it writes `offline.json`,
+`offline.md` and `offline.png` (ratio against perplexity / accuracy) to `--out`,
 and with autoencoder rows `offline_curves.png`: each autoencoder's early-stopping metric per check and, with
 held-out batches, every factorization's held-out loss at the same ratio as a horizontal line (is the
 autoencoder still improving when it stops, and where does it flatten against SVD?).
@@ -141,7 +142,9 @@ def compress_and_score(name, model, patterns, stats, score, args, eval_batches=N
                 row["curves"] = {g: fit["history"] for g, fit in result.details["groups"].items()}
                 row["epochs"] = max(h[-1]["epoch"] for h in row["curves"].values() if h)
             rows.append(row)
-            log.info("%s", row)
+            log.info("%s", {k: v for k, v in row.items() if k != "curves"})
+            with (args.out / "offline.rows.jsonl").open("a") as f:  # as they come: a cut-short run keeps its rows
+                f.write(json.dumps(row) + "\n")
             del student
     return rows
 
@@ -304,6 +307,7 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "offline.rows.jsonl").unlink(missing_ok=True)
     rows, info = [], {}
     started = time.perf_counter()
     for name, fn in (("smollm2", smollm2_rows), ("minilm", minilm_rows)):

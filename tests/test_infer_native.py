@@ -129,6 +129,19 @@ def test_the_path_in_use_is_reported():
         native.set_isa(None)
 
 
+def test_lmcompress_isa_forces_a_path_for_the_whole_process_and_a_bad_one_is_named():
+    import subprocess
+    import sys
+
+    probe = "from lmcompress.infer import native; print(native.isa())"
+    ran = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "LMCOMPRESS_ISA": "portable"},
+                         capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0 and ran.stdout.strip() == "portable", ran.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "LMCOMPRESS_ISA": "sse9"},
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "LMCOMPRESS_ISA=sse9: set_isa: expected avx512-amx" in bad.stderr
+
+
 # --- the lean decode path ----------------------------------------------------------------------------
 
 def quantized(family: str = "llama", bits="ternary", group=None, **kw):

@@ -12,7 +12,8 @@ The extension is compiled by torch.utils.cpp_extension on first use (about a min
 ~/.cache/lmcompress/native) and needs a C++ compiler and ninja (the `ninja` wheel is a dependency); without
 them `available()` is False, the automatic kernel choice uses PyTorch's kernels, and asking for
 kernel="native" says why it cannot run.
-`set_isa` forces an instruction path (tests run every path on one machine).
+`set_isa` forces an instruction path (tests run every path on one machine); so does the environment
+variable LMCOMPRESS_ISA (avx512-amx, avx512-vnni, avx2 or portable) for a whole process.
 """
 
 from __future__ import annotations
@@ -93,6 +94,13 @@ def extension():
     note = path_note(ext.detected_isa())
     if note:
         log.warning(note)
+    forced = os.environ.get("LMCOMPRESS_ISA")
+    if forced:  # like oneDNN's ONEDNN_MAX_CPU_ISA: a slower path on purpose (A/B runs, a CPU that misbehaves)
+        try:
+            ext.set_isa(forced)
+        except RuntimeError as exc:
+            raise LmcompressError(f"LMCOMPRESS_ISA={forced}: {str(exc).splitlines()[0]}") from None
+        log.info("lmcompress native kernels: the %s path, as LMCOMPRESS_ISA asks", forced)
     return ext
 
 

@@ -55,7 +55,39 @@ def asset(name: str) -> Path:
     return assets.ensure(name)
 
 
+def kv_bytes_per_token(row: dict, prefill: int, new_tokens: int) -> float:
+    """Bytes of KV cache a decoded token reads, on average over the decode: every layer's keys and values of
+    the context so far (prefill .. prefill + new_tokens - 1), in the cache's element size for the path: the
+    lean path and llama.cpp keep fp16 caches, transformers the model's dtype (fp32 but for bf16). At a
+    512-token depth on SmolLM2 that is 13 MB a token: a third of an e4 export's weights."""
+    config = json.loads((asset("smollm2-135m") / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    per_position = config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 2  # keys and values
+    element = 4 if row["path"] == "transformers" and row["config"] != "bf16" else 2
+    return per_position * element * (prefill + (new_tokens - 1) / 2)
+
+
+def add_floors(row: dict, read_gbps: float, same_size_gbps: float, prefill: int, new_tokens: int) -> None:
+    """The derived columns: the decode floors (bandwidth / bytes a token must read) and how close it came."""
+    row["read_gbps"], row["read_gbps_same_size"] = read_gbps, same_size_gbps
+    row["floor_tok_s"] = read_gbps * 1e9 / row["bytes_per_token"]
+    row["of_floor"] = row["decode_tok_s"] / row["floor_tok_s"]
+    row["floor_same_size_tok_s"] = same_size_gbps * 1e9 / row["bytes_per_token"]
+    row["of_floor_same_size"] = row["decode_tok_s"] / row["floor_same_size_tok_s"]
+    row["kv_bytes_per_token"] = kv_bytes_per_token(row, prefill, new_tokens)
+    row["floor_kv_tok_s"] = read_gbps * 1e9 / (row["bytes_per_token"] + row["kv_bytes_per_token"])
+    row["of_floor_kv"] = row["decode_tok_s"] / row["floor_kv_tok_s"]
+
+
 def peak_rss_bytes() -> int:
+    """This process image's peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries that over fork and
+    exec, so every configuration reported the parent's peak (its bandwidth buffers, 1.3-1.4 GB)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -321,6 +353,8 @@ def parse_args(argv=None):
     ap.add_argument("--work", type=Path, default=Path("runs/bench-inference"), help="exports and GGUF files")
     ap.add_argument("--peers", type=Path, default=None, help="llama.cpp work folder (bench/peer_tools.py)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "inference")
+    ap.add_argument("--retable", type=Path, default=None,
+                    help="a finished run's JSON: recompute its derived columns (floors) into --out, measuring nothing")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--make-export", help=argparse.SUPPRESS)
     ap.add_argument("--llamacpp-bin", type=Path, help=argparse.SUPPRESS)
@@ -343,6 +377,14 @@ def main(argv=None) -> None:
         args.threads = args.threads[0]
         print("ROW " + json.dumps(main_one(args)), flush=True)
         return
+    if args.retable:  # the derived columns and outputs of a finished run again, measuring nothing
+        run = json.loads(args.retable.read_text())
+        args.prefill, args.new_tokens, args.repeats, args.rounds = (run[k] for k in ("prefill", "new_tokens", "repeats", "rounds"))
+        for row in run["all_rounds"]:
+            add_floors(row, row["read_gbps"], row["read_gbps_same_size"], args.prefill, args.new_tokens)
+        bandwidth = {int(t): [b * 1e9 for b in bs] for t, bs in run["read_bandwidth_gbps"].items()}
+        write_outputs(run["all_rounds"], args, bandwidth, args.out.with_suffix(".json"))
+        return
     prepare(args, args.configs)
     sys.path.insert(0, str(HERE))
     from membw import measure_bandwidth
@@ -359,16 +401,12 @@ def main(argv=None) -> None:
                 row = run_config(config, threads, args)
                 if row is None:
                     continue
-                row["round"], row["read_gbps"] = round_, read / 1e9
-                row["floor_tok_s"] = read / row["bytes_per_token"]
-                row["of_floor"] = row["decode_tok_s"] / row["floor_tok_s"]
-                # The floor above reads a buffer far larger than any cache. A host's last-level cache can
-                # hold much of a small model (this one reports 300 MiB of L3, shared with its neighbours), so
-                # also: the read bandwidth over a buffer of the weights' own size, right after the run.
+                row["round"] = round_
+                # The DRAM floor reads a buffer far larger than any cache. A host's last-level cache can hold
+                # much of a small model (this one reports 300 MiB of L3, shared with its neighbours), so also:
+                # the read bandwidth over a buffer of the weights' own size, right after the run.
                 same = measure_bandwidth(threads, mib=max(1, round(row["bytes_per_token"] / 2**20)))["read_gbps"]
-                row["read_gbps_same_size"] = same
-                row["floor_same_size_tok_s"] = same * 1e9 / row["bytes_per_token"]
-                row["of_floor_same_size"] = row["decode_tok_s"] / row["floor_same_size_tok_s"]
+                add_floors(row, read / 1e9, same, args.prefill, args.new_tokens)
                 rows.append(row)
                 print(format_row(row), flush=True)
                 write_outputs(rows, args, bandwidth, out_json)  # as they come: a killed run keeps its rows
@@ -404,16 +442,17 @@ def format_row(r: dict) -> str:
     b4 = f"  b4 {r['decode_b4_tok_s']:6.1f}" if "decode_b4_tok_s" in r else ""
     return (f"{r['config']:20s} t{r['threads']}  file {r['file_bytes'] / 1e6:6.1f} MB  weights "
             f"{r['weights_bytes'] / 1e6:6.1f} MB  rss {r['rss_bytes'] / 1e6:5.0f} MB  prefill {r['prefill_tok_s']:7.1f}  decode {r['decode_tok_s']:6.1f}{b4}"
-            f"  floor {r['floor_tok_s']:6.1f} ({100 * r['of_floor']:.0f}%)  same-size floor {r['floor_same_size_tok_s']:6.1f} "
+            f"  floor {r['floor_tok_s']:6.1f} ({100 * r['of_floor']:.0f}%, with KV {100 * r['of_floor_kv']:.0f}%)"
+            f"  same-size floor {r['floor_same_size_tok_s']:6.1f} "
             f"({100 * r['of_floor_same_size']:.0f}%)")
 
 
 def write_outputs(rows: list[dict], args, bandwidth: dict, out_json: Path) -> None:
     out_json.parent.mkdir(parents=True, exist_ok=True)
     lines = ["| model | threads | file MB | weights resident MB | process RSS MB (peak) | prefill tok/s | decode "
-             "tok/s | x fp32 | decode batch 4 tok/s | floor tok/s | % of floor | floor, same-size buffer | % of it "
-             "| path / kernels / GGUF types |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "tok/s | x fp32 | decode batch 4 tok/s | floor tok/s | % of floor | floor with the KV cache | % of it | "
+             "floor, same-size buffer | % of it | path / kernels / GGUF types |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     table_rows = fastest_rounds(rows)
     fp32 = {r["threads"]: r for r in table_rows if r["config"] == "fp32"}
     for r in table_rows:
@@ -423,7 +462,8 @@ def write_outputs(rows: list[dict], args, bandwidth: dict, out_json: Path) -> No
         what = ", ".join([r["path"], *(r.get("kernels") or r.get("gguf_types") or [])])
         lines.append(f"| {r['config']} | {r['threads']} | {r['file_bytes'] / 1e6:.1f} | {r['weights_bytes'] / 1e6:.1f} | "
                      f"{r['rss_bytes'] / 1e6:.0f} ({r['peak_rss_bytes'] / 1e6:.0f}) | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {speedup} | {b4} | "
-                     f"{r['floor_tok_s']:.0f} | {100 * r['of_floor']:.0f} | {r['floor_same_size_tok_s']:.0f} | "
+                     f"{r['floor_tok_s']:.0f} | {100 * r['of_floor']:.0f} | {r['floor_kv_tok_s']:.0f} | "
+                     f"{100 * r['of_floor_kv']:.0f} | {r['floor_same_size_tok_s']:.0f} | "
                      f"{100 * r['of_floor_same_size']:.0f} | {what} |")
     table = "\n".join(lines)
     meta = {"prefill": args.prefill, "new_tokens": args.new_tokens, "batch": BATCH, "repeats": args.repeats,

@@ -292,7 +292,8 @@ def plot_curves(rows: list[dict], path: Path) -> bool:
                            if r["model"] == model and r["ratio_asked"] == ratio and metric in r)
         ax.set_title(f"{model} {ratio:g}x", fontsize=10)
         ax.set_xlabel("epochs over the rows")
-        ax.set_ylabel("early-stopping metric (held-out loss, or training loss)")
+        # a group's checks swap in that group alone; the lines are the finished models, every group swapped
+        ax.set_ylabel("held-out loss, this group swapped in (or training loss)", fontsize=8)
         ax.text(0.02, 0.02, f"test {metric}: {scored}", transform=ax.transAxes, fontsize=6, wrap=True)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)

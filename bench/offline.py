@@ -93,11 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/bench/offline"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    args.ae_steps_given = args.ae_steps is not None
-    args.ae_steps = 2000 if args.ae_steps is None else args.ae_steps
     if args.quick:
         args.ratios = args.ratios[:1]
-        args.ae_steps_given = True
         args.calibration_samples, args.eval_tokens, args.ae_steps, args.eval_samples = 16, 1024, 40, 2
         args.ae_epochs = 1 if args.ae_preset == "paper" else args.ae_epochs
         args.test_limit, args.train_limit, args.finetune_steps = args.test_limit or 128, args.train_limit or 256, 20
@@ -107,11 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def autoencoder_config(args, shared: bool) -> AutoencoderConfig:
     """The command line's autoencoder: the preset, with what the flags set on top (the paper preset keeps its
     own step count, epochs and batch unless they are given)."""
-    given = {"shared": shared, "lr": args.ae_lr, "seed": args.seed}
-    if args.ae_preset == "paper":
-        given |= {"preset": "paper", "steps": args.ae_steps if args.ae_steps_given else None}
-    else:
-        given |= {"steps": args.ae_steps}
+    given = {"shared": shared, "lr": args.ae_lr, "seed": args.seed, "preset": args.ae_preset}
+    given["steps"] = args.ae_steps if args.ae_steps is not None else (None if args.ae_preset == "paper" else 2000)
     for key, value in (("batch_size", args.ae_batch_size), ("epochs", args.ae_epochs),
                        ("eval_every_epochs", args.ae_eval_every_epochs)):
         if value is not None:

@@ -3,6 +3,7 @@
 import csv
 import json
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from helpers import tiny_model
 from torch import nn
 
 from lmcompress.core.errors import TrainingDiverged
+from lmcompress.distill import trainer as trainer_module
 from lmcompress.distill.losses import build_objective, parse_loss
 from lmcompress.distill.trainer import BatchOrder, TrainConfig, _lr_lambda, checkpoints, pad_collate, train
 
@@ -171,13 +173,36 @@ def test_compiled_objective_trains_as_the_eager_one(tmp_path):
 
 
 def test_schedules():
-    linear = _lr_lambda(TrainConfig(steps=10, warmup_steps=2))
+    linear = _lr_lambda(TrainConfig(steps=10, warmup_steps=2), {"seconds": 0.0})
     assert [round(linear(s), 3) for s in range(11)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25,
                                                         0.125, 0.0]
-    cosine = _lr_lambda(TrainConfig(steps=10, warmup_steps=0, schedule="cosine"))
+    cosine = _lr_lambda(TrainConfig(steps=10, warmup_steps=0, schedule="cosine"), {"seconds": 0.0})
     assert cosine(0) == 1.0 and cosine(5) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
-    constant = _lr_lambda(TrainConfig(steps=10, warmup_steps=4, schedule="constant"))
+    constant = _lr_lambda(TrainConfig(steps=10, warmup_steps=4, schedule="constant"), {"seconds": 0.0})
     assert [constant(s) for s in (0, 3, 4, 9)] == [0.25, 1.0, 1.0, 1.0]
+
+
+def test_annealing_by_time_follows_whichever_of_steps_and_seconds_runs_out_first(tmp_path, monkeypatch):
+    clock = {"seconds": 0.0}
+    timed = _lr_lambda(TrainConfig(steps=100, schedule="linear", anneal_by="seconds", max_seconds=10.0), clock)
+    assert timed(10) == pytest.approx(0.9)  # by the steps while the clock is behind them
+    clock["seconds"] = 5.0
+    assert timed(10) == pytest.approx(0.5)  # half the time gone: half the decay, at a tenth of the steps
+    clock["seconds"] = 12.0
+    assert timed(10) == 0.0
+    with pytest.raises(ValueError, match="anneal_by: seconds counts the time against max_seconds"):
+        TrainConfig(steps=10, anneal_by="seconds")
+    # a run whose time runs out first ends with its learning rate annealed to (almost) zero; on a clock that
+    # ticks 0.1 s a reading (the loop reads it 3 times a step), whatever the machine's load
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(trainer_module, "time", SimpleNamespace(perf_counter=lambda: 0.1 * next(ticks)))
+    config = TrainConfig(**{**CONFIG, "steps": 10_000, "schedule": "linear"}, anneal_by="seconds", max_seconds=4.0,
+                         log_with="csv", log_every=1)
+    result = train(gpt2_objective(), blocks(), config, tmp_path)
+    assert result.stopped == f"max_seconds 4 reached at step {result.steps}" and 10 <= result.steps <= 40
+    with (tmp_path / "logs" / "train" / "metrics.csv").open() as f:
+        rates = [float(r["lr"]) for r in csv.DictReader(f) if r.get("lr")]
+    assert len(rates) == result.steps and rates[-1] < 0.1 * max(rates)
 
 
 def test_batch_order_is_a_per_epoch_permutation_split_across_processes():

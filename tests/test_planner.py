@@ -3,6 +3,9 @@
 
 import json
 import re
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,12 +15,14 @@ from lmcompress import api
 from lmcompress.cli import main
 from lmcompress.core.errors import RecipeError
 from lmcompress.infer import native
+from lmcompress.models.blocks import bf16_speedup
 from lmcompress.planner import parse_budget, parse_target, plan_compression
 from lmcompress.planner.costs import TokenCosts
 from lmcompress.planner.depth import DepthSearch
 from lmcompress.planner.plan import E2E_ACCUM, E2E_BATCH, MIXED, RECON_BATCH, RECON_STEPS_MAX, _calibration
 from lmcompress.quant.apply import quantize_
 from lmcompress.quant.mixed import allocate_options, spec_bytes
+from lmcompress.quant.ptq import GPTQSettings, ptq_
 from lmcompress.recipe import Recipe, load_recipe
 from lmcompress.recipe.stages.quantize import QuantizeStage
 from lmcompress.surgery.depth import calibration_loss
@@ -134,8 +139,46 @@ def test_a_time_budget_is_split_by_the_measured_costs_and_a_too_small_one_is_ref
     assert stages["reconstruct"]["max_seconds"] * 4 == pytest.approx(training["recon_seconds"], abs=0.5)  # per block
     calibration = next(d for d in p.decisions if d.what == "calibration")
     assert calibration.measured["student_train"] == pytest.approx(0.4)  # ms per token, as measured
-    with pytest.raises(RecipeError, match=r"--budget 1s: too little for this plan; calibration \(32 sequences\)"):
+    with pytest.raises(RecipeError, match=r"--budget 1s: too little for this plan; planning took .*calibration "
+                                          r"\(16 sequences, GPTQ\) and scoring alone take about"):
         plan(model, "8x", "1s", costs)
+
+
+def test_a_time_budget_drops_awq_first_and_leaves_the_run_a_clock(model):
+    slow = TokenCosts(teacher_forward=1e-2, student_train=4e-2, layers=4, tokens_measured=64, fisher=3e-2,
+                      gptq_rounding=5.0)
+    p = plan(model, "8x", "20m", slow)
+    quantize = next(s for s in p.recipe["stages"] if s["stage"] == "quantize")
+    # AWQ's search, ~20 x 4,096 tokens of forward (819 s here), does not fit half of what scoring leaves
+    assert quantize["awq"] is False and quantize["calibration_samples"] == 128 and quantize["fisher_samples"] == 8
+    calibration = next(d for d in p.decisions if d.what == "calibration")
+    assert "no AWQ" in calibration.chosen and "128 sequences + AWQ" in calibration.why
+    budget = p.recipe["time_budget"]
+    assert 0.05 * 20 * 60 <= 20 * 60 - budget["seconds"] < 0.05 * 20 * 60 + 60  # less a reserve and the planning
+    scoring = 8192 * 1e-2  # a scoring row: EVAL_TOKENS of teacher forward
+    assert budget["finish_seconds"] > 2 * scoring  # the export's row and the training stages' rows come after
+    assert Recipe.parse(p.recipe).time_budget.seconds == budget["seconds"]
+    fast = plan(model, "8x", "20m", TokenCosts(teacher_forward=1e-4, student_train=4e-4, layers=4, tokens_measured=64))
+    assert next(s for s in fast.recipe["stages"] if s["stage"] == "quantize")["awq"] is True
+
+
+def test_the_run_clock_rescales_every_training_stage_still_to_come(model):
+    from lmcompress.recipe.base import Run, TimeBudget
+    from lmcompress.recipe.runner import _on_the_clock
+
+    recipe = Recipe.parse({"corpus": {"name": "x.jsonl"}, "stages": [
+        {"stage": "reconstruct", "steps": 10, "max_seconds": 2.0},
+        {"stage": "evaluate"},
+        {"stage": "distill", "steps": 100, "warmup_steps": 5, "max_seconds": 12.0, "losses": [{"type": "logits"}]}]})
+    run = Run(recipe=recipe, out_dir=Path(tempfile.mkdtemp()))
+    run.student = model  # 4 blocks: the reconstruction was planned at 4 x 2 s
+    budget = TimeBudget(seconds=100.0, finish_seconds=20.0)
+    stages = _on_the_clock(list(recipe.stages), run, budget, elapsed=40.0)  # 40 s left for 20 planned: x2
+    assert [s.steps for s in stages[::2]] == [20, 200] and [s.max_seconds for s in stages[::2]] == [4.0, 24.0]
+    assert stages[2].warmup_steps == 10 and stages[1] is recipe.stages[1]
+    assert run.report.meta["time_budget"][0]["factor"] == pytest.approx(2.0)
+    late = _on_the_clock(list(recipe.stages), run, budget, elapsed=90.0)  # past the time: a step each, at once
+    assert [s.steps for s in late[::2]] == [1, 1] and all(s.max_seconds == 0.1 for s in late[::2])
 
 
 @pytest.fixture(scope="module")
@@ -158,10 +201,11 @@ def test_the_depth_decision_scores_each_cut_at_the_target_size_and_keeps_the_low
     prune = [s for s in p.recipe["stages"] if s["stage"] == "prune"]
     assert (prune[0]["depth"]["remove"] if prune else []) == best["removed"]
     assert candidates[1]["removed"] == [depth.measured["influence_order"][0]]  # the least influential block
-    # the score is what the pieces give on their own: cut, allocate, round, next-token loss
+    # the score is what the pieces give on their own: cut, allocate, round with GPTQ, next-token loss
     fit, score = _calibration(p.recipe, tiny_tokenizer(), 64)
     quant = QuantizeStage(stage="quantize", **MIXED, target_mb=p.recipe["stages"][-1]["file_mb"])
-    search = DepthSearch(model, quant, fit)
+    bf16 = bf16_speedup() > 1.0  # as the planner measured it
+    search = DepthSearch(model, quant, fit, bf16=bf16)
     assert search.order == depth.measured["influence_order"]
     cut = search.measure(1, score)
     assert cut.loss == pytest.approx(candidates[1]["calibration_loss"], abs=1e-4)
@@ -170,8 +214,9 @@ def test_the_depth_decision_scores_each_cut_at_the_target_size_and_keeps_the_low
                              int(quant.target_bytes(quant.sizing(copy).params) - quant.sizing(copy).fixed
                                  - quant.sizing(copy).header), search.params).specs
     quantize_(copy, quant, specs=dict(zip(quant.sizing(copy).modules, specs.values(), strict=True)))
+    ptq_(copy, "gptq", fit, GPTQSettings(bf16=bf16), progress=False)
     with torch.no_grad():
-        assert calibration_loss(copy.eval(), score, True) == pytest.approx(cut.loss, abs=1e-5)
+        assert calibration_loss(copy.eval(), score, bf16) == pytest.approx(cut.loss, abs=1e-5)
 
 
 def test_a_target_below_the_uncut_floor_plans_the_shallowest_cut_that_reaches_it(model, words):
@@ -257,3 +302,15 @@ def _largest_step_mb(quantize, folder) -> float:
         sizes = sorted(spec_bytes(s, shape) for s in specs)
         steps += [b - a for a, b in zip(sizes, sizes[1:], strict=False)]
     return max(steps) / 1e6
+
+
+def test_a_time_budget_is_kept_within_ten_percent_on_a_tiny_model(tmp_path, model_folder):
+    corpus = write_word_corpus(tmp_path / "corpus.jsonl", documents=200, words=100)
+    budget = 40.0
+    started = time.perf_counter()
+    result = api.compress(str(model_folder), target="8x", budget=f"{budget:g}s", corpus=str(corpus), block_size=64,
+                          out_dir=tmp_path / "run")
+    wall = time.perf_counter() - started
+    stages = [r["stage"] for r in result.report.rows]
+    assert "distilled" in stages and result.report.meta["status"] == "complete"
+    assert 0.9 * budget <= wall <= 1.1 * budget, (wall, result.report.timings, result.report.meta)

@@ -94,3 +94,26 @@ def test_the_stage_hits_a_whole_file_target_and_writes_the_allocation(tmp_path):
 def test_two_targets_are_refused():
     with pytest.raises(RecipeError, match="give one of target_bits_per_weight or target_mb"):
         lc.Recipe.parse({"stages": [{"stage": "quantize", "bits": 4, "target_mb": 1, "target_bits_per_weight": 3}]})
+
+
+def test_fisher_samples_ranks_modules_on_the_first_sequences_only(monkeypatch):
+    from lmcompress.recipe.stages import quantize as stage_module
+    from lmcompress.surgery.calibration import calibration_batches
+
+    seen = []
+    collect = stage_module.collect_stats
+
+    def counting(model, modules, batches, **kwargs):
+        seen.append(sum(int(b["input_ids"].shape[0]) for b in batches))
+        return collect(model, modules, batches, **kwargs)
+
+    monkeypatch.setattr(stage_module, "collect_stats", counting)
+    batches = calibration_batches(torch.randint(1, 100, (12, 16), generator=torch.Generator().manual_seed(0)), 12, 4)
+    model = tiny_model("llama", hidden=64)
+    stage = lc.Recipe.parse({"stages": [{"stage": "quantize", "bits": 4, "group_size": 16, "target_mb": 0.1,
+                                         "candidate_bits": [2, 4, 8], "fisher_samples": 6}]}).stages[0]
+    allocation, _ = stage.allocation(model, batches)
+    assert seen == [6] and allocation.bytes <= 0.1e6  # 4 + the first 2 of the second batch of 4
+    stage.fisher_samples = None
+    stage.allocation(model, batches)
+    assert seen == [6, 12]

@@ -51,7 +51,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import TorchDynamoPlugin
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -104,6 +104,15 @@ class TrainSettings(Strict):
                                 "budget; the schedule is cut there, the last step is the final checkpoint)")
     compile: bool = Field(False, description="compile the objective with torch.compile (inductor) through "
                                              "accelerate: slower first steps, faster later ones on GPUs")
+    anneal_by: Literal["steps", "seconds"] = Field(
+        "steps", description="what the schedule after warm-up counts down: the steps, or also the training time "
+                             "against max_seconds, whichever runs out first (a time budget still anneals to its end)")
+
+    @model_validator(mode="after")
+    def _time_needs_a_limit(self) -> TrainSettings:
+        if self.anneal_by == "seconds" and self.max_seconds is None:
+            raise ValueError("anneal_by: seconds counts the time against max_seconds; set max_seconds")
+        return self
 
 
 class TrainConfig(TrainSettings):
@@ -295,13 +304,17 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
-def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+def _lr_lambda(config: TrainConfig, clock: dict[str, float]) -> Callable[[int], float]:
+    """The learning-rate factor at `step`; with `anneal_by: seconds`, the decay also follows the training
+    time in `clock["seconds"]` (agreed by every process) against max_seconds."""
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
         if config.schedule == "constant":
             return 1.0
         progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        if config.anneal_by == "seconds":
+            progress = max(progress, clock["seconds"] / config.max_seconds)
         if config.schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         return max(0.0, 1 - progress)
@@ -423,7 +436,8 @@ def train(
 
     objective.to(accelerator.device)
     optimizer = _optimizer(objective, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+    clock = {"seconds": state["seconds"]}  # the time the schedule reads (anneal_by: seconds)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, clock))
     model, optimizer = accelerator.prepare(objective, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     if start:
@@ -482,6 +496,8 @@ def train(
                 raise _diverged(accelerator, ckpt_dir, step, f"gradient norm became {values['grad_norm']} "
                                 f"(loss {values['loss']:.4g})", bad_from=step - 1)
             optimizer.step()
+            if config.anneal_by == "seconds":
+                clock["seconds"] = _agreed_seconds(accelerator, state["seconds"] + time.perf_counter() - started)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -526,6 +542,13 @@ def train(
             tracker.finish()
     result.steps, result.tokens, result.seconds = state["step"], state["tokens"], state["seconds"]
     return result
+
+
+def _agreed_seconds(accelerator: Accelerator, seconds: float) -> float:
+    """The processes' mean training time, so every one sets the same learning rate from it."""
+    if accelerator.num_processes == 1:
+        return seconds
+    return float(accelerator.reduce(torch.tensor([seconds], device=accelerator.device), reduction="mean").item())
 
 
 def _out_of_time(accelerator: Accelerator, seconds: float, limit: float | None) -> bool:

@@ -15,6 +15,7 @@ targets, task (encoder) targets and width pruning; those are refused with a one-
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,30 +27,49 @@ from lmcompress.core.errors import RecipeError
 from lmcompress.data.cache import DataCache
 from lmcompress.formats import size_report
 from lmcompress.models.adapters import get_adapter
+from lmcompress.models.blocks import bf16_speedup
 from lmcompress.planner.costs import TokenCosts, measure_token_costs
 from lmcompress.planner.depth import DepthSearch
 from lmcompress.planner.targets import Budget, Target
 from lmcompress.quant import QuantConfig
+from lmcompress.quant.awq import GRID as AWQ_GRID
+from lmcompress.quant.awq import MAX_TOKENS as AWQ_TOKENS
 from lmcompress.recipe import Recipe
 from lmcompress.recipe.stages.quantize import QuantizeStage
 from lmcompress.surgery.calibration import calibration_batches
+
+log = logging.getLogger(__name__)
 
 # Mixed precision as the 105/67/44 MB rows of bench/peers.py run it: 4-bit start, groups of 128, learnable
 # step sizes (so end-to-end KD has parameters to train), floats in bf16.
 MIXED = {"bits": 4, "group_size": 128, "embedding_bits": 4, "scale": "lsq", "candidate_bits": [2, 3, 4, 5, 6, 8],
          "float_dtype": "bf16"}
-CALIBRATION_SAMPLES = (128, 64, 32)  # the most the budget affords, from GPTQ's usual 128 down
-# AWQ's 20-point search per linear pair and GPTQ's pass, in teacher-forward equivalents per calibration
-# token: fitted to the 67 MB SmolLM2 chain (568 s for 65,536 calibration tokens on the 2-core host).
-PTQ_FORWARDS = 15
+# PTQ settings (calibration sequences, AWQ), the richest first: the most expensive that fits is chosen. AWQ
+# costs a fixed ~20 forwards of 4,096 tokens, and on the 67 MB SmolLM2 allocation it lowered the rounding proxy
+# error by 0.5% (awq_error_ratio 0.995), so more GPTQ sequences outrank it.
+PTQ_SETTINGS = ((128, True), (64, True), (128, False), (32, True), (64, False), (32, False), (16, False))
+PTQ_SHARE = 0.5  # of the time left after planning and scoring, at most, unless only the cheapest PTQ fits
+FISHER_SAMPLES = 8  # sequences the mixed-precision Fisher pass reads: it only ranks modules
+SPEED_FORWARDS = 6  # a speed row: prefill of 2 blocks, a warm-up and 2 timed runs (+ 34 decoded tokens)
+DECODED_TOKENS, DECODE_BYTES_PER_S = 34, 7e9  # a decoded token reads the fp32 weights: SmolLM2 13 tok/s here
+EXPORT_SECONDS_PER_PARAM = 7.5e-8  # packing and writing the export and loading it back: ~10 s for SmolLM2
+# Measured against the estimates on SmolLM2 (2 AVX2 cores, 2026-12-07): the quantize stage's GPTQ rounding took
+# 3.7x one linear's timing scaled by elements (Hessian updates, grid fits, the 49k-row embedding out of cache),
+# and scoring the export through the integer kernels 2x the teacher's fp32 scoring (72 s against 37 s).
+GPTQ_ROUNDING_FACTOR = 3.7
+EXPORT_SCORING_FACTOR = 2.0
+BUDGET_RESERVE = 0.05  # of a time budget, left for the estimates' error
 RECON_BATCH = 8  # calibration sequences a reconstruction step reads (the stage's calibration_batch_size)
 RECON_STEPS_MAX = 200  # per block; EfficientQAT's Block-AP uses a few hundred, our 67 MB rows 96
 E2E_BATCH, E2E_ACCUM = 4, 2
+E2E_STEP_CAP = 10  # under a time limit: the most end-to-end steps, as a multiple of those estimated to fit
 RECON_SHARE = 0.4  # of the training time: blocks recover most per second (x1.29 -> x1.14 in 10 min at 67 MB,
 # where e2e took 50 min for x1.14 -> x1.07), so they come first, capped; e2e gets the rest
-EVAL_TOKENS = 16384
+EVAL_TOKENS = 8192  # every stage scored on the same first 8,192 test tokens (16 windows of 512)
 NEAR_LOSSLESS_BITS = 6.0  # bits a weight (whole file) from which a plan trains nothing
-DEPTH_FIT, DEPTH_SCORE = 16, 8  # calibration sequences the depth decision measures on, and scores on
+DEPTH_FIT, DEPTH_SCORE = 8, 8  # calibration sequences the depth decision measures on, and scores on
+DEPTH_SHARE = 0.2  # of a time budget, at most, to measure depth candidates
+MIN_RECON_STEPS, MIN_E2E_STEPS = 8, 10  # fewer than these do not pay for their scoring: PTQ gets the time
 
 
 @dataclass
@@ -104,8 +124,8 @@ def plan_compression(model: nn.Module, target: Target, budget: Budget | None, *,
         raise RecipeError("--corpus: the planner calibrates and distils on text; name a corpus (sotu, a file or "
                           "a hub data set)")
     block_size = min(block_size, adapter.max_positions or block_size)
-    fp32, bf16 = size_report(model, dtype="fp32"), size_report(model, dtype="bf16")
-    fp32_file, bf16_file = fp32["bytes"] + fp32["header_bytes"], bf16["bytes"] + bf16["header_bytes"]
+    fp32, half = size_report(model, dtype="fp32"), size_report(model, dtype="bf16")
+    fp32_file, bf16_file = fp32["bytes"] + fp32["header_bytes"], half["bytes"] + half["header_bytes"]
     want = target.file_bytes(fp32_file, fp32["params"])
     decisions = [Decision("target", f"file <= {want / 1e6:.2f} MB",
                           f"fp32 file {fp32_file / 1e6:.2f} MB, {fp32['params']:,} parameters",
@@ -123,48 +143,66 @@ def plan_compression(model: nn.Module, target: Target, budget: Budget | None, *,
         recipe["stages"] += proof
         return Plan(target, budget, recipe, decisions)
 
+    speedup = bf16_speedup()
+    bf16 = speedup > 1.0
+    decisions.append(Decision("arithmetic", "bf16 autocast" if bf16 else "fp32",
+                              f"a linear layer's product under bf16 autocast ran {speedup:.2f}x fp32's speed here",
+                              {"bf16_speedup": round(speedup, 3)}))
     quant = QuantizeStage(stage="quantize", **MIXED, target_mb=round(want / 1e6, 3))
     floor = quant.sizing(model).smallest_bytes
-    depth = _choose_depth(model, quant, want, floor, target, calibration)
+    if budget is not None and budget.kind == "seconds" and costs is None:
+        log.info("planning: timing a token of teacher forward and of quantized training")
+        costs = measure_token_costs(model, QuantConfig(**{k: v for k, v in MIXED.items()
+                                                          if k not in ("candidate_bits", "float_dtype")}),
+                                    block_size, bf16=bf16)
+    affordable = _depth_affordable(budget, costs, block_size)
+    measured = calibration if affordable is None or want < floor else None  # below the floor a cut is needed
+    depth = _choose_depth(model, quant, want, floor, target, measured, bf16, unmeasured=affordable)
     decisions += depth.decisions
     decisions.append(Decision("precision", f"mixed {min(MIXED['candidate_bits'])}-{max(MIXED['candidate_bits'])} "
                               f"bits per module to {want / 1e6:.2f} MB, Fisher-allocated; AWQ + GPTQ rounding",
                               f"bf16 is {bf16_file / 1e6:.2f} MB; the narrowest allocation {floor / 1e6:.2f} MB "
                               "with every block", {"bf16_bytes": int(bf16_file), "smallest_bytes": int(floor)}))
-    if budget is not None and budget.kind == "seconds" and costs is None:
-        costs = measure_token_costs(model, QuantConfig(**{k: v for k, v in MIXED.items()
-                                                          if k not in ("candidate_bits", "float_dtype")}),
-                                    block_size)
     spent = time.perf_counter() - started  # planning is part of a time budget
     bits = want * 8 / fp32["params"]
     if bits >= NEAR_LOSSLESS_BITS and not depth.removed:  # GPTQ's rounding is close to the teacher: training only risks it
-        split = _Split(CALIBRATION_SAMPLES[0], 0, 0, None, [Decision(
+        split = _Split(PTQ_SETTINGS[0][0], 0, 0, None, [Decision(
             "training", "none (PTQ only; the budget is not needed)",
             f"the target leaves {bits:.1f} bits a weight (>= {NEAR_LOSSLESS_BITS}): PTQ alone is near lossless there")])
     else:
-        split = _split_budget(budget, costs, adapter.num_layers, block_size, spent, reconstruct=not depth.removed)
+        split = _split_budget(budget, costs, adapter.num_layers, block_size, spent, reconstruct=not depth.removed,
+                              params=fp32["params"])
     decisions += split.decisions
     stages = recipe["stages"]
     if depth.removed:
         stages += [{"stage": "prune", "depth": {"remove": depth.removed}}, _evaluate("pruned")]
-    stages.append({"stage": "quantize", **MIXED, "target_mb": round(want / 1e6, 3), "awq": True, "init": "gptq",
-                   "calibration_samples": split.calibration_samples, "gptq": {"bf16": True}})
-    stages.append(_evaluate("quantized"))
+    stages.append({"stage": "quantize", **MIXED, "target_mb": round(want / 1e6, 3), "awq": split.awq, "init": "gptq",
+                   "calibration_samples": split.calibration_samples, "fisher_samples": FISHER_SAMPLES,
+                   "gptq": {"bf16": bf16}})
+    if split.recon_steps or split.e2e_steps:  # without training the exported row scores the same model
+        stages.append(_evaluate("quantized"))
     if split.recon_steps:
         stages += [{"stage": "reconstruct", "train": ["weights", "scales"], "steps": split.recon_steps, "lr": 5e-4,
-                    "bf16": True, "log_with": "none", "spike_factor": 100.0,
+                    "bf16": bf16, "log_with": "none", "spike_factor": 100.0,
                     "calibration_samples": split.calibration_samples,
                     **_time_limit(split.recon_block_seconds)},
                    _evaluate("reconstructed")]
     if split.e2e_steps:
         # a cut model heals in its weights too; an uncut one keeps GPTQ's codes and trains the step sizes
+        # under a time limit the steps are a cap and the schedule anneals by the clock: the step cost measured
+        # on one sequence is not a batch's, and the run rescales the time (`TimeBudget`)
+        timed = {"anneal_by": "seconds", **_time_limit(split.e2e_seconds)} if split.e2e_seconds else {}
         stages += [{"stage": "distill", "train": ["weights", "scales"] if depth.removed else ["scales"],
                     "losses": [{"type": "logits", "temperature": 1.0}],
-                    "steps": split.e2e_steps, "batch_size": E2E_BATCH, "grad_accum": E2E_ACCUM, "lr": 1e-4,
-                    "warmup_steps": max(1, split.e2e_steps // 20), "schedule": "cosine", "bf16": True,
-                    "eval_batches": 0, "log_with": "none", "checkpoint_every": 25, **_time_limit(split.e2e_seconds)},
+                    "steps": split.e2e_steps * (E2E_STEP_CAP if timed else 1), "batch_size": E2E_BATCH,
+                    "grad_accum": E2E_ACCUM, "lr": 1e-4, "warmup_steps": max(1, split.e2e_steps // 20),
+                    "schedule": "cosine", "bf16": bf16, "eval_batches": 0, "log_with": "none",
+                    "checkpoint_every": 25, **timed},
                    _evaluate("distilled")]
     stages += proof
+    if split.finish_seconds is not None:
+        recipe["time_budget"] = {"seconds": round((1 - BUDGET_RESERVE) * budget.value - spent, 1),
+                                 "finish_seconds": round(split.finish_seconds, 1)}
     return Plan(target, budget, recipe, decisions, split.seconds)
 
 
@@ -177,56 +215,91 @@ class _Split:
     decisions: list[Decision]
     recon_block_seconds: float | None = None  # time limits of a time budget: a block's reconstruction,
     e2e_seconds: float | None = None  # and the end-to-end stage's training
+    awq: bool = True
+    finish_seconds: float | None = None  # a time budget's: export and its scoring, after the last training stage
 
 
 def _split_budget(budget: Budget | None, costs: TokenCosts | None, layers: int, block: int, spent: float = 0.0,
-                  reconstruct: bool = True) -> _Split:
+                  reconstruct: bool = True, params: int = 0) -> _Split:
     """Calibration samples, reconstruction steps per block and end-to-end steps that fit the budget (`spent`:
     seconds the planning took; `reconstruct`: whether blocks pair with the teacher's, i.e. none were cut)."""
     recon_tokens = RECON_BATCH * block  # a reconstruction step: one batch through one block
     e2e_tokens = E2E_BATCH * E2E_ACCUM * block
     share = RECON_SHARE if reconstruct else 0.0
     if budget is None:
-        return _Split(CALIBRATION_SAMPLES[0], 0, 0, None,
+        return _Split(PTQ_SETTINGS[0][0], 0, 0, None,
                       [Decision("training", "none (PTQ only)", "no --budget given: the quickest plan")])
     if budget.kind == "tokens":
         # a block step runs one of the model's `layers` blocks: it counts as recon_tokens / layers model tokens
         recon = min(RECON_STEPS_MAX, int(share * budget.value / recon_tokens))
         e2e = int((budget.value - recon * recon_tokens) / e2e_tokens)
-        return _Split(CALIBRATION_SAMPLES[0], recon, e2e, None, [Decision(
+        return _Split(PTQ_SETTINGS[0][0], recon, e2e, None, [Decision(
             "training", f"{recon} reconstruction steps a block, {e2e} end-to-end steps",
             f"{budget.value:,.0f} training tokens (a block step of {recon_tokens:,} tokens through one of {layers} "
             f"blocks counts 1/{layers}): up to {share:.0%} to blocks (at most {RECON_STEPS_MAX} steps each), "
             f"the rest to end-to-end steps of {e2e_tokens:,}")])
     assert costs is not None
-    evaluation = 4 * EVAL_TOKENS * costs.teacher_forward  # teacher, quantized, export and final scores at least
-    available = budget.value - spent
-    for samples in CALIBRATION_SAMPLES:
-        ptq = samples * block * (costs.student_train + PTQ_FORWARDS * costs.teacher_forward)
-        if ptq + evaluation <= available:
-            break
-    else:
-        raise RecipeError(f"--budget {budget.text}: too little for this plan; calibration ({CALIBRATION_SAMPLES[-1]} "
-                          f"sequences) and scoring alone take about {(ptq + evaluation) / 60:.1f} min here")
-    left = available - ptq - evaluation
+    forward = block * costs.teacher_forward
+    evaluation = EVAL_TOKENS * costs.teacher_forward  # one scoring row
+    speed = SPEED_FORWARDS * forward + DECODED_TOKENS * 4 * params / DECODE_BYTES_PER_S
+    finish = EXPORT_SECONDS_PER_PARAM * params + EXPORT_SCORING_FACTOR * evaluation + speed  # export, score, speed
+    fixed = evaluation + speed + finish  # the teacher's row (with speed), and the finish
+    available = (1 - BUDGET_RESERVE) * budget.value - spent
+    options = [(samples, awq, _ptq_seconds(samples, awq, block, costs)) for samples, awq in PTQ_SETTINGS]
+    options.sort(key=lambda o: -o[2])  # the richest is the most expensive
+    fits = [o for o in options if o[2] <= PTQ_SHARE * (available - fixed)] or [
+        o for o in options[-1:] if o[2] <= available - fixed]
+    if not fits:
+        samples, awq, ptq = options[-1]
+        raise RecipeError(f"--budget {budget.text}: too little for this plan; planning took {spent / 60:.1f} min, "
+                          f"and calibration ({samples} sequences, GPTQ) and scoring alone take about "
+                          f"{(ptq + fixed) / 60:.1f} min here")
     per_token = costs.student_train + costs.teacher_forward  # a training token: student step + teacher forward
     recon_step = recon_tokens * per_token / layers
     e2e_step = e2e_tokens * per_token
-    recon = min(RECON_STEPS_MAX, int(share * left / (layers * recon_step)))
-    e2e = int((left - recon * layers * recon_step) / e2e_step)
+
+    def steps(ptq: float) -> tuple[int, int]:
+        # the quantized model and every training stage are scored (for the stage plot): not training time
+        left = available - fixed - ptq
+        recon = min(RECON_STEPS_MAX, int(share * max(left - 3 * evaluation, 0) / (layers * recon_step)))
+        return recon, int(max(left - (3 if recon else 2) * evaluation - recon * layers * recon_step, 0) / e2e_step)
+
+    samples, awq, ptq = fits[0]
+    recon, e2e = steps(ptq)
+    recon, e2e = (recon if recon >= MIN_RECON_STEPS else 0), (e2e if e2e >= MIN_E2E_STEPS else 0)
+    if not recon and not e2e:  # too little left to train: the time goes to the richest PTQ that fits
+        samples, awq, ptq = next(o for o in options if o[2] <= available - fixed)
     recon_seconds, e2e_seconds = recon * layers * recon_step, e2e * e2e_step
-    return _Split(samples, recon, e2e, spent + ptq + evaluation + recon_seconds + e2e_seconds,
+    scores = (1 if recon or e2e else 0) + bool(recon) + bool(e2e)
+    total = spent + ptq + fixed + scores * evaluation + recon_seconds + e2e_seconds
+    dropped = [f"{n} sequences{' + AWQ' if a else ''} ({t / 60:.1f} min)" for n, a, t in options if t > ptq]
+    # what follows the training stages when the run rescales them: their own scoring rows, and the finish
+    after_training = finish + (bool(recon) + bool(e2e)) * evaluation
+    return _Split(samples, recon, e2e, total, awq=awq, finish_seconds=after_training,
                   recon_block_seconds=recon * recon_step if recon else None,
                   e2e_seconds=e2e_seconds if e2e else None, decisions=[
-        Decision("calibration", f"{samples} sequences of {block} tokens",
-                 f"planning took {spent / 60:.1f} min; PTQ estimated at {ptq / 60:.1f} min, scoring "
-                 f"{evaluation / 60:.1f} min, of {budget.value / 60:.1f}",
+        Decision("calibration", f"{samples} sequences of {block} tokens, GPTQ{' after AWQ' if awq else ', no AWQ'}",
+                 f"planning took {spent / 60:.1f} min; PTQ estimated at {ptq / 60:.1f} min (at most "
+                 f"{PTQ_SHARE:.0%} of what scoring leaves, unless only the cheapest fits"
+                 + (f"; richer: {', '.join(dropped)}" if dropped else "") + f"), scoring and export "
+                 f"{(fixed + scores * evaluation) / 60:.1f} min, of {budget.value / 60:.1f}",
                  {"planning_seconds": round(spent, 1), "ptq_seconds": round(ptq, 1),
-                  "eval_seconds": round(evaluation, 1), **costs.summary()}),
+                  "eval_seconds": round(fixed + scores * evaluation, 1), **costs.summary()}),
         Decision("training", f"{recon} reconstruction steps a block, {e2e} end-to-end steps",
-                 f"{left / 60:.1f} min left: up to {share:.0%} to blocks ({recon_step:.2f} s a block step, at "
-                 f"most {RECON_STEPS_MAX}), the rest to end-to-end steps ({e2e_step:.1f} s each)",
+                 f"{(recon_seconds + e2e_seconds) / 60:.1f} min of training: up to {share:.0%} to blocks "
+                 f"({recon_step:.2f} s a block step, at most {RECON_STEPS_MAX}), the rest to end-to-end steps "
+                 f"({e2e_step:.1f} s each); the run rescales them to the time it has left (recipe time_budget)",
                  {"recon_seconds": round(recon_seconds, 1), "e2e_seconds": round(e2e_seconds, 1)})])
+
+
+def _ptq_seconds(samples: int, awq: bool, block: int, costs: TokenCosts) -> float:
+    """The quantize stage's time: the Fisher pass, AWQ's search (its capture and GRID roundings of 4,096
+    tokens through each block's linears, about GRID forwards of those tokens), GPTQ's two passes over the
+    calibration sequences and its rounding."""
+    tokens = samples * block
+    fisher = min(FISHER_SAMPLES, samples) * block * costs.fisher
+    search = (AWQ_GRID * AWQ_TOKENS + tokens) * costs.teacher_forward if awq else 0.0
+    return fisher + search + 2 * tokens * costs.teacher_forward + GPTQ_ROUNDING_FACTOR * costs.gptq_rounding
 
 
 @dataclass
@@ -247,8 +320,23 @@ def _calibration(recipe: dict, tokenizer: Any, block_size: int) -> tuple[list, l
     return fit, score
 
 
+def _depth_affordable(budget: Budget | None, costs: TokenCosts | None, block: int) -> str | None:
+    """None when the depth candidates may be measured; else why not: under a time budget their measurement
+    (the shared Fisher pass and, per candidate, GPTQ and scoring) may take at most DEPTH_SHARE of it."""
+    if budget is None or budget.kind != "seconds" or costs is None:
+        return None
+    shared = DEPTH_FIT * block * (costs.fisher + costs.teacher_forward)
+    candidate = (2 * DEPTH_FIT + DEPTH_SCORE) * block * costs.teacher_forward + costs.gptq_rounding
+    seconds = shared + 2 * candidate
+    if seconds <= DEPTH_SHARE * budget.value:
+        return None
+    return (f"measuring the cuts would take ~{seconds / 60:.1f} min of the {budget.value / 60:.1f}, and a cut "
+            "needs training to heal that this budget cannot buy (unhealed, 3 of SmolLM2's 30 blocks cut lost to "
+            "the whole model at 67 MB after GPTQ: 3.87 against 3.61 nats)")
+
+
 def _choose_depth(model: nn.Module, quant: QuantizeStage, want: float, floor: int, target: Target,
-                  calibration: tuple[list, list] | None) -> _Depth:
+                  calibration: tuple[list, list] | None, bf16: bool, unmeasured: str | None = None) -> _Depth:
     """Which blocks to cut, if any: candidates measured at the target size (`depth.py`); a target below `floor`
     (every block at the narrowest width) needs a cut, refused past half the blocks."""
     depth = get_adapter(model).num_layers
@@ -257,9 +345,11 @@ def _choose_depth(model: nn.Module, quant: QuantizeStage, want: float, floor: in
         if want < floor:
             raise RecipeError(f"--to {target.text}: a {want / 1e6:.2f} MB file is below the smallest this model "
                               f"reaches, {floor / 1e6:.2f} MB ({narrowest}, the rest in bf16)")
-        return _Depth([], [Decision("depth", "every block kept", "not measured: no calibration data given")])
+        return _Depth([], [Decision("depth", "every block kept", f"not measured: {unmeasured or 'no calibration data given'}")])
     fit, score = calibration
-    search = DepthSearch(model, quant, fit)
+    log.info("planning: block influence, diagonal Fisher and rounding errors on %d sequences",
+             sum(len(b["input_ids"]) for b in fit))
+    search = DepthSearch(model, quant, fit, bf16=bf16)
     step = max(1, depth // 10)
     first = 0
     if want < floor:
@@ -271,14 +361,17 @@ def _choose_depth(model: nn.Module, quant: QuantizeStage, want: float, floor: in
                               f"reaches, {least / 1e6:.2f} MB ({deepest} of its {depth} blocks cut, {narrowest}, the "
                               "rest in bf16)")
     cuts = [r for r in (first, first + step) if r < depth]
-    measured = [search.measure(r, score) for r in cuts]
+    measured = []
+    for r in cuts:
+        log.info("planning: scoring %d blocks cut at %.2f MB", r, want / 1e6)
+        measured.append(search.measure(r, score))
     best = min((c for c in measured if c.loss is not None), key=lambda c: c.loss)
     table = "; ".join(f"{c.remove} cut: loss {c.loss:.3f}" if c.loss is not None else f"{c.remove} cut: out of reach"
                       for c in measured)
     chosen = "every block kept" if not best.remove else f"{best.remove} blocks cut: {best.removed}"
     return _Depth(best.removed, [Decision(
-        "depth", chosen, f"next-token loss at {want / 1e6:.2f} MB after cut + allocation + rounding, before any "
-                         f"healing, on {sum(len(b['input_ids']) for b in score)} held-apart sequences: {table}",
+        "depth", chosen, f"next-token loss at {want / 1e6:.2f} MB after cut + allocation + GPTQ rounding "
+                         f"(on the {DEPTH_FIT} fit sequences), before any healing, on {sum(len(b['input_ids']) for b in score)} held-apart sequences: {table}",
         {"candidates": [c.summary() for c in measured], "influence_order": search.order,
          "shared_seconds": round(search.seconds, 1)})])
 

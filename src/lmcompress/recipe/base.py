@@ -32,6 +32,17 @@ ModelTask = Literal["causal-lm", "seq2seq-lm", "masked-lm", "sequence-classifica
 DataSection = Literal["corpus", "task", "seq2seq"]
 
 
+class TimeBudget(Strict):
+    """A wall-clock limit on the whole run (what `compress --budget 10m` plans to). Before each training stage
+    with `max_seconds` the runner rescales that stage's steps and time limit, and so every training stage
+    still to come, by one factor: the time the run has left, less `finish_seconds`, over the seconds those
+    stages were planned to take. A run ahead of its plan trains longer, one behind it shorter, and the stages
+    after training (export, scoring) still fit. A resumed run starts a new clock for what it has left."""
+
+    seconds: float = Field(gt=0, description="wall time of the run, from its first stage")
+    finish_seconds: float = Field(0.0, ge=0, description="what the stages after the last training stage take")
+
+
 class RecipeSettings(Strict):
     """The recipe's fields other than its stages: the teacher and the data every stage shares."""
 
@@ -46,6 +57,7 @@ class RecipeSettings(Strict):
     seq2seq: Seq2SeqSpec | None = None
     block_size: int = Field(256, gt=0, description="tokens per training/evaluation block")
     seed: int = 0
+    time_budget: TimeBudget | None = None
 
 
 @dataclass

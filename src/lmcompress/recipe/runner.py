@@ -28,9 +28,10 @@ from lmcompress import __version__
 from lmcompress.core.errors import OutputRefused
 from lmcompress.core.files import RUN_MARKER, check_output_folder, refuse_unsafe_folder, write_json_atomic
 from lmcompress.models.adapters import get_adapter
-from lmcompress.recipe.base import ModelFacts, Run, StageConfig
+from lmcompress.recipe.base import ModelFacts, Run, StageConfig, TimeBudget
 from lmcompress.recipe.schema import Recipe
 from lmcompress.recipe.stages.basic import ExportStage, LoadStage
+from lmcompress.recipe.stages.train import TrainingStage
 
 log = logging.getLogger(__name__)
 RUN_FOLDERS = ("checkpoints", "logs", "clean")  # what stages write inside the run folder
@@ -53,8 +54,12 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, resume: bool = False, overwr
     teacher = recipe.teacher or (type(model).__name__ if model is not None else None)
     run.report.meta.update({"recipe": recipe.name, "teacher": teacher, "status": "running"})
     current = stages[0]
+    clock = time.perf_counter()
     try:
         for i, stage in enumerate(stages):
+            if recipe.time_budget is not None and isinstance(stage, TrainingStage):
+                stages[i:] = _on_the_clock(stages[i:], run, recipe.time_budget, time.perf_counter() - clock)
+                stage = stages[i]
             current = stage
             log.info("stage %d/%d: %s", i + 1, len(stages), stage.label)
             started = time.perf_counter()
@@ -71,6 +76,23 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, resume: bool = False, overwr
         _finish(run, f"failed in stage {current.label}: {type(exc).__name__}")
         raise
     return run
+
+
+def _on_the_clock(stages: list[StageConfig], run: Run, budget: TimeBudget, elapsed: float) -> list[StageConfig]:
+    """`stages` (the first a training stage) with every time-limited training stage among them rescaled to
+    what the run has left (`TimeBudget`); the factor goes into the report."""
+    planned = sum(s.planned_seconds(run) or 0.0 for s in stages if isinstance(s, TrainingStage))
+    if planned <= 0:
+        return stages
+    left = budget.seconds - budget.finish_seconds - elapsed
+    factor = max(left, 0.0) / planned
+    if abs(factor - 1.0) < 0.02:
+        return stages
+    log.info("time budget: %.0f s left for %.0f s of planned training: training scaled by %.2f", left, planned, factor)
+    run.report.meta.setdefault("time_budget", []).append(
+        {"before": stages[0].label, "elapsed_seconds": round(elapsed, 1), "training_left_seconds": round(left, 1),
+         "planned_seconds": round(planned, 1), "factor": round(factor, 3)})
+    return [s.rescaled(factor) if isinstance(s, TrainingStage) and s.planned_seconds(run) else s for s in stages]
 
 
 def prepare_run_folder(out_dir: str | Path, name: str, resume: bool, overwrite: bool) -> Path:

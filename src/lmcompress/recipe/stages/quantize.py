@@ -77,6 +77,10 @@ class QuantizeStage(StageConfig, CalibrationSettings, QuantConfig):
                                                                "exported model.safetensors, header included")
     candidate_bits: list[int] = Field([2, 3, 4, 5, 6, 8], min_length=1,
                                       description="widths mixed precision chooses from, per module")
+    fisher_samples: int | None = Field(
+        None, gt=0, description="mixed precision: calibration sequences the Fisher pass reads (default: all of "
+                                "calibration_samples); it only ranks modules, and a backward pass a sequence "
+                                "costs ~3 forwards")
     float_dtype: Literal["fp32", "bf16"] = Field(
         "fp32", description="how the export stores the float tensors (norms, biases, unquantized ones): the "
                             "target counts them at this width")
@@ -170,6 +174,8 @@ class QuantizeStage(StageConfig, CalibrationSettings, QuantConfig):
         if budget < sizing.smallest_bytes - sizing.fixed - sizing.header:  # before the Fisher pass, not after it
             raise RecipeError(f"{self.label}: a {self.target_bytes(sizing.params) / 1e6:.2f} MB file is out of "
                               f"reach; every module at its narrowest candidate makes {sizing.smallest_bytes / 1e6:.2f} MB")
+        if self.fisher_samples is not None:
+            batches = _first_sequences(batches, self.fisher_samples)
         stats = collect_stats(student, sizing.modules, batches, fisher=True, activations=False, per_weight=True)
         return allocate_bits(sizing.weights, sizing.candidates, budget, stats.fisher_weights), sizing
 
@@ -184,6 +190,18 @@ class QuantizeStage(StageConfig, CalibrationSettings, QuantConfig):
                           f"file: {fixed / 1e6:.3f} MB of other tensors and at most {header / 1e3:.1f} kB of "
                           f"header)\n\n" + markdown_table(table))
         return allocation
+
+
+def _first_sequences(batches: list[dict[str, torch.Tensor]], count: int) -> list[dict[str, torch.Tensor]]:
+    """The batches' first `count` sequences (the last batch cut short if need be)."""
+    kept, left = [], count
+    for batch in batches:
+        if left <= 0:
+            break
+        n = int(batch["input_ids"].shape[0])
+        kept.append(batch if n <= left else {k: v[:left] for k, v in batch.items()})
+        left -= n
+    return kept
 
 
 @dataclass

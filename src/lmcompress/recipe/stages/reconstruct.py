@@ -29,6 +29,7 @@ from torch import nn
 
 from lmcompress.core.errors import RecipeError
 from lmcompress.distill.blockwise import reconstruct_blocks
+from lmcompress.models.adapters import get_adapter
 from lmcompress.quant.modules import TrainablePart, is_quantized, trainable_parameters
 from lmcompress.recipe.base import (
     CalibrationSettings,
@@ -56,6 +57,12 @@ class ReconstructStage(TrainingStage, CalibrationSettings):
 
     def needs(self) -> tuple[DataSection, ...]:
         return self.calibration_needs()
+
+    def planned_seconds(self, run: Run) -> float | None:
+        # steps and max_seconds are per block
+        if self.max_seconds is None:
+            return None
+        return self.max_seconds * get_adapter(run.require_student(self.label)).num_layers
 
     def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:
         self.check_calibration(self.label, facts, recipe)

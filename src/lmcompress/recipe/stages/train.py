@@ -72,6 +72,19 @@ from lmcompress.recipe.base import DataSection, ModelFacts, RecipeSettings, Run,
 class TrainingStage(StageConfig, TrainSettings):
     """Every stage that trains through `distill.trainer.train` takes the `TrainSettings` fields."""
 
+    def planned_seconds(self, run: Run) -> float | None:
+        """The wall time this stage was planned to train for (`max_seconds`), None when unlimited."""
+        return self.max_seconds
+
+    def rescaled(self, factor: float) -> TrainingStage:
+        """This stage with its steps and time limit scaled by `factor` (a run's time budget: `TimeBudget`)."""
+        update: dict[str, Any] = {"steps": max(1, round(self.steps * factor))}
+        if self.max_seconds is not None:
+            update["max_seconds"] = max(0.1, round(self.max_seconds * factor, 1))
+        if self.warmup_steps:
+            update["warmup_steps"] = min(max(1, round(self.warmup_steps * factor)), update["steps"])
+        return self.model_copy(update=update)
+
     def train_config(self, run: Run, run_name: str) -> TrainConfig:
         settings = self.model_dump(include=set(TrainSettings.model_fields))
         return TrainConfig(**settings, seed=run.recipe.seed, run_name=run_name)

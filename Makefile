@@ -27,8 +27,9 @@ setup: $(STAMP)
 assets: setup
 	$(RUN)lmcompress assets
 
+# The main job: plan, run and prove SmolLM2-135M 8x smaller within 10 minutes of this machine.
 demo: assets
-	$(RUN)lmcompress run recipes/demo.yaml --out runs/demo --overwrite
+	$(RUN)lmcompress compress smollm2-135m --to 8x --budget 10m --corpus sotu --out runs/demo --overwrite
 
 test: assets
 	$(RUN)pytest -q

@@ -50,7 +50,8 @@ def test_padding_is_neither_query_nor_negative():
     teacher_garbage[:, 5:] = torch.randn(2, 3, 32) * 100
     full = token_contrastive_loss(student[:, :5], teacher[:, :5], 0.1)
     padded = token_contrastive_loss(garbage, teacher_garbage, 0.1, attention_mask=mask)
-    assert padded == pytest.approx(full.item(), rel=1e-5)
+    # the loss is a small difference of log-sum-exps of values ~10 (temperature 0.1): float32 leaves ~1e-6 of it
+    assert padded == pytest.approx(full.item(), abs=1e-6)
 
 
 def test_bank_negatives_raise_the_loss():

@@ -14,6 +14,7 @@ from lmcompress.data.specs import CorpusSpec, TaskSpec
 from lmcompress.data.tasks import load_task
 from lmcompress.evaluate import perplexity
 from lmcompress.models import builtin, get_adapter, load_model
+from lmcompress.recipe import load_recipe
 
 pytestmark = [pytest.mark.integration, integration]
 
@@ -84,3 +85,19 @@ def test_demo_recipe_end_to_end_on_a_slice(tmp_path, capsys):
     assert get_adapter(reloaded).num_layers == 15
     assert exported["disk_mb"] == pytest.approx(pruned["size_mb"], rel=0.05)
     assert "| pruned |" in (out / "report.md").read_text()
+
+
+def test_compress_plans_the_demo_on_smollm2(tmp_path, capsys):
+    # `make demo`'s command, planned only: the measured decisions, and a recipe that aims at 8x of the fp32 file
+    out = tmp_path / "plan"
+    assert main(["compress", "smollm2-135m", "--to", "8x", "--budget", "10m", "--corpus", "sotu", "--plan-only",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("# lmcompress compress --to 8x --budget 10m\n")
+    assert sorted(p.name for p in out.iterdir()) == ["lmcompress-run.json", "plan.yaml"]
+    for decision in ("target: file <= 67.26 MB", "arithmetic:", "depth:", "precision:", "calibration:", "training:"):
+        assert f"# - {decision}" in printed
+    plan = load_recipe(out / "plan.yaml")
+    stages = {s.stage: s for s in plan.stages}
+    assert stages["quantize"].target_mb == pytest.approx(538.06 / 8, abs=0.01) and stages["quantize"].init == "gptq"
+    assert stages["verify"].file_mb == stages["quantize"].target_mb and 0 < plan.time_budget.seconds <= 600

@@ -14,6 +14,7 @@ from helpers import tiny_model, tiny_tokenizer, write_word_corpus
 from lmcompress import api
 from lmcompress.cli import main
 from lmcompress.core.errors import RecipeError
+from lmcompress.formats import size_report
 from lmcompress.infer import native
 from lmcompress.models.blocks import bf16_speedup
 from lmcompress.planner import parse_budget, parse_target, plan_compression
@@ -164,7 +165,7 @@ def test_a_time_budget_drops_awq_first_and_leaves_the_run_a_clock(model):
 
 def test_the_run_clock_rescales_every_training_stage_still_to_come(model):
     from lmcompress.recipe.base import Run, TimeBudget
-    from lmcompress.recipe.runner import _on_the_clock
+    from lmcompress.recipe.runner import _on_the_clock, _timed
 
     recipe = Recipe.parse({"corpus": {"name": "x.jsonl"}, "stages": [
         {"stage": "reconstruct", "steps": 10, "max_seconds": 2.0},
@@ -179,6 +180,14 @@ def test_the_run_clock_rescales_every_training_stage_still_to_come(model):
     assert run.report.meta["time_budget"][0]["factor"] == pytest.approx(2.0)
     late = _on_the_clock(list(recipe.stages), run, budget, elapsed=90.0)  # past the time: a step each, at once
     assert [s.steps for s in late[::2]] == [1, 1] and all(s.max_seconds == 0.1 for s in late[::2])
+    # a stage that began under the clock begins again, on resume, with the settings its checkpoints hold
+    first = list(recipe.stages)
+    assert _timed(first, 0, run, budget, elapsed=40.0).steps == 20
+    resumed = Run(recipe=recipe, out_dir=run.out_dir, resume=True)
+    resumed.student = model
+    again = list(recipe.stages)
+    assert _timed(again, 0, resumed, budget, elapsed=0.0).steps == 20  # not 40 - 0 - 20 = x3
+    assert _timed(again, 2, resumed, budget, elapsed=50.0).steps == 250  # not begun: the new clock, x(30 / 12)
 
 
 @pytest.fixture(scope="module")
@@ -230,11 +239,35 @@ def test_a_target_below_the_uncut_floor_plans_the_shallowest_cut_that_reaches_it
         measured_plan(model, words, "1kB")
 
 
-def test_speed_and_encoder_targets_are_refused_until_planned(model):
-    with pytest.raises(RecipeError, match="speed targets are not planned yet"):
-        plan(model, "3x-faster")
+def test_a_speed_target_becomes_the_file_size_whose_bytes_a_token_reads_give_it(model, monkeypatch):
+    from lmcompress.planner import plan as plan_module
+    from lmcompress.planner.speed import SpeedProbe
+
+    probe = SpeedProbe(fp32_tokens_per_s=10.0, probe_tokens_per_s=40.0, probe_bytes=400_000)
+    monkeypatch.setattr(plan_module, "probe_decode_speed", lambda m: probe)
+    p = plan(model, "2x-faster")
+    want = 400_000 * 40.0 / (2 * 10.0)  # 4x faster at 0.4 MB: 2x at twice the bytes
+    assert p.decisions[0].measured["target_bytes"] == int(want) and "4-bit copy 40.0 tok/s" in p.decisions[0].why
+    stages = {s["stage"]: s for s in p.recipe["stages"]}
+    assert stages["quantize"]["target_mb"] == pytest.approx(want / 1e6, abs=1e-3)
+    assert stages["verify"] == {"stage": "verify", "min_decode_speedup": 2.0}  # the speed is what is checked
+    assert probe.speedup_at(want) == pytest.approx(2.0)
+
+
+def test_the_decode_probe_times_the_fp32_model_and_a_4_bit_copy(model):
+    from lmcompress.planner.speed import probe_decode_speed
+
+    probe = probe_decode_speed(model)
+    assert probe.fp32_tokens_per_s > 0 and probe.probe_tokens_per_s > 0
+    fp32 = size_report(model, dtype="fp32")
+    assert 0 < probe.probe_bytes < (fp32["bytes"] + fp32["header_bytes"]) / 4  # 4-bit codes + bf16 rest
+
+
+def test_task_targets_and_plans_without_a_corpus_are_refused(model):
     with pytest.raises(RecipeError, match="--corpus"):
         plan_compression(model, parse_target("5x"), None, teacher="tiny")
+    with pytest.raises(RecipeError, match="--task / encoder models: the planner covers causal LMs"):
+        plan_compression(model, parse_target("5x"), None, teacher="tiny", task={"name": "fine-foods"})
 
 
 @pytest.fixture
@@ -282,6 +315,10 @@ def test_plan_only_writes_the_plan_and_trains_nothing_and_resume_runs_that_plan(
     assert verdict["ppl_ratio"] == pytest.approx(exported["perplexity"] / rows["teacher"]["perplexity"], rel=1e-3)
     assert (out / "stages.png").stat().st_size > 0 and "![stages on (file MB, perplexity)](stages.png)" in (
         out / "report.md").read_text()
+    # the export's card carries its own measurements too (scored after it was written), and still verifies
+    card = (out / "model" / "README.md").read_text()
+    assert "| exported | export |" in card and "| teacher | teacher |" in card
+    api.load(out / "model")
     # the written recipe re-runs to the same result
     again = tmp_path / "again"
     assert main(["run", str(out / "plan.yaml"), "--out", str(again)]) == 0

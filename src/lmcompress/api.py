@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,8 @@ def compress(model: str | Path | nn.Module, recipe: Recipe | str | Path | dict |
              target: str | None = None, budget: str | None = None, corpus: str | dict | None = None,
              block_size: int = 512, tokenizer: Any = None, out_dir: str | Path | None = None,
              overrides: list[str] | None = None,
-             resume: bool = False, overwrite: bool = False, plan_only: bool = False) -> CompressResult | Plan:
+             resume: bool = False, overwrite: bool = False, plan_only: bool = False,
+             on_plan: Callable[[Plan], None] | None = None) -> CompressResult | Plan:
     """Run `recipe` on `model` and return the compressed student; or, given `target` (and `budget`,
     `corpus`) instead of a recipe, plan one (`plan`), write it to `out_dir/plan.yaml` and run it.
 
@@ -72,12 +74,14 @@ def compress(model: str | Path | nn.Module, recipe: Recipe | str | Path | dict |
     `teacher:`), or a model object with its `tokenizer`. `recipe` is a `Recipe`, a mapping, or a YAML
     path (`overrides` are `--set`-style `key=value` strings for a YAML path). The report is written to
     `out_dir` (default `runs/<recipe name>`) after every stage. A planned run resumed (`resume`) runs the
-    plan already in its folder, not a new one; `plan_only` writes the plan and returns it.
+    plan already in its folder, not a new one; `plan_only` writes the plan and returns it; `on_plan` is
+    called with a new plan once it is written, before any stage runs.
     """
     if target is not None or plan_only:
         if recipe is not None or target is None or isinstance(model, nn.Module):
             raise RecipeError("compress: give a recipe, or a target (with a model name or folder) to plan one")
-        return _compress_to(str(model), target, budget, corpus, block_size, out_dir, resume, overwrite, plan_only)
+        return _compress_to(str(model), target, budget, corpus, block_size, out_dir, resume, overwrite, plan_only,
+                            on_plan)
     if recipe is None:
         raise RecipeError("compress: give a recipe, or a target to plan one (target='8x')")
     recipe = _as_recipe(recipe, overrides)
@@ -93,7 +97,8 @@ def compress(model: str | Path | nn.Module, recipe: Recipe | str | Path | dict |
 
 
 def _compress_to(model: str, target: str, budget: str | None, corpus: str | dict | None, block_size: int,
-                 out_dir: str | Path | None, resume: bool, overwrite: bool, plan_only: bool) -> CompressResult | Plan:
+                 out_dir: str | Path | None, resume: bool, overwrite: bool, plan_only: bool,
+                 on_plan: Callable[[Plan], None] | None = None) -> CompressResult | Plan:
     out = Path(out_dir) if out_dir is not None else None
     planned = None
     if resume and out is not None and (out / PLAN_FILE).is_file():
@@ -105,6 +110,8 @@ def _compress_to(model: str, target: str, budget: str | None, corpus: str | dict
         # the plan is in the folder before any stage runs; the runner then continues this prepared folder
         out = prepare_run_folder(out, recipe.name, resume=resume, overwrite=overwrite)
         write_text_atomic(out / PLAN_FILE, planned.yaml())
+        if on_plan is not None:
+            on_plan(planned)
         if plan_only:
             write_json_atomic(out / RUN_MARKER, {"lmcompress": __version__, "recipe": recipe.name,
                                                  "status": "planned (lmcompress compress --resume runs it)"})

@@ -67,15 +67,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     result = api.compress(args.model, target=args.to, budget=args.budget, corpus=args.corpus, out_dir=args.out,
                           block_size=args.block_size, resume=args.resume, overwrite=args.overwrite,
-                          plan_only=args.plan_only)
+                          plan_only=args.plan_only, on_plan=lambda plan: print(plan.yaml(), flush=True))
     if isinstance(result, api.Plan):
-        print(result.yaml())
         out = args.out or f"runs/{result.recipe['name']}"
         print(f"plan written to {out}/{api.PLAN_FILE}; run it with `lmcompress compress {args.model} --to {args.to} "
               f"--out {out} --resume`, or edit it and `lmcompress run {out}/{api.PLAN_FILE} --out {out} --resume`")
         return 0
-    if result.plan is not None:
-        print(result.plan.yaml())
     print((result.out_dir / "report.md").read_text())
     print(f"plan: {result.out_dir / api.PLAN_FILE}  report: {result.out_dir / 'report.md'}")
     return 0

@@ -15,7 +15,9 @@ from typing import Any
 import yaml
 
 from lmcompress import __version__
+from lmcompress.core.files import EXPORT_MARKER, sha256, write_json_atomic, write_text_atomic
 from lmcompress.core.yamlfile import YamlError, parse_yaml
+from lmcompress.formats.marker import is_export, read_marker
 from lmcompress.report.tables import markdown_table
 
 CARD = "README.md"
@@ -107,3 +109,19 @@ def _how_to_load(format_name: str) -> list[str]:
     if format_name == "factorized":
         return [*through_transformers, *lmcompress, "```"]
     return [*lmcompress, "```"]
+
+
+def refresh_card(folder: str | Path, facts: CardFacts) -> bool:
+    """Rewrite the card of the export `folder` with `facts` (a run's measurements of the export itself come
+    after it is written), and its entry in the folder's marker, so the export still verifies. False, and
+    nothing written, when `folder` is not an export folder with a card (a .gguf file, a hand-made folder)."""
+    folder = Path(folder)
+    if not (folder / CARD).is_file() or not is_export(folder):
+        return False
+    marker = read_marker(folder)
+    if CARD not in marker.get("files", {}):
+        return False
+    write_text_atomic(folder / CARD, model_card(folder.name, marker["format"], marker.get("size", {}), facts))
+    marker["files"][CARD] = {"bytes": (folder / CARD).stat().st_size, "sha256": sha256(folder / CARD)}
+    write_json_atomic(folder / EXPORT_MARKER, marker)
+    return True

@@ -7,10 +7,12 @@ teacher's blocks, and end-to-end distillation of the step sizes on the teacher's
 decision is a `Decision` with the measurement behind it; the plan is written as an ordinary recipe.
 
 Measured here: the model's fp32 and bf16 file sizes, the smallest file the quantizers reach (every module at
-its narrowest width), whether cutting some blocks first wins at this size (`depth.py`: candidates scored on
-held-apart calibration text; a target below the uncut floor needs a cut), and the seconds a token of teacher
-forward and of quantized-student training take on this machine (`costs.py`). Not yet planned: speed
-targets, task (encoder) targets and width pruning; those are refused with a one-line error or not tried.
+its narrowest width), for a speed target the decode speed of the fp32 model and of a 4-bit copy, which
+turns it into a size (`speed.py`), whether bf16 autocast is faster than fp32 on this CPU, whether cutting
+some blocks first wins at this size (`depth.py`: candidates scored on held-apart calibration text; a target
+below the uncut floor needs a cut), and the seconds a token of teacher forward, of quantized-student
+training and of the Fisher pass, and GPTQ's rounding, take on this machine (`costs.py`). Not yet planned:
+task (encoder) targets and width pruning; those are refused with a one-line error or not tried.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from lmcompress.models.adapters import get_adapter
 from lmcompress.models.blocks import bf16_speedup
 from lmcompress.planner.costs import TokenCosts, measure_token_costs
 from lmcompress.planner.depth import DepthSearch
+from lmcompress.planner.speed import probe_decode_speed
 from lmcompress.planner.targets import Budget, Target
 from lmcompress.quant import QuantConfig
 from lmcompress.quant.awq import GRID as AWQ_GRID
@@ -114,9 +117,6 @@ def plan_compression(model: nn.Module, target: Target, budget: Budget | None, *,
     measured already)."""
     started = time.perf_counter()
     adapter = get_adapter(model)
-    if not target.is_size:
-        raise RecipeError(f"--to {target.text}: speed targets are not planned yet; give a size (60MB), a ratio "
-                          "(8x) or bits per weight (4.5bpw)")
     if task is not None or not adapter.causal:
         raise RecipeError("--task / encoder models: the planner covers causal LMs on a corpus so far; run a "
                           "recipe (recipes/xtc-minilm.yaml) for an encoder")
@@ -126,18 +126,29 @@ def plan_compression(model: nn.Module, target: Target, budget: Budget | None, *,
     block_size = min(block_size, adapter.max_positions or block_size)
     fp32, half = size_report(model, dtype="fp32"), size_report(model, dtype="bf16")
     fp32_file, bf16_file = fp32["bytes"] + fp32["header_bytes"], half["bytes"] + half["header_bytes"]
-    want = target.file_bytes(fp32_file, fp32["params"])
-    decisions = [Decision("target", f"file <= {want / 1e6:.2f} MB",
-                          f"fp32 file {fp32_file / 1e6:.2f} MB, {fp32['params']:,} parameters",
-                          {"target_bytes": int(want), "fp32_bytes": int(fp32_file), "params": fp32["params"]})]
+    speed = None
+    if target.is_size:
+        want = target.file_bytes(fp32_file, fp32["params"])
+        why = f"fp32 file {fp32_file / 1e6:.2f} MB, {fp32['params']:,} parameters"
+    else:
+        log.info("planning: timing decode of the fp32 model and of a 4-bit copy")
+        speed = probe_decode_speed(model)
+        want = speed.bytes_for(target.value)
+        why = (f"decode measured here: fp32 {speed.fp32_tokens_per_s:.1f} tok/s, a {speed.probe_bytes / 1e6:.1f} MB "
+               f"4-bit copy {speed.probe_tokens_per_s:.1f} tok/s through the integer kernels; by bytes read a "
+               f"token, {target.value:g}x fp32's speed is a file of {want / 1e6:.2f} MB")
+    decisions = [Decision("target", f"file <= {want / 1e6:.2f} MB", why,
+                          {"target_bytes": int(want), "fp32_bytes": int(fp32_file), "params": fp32["params"],
+                           **(speed.summary() if speed else {})})]
     recipe: dict[str, Any] = {"name": name or f"compress-{_slug(target.text)}", "teacher": teacher,
                               "corpus": corpus, "block_size": block_size, "seed": 0,
                               "stages": [{"stage": "load"}, _evaluate("teacher", "teacher", speed=True)]}
     calibration = _calibration(recipe, tokenizer, block_size) if tokenizer is not None else None
     # the proof, whatever the plan: the export as a user loads it, scored and timed, against the target
-    proof = [{"stage": "export", "dtype": "bf16"}, _evaluate("exported", "export", speed=True),
-             {"stage": "verify", "file_mb": round(want / 1e6, 3)}]
-    if want >= bf16_file:
+    verify = {"stage": "verify", "file_mb": round(want / 1e6, 3)} if speed is None else {
+        "stage": "verify", "min_decode_speedup": target.value}
+    proof = [{"stage": "export", "dtype": "bf16"}, _evaluate("exported", "export", speed=True), verify]
+    if want >= bf16_file and speed is None:  # (a bf16 file through transformers is no faster at decoding)
         decisions.append(Decision("precision", "bf16, no quantization",
                                   f"the bf16 file, {bf16_file / 1e6:.2f} MB, already fits"))
         recipe["stages"] += proof
@@ -160,7 +171,7 @@ def plan_compression(model: nn.Module, target: Target, budget: Budget | None, *,
     depth = _choose_depth(model, quant, want, floor, target, measured, bf16, unmeasured=affordable)
     decisions += depth.decisions
     decisions.append(Decision("precision", f"mixed {min(MIXED['candidate_bits'])}-{max(MIXED['candidate_bits'])} "
-                              f"bits per module to {want / 1e6:.2f} MB, Fisher-allocated; AWQ + GPTQ rounding",
+                              f"bits per module to {want / 1e6:.2f} MB, Fisher-allocated; GPTQ rounding",
                               f"bf16 is {bf16_file / 1e6:.2f} MB; the narrowest allocation {floor / 1e6:.2f} MB "
                               "with every block", {"bf16_bytes": int(bf16_file), "smallest_bytes": int(floor)}))
     spent = time.perf_counter() - started  # planning is part of a time budget

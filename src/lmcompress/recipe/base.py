@@ -37,7 +37,8 @@ class TimeBudget(Strict):
     with `max_seconds` the runner rescales that stage's steps and time limit, and so every training stage
     still to come, by one factor: the time the run has left, less `finish_seconds`, over the seconds those
     stages were planned to take. A run ahead of its plan trains longer, one behind it shorter, and the stages
-    after training (export, scoring) still fit. A resumed run starts a new clock for what it has left."""
+    after training (export, scoring) still fit. A resumed run starts a new clock for what it has left; a
+    stage that had begun keeps the settings it began with (`time-budget.json` in the run folder)."""
 
     seconds: float = Field(gt=0, description="wall time of the run, from its first stage")
     finish_seconds: float = Field(0.0, ge=0, description="what the stages after the last training stage take")

@@ -25,16 +25,18 @@ import torch
 from torch import nn
 
 from lmcompress import __version__
-from lmcompress.core.errors import OutputRefused
+from lmcompress.core.errors import OutputRefused, RecipeError
 from lmcompress.core.files import RUN_MARKER, check_output_folder, refuse_unsafe_folder, write_json_atomic
+from lmcompress.formats.card import refresh_card
 from lmcompress.models.adapters import get_adapter
 from lmcompress.recipe.base import ModelFacts, Run, StageConfig, TimeBudget
 from lmcompress.recipe.schema import Recipe
-from lmcompress.recipe.stages.basic import ExportStage, LoadStage
+from lmcompress.recipe.stages.basic import ExportStage, LoadStage, card_facts
 from lmcompress.recipe.stages.train import TrainingStage
 
 log = logging.getLogger(__name__)
 RUN_FOLDERS = ("checkpoints", "logs", "clean")  # what stages write inside the run folder
+TIMED_STAGES_FILE = "time-budget.json"  # the settings each training stage began with under a time budget
 
 
 def run_recipe(recipe: Recipe, out_dir: str | Path, resume: bool = False, overwrite: bool = False,
@@ -58,8 +60,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, resume: bool = False, overwr
     try:
         for i, stage in enumerate(stages):
             if recipe.time_budget is not None and isinstance(stage, TrainingStage):
-                stages[i:] = _on_the_clock(stages[i:], run, recipe.time_budget, time.perf_counter() - clock)
-                stage = stages[i]
+                stage = _timed(stages, i, run, recipe.time_budget, time.perf_counter() - clock)
             current = stage
             log.info("stage %d/%d: %s", i + 1, len(stages), stage.label)
             started = time.perf_counter()
@@ -76,6 +77,26 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, resume: bool = False, overwr
         _finish(run, f"failed in stage {current.label}: {type(exc).__name__}")
         raise
     return run
+
+
+def _timed(stages: list[StageConfig], i: int, run: Run, budget: TimeBudget, elapsed: float) -> StageConfig:
+    """Training stage `i` as the run's time budget sets it (`_on_the_clock`, in place on `stages[i:]`). The
+    settings it starts with are kept in the run folder: a resumed run gives a stage that had begun the same
+    ones, since its checkpoints were made with them, and rescales only the stages still to begin."""
+    record = run.out_dir / TIMED_STAGES_FILE
+    begun: dict = {}
+    if run.resume and record.is_file():
+        try:
+            begun = json.loads(record.read_text())
+        except ValueError as exc:
+            raise RecipeError(f"{record}: not the JSON this run wrote ({exc}); remove it to rescale afresh") from exc
+    if str(i) in begun:
+        stages[i] = stages[i].model_copy(update=begun[str(i)])
+        return stages[i]
+    stages[i:] = _on_the_clock(stages[i:], run, budget, elapsed)
+    begun[str(i)] = {k: getattr(stages[i], k) for k in ("steps", "max_seconds", "warmup_steps")}
+    write_json_atomic(record, begun)
+    return stages[i]
 
 
 def _on_the_clock(stages: list[StageConfig], run: Run, budget: TimeBudget, elapsed: float) -> list[StageConfig]:
@@ -180,5 +201,8 @@ def _finish(run: Run, status: str) -> None:
     run.report.meta["status"] = status
     run.report.meta["peak_rss_mb"] = _peak_rss_mb()
     run.save_report()
+    if status == "complete" and run.last_export is not None:
+        # the card was written with the rows before the export; the export's own score and speed came after
+        refresh_card(run.last_export[0], card_facts(run))
     write_json_atomic(run.out_dir / RUN_MARKER, {"lmcompress": __version__, "recipe": run.recipe.name,
                                                  "status": status})

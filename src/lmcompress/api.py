@@ -25,7 +25,7 @@ from torch import nn
 from lmcompress import __version__, formats
 from lmcompress.core.errors import RecipeError
 from lmcompress.core.files import RUN_MARKER, write_json_atomic, write_text_atomic
-from lmcompress.planner import Plan, parse_budget, parse_target, plan_compression
+from lmcompress.planner import Plan, parse_budget, parse_target, plan_compression, plan_task_compression
 from lmcompress.quant import QuantConfig, quantize_
 from lmcompress.recipe import Recipe, Run, load_recipe, run_recipe
 from lmcompress.recipe.runner import prepare_run_folder
@@ -48,14 +48,20 @@ PLAN_FILE = "plan.yaml"
 
 
 def plan(model: str | Path, target: str, budget: str | None = None, *, corpus: str | dict | None = None,
-         block_size: int = 512) -> Plan:
+         task: str | dict | None = None, block_size: int = 512) -> Plan:
     """The recipe `compress(model, target=..., budget=...)` would run, and why (nothing is trained).
 
     `target`: `60MB`, `8x` (fp32 file / 8), `4.5bpw`; `budget`: wall time (`10m`) or training tokens
     (`1Mtok`), measured against this machine; `corpus`: a corpus name, file or hub id (or a recipe's
-    `corpus:` mapping) to calibrate and distil on."""
+    `corpus:` mapping) to calibrate and distil a decoder on; `task`: a labelled task (`fine-foods`, a file,
+    `glue/<task>`, or a recipe's `task:` mapping) to fine-tune an encoder on and distil it for."""
     wanted, allowed = parse_target(target), parse_budget(budget) if budget is not None else None
     loaded, tokenizer = formats.load_model(model)
+    if task is not None:
+        if corpus is not None:
+            raise RecipeError("compress: --corpus plans a language model, --task an encoder's classifier; give one")
+        return plan_task_compression(loaded, wanted, allowed, teacher=str(model),
+                                     task={"name": task} if isinstance(task, str) else task, tokenizer=tokenizer)
     data = {"name": corpus} if isinstance(corpus, str) else corpus
     return plan_compression(loaded, wanted, allowed, teacher=str(model), corpus=data, block_size=block_size,
                             tokenizer=tokenizer)
@@ -63,12 +69,12 @@ def plan(model: str | Path, target: str, budget: str | None = None, *, corpus: s
 
 def compress(model: str | Path | nn.Module, recipe: Recipe | str | Path | dict | None = None, *,
              target: str | None = None, budget: str | None = None, corpus: str | dict | None = None,
-             block_size: int = 512, tokenizer: Any = None, out_dir: str | Path | None = None,
+             task: str | dict | None = None, block_size: int = 512, tokenizer: Any = None, out_dir: str | Path | None = None,
              overrides: list[str] | None = None,
              resume: bool = False, overwrite: bool = False, plan_only: bool = False,
              on_plan: Callable[[Plan], None] | None = None) -> CompressResult | Plan:
     """Run `recipe` on `model` and return the compressed student; or, given `target` (and `budget`,
-    `corpus`) instead of a recipe, plan one (`plan`), write it to `out_dir/plan.yaml` and run it.
+    `corpus` or `task`) instead of a recipe, plan one (`plan`), write it to `out_dir/plan.yaml` and run it.
 
     `model` is what `load` takes (built-in name, folder, .gguf file, hub id; it replaces the recipe's
     `teacher:`), or a model object with its `tokenizer`. `recipe` is a `Recipe`, a mapping, or a YAML
@@ -80,8 +86,8 @@ def compress(model: str | Path | nn.Module, recipe: Recipe | str | Path | dict |
     if target is not None or plan_only:
         if recipe is not None or target is None or isinstance(model, nn.Module):
             raise RecipeError("compress: give a recipe, or a target (with a model name or folder) to plan one")
-        return _compress_to(str(model), target, budget, corpus, block_size, out_dir, resume, overwrite, plan_only,
-                            on_plan)
+        return _compress_to(str(model), target, budget, corpus, task, block_size, out_dir, resume, overwrite,
+                            plan_only, on_plan)
     if recipe is None:
         raise RecipeError("compress: give a recipe, or a target to plan one (target='8x')")
     recipe = _as_recipe(recipe, overrides)
@@ -96,7 +102,8 @@ def compress(model: str | Path | nn.Module, recipe: Recipe | str | Path | dict |
                           tokenizer=run.tokenizer, report=run.report, out_dir=run.out_dir, run=run)
 
 
-def _compress_to(model: str, target: str, budget: str | None, corpus: str | dict | None, block_size: int,
+def _compress_to(model: str, target: str, budget: str | None, corpus: str | dict | None, task: str | dict | None,
+                 block_size: int,
                  out_dir: str | Path | None, resume: bool, overwrite: bool, plan_only: bool,
                  on_plan: Callable[[Plan], None] | None = None) -> CompressResult | Plan:
     out = Path(out_dir) if out_dir is not None else None
@@ -104,7 +111,7 @@ def _compress_to(model: str, target: str, budget: str | None, corpus: str | dict
     if resume and out is not None and (out / PLAN_FILE).is_file():
         recipe = load_recipe(out / PLAN_FILE)  # the plan the interrupted run followed: its checkpoints fit it
     else:
-        planned = plan(model, target, budget, corpus=corpus, block_size=block_size)
+        planned = plan(model, target, budget, corpus=corpus, task=task, block_size=block_size)
         recipe = Recipe.parse(planned.recipe)
         out = out or Path("runs") / recipe.name
         # the plan is in the folder before any stage runs; the runner then continues this prepared folder

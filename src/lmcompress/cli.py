@@ -65,7 +65,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     from lmcompress import api
 
-    result = api.compress(args.model, target=args.to, budget=args.budget, corpus=args.corpus, out_dir=args.out,
+    result = api.compress(args.model, target=args.to, budget=args.budget, corpus=args.corpus, task=args.task,
+                          out_dir=args.out,
                           block_size=args.block_size, resume=args.resume, overwrite=args.overwrite,
                           plan_only=args.plan_only, on_plan=lambda plan: print(plan.yaml(), flush=True))
     if isinstance(result, api.Plan):
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", metavar="TIME|TOKENS",
                    help="wall time on this machine (10m, 1h30m) or training tokens (1Mtok); none: PTQ only")
     p.add_argument("--corpus", help="text to calibrate and distil on: sotu, a local file or folder, a hub data set")
+    p.add_argument("--task", help="an encoder's labelled task to fine-tune and distil on: fine-foods, a local "
+                                  "csv/jsonl, glue/<task> (instead of --corpus)")
     p.add_argument("--block-size", type=int, default=512,
                    help="tokens per calibration and training sequence (at most the model's context)")
     p.add_argument("--out", help="output folder (default: runs/compress-<target>)")

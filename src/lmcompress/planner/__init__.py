@@ -9,5 +9,7 @@ recipe, with every decision and the measurement behind it.
 
 from lmcompress.planner.plan import Decision, Plan, plan_compression
 from lmcompress.planner.targets import Budget, Target, parse_budget, parse_target
+from lmcompress.planner.task import plan_task_compression
 
-__all__ = ["Budget", "Decision", "Plan", "Target", "parse_budget", "parse_target", "plan_compression"]
+__all__ = ["Budget", "Decision", "Plan", "Target", "parse_budget", "parse_target", "plan_compression",
+           "plan_task_compression"]

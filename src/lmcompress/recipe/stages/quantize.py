@@ -160,12 +160,26 @@ class QuantizeStage(StageConfig, CalibrationSettings, QuantConfig):
                 raise RecipeError(f"{self.label}.candidate_bits: none of {self.candidate_bits} fits {name}'s "
                                   f"{rule.spec.label} weights")
             candidates[name] = widths
-        full = size_report(student, dtype=self.float_dtype)
-        per_float = 4 if self.float_dtype == "fp32" else 2
-        fixed = full["bytes"] - sum(w.numel() for w in weights.values()) * per_float
+        fixed, params = self._unquantized_bytes(student, weights)
         # The file's header, with every module at its widest candidate (the most digits any choice writes).
         header = packed_header_bytes(student, {n: widths[-1] for n, widths in candidates.items()}, self.float_dtype)
-        return MixedSizing(modules, weights, candidates, fixed, header, full["params"])
+        return MixedSizing(modules, weights, candidates, fixed, header, params)
+
+    def uniform_bytes(self, student: nn.Module) -> int:
+        """The exported file of `student` quantized by this stage's rules as written (no allocation), header
+        included: what a plan compares candidate widths by before quantizing anything."""
+        plan = plan_quantization(student, self, field=self.label)
+        specs = {name: rule.spec for name, (_, rule) in plan.items()}
+        weights = {name: weight_rows(module) for name, (module, _) in plan.items()}
+        fixed, _ = self._unquantized_bytes(student, weights)
+        return (fixed + packed_header_bytes(student, specs, self.float_dtype)
+                + sum(spec_bytes(specs[n], (int(w.shape[0]), int(w.shape[1]))) for n, w in weights.items()))
+
+    def _unquantized_bytes(self, student: nn.Module, weights: dict[str, torch.Tensor]) -> tuple[int, int]:
+        """(bytes of every tensor but the quantized `weights`, at float_dtype; the model's parameter count)."""
+        full = size_report(student, dtype=self.float_dtype)
+        per_float = 4 if self.float_dtype == "fp32" else 2
+        return full["bytes"] - sum(w.numel() for w in weights.values()) * per_float, full["params"]
 
     def allocation(self, student: nn.Module, batches) -> tuple[Allocation, MixedSizing]:
         """Widths per module for the target size, from the diagonal Fisher on the calibration batches."""

@@ -140,6 +140,23 @@ def tiny_tokenizer():
                                                 eos_token="</s>", unk_token="<unk>")
 
 
+def bpe_tokenizer(vocab: int = 320):
+    """A tiny byte-level BPE tokenizer (GPT-2 / SmolLM style, what GGUF export writes) trained on a few
+    sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts = ["The quick brown fox jumps over the lazy dog.", "State of the Union addresses, 1790 to 2016.",
+             "Compression makes models small and fast with two-bit or ternary weights."] * 10
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+
+
 def write_word_corpus(path: Path, documents: int = 40, words: int = 120, seed: int = 0) -> Path:
     """A .jsonl corpus of `documents` random-word texts over WORDS (one `text` per line)."""
     import json

@@ -3,7 +3,7 @@ and load lines that work."""
 
 import pytest
 import yaml
-from helpers import integration, tiny_model, tiny_tokenizer, write_word_corpus
+from helpers import bpe_tokenizer, integration, tiny_model, tiny_tokenizer, write_word_corpus
 
 import lmcompress as lc
 from lmcompress.formats.card import teacher_card_facts
@@ -63,3 +63,18 @@ def test_a_builtin_teacher_names_its_origin(tmp_path):
     result = lc.compress("smollm2-135m", recipe, out_dir=tmp_path / "run")
     meta = front_matter((result.out_dir / "model" / "README.md").read_text())
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["license"] == "apache-2.0"
+
+
+def test_every_export_card_is_refreshed_with_the_rows_measured_after_it(tmp_path):
+    # the planner's proof: the packed export, its scoring, then the same student as GGUF for llama.cpp
+    corpus = write_word_corpus(tmp_path / "corpus.jsonl", documents=60, words=60)
+    scored = {"stage": "evaluate", "model": "export", "metrics": ["perplexity", "size"], "max_tokens": 128}
+    recipe = {"name": "two-exports", "corpus": {"name": str(corpus), "test_fraction": 0.2}, "block_size": 32, "stages": [
+        {"stage": "load"}, {"stage": "quantize", "bits": 4, "group_size": 32}, {"stage": "export"},
+        {**scored, "name": "exported"}, {"stage": "export", "format": "gguf"}, {**scored, "name": "exported-gguf"}]}
+    out = tmp_path / "run"
+    lc.compress(tiny_model("llama", vocab_size=320), recipe, tokenizer=bpe_tokenizer(320), out_dir=out)
+    card = (out / "model" / "README.md").read_text()
+    assert "| exported | export |" in card and "| exported-gguf | export |" in card
+    lc.load(out / "model")  # the rewritten card still verifies against the export's marker
+    assert (out / "model.gguf").is_file()

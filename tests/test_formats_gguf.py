@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import integration, tiny_model
+from helpers import bpe_tokenizer, integration, tiny_model
 from test_infer_kernels import random_weight
 
 from lmcompress.core.errors import LmcompressError, UnsupportedArchitectureError
@@ -27,19 +27,7 @@ TOLERANCE = 0.01  # max |logits difference| / std(logits)
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """A tiny byte-level BPE tokenizer (GPT-2 / SmolLM style) trained on a few sentences."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    texts = ["The quick brown fox jumps over the lazy dog.", "State of the Union addresses, 1790 to 2016.",
-             "Compression makes models small and fast with two-bit or ternary weights."] * 10
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                unk_token="<unk>")
+    return bpe_tokenizer(VOCAB)
 
 
 def fp16_scales(weight: IntWeight) -> IntWeight:

@@ -207,26 +207,34 @@ def _pre_tokenizer_name(tokenizer) -> str:
     return _PRE_BY_HASH.get(hashlib.sha256(str(ids).encode()).hexdigest(), "default")
 
 
-def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
-    """Vocabulary, token types (scores, merges) and special ids, as convert_hf_to_gguf writes them for the
-    three tokenizer kinds llama.cpp reads: byte-level BPE ("gpt2": GPT-2, Llama 3, SmolLM, Qwen),
-    SentencePiece-style BPE with byte fallback ("llama": Llama 2, Mistral, Phi-3) and Unigram ("t5")."""
-    gguf = _gguf()
+def gguf_tokenizer_model(tokenizer) -> str:
+    """llama.cpp's name for `tokenizer`'s kind, one of the three it reads: byte-level BPE ("gpt2": GPT-2,
+    Llama 3, SmolLM, Qwen), SentencePiece-style BPE with byte fallback ("llama": Llama 2, Mistral, Phi-3) and
+    Unigram ("t5"). UnsupportedArchitectureError for any other."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}
     model_spec = spec.get("model") or {}
     tokenizer_kind = model_spec.get("type")
     decoder = (spec.get("decoder") or {}).get("type")
     if tokenizer_kind == "BPE" and decoder == "ByteLevel":
-        ggml_model = "gpt2"
-    elif tokenizer_kind == "BPE" and model_spec.get("byte_fallback"):
-        ggml_model = "llama"
-    elif tokenizer_kind == "Unigram":
-        ggml_model = "t5"
-    else:
-        raise UnsupportedArchitectureError(
-            f"GGUF export writes byte-level BPE, SentencePiece-style BPE with byte fallback and Unigram "
-            f"tokenizers; this one is {tokenizer_kind or type(tokenizer).__name__} with decoder {decoder}")
+        return "gpt2"
+    if tokenizer_kind == "BPE" and model_spec.get("byte_fallback"):
+        return "llama"
+    if tokenizer_kind == "Unigram":
+        return "t5"
+    raise UnsupportedArchitectureError(
+        f"GGUF export writes byte-level BPE, SentencePiece-style BPE with byte fallback and Unigram "
+        f"tokenizers; this one is {tokenizer_kind or type(tokenizer).__name__} with decoder {decoder}")
+
+
+def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+    """Vocabulary, token types (scores, merges) and special ids, as convert_hf_to_gguf writes them for the
+    tokenizer kinds llama.cpp reads (`gguf_tokenizer_model`)."""
+    gguf = _gguf()
+    ggml_model = gguf_tokenizer_model(tokenizer)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    model_spec = spec.get("model") or {}
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
         raise LmcompressError(f"tokenizer has ids up to {max(vocab.values())} but the model's vocab_size is "

@@ -25,9 +25,12 @@ from typing import Any
 import yaml
 from torch import nn
 
-from lmcompress.core.errors import RecipeError
+from lmcompress.core.errors import LmcompressError, RecipeError
 from lmcompress.data.cache import DataCache
+from lmcompress.evaluate.llamacpp import HOW as LLAMA_CPP_HOW
+from lmcompress.evaluate.llamacpp import find_llama_bench
 from lmcompress.formats import size_report
+from lmcompress.formats.gguf import gguf_tokenizer_model
 from lmcompress.models.adapters import get_adapter
 from lmcompress.models.blocks import bf16_speedup
 from lmcompress.planner.costs import TokenCosts, measure_token_costs
@@ -62,6 +65,7 @@ EXPORT_SECONDS_PER_PARAM = 7.5e-8  # packing and writing the export and loading 
 GPTQ_ROUNDING_FACTOR = 3.7
 EXPORT_SCORING_FACTOR = 2.0
 BUDGET_RESERVE = 0.05  # of a time budget, left for the estimates' error
+LLAMA_BENCH_SECONDS = 60.0  # llama-bench's two timed runs of a small model, twice each, with its loading
 RECON_BATCH = 8  # calibration sequences a reconstruction step reads (the stage's calibration_batch_size)
 RECON_STEPS_MAX = 200  # per block; EfficientQAT's Block-AP uses a few hundred, our 67 MB rows 96
 E2E_BATCH, E2E_ACCUM = 4, 2
@@ -148,11 +152,13 @@ def plan_compression(model: nn.Module, target: Target, budget: Budget | None, *,
     verify = {"stage": "verify", "file_mb": round(want / 1e6, 3)} if speed is None else {
         "stage": "verify", "min_decode_speedup": target.value}
     proof = [{"stage": "export", "dtype": "bf16"}, _evaluate("exported", "export", speed=True), verify]
+    gguf = _llama_cpp_proof(model, tokenizer)  # its decision goes last, after the ones that shape the model
+    proof += gguf.stages
     if want >= bf16_file and speed is None:  # (a bf16 file through transformers is no faster at decoding)
         decisions.append(Decision("precision", "bf16, no quantization",
                                   f"the bf16 file, {bf16_file / 1e6:.2f} MB, already fits"))
         recipe["stages"] += proof
-        return Plan(target, budget, recipe, decisions)
+        return Plan(target, budget, recipe, [*decisions, gguf.decision])
 
     speedup = bf16_speedup()
     bf16 = speedup > 1.0
@@ -182,7 +188,7 @@ def plan_compression(model: nn.Module, target: Target, budget: Budget | None, *,
             f"the target leaves {bits:.1f} bits a weight (>= {NEAR_LOSSLESS_BITS}): PTQ alone is near lossless there")])
     else:
         split = _split_budget(budget, costs, adapter.num_layers, block_size, spent, reconstruct=not depth.removed,
-                              params=fp32["params"])
+                              params=fp32["params"], llama_cpp=bool(gguf.stages))
     decisions += split.decisions
     stages = recipe["stages"]
     if depth.removed:
@@ -214,7 +220,35 @@ def plan_compression(model: nn.Module, target: Target, budget: Budget | None, *,
     if split.finish_seconds is not None:
         recipe["time_budget"] = {"seconds": round((1 - BUDGET_RESERVE) * budget.value - spent, 1),
                                  "finish_seconds": round(split.finish_seconds, 1)}
-    return Plan(target, budget, recipe, decisions, split.seconds)
+    return Plan(target, budget, recipe, [*decisions, gguf.decision], split.seconds)
+
+
+@dataclass
+class _GGUFProof:
+    stages: list[dict]
+    decision: Decision
+
+
+def _llama_cpp_proof(model: nn.Module, tokenizer: Any) -> _GGUFProof:
+    """The export also written as GGUF and timed by llama.cpp (`llama-bench`), where the model and its tokenizer
+    have a GGUF form and the tool is found; else nothing, and the decision says why."""
+    why = None
+    try:
+        if get_adapter(model).gguf_architecture is None:
+            why = "this architecture has no GGUF export"
+        elif tokenizer is not None:
+            gguf_tokenizer_model(tokenizer)
+    except LmcompressError as exc:  # a LLaMA-layout model type llama.cpp computes differently; a tokenizer kind
+        why = f"no GGUF export: {exc}"
+    if why:
+        return _GGUFProof([], Decision("llama.cpp", "not timed", why))
+    tool = find_llama_bench()
+    if tool is None:
+        return _GGUFProof([], Decision("llama.cpp", "not timed", f"llama-bench not found: {LLAMA_CPP_HOW}"))
+    stages = [{"stage": "export", "format": "gguf", "dtype": "bf16"},
+              {"stage": "evaluate", "name": "exported-gguf", "model": "export", "metrics": ["size", "speed"]}]
+    return _GGUFProof(stages, Decision("llama.cpp", "the export also written as GGUF and timed by llama-bench",
+                                       f"found {tool}", {"llama_bench": str(tool)}))
 
 
 @dataclass
@@ -231,7 +265,7 @@ class _Split:
 
 
 def _split_budget(budget: Budget | None, costs: TokenCosts | None, layers: int, block: int, spent: float = 0.0,
-                  reconstruct: bool = True, params: int = 0) -> _Split:
+                  reconstruct: bool = True, params: int = 0, llama_cpp: bool = False) -> _Split:
     """Calibration samples, reconstruction steps per block and end-to-end steps that fit the budget (`spent`:
     seconds the planning took; `reconstruct`: whether blocks pair with the teacher's, i.e. none were cut)."""
     recon_tokens = RECON_BATCH * block  # a reconstruction step: one batch through one block
@@ -254,6 +288,8 @@ def _split_budget(budget: Budget | None, costs: TokenCosts | None, layers: int, 
     evaluation = EVAL_TOKENS * costs.teacher_forward  # one scoring row
     speed = SPEED_FORWARDS * forward + DECODED_TOKENS * 4 * params / DECODE_BYTES_PER_S
     finish = EXPORT_SECONDS_PER_PARAM * params + EXPORT_SCORING_FACTOR * evaluation + speed  # export, score, speed
+    if llama_cpp:  # the GGUF written (as the export) and llama-bench's runs
+        finish += EXPORT_SECONDS_PER_PARAM * params + LLAMA_BENCH_SECONDS
     fixed = evaluation + speed + finish  # the teacher's row (with speed), and the finish
     available = (1 - BUDGET_RESERVE) * budget.value - spent
     options = [(samples, awq, _ptq_seconds(samples, awq, block, costs)) for samples, awq in PTQ_SETTINGS]

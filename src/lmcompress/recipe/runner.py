@@ -201,8 +201,10 @@ def _finish(run: Run, status: str) -> None:
     run.report.meta["status"] = status
     run.report.meta["peak_rss_mb"] = _peak_rss_mb()
     run.save_report()
-    if status == "complete" and run.last_export is not None:
-        # the card was written with the rows before the export; the export's own score and speed came after
-        refresh_card(run.last_export[0], card_facts(run))
+    if status == "complete":
+        # each card was written with the rows before its export; the exports' own scores and speeds came after
+        for stage in run.recipe.stages:
+            if isinstance(stage, ExportStage):
+                refresh_card(stage.target(run.out_dir), card_facts(run))
     write_json_atomic(run.out_dir / RUN_MARKER, {"lmcompress": __version__, "recipe": run.recipe.name,
                                                  "status": status})

@@ -20,6 +20,8 @@ from lmcompress.evaluate import (
     perplexity,
     prefill_speed,
 )
+from lmcompress.evaluate.llamacpp import HOW as LLAMA_CPP_HOW
+from lmcompress.evaluate.llamacpp import find_llama_bench, llama_bench
 from lmcompress.formats import export_model, load_inference, load_model, size_report
 from lmcompress.formats.card import CardFacts, teacher_card_facts
 from lmcompress.infer import attach, resident_bytes, to_inference
@@ -233,12 +235,22 @@ class EvaluateStage(StageConfig):
                        bits_per_param=round(size["bits_per_param"], 3),
                        compression_ratio=round(size.get("compression_ratio", 1.0), 3))
         if "speed" in metrics:
-            ids = run.token_stream(self.split)[: 2 * window].view(2, window)
-            deployed = _deployed(model)
-            row["prefill_tokens_per_s"] = round(prefill_speed(deployed, ids), 1)
-            row["decode_tokens_per_s"] = round(decode_speed(deployed, ids[:1, :32]), 1)
-            row["speed_path"] = "lean" if isinstance(deployed.__dict__.get("generate"), LeanGenerate) else "transformers"
+            row.update(self._speed(run, model, window))
         run.report.add(**row)
+
+    def _speed(self, run: Run, model: nn.Module, window: int) -> dict[str, Any]:
+        """Prefill and decode tokens/s through the model's best runtime here: llama.cpp for a GGUF export
+        (llama-bench, where it is found), else our inference form (lean decoding where it runs)."""
+        gguf = self.model == "export" and run.last_export[1] == "gguf"
+        tool = find_llama_bench() if gguf else None
+        if tool is not None:
+            return {**llama_bench(run.last_export[0], tool, prompt=window), "speed_path": "llama.cpp"}
+        ids = run.token_stream(self.split)[: 2 * window].view(2, window)
+        deployed = _deployed(model)
+        path = "lean" if isinstance(deployed.__dict__.get("generate"), LeanGenerate) else "transformers"
+        return {"prefill_tokens_per_s": round(prefill_speed(deployed, ids), 1),
+                "decode_tokens_per_s": round(decode_speed(deployed, ids[:1, :32]), 1),
+                "speed_path": f"{path} (the GGUF dequantized: llama-bench not found; {LLAMA_CPP_HOW})" if gguf else path}
 
 
 @register_stage

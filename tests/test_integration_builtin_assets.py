@@ -97,7 +97,7 @@ def test_compress_plans_the_demo_on_smollm2(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith("# lmcompress compress --to 8x --budget 10m\n")
     assert sorted(p.name for p in out.iterdir()) == ["lmcompress-run.json", "plan.yaml"]
-    for decision in ("target: file <= 67.26 MB", "arithmetic:", "depth:", "precision:", "calibration:", "training:"):
+    for decision in ("target: file <= 67.26 MB", "arithmetic:", "depth and width:", "precision:", "calibration:", "training:"):
         assert f"# - {decision}" in printed
     plan = load_recipe(out / "plan.yaml")
     stages = {s.stage: s for s in plan.stages}

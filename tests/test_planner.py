@@ -202,13 +202,19 @@ def measured_plan(model, words, to):
 
 def test_the_depth_decision_scores_each_cut_at_the_target_size_and_keeps_the_lowest_loss(model, words):
     p = measured_plan(model, words, "8x")
-    depth = next(d for d in p.decisions if d.what == "depth")
+    depth = next(d for d in p.decisions if d.what == "depth and width")
     candidates = depth.measured["candidates"]
-    assert [c["remove"] for c in candidates] == [0, 1]  # every block, and a tenth of them (at least one)
+    # every block, a tenth of them (at least one), and the MLPs narrowed to the parameters that cut leaves
+    assert [c["remove"] for c in candidates] == [0, 1, 0] and candidates[2]["mlp_ratio"] is not None
+    assert candidates[2]["mlp_ratio"] == pytest.approx(candidates[1]["params"] / candidates[0]["params"], abs=1e-4)
+    assert candidates[2]["params"] <= candidates[1]["params"] < candidates[0]["params"]
     assert all(c["calibration_loss"] > 0 and c["bits_per_param"] > 0 for c in candidates)
     best = min(candidates, key=lambda c: c["calibration_loss"])
     prune = [s for s in p.recipe["stages"] if s["stage"] == "prune"]
-    assert (prune[0]["depth"]["remove"] if prune else []) == best["removed"]
+    if best["mlp_ratio"] is not None:
+        assert prune[0]["width"] == {"ratio": best["mlp_ratio"], "dimensions": ["mlp"]}
+    else:
+        assert (prune[0]["depth"]["remove"] if prune else []) == best["removed"]
     assert candidates[1]["removed"] == [depth.measured["influence_order"][0]]  # the least influential block
     # the score is what the pieces give on their own: cut, allocate, round with GPTQ, next-token loss
     fit, score = _calibration(p.recipe, tiny_tokenizer(), 64)
@@ -228,10 +234,31 @@ def test_the_depth_decision_scores_each_cut_at_the_target_size_and_keeps_the_low
         assert calibration_loss(copy.eval(), score, bf16) == pytest.approx(cut.loss, abs=1e-5)
 
 
+def test_a_width_cut_that_scores_lowest_is_planned_as_a_prune_stage_and_heals_its_weights(model, words, monkeypatch):
+    measure_width = DepthSearch.measure_width
+
+    def best_width(self, ratio, score, rounding="gptq"):
+        candidate = measure_width(self, ratio, score, rounding)
+        candidate.loss = 1e-3  # lower than any real cut's: the plan must follow it
+        return candidate
+
+    monkeypatch.setattr(DepthSearch, "measure_width", best_width)
+    p = plan_compression(model, parse_target("8x"), parse_budget("200ktok"), teacher="tiny",
+                         corpus={"name": str(words)}, block_size=64, tokenizer=tiny_tokenizer())
+    depth = next(d for d in p.decisions if d.what == "depth and width")
+    assert depth.chosen.startswith("every block kept, MLPs narrowed to")
+    stages = {s["stage"]: s for s in p.recipe["stages"]}
+    assert stages["prune"]["width"]["dimensions"] == ["mlp"] and "depth" not in stages["prune"]
+    assert stages["distill"]["train"] == ["weights", "scales"]  # a cut heals in its weights
+    assert "reconstruct" in stages  # narrowed blocks still pair with the teacher's: block-wise reconstruction runs
+    Recipe.parse(p.recipe)
+
+
 def test_a_target_below_the_uncut_floor_plans_the_shallowest_cut_that_reaches_it(model, words):
     floor = _floor_mb(model)
     p = measured_plan(model, words, f"{floor - 0.03:.2f}MB")  # less than one block of the tiny model at 2 bits
-    depth = next(d for d in p.decisions if d.what == "depth")
+    depth = next(d for d in p.decisions if d.what == "depth and width")
+    assert len(depth.measured["candidates"]) == 2  # a cut is needed: no width candidate at the uncut size
     assert depth.measured["candidates"][0]["remove"] == 1 and depth.measured["candidates"][0]["smallest_mb"] < floor
     stages = [s["stage"] for s in p.recipe["stages"]]
     assert "prune" in stages and "reconstruct" not in stages  # cut blocks have no teacher block to match

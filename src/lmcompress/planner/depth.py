@@ -1,4 +1,5 @@
-"""Whether removing some blocks and spending the bytes saved on precision beats keeping every block: measured.
+"""Whether removing some blocks, or narrowing the MLPs, and spending the bytes saved on precision beats keeping
+the whole model: measured.
 
 Measured once on the whole model: block influence (1 - cosine between a block's input and output, as the
 `prune` stage measures it), the diagonal Fisher, and every module's rounding error at every candidate width
@@ -29,6 +30,7 @@ from lmcompress.recipe.stages.quantize import QuantizeStage
 from lmcompress.surgery.calibration import collect_stats
 from lmcompress.surgery.depth import calibration_loss, choose_blocks
 from lmcompress.surgery.truncate import truncate_layers
+from lmcompress.surgery.width import prune_width, sizes_for_params
 
 MAX_ROWS = 128  # rows a module's rounding error is estimated from
 # Candidates are rounded as the plan then rounds them, with GPTQ (on the few fit sequences). Round to nearest
@@ -50,9 +52,16 @@ class DepthCandidate:
     loss: float | None = None
     bits_per_param: float | None = None
     seconds: float = 0.0
+    mlp_ratio: float | None = None  # a width candidate: the fraction of parameters its narrowed MLPs leave
+
+    @property
+    def label(self) -> str:
+        if self.mlp_ratio is not None:
+            return f"MLPs narrowed to {self.mlp_ratio:.1%} of the parameters"
+        return f"{self.remove} cut"
 
     def summary(self) -> dict:
-        return {"remove": self.remove, "removed": self.removed, "params": self.params,
+        return {"remove": self.remove, "removed": self.removed, "mlp_ratio": self.mlp_ratio, "params": self.params,
                 "smallest_mb": round(self.smallest_bytes / 1e6, 2),
                 "calibration_loss": None if self.loss is None else round(self.loss, 4),
                 "perplexity": None if self.loss is None else round(math.exp(self.loss), 2),
@@ -103,11 +112,32 @@ class DepthSearch:
             allocation = allocate_options(kept, int(target - sizing.fixed - sizing.header), self.params)
             # the cut copy's modules are named as in the whole model, less the removed blocks, renumbered
             renamed = dict(zip(sizing.modules, allocation.specs.values(), strict=True))
-            quantize_(cut, self.quant, field="planner", specs=renamed)
-            ptq_(cut, rounding, self.fit, GPTQSettings(bf16=self.bf16), progress=False)
-            cut.eval()
-            with torch.no_grad():
-                candidate.loss = calibration_loss(cut, score, self.bf16)
-            candidate.bits_per_param = round((allocation.bytes + sizing.fixed) * 8 / sizing.params, 3)
+            self._score(candidate, cut, renamed, allocation.bytes + sizing.fixed, score, rounding)
         candidate.seconds = time.perf_counter() - started
         return candidate
+
+    def measure_width(self, ratio: float, score: Sequence[dict[str, torch.Tensor]],
+                      rounding: PTQMethod = ROUNDING) -> DepthCandidate:
+        """Narrow every MLP of a copy to `ratio` of the model's parameters (importance on the fit sequences),
+        allocate its widths to the target from its own Fisher, round and score it."""
+        started = time.perf_counter()
+        cut = copy.deepcopy(self.model)
+        total = sum(p.numel() for p in cut.parameters())
+        prune_width(cut, self.fit, sizes_for_params(cut, int(total * ratio), ["mlp"]), bf16=self.bf16, progress=False)
+        sizing = self.quant.sizing(cut)
+        candidate = DepthCandidate(0, [], sizing.params, sizing.smallest_bytes, mlp_ratio=round(ratio, 4))
+        if self.quant.target_bytes(sizing.params) >= sizing.smallest_bytes:
+            allocation, _ = self.quant.allocation(cut, self.fit)
+            self._score(candidate, cut, allocation.specs, allocation.bytes + sizing.fixed, score, rounding)
+        candidate.seconds = time.perf_counter() - started
+        return candidate
+
+    def _score(self, candidate: DepthCandidate, cut: nn.Module, specs: dict, file_bytes: int,
+               score: Sequence[dict[str, torch.Tensor]], rounding: PTQMethod) -> None:
+        """Quantize `cut` to `specs`, round it as the plan will, and put its held-apart loss in `candidate`."""
+        quantize_(cut, self.quant, field="planner", specs=specs)
+        ptq_(cut, rounding, self.fit, GPTQSettings(bf16=self.bf16), progress=False)
+        cut.eval()
+        with torch.no_grad():
+            candidate.loss = calibration_loss(cut, score, self.bf16)
+        candidate.bits_per_param = round(file_bytes * 8 / candidate.params, 3)

@@ -43,6 +43,7 @@ from lmcompress.quant.awq import MAX_TOKENS as AWQ_TOKENS
 from lmcompress.recipe import Recipe
 from lmcompress.recipe.stages.quantize import QuantizeStage
 from lmcompress.surgery.calibration import calibration_batches
+from lmcompress.surgery.width import check_cuttable
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def plan_compression(model: nn.Module, target: Target, budget: Budget | None, *,
                               "with every block", {"bf16_bytes": int(bf16_file), "smallest_bytes": int(floor)}))
     spent = time.perf_counter() - started  # planning is part of a time budget
     bits = want * 8 / fp32["params"]
-    if bits >= NEAR_LOSSLESS_BITS and not depth.removed:  # GPTQ's rounding is close to the teacher: training only risks it
+    if bits >= NEAR_LOSSLESS_BITS and not depth.cut:  # GPTQ's rounding is close to the teacher: training only risks it
         split = _Split(PTQ_SETTINGS[0][0], 0, 0, None, [Decision(
             "training", "none (PTQ only; the budget is not needed)",
             f"the target leaves {bits:.1f} bits a weight (>= {NEAR_LOSSLESS_BITS}): PTQ alone is near lossless there")])
@@ -193,6 +194,9 @@ def plan_compression(model: nn.Module, target: Target, budget: Budget | None, *,
     stages = recipe["stages"]
     if depth.removed:
         stages += [{"stage": "prune", "depth": {"remove": depth.removed}}, _evaluate("pruned")]
+    elif depth.mlp_ratio is not None:
+        stages += [{"stage": "prune", "width": {"ratio": depth.mlp_ratio, "dimensions": ["mlp"]}, "bf16": bf16},
+                   _evaluate("pruned")]
     stages.append({"stage": "quantize", **MIXED, "target_mb": round(want / 1e6, 3), "awq": split.awq, "init": "gptq",
                    "calibration_samples": split.calibration_samples, "fisher_samples": FISHER_SAMPLES,
                    "gptq": {"bf16": bf16}})
@@ -209,7 +213,7 @@ def plan_compression(model: nn.Module, target: Target, budget: Budget | None, *,
         # under a time limit the steps are a cap and the schedule anneals by the clock: the step cost measured
         # on one sequence is not a batch's, and the run rescales the time (`TimeBudget`)
         timed = {"anneal_by": "seconds", **time_limit(split.e2e_seconds)} if split.e2e_seconds else {}
-        stages += [{"stage": "distill", "train": ["weights", "scales"] if depth.removed else ["scales"],
+        stages += [{"stage": "distill", "train": ["weights", "scales"] if depth.cut else ["scales"],
                     "losses": [{"type": "logits", "temperature": 1.0}],
                     "steps": split.e2e_steps * (E2E_STEP_CAP if timed else 1), "batch_size": E2E_BATCH,
                     "grad_accum": E2E_ACCUM, "lr": 1e-4, "warmup_steps": max(1, split.e2e_steps // 20),
@@ -353,6 +357,11 @@ def _ptq_seconds(samples: int, awq: bool, block: int, costs: TokenCosts) -> floa
 class _Depth:
     removed: list[int]
     decisions: list[Decision]
+    mlp_ratio: float | None = None  # the MLPs narrowed to this fraction of the parameters (a width cut)
+
+    @property
+    def cut(self) -> bool:
+        return bool(self.removed) or self.mlp_ratio is not None
 
 
 def _calibration(recipe: dict, tokenizer: Any, block_size: int) -> tuple[list, list]:
@@ -374,7 +383,7 @@ def _depth_affordable(budget: Budget | None, costs: TokenCosts | None, block: in
         return None
     shared = DEPTH_FIT * block * (costs.fisher + costs.teacher_forward)
     candidate = (2 * DEPTH_FIT + DEPTH_SCORE) * block * costs.teacher_forward + costs.gptq_rounding
-    seconds = shared + 2 * candidate
+    seconds = 2 * shared + 3 * candidate  # two cuts on the shared pass; the width candidate has its own
     if seconds <= DEPTH_SHARE * budget.value:
         return None
     return (f"measuring the cuts would take ~{seconds / 60:.1f} min of the {budget.value / 60:.1f}, and a cut "
@@ -392,7 +401,8 @@ def _choose_depth(model: nn.Module, quant: QuantizeStage, want: float, floor: in
         if want < floor:
             raise RecipeError(f"--to {target.text}: a {want / 1e6:.2f} MB file is below the smallest this model "
                               f"reaches, {floor / 1e6:.2f} MB ({narrowest}, the rest in bf16)")
-        return _Depth([], [Decision("depth", "every block kept", f"not measured: {unmeasured or 'no calibration data given'}")])
+        return _Depth([], [Decision("depth and width", "every block kept, at full width",
+                                    f"not measured: {unmeasured or 'no calibration data given'}")])
     fit, score = calibration
     log.info("planning: block influence, diagonal Fisher and rounding errors on %d sequences",
              sum(len(b["input_ids"]) for b in fit))
@@ -412,15 +422,32 @@ def _choose_depth(model: nn.Module, quant: QuantizeStage, want: float, floor: in
     for r in cuts:
         log.info("planning: scoring %d blocks cut at %.2f MB", r, want / 1e6)
         measured.append(search.measure(r, score))
+    if not first and len(measured) == 2 and _width_cuttable(model):
+        # the MLPs narrowed to the parameters the depth step leaves: the same bytes freed, spent the other way
+        ratio = measured[1].params / measured[0].params
+        log.info("planning: scoring MLPs narrowed to %.1f%% of the parameters at %.2f MB", 100 * ratio, want / 1e6)
+        measured.append(search.measure_width(ratio, score))
     best = min((c for c in measured if c.loss is not None), key=lambda c: c.loss)
-    table = "; ".join(f"{c.remove} cut: loss {c.loss:.3f}" if c.loss is not None else f"{c.remove} cut: out of reach"
+    table = "; ".join(f"{c.label}: loss {c.loss:.3f}" if c.loss is not None else f"{c.label}: out of reach"
                       for c in measured)
-    chosen = "every block kept" if not best.remove else f"{best.remove} blocks cut: {best.removed}"
+    if best.mlp_ratio is not None:
+        chosen = f"every block kept, {best.label}"
+    else:
+        chosen = "every block kept" if not best.remove else f"{best.remove} blocks cut: {best.removed}"
     return _Depth(best.removed, [Decision(
-        "depth", chosen, f"next-token loss at {want / 1e6:.2f} MB after cut + allocation + GPTQ rounding "
-                         f"(on the {DEPTH_FIT} fit sequences), before any healing, on {sum(len(b['input_ids']) for b in score)} held-apart sequences: {table}",
+        "depth and width", chosen,
+        f"next-token loss at {want / 1e6:.2f} MB after cut + allocation + GPTQ rounding (on the {DEPTH_FIT} fit "
+        f"sequences), before any healing, on {sum(len(b['input_ids']) for b in score)} held-apart sequences: {table}",
         {"candidates": [c.summary() for c in measured], "influence_order": search.order,
-         "shared_seconds": round(search.seconds, 1)})])
+         "shared_seconds": round(search.seconds, 1)})], mlp_ratio=best.mlp_ratio)
+
+
+def _width_cuttable(model: nn.Module) -> bool:
+    try:
+        check_cuttable(model)
+    except LmcompressError:
+        return False
+    return True
 
 
 def time_limit(seconds: float | None) -> dict:

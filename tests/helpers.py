@@ -157,6 +157,13 @@ def bpe_tokenizer(vocab: int = 320):
                                                 unk_token="<unk>")
 
 
+def saved_model(model, folder: Path) -> Path:
+    """`model` saved with the tiny tokenizer in `folder`: a model folder as a user would point a command at."""
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def write_word_corpus(path: Path, documents: int = 40, words: int = 120, seed: int = 0) -> Path:
     """A .jsonl corpus of `documents` random-word texts over WORDS (one `text` per line)."""
     import json

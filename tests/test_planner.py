@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_model, tiny_tokenizer, write_word_corpus
+from helpers import saved_model, tiny_model, tiny_tokenizer, write_word_corpus
 
 from lmcompress import api
 from lmcompress.cli import main
@@ -299,10 +299,7 @@ def test_a_decoder_plan_without_a_corpus_and_a_task_given_to_it_are_refused(mode
 
 @pytest.fixture
 def model_folder(tmp_path, model):
-    folder = tmp_path / "tiny"
-    model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+    return saved_model(model, tmp_path / "tiny")
 
 
 def test_plan_only_writes_the_plan_and_trains_nothing_and_resume_runs_that_plan(tmp_path, model_folder, capsys):

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 import transformers
-from helpers import WORDS, tiny_config, tiny_tokenizer
+from helpers import WORDS, saved_model, tiny_config, tiny_tokenizer
 
 from lmcompress import api
 from lmcompress.cli import main
@@ -50,10 +50,7 @@ def classifier(encoder):
 
 @pytest.fixture
 def encoder_folder(tmp_path, encoder):
-    folder = tmp_path / "encoder"
-    encoder.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+    return saved_model(encoder, tmp_path / "encoder")
 
 
 @pytest.mark.parametrize(("linear", "embedding"), [(4, 8), ("ternary", 2), ("binary", "ternary"), (2, "binary")])

@@ -211,8 +211,16 @@ def gguf_tokenizer_model(tokenizer) -> str:
     """llama.cpp's name for `tokenizer`'s kind, one of the three it reads: byte-level BPE ("gpt2": GPT-2,
     Llama 3, SmolLM, Qwen), SentencePiece-style BPE with byte fallback ("llama": Llama 2, Mistral, Phi-3) and
     Unigram ("t5"). UnsupportedArchitectureError for any other."""
+    return _ggml_model(tokenizer, _tokenizer_spec(tokenizer))
+
+
+def _tokenizer_spec(tokenizer) -> dict:
+    """The fast tokenizer's whole definition (tokenizer.json as a mapping; {} for a slow tokenizer)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = json.loads(backend.to_str()) if backend is not None else {}
+    return json.loads(backend.to_str()) if backend is not None else {}
+
+
+def _ggml_model(tokenizer, spec: dict) -> str:
     model_spec = spec.get("model") or {}
     tokenizer_kind = model_spec.get("type")
     decoder = (spec.get("decoder") or {}).get("type")
@@ -231,9 +239,8 @@ def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     """Vocabulary, token types (scores, merges) and special ids, as convert_hf_to_gguf writes them for the
     tokenizer kinds llama.cpp reads (`gguf_tokenizer_model`)."""
     gguf = _gguf()
-    ggml_model = gguf_tokenizer_model(tokenizer)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = json.loads(backend.to_str()) if backend is not None else {}
+    spec = _tokenizer_spec(tokenizer)  # parsed once: a 49k vocabulary's definition is megabytes of JSON
+    ggml_model = _ggml_model(tokenizer, spec)
     model_spec = spec.get("model") or {}
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:

@@ -9,10 +9,10 @@ decision is a `Decision` with the measurement behind it; the plan is written as 
 Measured here: the model's fp32 and bf16 file sizes, the smallest file the quantizers reach (every module at
 its narrowest width), for a speed target the decode speed of the fp32 model and of a 4-bit copy, which
 turns it into a size (`speed.py`), whether bf16 autocast is faster than fp32 on this CPU, whether cutting
-some blocks first wins at this size (`depth.py`: candidates scored on held-apart calibration text; a target
-below the uncut floor needs a cut), and the seconds a token of teacher forward, of quantized-student
+some blocks, or narrowing the MLPs, first wins at this size (`depth.py`: candidates scored on held-apart
+calibration text; a target below the uncut floor needs a cut), and the seconds a token of teacher forward, of quantized-student
 training and of the Fisher pass, and GPTQ's rounding, take on this machine (`costs.py`). An encoder on a
-labelled task is planned by `task.py`; width pruning is not planned yet (not tried).
+labelled task is planned by `task.py`.
 """
 
 from __future__ import annotations

@@ -116,9 +116,11 @@ def plan_task_compression(model: nn.Module, target: Target, budget: Budget | Non
                               {"bf16_speedup": round(speedup, 3)}))
     rows = _pilot_rows(data, tokenizer, spec.max_length)
     reference = _last_hidden_states(classifier, rows)
+    forward = _forward_seconds(classifier, rows, bf16)  # the teacher's forward: the same for every candidate
     for c in candidates:
         log.info("planning: pilot of %s", c.label(depth))
-        c.error, c.step_seconds = _pilot(classifier, c, rows, reference, bf16)
+        c.error, student_step = _pilot(classifier, c, rows, reference, bf16)
+        c.step_seconds = student_step + forward  # a distillation step also runs the teacher's forward
     best = min(candidates, key=lambda c: c.error)
     decisions.append(Decision(
         "depth and widths", best.label(depth),
@@ -128,7 +130,7 @@ def plan_task_compression(model: nn.Module, target: Target, budget: Budget | Non
         {"candidates": [c.summary() for c in candidates]}))
     train_rows = len(data.train)
     test_rows = len(data.test)
-    forward_row = _forward_seconds(classifier, rows, bf16) / PILOT_BATCH
+    forward_row = forward / PILOT_BATCH
     finetune_row = _train_seconds(classifier, rows, bf16) / PILOT_BATCH
     split = _split(budget, train_rows, test_rows, spec.max_length, fp32["params"], forward_row, finetune_row,
                    best.step_seconds / PILOT_BATCH, time.perf_counter() - started)
@@ -210,8 +212,8 @@ def _relative_error(hidden: torch.Tensor, reference: torch.Tensor, mask: torch.T
 
 
 def _pilot(classifier: nn.Module, candidate: Candidate, rows: dict, reference: dict, bf16: bool) -> tuple[float, float]:
-    """(relative error of the last hidden states on the score rows, seconds a step) after PILOT_STEPS steps of
-    matching the float model's last hidden states, from the candidate's cut and rounding."""
+    """(relative error of the last hidden states on the score rows, seconds a student step) after PILOT_STEPS
+    steps of matching the float model's last hidden states, from the candidate's cut and rounding."""
     student = _cut(classifier, candidate.keep)
     quantize_(student, QuantizeStage(stage="quantize", **quant_fields(candidate.linear, candidate.embedding)))
     student.train()
@@ -227,8 +229,7 @@ def _pilot(classifier: nn.Module, candidate: Candidate, rows: dict, reference: d
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    # a distillation step also runs the teacher's forward: the pilot's reference was computed once, so add it
-    step_seconds = (time.perf_counter() - started) / PILOT_STEPS + _forward_seconds(classifier, rows, bf16)
+    step_seconds = (time.perf_counter() - started) / PILOT_STEPS
     student.eval()
     with torch.no_grad(), bf16_autocast(bf16):
         errors = [_relative_error(student(**_inputs(b), output_hidden_states=True).hidden_states[-1], r,

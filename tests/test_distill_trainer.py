@@ -10,10 +10,18 @@ import torch
 from helpers import tiny_model
 from torch import nn
 
-from lmcompress.core.errors import TrainingDiverged
+from lmcompress.core.errors import LmcompressError, TrainingDiverged
 from lmcompress.distill import trainer as trainer_module
 from lmcompress.distill.losses import build_objective, parse_loss
-from lmcompress.distill.trainer import BatchOrder, TrainConfig, _lr_lambda, checkpoints, pad_collate, train
+from lmcompress.distill.trainer import (
+    BatchOrder,
+    TrainConfig,
+    _lr_lambda,
+    checkpoints,
+    pad_collate,
+    row_lengths,
+    train,
+)
 
 logging.getLogger("accelerate").setLevel(logging.ERROR)  # "Removed shared tensor" notes for tied weights
 
@@ -214,6 +222,38 @@ def test_batch_order_is_a_per_epoch_permutation_split_across_processes():
     assert epoch1 != epoch0 and len(set(epoch1)) == 8
     again = BatchOrder(10, batch_size=2, world_size=2, rank=1, seed=3)
     assert again.indices(3) == ranks[1].indices(3)
+
+
+def test_group_by_length_batches_similar_lengths_and_still_shuffles():
+    lengths = torch.randint(4, 129, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
+    grouped = BatchOrder(4000, batch_size=32, world_size=1, rank=0, seed=1, lengths=lengths)
+    plain = BatchOrder(4000, batch_size=32, world_size=1, rank=0, seed=1)
+
+    def padded(order, position):  # tokens a batch pads to: its longest row, for every row
+        rows = order.indices(position)
+        return max(lengths[i] for i in rows) * len(rows)
+
+    epoch = range(grouped.per_epoch)
+    assert sorted(i for p in epoch for i in grouped.indices(p)) == sorted(i for p in epoch for i in plain.indices(p))
+    assert sum(padded(grouped, p) for p in epoch) < 0.75 * sum(padded(plain, p) for p in epoch)
+    assert grouped.indices(0) != grouped.indices(grouped.per_epoch)  # the next epoch groups other rows
+    with pytest.raises(LmcompressError, match="3 lengths for 4000 training rows"):
+        BatchOrder(4000, batch_size=32, world_size=1, rank=0, seed=1, lengths=[1, 2, 3])
+
+
+def test_group_by_length_trains_on_rows_of_their_own_length(tmp_path):
+    rows = [{"input_ids": list(range(1, 3 + i % 7))} for i in range(24)]
+    assert row_lengths(rows)[:3] == [2, 3, 4]
+    widths = []
+
+    def collate(batch_rows):
+        batch = pad_collate(batch_rows)
+        widths.append(batch["input_ids"].shape[1])
+        return batch
+
+    config = TrainConfig(steps=6, batch_size=4, lr=1e-3, progress=False, log_with="none", group_by_length=True)
+    train(gpt2_objective(), rows, config, tmp_path, collate=collate)
+    assert len(widths) == 6 and min(widths) < max(widths)
 
 
 def test_pad_collate_pads_and_masks():

@@ -14,10 +14,20 @@ from helpers import WORDS, saved_model, tiny_config, tiny_tokenizer
 from lmcompress import api
 from lmcompress.cli import main
 from lmcompress.core.errors import RecipeError
+from lmcompress.data.specs import TaskSpec
+from lmcompress.data.tasks import load_task
 from lmcompress.distill.heads import with_classification_head
 from lmcompress.formats import export_model
 from lmcompress.planner import parse_budget, parse_target, plan_task_compression
-from lmcompress.planner.task import WIDTHS, _bytes, _cut, _split, fitting_candidates, quant_fields
+from lmcompress.planner.task import (
+    WIDTHS,
+    _bytes,
+    _cut,
+    _split,
+    fitting_candidates,
+    padded_share,
+    quant_fields,
+)
 from lmcompress.quant import quantize_
 from lmcompress.recipe import Recipe
 from lmcompress.recipe.stages.quantize import QuantizeStage
@@ -137,6 +147,26 @@ def test_a_budget_is_split_between_fine_tuning_and_distillation_or_refused():
         _split(parse_budget("2m"), **common)
     with pytest.raises(RecipeError, match="--budget 1Mtok: the teacher's fine-tuning alone"):
         _split(parse_budget("1Mtok"), **common)
+    # rows batched by length cost their padded share of a full row: more distillation in the same time
+    grouped = _split(parse_budget("60m"), **common, padded=0.6)
+    assert grouped.finetune_steps == 375 and grouped.kd_steps == int(grouped.kd_seconds / (32 * 0.1 * 0.6))
+    assert grouped.kd_seconds > timed.kd_seconds and "60% of 128 tokens" in grouped.decision.why
+
+
+def test_the_padded_share_is_what_length_grouped_batches_pad_to(tmp_path):
+    folder = tmp_path / "task"
+    folder.mkdir()
+    rng = random.Random(0)
+    for split, n in (("train", 256), ("test", 8)):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"text": " ".join(rng.choices(WORDS, k=rng.randint(1, 40))), "label": i % 2}) + "\n")
+    data = load_task(TaskSpec(name=str(folder), max_length=32))
+    tokenizer = tiny_tokenizer()
+    lengths = [len(ids) for ids in data.tokenized(tokenizer, "train", 32, pad=False).with_format(None)["input_ids"]]
+    mean = sum(lengths) / len(lengths) / 32
+    share = padded_share(data, tokenizer, 32)
+    assert mean <= share < mean + 0.1 and share < 0.9
 
 
 def test_a_planned_encoder_run_lands_inside_its_target_and_is_scored_on_the_task(tmp_path, encoder_folder):

@@ -208,7 +208,7 @@ def test_task_distillation_of_a_classifier(tmp_path):
     rows = datasets.Dataset.from_dict({
         "input_ids": torch.randint(5, 128, (16, 10), generator=gen).tolist(),
         "attention_mask": [[1] * 10] * 8 + [[1] * 6 + [0] * 4] * 8, "labels": [0, 1] * 8}).with_format("torch")
-    run.data._task = SimpleNamespace(tokenized=lambda tok, split, max_length=None: rows)
+    run.data._task = SimpleNamespace(tokenized=lambda tok, split, max_length=None, pad=True: rows)
     run.recipe.stages[0].run(run)
     assert run.report.rows[-1]["loss_logits"] > 0
 
@@ -224,7 +224,7 @@ def toy_task(n=64, length=10):
     rows = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * length] * n,
                                        "labels": labels.tolist()}).with_format("torch")
     return SimpleNamespace(name="toy", num_labels=2, label_names=["no", "yes"], metric="accuracy",
-                           tokenized=lambda tokenizer, split, max_length=None: rows)
+                           tokenized=lambda tokenizer, split, max_length=None, pad=True: rows)
 
 
 def test_finetune_gives_a_bare_encoder_a_trained_head_and_the_student_a_copy(tmp_path):

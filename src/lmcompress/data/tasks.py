@@ -45,15 +45,16 @@ class TaskData:
             raise DataError(f"task {self.name}: split {name!r} does not exist (train, test)")
         return getattr(self, name)
 
-    def tokenized(self, tokenizer, split: str, max_length: int | None = None) -> datasets.Dataset:
-        """`input_ids`, `attention_mask`, `labels`, padded to `max_length` (torch format)."""
+    def tokenized(self, tokenizer, split: str, max_length: int | None = None, pad: bool = True) -> datasets.Dataset:
+        """`input_ids`, `attention_mask`, `labels` (torch format), cut at `max_length` and padded to it; with
+        `pad=False` each row keeps its own length (training pads a batch to its longest row)."""
         length = max_length or self.max_length
         ds = self.split(split)
         pair = "text_pair" in ds.column_names
 
         def tok(batch):
             enc = tokenizer(batch["text"], batch["text_pair"] if pair else None, truncation=True,
-                            max_length=length, padding="max_length")
+                            max_length=length, padding="max_length" if pad else False)
             return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": batch["label"]}
 
         out = ds.map(tok, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {self.name}/{split}")

@@ -72,6 +72,7 @@ from lmcompress.distill.checkpoint import (
 
 log = logging.getLogger(__name__)
 
+LENGTH_GROUP = 50  # batches whose rows group_by_length sorts together: random enough, little padding
 SPIKE_WINDOW = 16  # recent step losses whose median the spike rule compares with
 # Settings that leave the trained weights alone: a resumed run may change them; all others must match.
 FREE_ON_RESUME = frozenset({"eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "log_with",
@@ -104,6 +105,9 @@ class TrainSettings(Strict):
                                 "budget; the schedule is cut there, the last step is the final checkpoint)")
     compile: bool = Field(False, description="compile the objective with torch.compile (inductor) through "
                                              "accelerate: slower first steps, faster later ones on GPUs")
+    group_by_length: bool = Field(
+        False, description="batch examples of similar length together (sorted within shuffled groups of "
+                           f"{LENGTH_GROUP} batches), so less of each batch is padding; for rows of varied lengths")
     anneal_by: Literal["steps", "seconds"] = Field(
         "steps", description="what the schedule after warm-up counts down: the steps, or also the training time "
                              "against max_seconds, whichever runs out first (a time budget still anneals to its end)")
@@ -166,28 +170,53 @@ def pad_collate(rows: Sequence[dict[str, Any]], pad_token_id: int = 0) -> dict[s
 
 
 class BatchOrder:
-    """Deterministic, resumable order of micro-batches: `indices(position)` for this process."""
+    """Deterministic, resumable order of micro-batches: `indices(position)` for this process.
 
-    def __init__(self, size: int, batch_size: int, world_size: int, rank: int, seed: int):
+    With `lengths` (one per row), each epoch's shuffled rows are cut into groups of `LENGTH_GROUP` global
+    batches and sorted by length within a group, longest first: a batch then holds rows of similar length
+    and pads little, while which rows meet in a group still changes every epoch.
+    """
+
+    def __init__(self, size: int, batch_size: int, world_size: int, rank: int, seed: int,
+                 lengths: Sequence[int] | None = None):
         self.size, self.batch_size, self.world_size, self.rank, self.seed = size, batch_size, world_size, rank, seed
         self.per_epoch = size // (batch_size * world_size)
         if self.per_epoch == 0:
             raise LmcompressError(f"training data has {size} examples, fewer than one global batch "
                                   f"({batch_size} per process x {world_size} processes)")
+        if lengths is not None and len(lengths) != size:
+            raise LmcompressError(f"{len(lengths)} lengths for {size} training rows")
+        self.lengths = None if lengths is None else torch.as_tensor(lengths)
         self._epoch, self._perm = -1, None
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.size, generator=gen)
+        if self.lengths is None:
+            return perm
+        group = LENGTH_GROUP * self.batch_size * self.world_size
+        # A stable sort keeps the shuffled order among equal lengths.
+        return torch.cat([chunk[torch.sort(self.lengths[chunk], descending=True, stable=True).indices]
+                          for chunk in perm.split(group)])
 
     def indices(self, position: int) -> list[int]:
         epoch, j = divmod(position, self.per_epoch)
         if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=gen)
+            self._epoch, self._perm = epoch, self._order(epoch)
         start = (j * self.world_size + self.rank) * self.batch_size
         return self._perm[start:start + self.batch_size].tolist()
 
 
+def row_lengths(data) -> list[int]:
+    """Tokens in each row of `data` (a Dataset or a list of rows): what group_by_length sorts by."""
+    if hasattr(data, "with_format"):  # a Dataset: read the column once, without building tensors
+        return [len(ids) for ids in data.with_format(None)["input_ids"]]
+    return [len(row["input_ids"]) for row in data]
+
+
 def rows_read(size: int, batch_size: int, grad_accum: int, steps: int, world_size: int, seed: int) -> list[int]:
     """Every row a run of these settings reads (all processes, all steps), sorted: what an offline teacher
-    cache must cover."""
+    cache must cover (its corpus blocks share one length, so group_by_length leaves their order alone)."""
     orders = [BatchOrder(size, batch_size, world_size, rank, seed) for rank in range(world_size)]
     return sorted({i for p in range(steps * grad_accum) for order in orders for i in order.indices(p)})
 
@@ -432,7 +461,8 @@ def train(
         defaults = {name: field.get_default(call_default_factory=True)
                     for name, field in type(config).model_fields.items()}
         check_settings(start, state.get("settings", {}), settings, defaults)
-    order = BatchOrder(len(data), config.batch_size, world, accelerator.process_index, config.seed)
+    order = BatchOrder(len(data), config.batch_size, world, accelerator.process_index, config.seed,
+                       row_lengths(data) if config.group_by_length else None)
 
     objective.to(accelerator.device)
     optimizer = _optimizer(objective, config)

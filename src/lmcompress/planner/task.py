@@ -33,6 +33,7 @@ from lmcompress.core.errors import RecipeError
 from lmcompress.data.specs import TaskSpec
 from lmcompress.data.tasks import load_task
 from lmcompress.distill.heads import with_classification_head
+from lmcompress.distill.trainer import BatchOrder, row_lengths
 from lmcompress.evaluate.speed import best_seconds
 from lmcompress.formats import size_report
 from lmcompress.models.adapters import get_adapter
@@ -132,8 +133,9 @@ def plan_task_compression(model: nn.Module, target: Target, budget: Budget | Non
     test_rows = len(data.test)
     forward_row = forward / PILOT_BATCH
     finetune_row = _train_seconds(classifier, rows, bf16) / PILOT_BATCH
+    padded = padded_share(data, tokenizer, spec.max_length)
     split = _split(budget, train_rows, test_rows, spec.max_length, fp32["params"], forward_row, finetune_row,
-                   best.step_seconds / PILOT_BATCH, time.perf_counter() - started)
+                   best.step_seconds / PILOT_BATCH, time.perf_counter() - started, padded)
     decisions.append(split.decision)
     recipe = _recipe(name or f"compress-{slug(target.text)}", teacher, task, best, depth, split, bf16, want)
     return Plan(target, budget, recipe, decisions, split.seconds)
@@ -175,6 +177,15 @@ def _cut(classifier: nn.Module, keep: list[int], share: bool = False) -> nn.Modu
         return classifier
     memo = {id(p): p for p in classifier.parameters()} if share else {}
     return truncate_layers(copy.deepcopy(classifier, memo), keep)
+
+
+def padded_share(data, tokenizer, max_length: int) -> float:
+    """The share of a `max_length`-token row a training row costs: its batch's longest row, batches of KD_BATCH
+    grouped by length as the planned training stages do (`group_by_length`), over one epoch."""
+    lengths = row_lengths(data.tokenized(tokenizer, "train", max_length, pad=False))
+    order = BatchOrder(len(lengths), KD_BATCH, 1, 0, 0, lengths)
+    widths = [max(lengths[i] for i in order.indices(p)) for p in range(order.per_epoch)]
+    return sum(widths) / len(widths) / max_length
 
 
 def _pilot_rows(data, tokenizer, max_length: int) -> dict[str, list[dict[str, torch.Tensor]]]:
@@ -274,8 +285,10 @@ class _Split:
 
 
 def _split(budget: Budget | None, train_rows: int, test_rows: int, max_length: int, params: int, forward_row: float,
-           finetune_row: float, kd_row: float, spent: float) -> _Split:
-    """Fine-tuning and distillation steps for the budget (rows cost what the pilot measured)."""
+           finetune_row: float, kd_row: float, spent: float, padded: float = 1.0) -> _Split:
+    """Fine-tuning and distillation steps for the budget: a training row costs `padded` of what the pilot
+    measured on a full row (batches of similar length pad less)."""
+    finetune_row, kd_row = finetune_row * padded, kd_row * padded
     epoch_ft, epoch_kd = math.ceil(train_rows / FINETUNE_BATCH), math.ceil(train_rows / KD_BATCH)
     finetune, kd = FINETUNE_EPOCHS * epoch_ft, KD_EPOCHS * epoch_kd
     if budget is None:
@@ -307,10 +320,11 @@ def _split(budget: Budget | None, train_rows: int, test_rows: int, max_length: i
     return _Split(finetune, kd, kd_seconds, spent + fixed + finetune_seconds + kd_seconds, finish + evaluation, run_seconds=available, decision=Decision(
         "training", f"{finetune} fine-tuning steps, ~{kd} distillation steps ({kd_seconds / 60:.1f} min)",
         f"planning took {spent / 60:.1f} min; fine-tuning up to {FINETUNE_EPOCHS} epochs and at most "
-        f"{FINETUNE_SHARE:.0%} of the time ({finetune_row * 1e3:.1f} ms a row), scoring {test_rows} test rows "
+        f"{FINETUNE_SHARE:.0%} of the time ({finetune_row * 1e3:.1f} ms a row: batched by length, a row pads to "
+        f"{padded:.0%} of {max_length} tokens on average), scoring {test_rows} test rows "
         f"{EVALUATIONS}x ({evaluation:.0f} s each) and the export, the rest to distillation "
         f"({kd_row * 1e3:.1f} ms a row with the teacher's forward); the run rescales it to the time it has left",
-        {"planning_seconds": round(spent, 1), "finetune_row_ms": round(finetune_row * 1e3, 2),
+        {"planning_seconds": round(spent, 1), "padded_share": round(padded, 3), "finetune_row_ms": round(finetune_row * 1e3, 2),
          "kd_row_ms": round(kd_row * 1e3, 2), "forward_row_ms": round(forward_row * 1e3, 2)}))
 
 
@@ -324,7 +338,8 @@ def _recipe(name: str, teacher: str, task: dict, best: Candidate, depth: int, sp
     stages: list[dict[str, Any]] = [
         {"stage": "load"},
         {"stage": "finetune", "steps": split.finetune_steps, "batch_size": FINETUNE_BATCH, "lr": FINETUNE_LR,
-         "warmup_steps": max(1, split.finetune_steps // 12), "bf16": bf16, "log_with": "none"},
+         "warmup_steps": max(1, split.finetune_steps // 12), "group_by_length": True, "bf16": bf16,
+         "log_with": "none"},
         evaluate[0]]
     if len(best.keep) < depth:
         stages.append({"stage": "truncate", "keep": best.keep})
@@ -337,7 +352,8 @@ def _recipe(name: str, teacher: str, task: dict, best: Candidate, depth: int, sp
                     {"type": "hidden", "weight": 1.0, "layer_map": layer_map, "distance": "mse"},
                     {"type": "attention", "weight": 1.0, "layer_map": layer_map}],
          "steps": split.kd_steps * (10 if timed else 1), "batch_size": KD_BATCH, "lr": KD_LR,
-         "warmup_steps": max(1, split.kd_steps // 20), "schedule": "linear", "bf16": bf16, "log_with": "none",
+         "warmup_steps": max(1, split.kd_steps // 20), "schedule": "linear", "group_by_length": True, "bf16": bf16,
+         "log_with": "none",
          "checkpoint_every": 100, **timed},
         evaluate[2],
         {"stage": "export", "dtype": "bf16"},

@@ -197,8 +197,8 @@ class DistillStage(TrainingStage):
             return seq2seq_rows(run, student) + (lambda rows: pad_collate(rows, pad),)
         if self.data == "task":
             max_length = run.recipe.task.max_length if run.recipe.task else None
-            return (run.task.tokenized(run.tokenizer, "train", max_length),
-                    run.task.tokenized(run.tokenizer, "test", max_length), lambda rows: pad_collate(rows, pad))
+            return (run.task.tokenized(run.tokenizer, "train", max_length, pad=False),
+                    run.task.tokenized(run.tokenizer, "test", max_length, pad=False), lambda rows: pad_collate(rows, pad))
         size = self.block_size or run.recipe.block_size
         collate = (mlm_collate(run.tokenizer, self.mlm_probability, pad)
                    if not get_adapter(student).causal and self.mlm_probability > 0
@@ -345,8 +345,8 @@ class FinetuneStage(TrainingStage):
             objective = DistillationObjective(teacher, None, [("ce", 1.0, CELoss())])
             pad = _pad_id(run.tokenizer)
             max_length = run.recipe.task.max_length
-            self.fit(run, objective, task.tokenized(run.tokenizer, "train", max_length),
-                     task.tokenized(run.tokenizer, "test", max_length), lambda rows: pad_collate(rows, pad))
+            self.fit(run, objective, task.tokenized(run.tokenizer, "train", max_length, pad=False),
+                     task.tokenized(run.tokenizer, "test", max_length, pad=False), lambda rows: pad_collate(rows, pad))
         run.teacher = freeze(teacher)
         if self.student == "copy" or run.student is None:
             run.student = copy.deepcopy(teacher).requires_grad_(True)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import tiny_config, tiny_model
 from torch import nn
 
 from lmcompress.core.errors import RecipeError, UnsupportedArchitectureError
@@ -38,6 +38,21 @@ def test_module_kinds_cover_every_linear(family):
     assert len(kinds["attention"]) == 4 * (2 if family == "gpt2" else 4)
     assert len(kinds["mlp"]) == 4 * (3 if family == "llama" else 2)
     assert "embeddings" in kinds
+
+
+def test_a_bare_encoder_has_the_same_module_kinds_as_one_with_a_head():
+    """A sentence-embedding model ships as a bare BertModel (names start at `embeddings.`, `encoder.`)."""
+    import transformers
+
+    def kinds(model, prefix=""):
+        a = get_adapter(model)
+        return {n.removeprefix(prefix): a.module_kind(n, m) for n, m in model.named_modules()
+                if isinstance(m, (nn.Linear, nn.Embedding)) and n.startswith(prefix)}
+
+    config = tiny_config("bert", layers=2, hidden=32)
+    bare = kinds(transformers.BertModel(config))
+    assert bare == kinds(transformers.BertForMaskedLM(config), "bert.") | {"pooler.dense": "head"}
+    assert bare["embeddings.word_embeddings"] == "embeddings" and bare["encoder.layer.0.output.dense"] == "mlp"
 
 
 def test_unsupported_architecture_says_what_did_not_fit():

@@ -610,15 +610,16 @@ class BertAdapter(ArchAdapter):
 
     def module_kind(self, name: str, module: nn.Module) -> str:
         leaf = name.rsplit(".", 1)[-1]
-        if ".embeddings." in name and isinstance(module, nn.Embedding):
+        dotted = f".{name}."  # a bare BertModel's names start at its own children (`embeddings.`, `pooler.`)
+        if ".embeddings." in dotted and isinstance(module, nn.Embedding):
             return "embeddings"
-        if leaf == "classifier" or ".pooler." in name or name.startswith("cls."):
+        if leaf == "classifier" or ".pooler." in dotted or name.startswith("cls."):
             return "head"
         if "LayerNorm" in name or "layernorm" in leaf.lower():
             return "norm"
-        if ".attention." in name:
+        if ".attention." in dotted:
             return "attention"
-        if ".intermediate." in name or (".output." in name and ".attention." not in name):
+        if ".intermediate." in dotted or (".output." in dotted and ".attention." not in dotted):
             return "mlp"
         return "other"
 

@@ -13,8 +13,10 @@ A checkpoint is a folder `out_dir/checkpoints/<run_name>/step-NNNNNNNN/`:
 
 Under FSDP2 (parameters sharded as DTensors) every process takes part in gathering the full tensors, the
 main process writes them, and loading hands each process its shards again: the files are the same as a
-one-process run's, so a checkpoint resumes on any number of devices with the same settings. DeepSpeed's
-sharded optimizer is not gathered: its checkpoints are refused.
+one-process run's, so a checkpoint resumes on any number of devices with the same settings. Under DeepSpeed
+ZeRO-1/2 (every process holds the whole model, the fp32 master weights and Adam's moments are partitioned)
+the same happens through DeepSpeed's public fragment API (`safe_get_full_fp32_param` and friends); ZeRO-3,
+which partitions the weights too, is refused.
 
 Nothing is pickled, so reading a checkpoint runs no code from it (accelerate's `save_state` pickles the
 scheduler, the RNG states and the optimizer, and loads some with `weights_only=False`). A folder that
@@ -36,7 +38,6 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -230,6 +231,110 @@ def _scatter(objective: nn.Module, optimizer: torch.optim.Optimizer, weights: di
                    optim_state_dict=optim_state or {}, options=options)
 
 
+# --- DeepSpeed ZeRO-1/2: fp32 masters and moments gathered from the partitions, handed back on load --
+
+
+def deepspeed_zero(optimizer: Any) -> Any | None:
+    """The DeepSpeed ZeRO optimizer inside `optimizer` (accelerate wraps it), or None when there is none."""
+    seen = optimizer
+    while seen is not None and not hasattr(seen, "bit16_groups"):
+        seen = getattr(seen, "optimizer", None)
+    return seen
+
+
+ZERO3_REFUSED = ("DeepSpeed ZeRO-3 partitions the weights themselves, which lmcompress checkpoints do not "
+                 "gather; use ZeRO-1/2 (configs/accelerate/deepspeed-zero2.yaml) or FSDP2, or set "
+                 "checkpoint_every: 0 and save_final: false")
+
+
+def _refuse_zero3(objective: nn.Module) -> None:
+    if any(hasattr(p, "ds_id") for p in objective.parameters()):
+        raise CheckpointError(ZERO3_REFUSED)
+
+
+def _zero_parameters(objective: nn.Module, zero: Any) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of each parameter ZeRO steps, in the order a one-process optimizer indexes them."""
+    names = {id(p): n for n, p in objective.named_parameters()}
+    return [(names[id(p)], p) for group in zero.bit16_groups for p in group]
+
+
+def _zero_states(zero: Any, names: list[str] | None = None) -> tuple[list[str], list[dict[str, Any]]]:
+    """(the per-element state names, e.g. Adam's exp_avg and exp_avg_sq; each group's base-optimizer state),
+    each parameter linked to its fragments of them. An optimizer that has not stepped yet (a resume) has no
+    state: it is created from `names`, zeros and step 0, for the checkpoint's values to be copied into."""
+    states = []
+    for flat in zero.single_partition_of_fp32_groups:
+        state = zero.optimizer.state[flat]
+        if not state and names is not None:
+            state.update({"step": torch.tensor(0.0)}, **{name: torch.zeros_like(flat) for name in names})
+        states.append(state)
+    from deepspeed.utils import lazy_init_hp_params_optimizer_state  # lazy: DeepSpeed only
+
+    # Link each parameter to its fragments of the moments now: ZeRO links them once, at its first step,
+    # before Adam has created them (so they are found empty) and never again.
+    for params, flat in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups, strict=True):
+        lazy_init_hp_params_optimizer_state(params, flat, zero.optimizer.state)
+    flat = zero.single_partition_of_fp32_groups[0]
+    return sorted(k for k, v in states[0].items() if torch.is_tensor(v) and v.shape == flat.shape), states
+
+
+def _gathered_zero(objective: nn.Module, zero: Any, optimizer_state: bool
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(weights, optimizer tensors) under ZeRO-1/2 as full CPU tensors in this format's names: the trained
+    parameters as their fp32 masters. A collective: every process calls it; all get the tensors."""
+    from deepspeed.utils import (  # lazy: DeepSpeed only
+        safe_get_full_fp32_param,
+        safe_get_full_optimizer_state,
+    )
+
+    trained = _zero_parameters(objective, zero)
+    weights = {name: tensor.detach().cpu() for name, tensor in _unique_tensors(objective).items()}
+    for name, param in trained:
+        if name in weights:
+            weights[name] = safe_get_full_fp32_param(param).cpu()
+    tensors: dict[str, torch.Tensor] = {}
+    if optimizer_state:
+        keys, states = _zero_states(zero)
+        index = 0
+        for group, state in zip(zero.bit16_groups, states, strict=True):
+            for param in group:
+                for key in keys:
+                    tensors[f"{index}.{key}"] = safe_get_full_optimizer_state(param, key).cpu()
+                tensors[f"{index}.step"] = torch.tensor(float(state["step"]))  # a copy per parameter, as torch keeps it
+                index += 1
+    return weights, tensors
+
+
+def _load_zero(objective: nn.Module, zero: Any, weights: dict[str, torch.Tensor],
+               tensors: dict[str, torch.Tensor] | None, groups: list[dict[str, Any]]) -> None:
+    """Load full tensors (read on every process) into a ZeRO-1/2 objective: the model's copies, the fp32
+    masters' partitions and, with `tensors`, the moments' partitions, the step and the learning rate."""
+    from deepspeed.utils import (  # lazy: DeepSpeed only
+        safe_set_full_fp32_param,
+        safe_set_full_optimizer_state,
+    )
+
+    with torch.no_grad():
+        for name, tensor in _unique_tensors(objective).items():
+            tensor.copy_(weights[name])
+        for name, param in _zero_parameters(objective, zero):
+            safe_set_full_fp32_param(param, weights[name].to(param.device, torch.float32))
+    if tensors is None:
+        return
+    keys, states = _zero_states(zero, sorted({key.split(".", 1)[1] for key in tensors} - {"step"}))
+    index = 0
+    for group, state in zip(zero.bit16_groups, states, strict=True):
+        if group:  # one step for the group's flat partition: the one its first parameter stored
+            step = tensors[f"{index}.step"]
+            state["step"] = step.clone() if torch.is_tensor(state["step"]) else int(step)
+        for param in group:
+            for key in keys:
+                safe_set_full_optimizer_state(param, tensors[f"{index}.{key}"].to(param.device), key)
+            index += 1
+    for group, saved in zip(zero.optimizer.param_groups, groups, strict=True):
+        group.update({k: saved[k] for k in ("lr", "initial_lr") if k in saved})
+
+
 def _optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict],
                      optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     state: dict[int, dict[str, torch.Tensor]] = {}
@@ -252,12 +357,11 @@ def save_checkpoint(accelerator: Accelerator, objective: nn.Module, optimizer: t
     """Write `step-<state['step']>` (every process its RNG file, the main process the rest; the optimizer's
     tensors only with `optimizer_state`); keep the newest `keep`, and never fewer than two: the newest one
     is trusted only once the next step's loss confirms it (see `train`)."""
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise CheckpointError("checkpoints support one process, DDP and FSDP2; DeepSpeed shards the optimizer "
-                              "state, which this writer does not gather (set checkpoint_every: 0, "
-                              "save_final: false)")
+    _refuse_zero3(objective)
     final = ckpt_dir / f"step-{state['step']:08d}"
-    gathered = _gathered(objective, optimizer, optimizer_state) if is_sharded(objective) else None
+    zero = deepspeed_zero(optimizer)
+    gathered = (_gathered_zero(objective, zero, optimizer_state) if zero is not None
+                else _gathered(objective, optimizer, optimizer_state) if is_sharded(objective) else None)
     tmp = ckpt_dir / f"{TEMP_PREFIX}{final.name}"
     if accelerator.is_main_process:
         with _writing(final, tmp.name):
@@ -300,9 +404,26 @@ def _write_main(tmp: Path, final: Path, objective: nn.Module, optimizer: torch.o
             write_tensors(tmp / OPTIMIZER_FILE, tensors if tensors is not None else _optimizer_tensors(optimizer))
     # Plain json.dumps (no default=str): a value JSON cannot hold must fail here, not load back as a string.
     full = {**state, "optimizer_state": optimizer_state, "scheduler": scheduler.state_dict(),
-            "optimizer_groups": optimizer.state_dict()["param_groups"]}
+            "optimizer_groups": _groups(optimizer)}
     with _writing(final, STATE_FILE):
         (tmp / STATE_FILE).write_text(json.dumps(full, indent=1))
+
+
+def _groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The param groups as a one-process optimizer's state dict lists them (settings, parameter indices)."""
+    zero = deepspeed_zero(optimizer)
+    if zero is None:
+        return optimizer.state_dict()["param_groups"]
+    out, start = [], 0
+    for group, params in zip(zero.optimizer.param_groups, zero.bit16_groups, strict=True):
+        out.append({**{k: v for k, v in group.items() if k != "params" and _is_json(v)},
+                    "params": list(range(start, start + len(params)))})
+        start += len(params)
+    return out
+
+
+def _is_json(value: Any) -> bool:
+    return value is None or isinstance(value, bool | int | float | str | list | tuple)
 
 
 def read_state(folder: Path) -> dict:
@@ -336,7 +457,8 @@ def load_checkpoint(folder: Path, objective: nn.Module, optimizer: torch.optim.O
                     scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict, rank: int) -> None:
     """Restore weights, optimizer, scheduler and this process's RNG from `folder` (read by `read_state`); a
     checkpoint saved without optimizer state (a finished run's) restores all but the optimizer."""
-    if is_sharded(objective):
+    _refuse_zero3(objective)
+    if deepspeed_zero(optimizer) is not None or is_sharded(objective):
         _load_sharded(folder, objective, optimizer, state)
     else:
         _load_weights_and_optimizer(folder, objective, optimizer, state)
@@ -364,8 +486,12 @@ def _load_sharded(folder: Path, objective: nn.Module, optimizer: torch.optim.Opt
     if state.get("optimizer_state", True):
         with _reading(folder / OPTIMIZER_FILE):
             tensors = load_file(folder / OPTIMIZER_FILE)
+    zero = deepspeed_zero(optimizer)
     with _reading(path):
-        _scatter(objective, optimizer, weights, tensors, state["optimizer_groups"])
+        if zero is not None:
+            _load_zero(objective, zero, weights, tensors, state["optimizer_groups"])
+        else:
+            _scatter(objective, optimizer, weights, tensors, state["optimizer_groups"])
 
 
 def _load_weights_and_optimizer(folder: Path, objective: nn.Module, optimizer: torch.optim.Optimizer,

@@ -47,10 +47,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import TorchDynamoPlugin
+from accelerate.utils import DistributedType, TorchDynamoPlugin
 from pydantic import Field, model_validator
 from torch import nn
 from tqdm.auto import tqdm
@@ -59,6 +59,7 @@ from lmcompress.core.config import Strict
 from lmcompress.core.errors import LmcompressError, TrainingDiverged
 from lmcompress.core.files import write_json_atomic
 from lmcompress.distill.checkpoint import (
+    ZERO3_REFUSED,
     check_settings,
     checkpoints,
     load_checkpoint,
@@ -355,16 +356,34 @@ def _accelerator(config: TrainConfig, out_dir: Path) -> Accelerator:
     # with different precision); the process group itself (PartialState) is kept.
     AcceleratorState._reset_state()
     GradientState._reset_state()
+    handlers: list = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    # accelerate turns DeepSpeed on only with cpu=False; on a machine without an accelerator it would then
+    # name no process-group backend and count one process: DeepSpeed's CPU backend, gloo, is named here.
+    deepspeed_on_cpu = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.accelerator.is_available()
+    if deepspeed_on_cpu:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     return Accelerator(
         # Without cpu=True, torchrun on a machine without an accelerator gives N independent single
         # processes instead of one gloo group (DistributedType.NO, every process rank 0).
-        cpu=not torch.accelerator.is_available(),
+        cpu=not torch.accelerator.is_available() and not deepspeed_on_cpu,
         mixed_precision="bf16" if config.bf16 else "no",
         log_with=_trackers(config, out_dir),
         project_dir=str(out_dir / "logs"),  # TensorBoard writes logs/<run_name>, like the CSV tracker
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        kwargs_handlers=handlers,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor" if config.compile else "no"),
     )
+
+
+def _configure_deepspeed(accelerator: Accelerator, config: TrainConfig) -> None:
+    """DeepSpeed's engine steps the optimizer itself: it takes the micro-batch, the accumulation and the
+    clipping from the recipe (accelerate would ask a DataLoader, which this loop does not use, for the batch)."""
+    settings = accelerator.state.deepspeed_plugin.deepspeed_config
+    settings.update(train_micro_batch_size_per_gpu=config.batch_size, gradient_accumulation_steps=config.grad_accum,
+                    train_batch_size=config.batch_size * config.grad_accum * accelerator.num_processes,
+                    gradient_clipping=config.max_grad_norm or 0.0)
+    accelerator.gradient_accumulation_steps = config.grad_accum
+    if settings.get("zero_optimization", {}).get("stage", 0) >= 3 and (config.checkpoint_every or config.save_final):
+        raise LmcompressError(ZERO3_REFUSED)
 
 
 def _forward_backward(model: nn.Module, batches: list[dict[str, torch.Tensor]], accelerator: Accelerator,
@@ -374,11 +393,19 @@ def _forward_backward(model: nn.Module, batches: list[dict[str, torch.Tensor]], 
     tokens seen by all processes."""
     sums: dict[str, torch.Tensor] = {}
     tokens = 0
+    engine = accelerator.distributed_type == DistributedType.DEEPSPEED
     for i, batch in enumerate(batches):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model):
+        if engine:
+            # DeepSpeed's own loop: backward and step every micro-batch; the engine scales each loss by
+            # 1/grad_accum, and clips and steps the optimizer at the last one (configured in `train`).
             out = model(batch)
-            accelerator.backward(out["loss"] / len(batches))
+            model.backward(out["loss"])
+            model.step()
+        else:
+            with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model):
+                out = model(batch)
+                accelerator.backward(out["loss"] / len(batches))
         for name, value in out.items():
             sums[name] = sums.get(name, 0) + value.detach().float() / len(batches)
         tokens += count_tokens(batch)
@@ -461,6 +488,8 @@ def train(
         defaults = {name: field.get_default(call_default_factory=True)
                     for name, field in type(config).model_fields.items()}
         check_settings(start, state.get("settings", {}), settings, defaults)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        _configure_deepspeed(accelerator, config)
     order = BatchOrder(len(data), config.batch_size, world, accelerator.process_index, config.seed,
                        row_lengths(data) if config.group_by_length else None)
 
@@ -520,8 +549,10 @@ def train(
             reason = _divergence(values, state, config.spike_factor)
             if reason:
                 raise _diverged(accelerator, ckpt_dir, step, reason, bad_from=step - 1)
-            # Clipping at inf only measures the norm (it scales the gradients by exactly 1).
-            values["grad_norm"] = float(accelerator.clip_grad_norm_(params, config.max_grad_norm or math.inf))
+            # Clipping at inf only measures the norm (it scales the gradients by exactly 1). Under DeepSpeed
+            # the engine has clipped and stepped already (weights not yet checkpointed): this reads its norm.
+            norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+            values["grad_norm"] = math.nan if norm is None else float(norm)
             if not math.isfinite(values["grad_norm"]):
                 raise _diverged(accelerator, ckpt_dir, step, f"gradient norm became {values['grad_norm']} "
                                 f"(loss {values['loss']:.4g})", bad_from=step - 1)

@@ -155,6 +155,60 @@ def test_logits_kd_reads_the_target_tokens_teacher_forced(family):
     assert float(other["ce"]) == pytest.approx(float(s_out.loss), rel=1e-4)
 
 
+@pytest.mark.parametrize("family", SEQ2SEQ)
+def test_width_pruning_cuts_both_stacks_mlps_by_importance_and_reloads(family, tmp_path):
+    from lmcompress.surgery.width import WidthSizes, count_params, prune_width, sizes_for_params
+
+    # MLP width 64 in each stack; T5 v1.1's gated MLP (wi_0, wi_1): ReLU's dead channels would tie at zero
+    gated = {"feed_forward_proj": "gated-gelu", "is_gated_act": True, "dense_act_fn": "gelu_new"} if family == "t5" else {}
+    model = tiny_model(family, layers=2, hidden=32, **gated)
+    views = [get_adapter(model, stack) for stack in ("encoder", "decoder")]
+    assert len(views[1].width_parts(views[1].blocks[0]).mlp_in) == (2 if family == "t5" else 1)
+    with torch.no_grad():  # the first blocks' channels 0-15 never fire: the least important, the first to go
+        for view in views:
+            for linear in view.width_parts(view.blocks[0]).mlp_in:
+                linear.weight[:16] = 0
+                if linear.bias is not None:
+                    linear.bias[:16] = 0
+    before = sum(p.numel() for p in model.parameters())
+    sizes = sizes_for_params(model, before - 4000, ["mlp"], multiple=16)
+    assert sizes.intermediate_size < 64 and count_params(model, sizes) <= before - 4000
+    unpruned = seq2seq_logits(model)
+    choice = prune_width(model, [seq2seq_batch()] * 2, sizes, progress=False)
+    assert sum(p.numel() for p in model.parameters()) == count_params(tiny_model(family, layers=2, hidden=32, **gated),
+                                                                      sizes)
+    assert sizes.intermediate_size == 48 and len(choice.channels) == 4  # encoder blocks, then decoder blocks
+    assert min(choice.channels[0]) == min(choice.channels[2]) == 16
+    for view in views:
+        assert WidthSizes.of(view).intermediate_size == sizes.intermediate_size
+        assert view.width_parts(view.blocks[0]).mlp_out.in_features == sizes.intermediate_size
+    assert not torch.allclose(seq2seq_logits(model), unpruned)
+    generated = model.generate(IDS, max_new_tokens=4, do_sample=False)
+    lc.save(model, tiny_tokenizer(), tmp_path / "cut", format="hf")
+    again, _ = lc.load(tmp_path / "cut")
+    assert torch.allclose(seq2seq_logits(again), seq2seq_logits(model), atol=1e-5)
+    assert torch.equal(again.generate(IDS, max_new_tokens=4, do_sample=False), generated)
+
+
+def test_width_pruning_of_an_encoder_decoder_refuses_what_its_config_cannot_hold():
+    from lmcompress.core.errors import RecipeError
+    from lmcompress.surgery.width import WidthSizes, prune_width, sizes_for_params
+
+    bart, t5 = tiny_model("bart", layers=2, hidden=32), tiny_model("t5", layers=2, hidden=32)
+    fewer_heads = WidthSizes(num_heads=2, num_kv_heads=2, intermediate_size=64, hidden_size=32)
+    with pytest.raises(RecipeError, match="MLP channels only"):
+        prune_width(bart, [seq2seq_batch()], fewer_heads, progress=False)
+    with pytest.raises(RecipeError, match=r"MLP channels only \(`dimensions: \[mlp\]`\), not heads"):
+        sizes_for_params(bart, 10_000, ["heads", "mlp"])
+    with pytest.raises(RecipeError, match="one MLP width for both stacks; cut them together"):
+        sizes_for_params(t5, 10_000, ["mlp"], stack="decoder")
+    # BART's stacks are cut one at a time too
+    decoder_only = sizes_for_params(bart, sum(p.numel() for p in bart.parameters()) - 2000, ["mlp"],
+                                    multiple=16, stack="decoder")
+    prune_width(bart, [seq2seq_batch()], decoder_only, progress=False, stack="decoder")
+    assert (bart.config.encoder_ffn_dim, bart.config.decoder_ffn_dim) == (64, decoder_only.intermediate_size)
+
+
 def test_encoder_decoder_batch_without_a_target_is_refused():
     from lmcompress.core.errors import LmcompressError
     from lmcompress.distill.capture import Needs, capture

@@ -123,6 +123,18 @@ def test_prune_stage_cuts_the_named_stack_by_measured_importance(family, method,
     assert rows["evaluate"]["decoder_layers"] == 2 and rows["evaluate"]["rouge_examples"] == 6
 
 
+def test_prune_stage_narrows_an_encoder_decoders_mlps_and_the_model_still_generates(tmp_path):
+    recipe = prune_recipe(tmp_path, "bart", "angular")
+    recipe.stages[1] = type(recipe.stages[1]).model_validate(
+        {"stage": "prune", "width": {"ratio": 0.9, "dimensions": ["mlp"], "multiple": 8}, "calibration_samples": 4})
+    run = run_recipe(recipe, tmp_path / "run")
+    row = next(row for row in run.report.rows if row.get("pruned") == "width")
+    config = run.student.config
+    assert config.encoder_ffn_dim == config.decoder_ffn_dim == row["intermediate_size"] < row["intermediate_size_before"]
+    assert row["params_after"] <= 0.9 * row["params_before"]
+    assert next(r for r in run.report.rows if r["stage"] == "evaluate")["rouge_examples"] == 6
+
+
 def test_t5_blocks_cannot_be_skipped_in_place_so_greedy_perplexity_is_refused(tmp_path):
     from lmcompress.core.errors import LmcompressError
 

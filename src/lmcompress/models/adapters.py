@@ -637,6 +637,20 @@ class Seq2SeqAdapter(ArchAdapter):
     ffn_attr: dict[str, str] = {}
 
     @property
+    def shares_stack_widths(self) -> bool:
+        """Whether one config attribute holds both stacks' MLP width (then they are cut together)."""
+        return len(set(self.ffn_attr.values())) == 1
+
+    def set_widths(self, num_heads: int, num_kv_heads: int, intermediate_size: int, hidden_size: int) -> None:
+        """This stack's MLP width in the config (width pruning cuts an encoder-decoder's MLP channels only)."""
+        kept = (num_heads, num_kv_heads, hidden_size) == (self.num_heads, self.num_kv_heads, self.hidden_size)
+        if not kept:
+            raise UnsupportedArchitectureError(f"{self.family}: width pruning cuts the MLP channels only; the "
+                                               "config cannot describe narrower heads or hidden states")
+        self._stack()
+        setattr(self.config, self.ffn_attr[self.stack], intermediate_size)
+
+    @property
     def causal(self) -> bool:
         return self.stack == "decoder"
 
@@ -732,6 +746,12 @@ class BartAdapter(Seq2SeqAdapter):
         a = block.self_attn
         return QKV(q=a.q_proj, k=a.k_proj, v=a.v_proj)
 
+    def width_parts(self, block: nn.Module) -> WidthParts:
+        a = block.self_attn
+        norms = [m for n, m in block.named_children() if n.endswith("layer_norm")]
+        return WidthParts(q=a.q_proj, k=a.k_proj, v=a.v_proj, o=a.out_proj, mlp_in=[block.fc1], mlp_out=block.fc2,
+                          norms=norms)
+
     @property
     def max_positions(self) -> int | None:
         return self.config.max_position_embeddings
@@ -810,6 +830,12 @@ class T5Adapter(Seq2SeqAdapter):
     def qkv(self, block: nn.Module) -> QKV:
         a = block.layer[0].SelfAttention
         return QKV(q=a.q, k=a.k, v=a.v)
+
+    def width_parts(self, block: nn.Module) -> WidthParts:
+        a, mlp = block.layer[0].SelfAttention, block.layer[-1].DenseReluDense
+        mlp_in = [mlp.wi_0, mlp.wi_1] if hasattr(mlp, "wi_0") else [mlp.wi]  # gated (v1.1, FLAN) or not
+        return WidthParts(q=a.q, k=a.k, v=a.v, o=a.o, mlp_in=mlp_in, mlp_out=mlp.wo,
+                          norms=[layer.layer_norm for layer in block.layer])
 
     @property
     def head_dim(self) -> int:

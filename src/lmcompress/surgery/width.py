@@ -18,6 +18,11 @@ common keep fraction, rounded (channels to a multiple, heads to whole heads), th
 widens each dimension a step at a time while the count still fits. Counting
 and slicing share one map of which dimension of which parameter is which width (`_width_map`), so the count
 is exactly what the slicing leaves.
+
+An encoder-decoder (BART, T5) is cut in its MLP channels, of one stack (`stack`) or of both: its heads and
+hidden width are refused, because a stock config could not describe them (BART derives head_dim from
+d_model / heads; T5 has one num_heads, and its relative position bias is computed once per stack for every
+block's heads). T5 holds one d_ff for both stacks, so its two stacks are cut together.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from tqdm.auto import tqdm
 
 from lmcompress.core.errors import RecipeError
 from lmcompress.models.adapters import ArchAdapter, get_adapter, is_sequence_classifier
-from lmcompress.models.blocks import bf16_autocast, fused_attention, model_inputs
+from lmcompress.models.blocks import bf16_autocast, fused_attention, model_inputs, positions_mask
 
 Dimension = Literal["heads", "mlp", "hidden"]
 HeadRule = Literal["groups", "q-heads"]
@@ -82,50 +87,59 @@ class WidthImportance:
 
 @torch.no_grad()
 def width_importance(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], bf16: bool = False,
-                     progress: bool = True) -> WidthImportance:
-    """Run the calibration batches once through `model` with hooks and return every width's importance."""
-    adapter = get_adapter(model)
-    parts = [adapter.width_parts(b) for b in adapter.blocks]
+                     progress: bool = True, stack: str | None = None) -> WidthImportance:
+    """Run the calibration batches once through `model` with hooks and return every width's importance (an
+    encoder-decoder's: the MLP channels of the stacks cut, over each stack's own real positions)."""
+    views = width_views(model, stack)
+    adapter = views[0]
+    mlp_only = adapter.is_encoder_decoder
+    blocks = [(view, block) for view in views for block in view.blocks]
+    parts = [view.width_parts(b) for view, b in blocks]
     num_heads, head_dim = adapter.num_heads, adapter.head_dim
     heads = [torch.zeros(num_heads, dtype=torch.float64) for _ in parts]
     channels = [torch.zeros(p.mlp_out.in_features, dtype=torch.float64) for p in parts]
     hidden = torch.zeros(adapter.hidden_size, dtype=torch.float64)
-    mask: list[torch.Tensor | None] = [None]
+    masks: dict[str | None, torch.Tensor | None] = {}  # per stack: its real positions in this batch
 
-    def real(x: torch.Tensor) -> torch.Tensor:  # (tokens, features) of the real tokens, fp32
-        m = mask[0]
+    def real(x: torch.Tensor, stack_name: str | None) -> torch.Tensor:  # (tokens, features) of the real ones, fp32
+        m = masks.get(stack_name)
         return (x[m] if m is not None else x.reshape(-1, x.shape[-1])).float()
 
-    def head_hook(i):
+    def head_hook(i, name):
         def hook(module, args):
-            heads[i].add_(real(args[0]).view(-1, num_heads, head_dim).norm(dim=-1).sum(0).double().cpu())
+            heads[i].add_(real(args[0], name).view(-1, num_heads, head_dim).norm(dim=-1).sum(0).double().cpu())
         return hook
 
-    def channel_hook(i):
+    def channel_hook(i, name):
         def hook(module, args):
-            channels[i].add_(real(args[0]).abs().sum(0).double().cpu())
+            channels[i].add_(real(args[0], name).abs().sum(0).double().cpu())
         return hook
 
     def hidden_hook(module, args, out):
-        hidden.add_(real(out).abs().sum(0).double().cpu())
+        hidden.add_(real(out, adapter.stack).abs().sum(0).double().cpu())
 
     handles = []
-    for i, p in enumerate(parts):
-        handles.append(p.o.register_forward_pre_hook(head_hook(i)))
-        handles.append(p.mlp_out.register_forward_pre_hook(channel_hook(i)))
-        handles += [n.register_forward_hook(hidden_hook) for n in p.norms]
-    if adapter.final_norm is not None:
+    for i, ((view, _), p) in enumerate(zip(blocks, parts, strict=True)):
+        handles.append(p.mlp_out.register_forward_pre_hook(channel_hook(i, view.stack)))
+        if not mlp_only:
+            handles.append(p.o.register_forward_pre_hook(head_hook(i, view.stack)))
+            handles += [n.register_forward_hook(hidden_hook) for n in p.norms]
+    if adapter.final_norm is not None and not mlp_only:
         handles.append(adapter.final_norm.register_forward_hook(hidden_hook))
     device = next(model.parameters()).device
     tokens = 0
     try:
         with fused_attention(model), bf16_autocast(bf16, device):
             for batch in tqdm(batches, desc="width importance", unit="batch", disable=not progress):
-                inputs = model_inputs(batch, device)
-                m = inputs.get("attention_mask")
-                mask[0] = m.bool() if m is not None else None
-                tokens += int(mask[0].sum()) if mask[0] is not None else inputs["input_ids"].numel()
-                adapter.base(**inputs, **adapter.no_cache)
+                for view in views:
+                    m = positions_mask(view, batch)
+                    masks[view.stack] = m.bool().to(device) if m is not None else None
+                first = masks[views[0].stack]
+                tokens += int(first.sum()) if first is not None else batch["input_ids"].numel()
+                if mlp_only:  # both stacks run: the decoder reads the encoder's output
+                    model(**model_inputs(batch, device, model), **adapter.no_cache)
+                else:
+                    adapter.base(**model_inputs(batch, device), **adapter.no_cache)
     finally:
         for h in handles:
             h.remove()
@@ -142,9 +156,23 @@ def width_importance(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]
 Roles = tuple[str | None, ...]
 
 
-def _width_map(adapter: ArchAdapter) -> list[tuple[nn.Module, str, Roles, int | None]]:
+def width_views(model: nn.Module, stack: str | None = None) -> list[ArchAdapter]:
+    """The block stacks width pruning cuts, as adapter views: a decoder's or encoder's one stack; an
+    encoder-decoder's stack `stack`, or both."""
+    adapter = get_adapter(model)
+    if not adapter.is_encoder_decoder:
+        return [adapter]
+    if stack is not None and adapter.shares_stack_widths:
+        raise RecipeError(f"width pruning: {adapter.family}'s config holds one MLP width for both stacks; cut them "
+                          f"together (leave `stack` out)")
+    return [adapter.on(stack)] if stack is not None else [adapter.on(name) for name in adapter.stacks]
+
+
+def _width_map(adapter: ArchAdapter, stack: str | None = None) -> list[tuple[nn.Module, str, Roles, int | None]]:
     """(module, parameter name, roles of its dimensions, block index or None for model-wide) for every
-    parameter a width runs through."""
+    parameter a width runs through. An encoder-decoder's blocks are numbered across the stacks cut."""
+    if adapter.is_encoder_decoder:
+        return _mlp_map(width_views(adapter.model, stack))
     if is_sequence_classifier(adapter.model):
         raise RecipeError("width pruning cuts causal LMs; a sequence classifier's head is not cut with them")
     entries: list[tuple[nn.Module, str, Roles, int | None]] = [(adapter.embeddings, "weight", (None, "hidden"), None)]
@@ -168,9 +196,40 @@ def _width_map(adapter: ArchAdapter) -> list[tuple[nn.Module, str, Roles, int | 
     return entries
 
 
-def check_cuttable(model: nn.Module) -> None:
+def _mlp_map(views: list[ArchAdapter]) -> list[tuple[nn.Module, str, Roles, int | None]]:
+    """The MLP channels of every block of `views` (an encoder-decoder's widths: the hidden width stays)."""
+    entries: list[tuple[nn.Module, str, Roles, int | None]] = []
+    blocks = [block for view in views for block in view.blocks]
+    for i, block in enumerate(blocks):
+        p = views[0].width_parts(block)
+        for module, roles in [*[(m, ("mlp", None)) for m in p.mlp_in], (p.mlp_out, (None, "mlp"))]:
+            if type(module) is not nn.Linear:
+                raise RecipeError(f"width pruning cuts float nn.Linear modules, and block {i} holds a "
+                                  f"{type(module).__name__}; prune before quantize or factorize")
+            entries.append((module, "weight", roles, i))
+            if module.bias is not None and roles[0] == "mlp":
+                entries.append((module, "bias", ("mlp",), i))
+    return entries
+
+
+def check_cuttable(model: nn.Module, stack: str | None = None) -> None:
     """Refuse, by name, a model width pruning cannot cut (another layout, quantized or factorized modules)."""
-    _width_map(get_adapter(model))
+    _width_map(get_adapter(model), stack)
+
+
+def check_encoder_decoder_sizes(model: nn.Module, sizes: WidthSizes, stack: str | None = None,
+                                field: str = "width") -> None:
+    """An encoder-decoder is cut in its MLP channels only, each stack cut to the same width."""
+    views = width_views(model, stack)
+    if not views[0].is_encoder_decoder:
+        return
+    now = [WidthSizes.of(view) for view in views]
+    if any(replace(n, intermediate_size=sizes.intermediate_size) != sizes for n in now):
+        raise RecipeError(f"{field}: an encoder-decoder is cut in its MLP channels only (intermediate_size, "
+                          "`dimensions: [mlp]`): a stock config cannot describe narrower heads or hidden states")
+    if len({n.intermediate_size for n in now}) > 1:
+        raise RecipeError(f"{field}: the stacks' MLP widths differ ({', '.join(str(n.intermediate_size) for n in now)}); "
+                          "name the stack to cut (`stack: encoder` or `stack: decoder`)")
 
 
 def _role_sizes(sizes: WidthSizes, head_dim: int) -> dict[str, int]:
@@ -178,11 +237,11 @@ def _role_sizes(sizes: WidthSizes, head_dim: int) -> dict[str, int]:
             "mlp": sizes.intermediate_size, "hidden": sizes.hidden_size}
 
 
-def count_params(model: nn.Module, sizes: WidthSizes) -> int:
+def count_params(model: nn.Module, sizes: WidthSizes, stack: str | None = None) -> int:
     """The parameter count `model` would have cut to `sizes` (tied tensors once)."""
-    adapter = get_adapter(model)
-    new = _role_sizes(sizes, adapter.head_dim)
-    mapped = _width_map(adapter)
+    view = width_views(model, stack)[0]
+    new = _role_sizes(sizes, view.head_dim)
+    mapped = _width_map(view, stack)
     total = sum(p.numel() for p in model.parameters())
     for module, name, roles, _ in mapped:
         shape = getattr(module, name).shape
@@ -195,16 +254,19 @@ def _round_to(value: float, multiple: int, floor: int) -> int:
 
 
 def sizes_for_params(model: nn.Module, target_params: int, dimensions: Sequence[Dimension],
-                     head_rule: HeadRule = "groups", multiple: int = 32) -> WidthSizes:
+                     head_rule: HeadRule = "groups", multiple: int = 32, stack: str | None = None) -> WidthSizes:
     """The largest sizes, all chosen dimensions shrunk by one keep fraction, whose count is <= the target."""
-    adapter = get_adapter(model)
-    check_cuttable(model)
-    now = WidthSizes.of(adapter)
+    check_cuttable(model, stack)
+    view = width_views(model, stack)[0]
+    now = WidthSizes.of(view)
     if not dimensions:
         raise RecipeError("width pruning to a parameter target needs dimensions (heads, mlp, hidden)")
-    if target_params >= count_params(model, now):
+    if view.is_encoder_decoder and set(dimensions) != {"mlp"}:
+        raise RecipeError(f"width pruning: an encoder-decoder is cut in its MLP channels only (`dimensions: [mlp]`), "
+                          f"not {', '.join(d for d in dimensions if d != 'mlp')}")
+    if target_params >= count_params(model, now, stack):
         raise RecipeError(f"width pruning: target {target_params:,} parameters is not below the model's "
-                          f"{count_params(model, now):,}; nothing to cut")
+                          f"{count_params(model, now, stack):,}; nothing to cut")
     group = now.num_heads // now.num_kv_heads
 
     def at(keep: float) -> WidthSizes:
@@ -223,11 +285,11 @@ def sizes_for_params(model: nn.Module, target_params: int, dimensions: Sequence[
         return WidthSizes(heads, kv, mlp, hidden)
 
     def fits(sizes: WidthSizes) -> bool:
-        return sizes.hidden_size % sizes.num_heads == 0 and count_params(model, sizes) <= target_params
+        return sizes.hidden_size % sizes.num_heads == 0 and count_params(model, sizes, stack) <= target_params
 
     if not fits(at(1e-9)):
         raise RecipeError(f"width pruning: {target_params:,} parameters is below what cutting "
-                          f"{', '.join(dimensions)} can reach ({count_params(model, at(1e-9)):,}); "
+                          f"{', '.join(dimensions)} can reach ({count_params(model, at(1e-9), stack):,}); "
                           "prune more dimensions or depth too")
     lo, hi = 0.0, 1.0  # count(at(lo)) <= target; find the largest such keep fraction
     for _ in range(40):
@@ -313,16 +375,17 @@ def _rows(indices: list[int], width: int) -> torch.Tensor:
     return torch.tensor([h * width + j for h in indices for j in range(width)], dtype=torch.long)
 
 
-def cut_width(model: nn.Module, choice: WidthChoice) -> nn.Module:
+def cut_width(model: nn.Module, choice: WidthChoice, stack: str | None = None) -> nn.Module:
     """Keep only what `choice` keeps, in place; the config and every attention module say the new widths."""
-    adapter = get_adapter(model)
+    views = width_views(model, stack)
+    adapter = views[0]
     head_dim = adapter.head_dim
     tied = adapter.head is not None and adapter.head.weight is adapter.embeddings.weight
     hidden = torch.tensor(choice.hidden, dtype=torch.long)
     kept = [{"q": _rows(choice.heads[i], head_dim), "kv": _rows(choice.kv_heads[i], head_dim),
              "mlp": torch.tensor(choice.channels[i], dtype=torch.long), "hidden": hidden}
-            for i in range(adapter.num_layers)]
-    for module, name, roles, block in _width_map(adapter):
+            for i in range(sum(view.num_layers for view in views))]
+    for module, name, roles, block in _width_map(adapter, stack):
         index = kept[block] if block is not None else {"hidden": hidden}
         value = getattr(module, name)
         data = value.data
@@ -338,18 +401,20 @@ def cut_width(model: nn.Module, choice: WidthChoice) -> nn.Module:
     if tied:
         adapter.head.weight = adapter.embeddings.weight
     s = choice.sizes
-    adapter.set_widths(s.num_heads, s.num_kv_heads, s.intermediate_size, s.hidden_size)
+    for view in views:
+        view.set_widths(s.num_heads, s.num_kv_heads, s.intermediate_size, s.hidden_size)
     return model
 
 
 def prune_width(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], sizes: WidthSizes,
-                bf16: bool = False, progress: bool = True) -> WidthChoice:
-    """Measure importance on the batches, choose what stays at `sizes`, cut `model` in place."""
+                bf16: bool = False, progress: bool = True, stack: str | None = None) -> WidthChoice:
+    """Measure importance on the batches, choose what stays at `sizes`, cut `model` in place (an
+    encoder-decoder's stack `stack`, or both)."""
     started = time.perf_counter()
-    adapter = get_adapter(model)
-    check_cuttable(model)
-    now = WidthSizes.of(adapter)
-    choice = choose_width(width_importance(model, batches, bf16=bf16, progress=progress), now, sizes)
-    cut_width(model, choice)
+    check_cuttable(model, stack)
+    check_encoder_decoder_sizes(model, sizes, stack)
+    now = WidthSizes.of(width_views(model, stack)[0])
+    choice = choose_width(width_importance(model, batches, bf16=bf16, progress=progress, stack=stack), now, sizes)
+    cut_width(model, choice, stack)
     choice.seconds = time.perf_counter() - started
     return choice

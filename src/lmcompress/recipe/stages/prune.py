@@ -10,6 +10,9 @@
         heads: groups          # whole kv groups go, or q-heads: q heads within every group
       calibration_samples: 32  # corpus sequences the scores are measured on
 
+An encoder-decoder (BART, T5) names the `stack` depth cuts; its width is cut in the MLP channels
+(`dimensions: [mlp]` or `sizes: {intermediate_size: ...}`) of the named stack or of both (T5: always both).
+
 Depth goes first, then width (measured on the shallower model). The student stays a normal Hugging Face
 model (its config says the new depth and widths; save/reload and generate work). Each part reports a row:
 what was removed, the parameters before and after; the per-block and per-channel scores go to the
@@ -39,7 +42,15 @@ from lmcompress.recipe.base import (
 from lmcompress.surgery.calibration import calibration_batches
 from lmcompress.surgery.depth import DepthChoice, DepthMethod, choose_blocks
 from lmcompress.surgery.truncate import resolve_layers, truncate_layers
-from lmcompress.surgery.width import HeadRule, WidthSizes, check_cuttable, prune_width, sizes_for_params
+from lmcompress.surgery.width import (
+    HeadRule,
+    WidthSizes,
+    check_cuttable,
+    check_encoder_decoder_sizes,
+    prune_width,
+    sizes_for_params,
+    width_views,
+)
 
 
 class DepthPruning(Strict):
@@ -114,20 +125,22 @@ class WidthPruning(Strict):
             raise ValueError("give exactly one of sizes, target_params or ratio")
         return self
 
-    def resolve(self, model, field: str, params_at_start: int) -> WidthSizes:
-        """The sizes to cut `model` to; `ratio` is of `params_at_start` (before this stage's depth cut)."""
-        check_cuttable(model)
-        now = WidthSizes.of(get_adapter(model))
+    def resolve(self, model, field: str, params_at_start: int, stack: str | None = None) -> WidthSizes:
+        """The sizes to cut `model` (an encoder-decoder's stack `stack`, or both) to; `ratio` is of
+        `params_at_start` (before this stage's depth cut)."""
+        check_cuttable(model, stack)
+        now = WidthSizes.of(width_views(model, stack)[0])
         if self.sizes is not None:
             sizes = self.sizes.resolve(now)
             field = f"{field}.sizes"
         else:
             target = int(self.target_params or params_at_start * self.ratio)
             try:
-                sizes = sizes_for_params(model, target, self.dimensions, self.heads, self.multiple)
+                sizes = sizes_for_params(model, target, self.dimensions, self.heads, self.multiple, stack)
             except RecipeError as exc:
                 raise RecipeError(f"{field}: {exc}") from None
         sizes.check_within(now, field)
+        check_encoder_decoder_sizes(model, sizes, stack, field)
         return sizes
 
 
@@ -143,7 +156,8 @@ class PruneStage(StageConfig, CalibrationSettings):
     calibration_samples: int = Field(32, gt=0, description="calibration sequences the scores are measured on")
     bf16: bool = Field(False, description="measure under bf16 autocast (about 2x faster on CPUs with avx512_bf16)")
     stack: Literal["encoder", "decoder"] | None = Field(
-        None, description="the block stack depth pruning cuts (encoder-decoder models; others have one)")
+        None, description="the block stack an encoder-decoder is cut in: depth needs one; width cuts both "
+                          "when none is named (others have one stack)")
 
     @model_validator(mode="after")
     def _something(self) -> PruneStage:
@@ -183,9 +197,9 @@ class PruneStage(StageConfig, CalibrationSettings):
         if self.depth is not None:
             self._prune_depth(run, student, batches)
         if self.width is not None:
-            before, widths = size_report(student), WidthSizes.of(get_adapter(student))
-            sizes = self.width.resolve(student, f"{self.label}.width", params_at_start)
-            choice = prune_width(student, batches, sizes, bf16=self.bf16)
+            before, widths = size_report(student), WidthSizes.of(width_views(student, self.stack)[0])
+            sizes = self.width.resolve(student, f"{self.label}.width", params_at_start, self.stack)
+            choice = prune_width(student, batches, sizes, bf16=self.bf16, stack=self.stack)
             self._report(run, "width", choice.summary(widths), before, student, choice.importance)
 
     def _prune_depth(self, run: Run, student, batches) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,6 +35,8 @@ class Layout:
 
     tensors: list[PlannedTensor]
     fields: dict[str, Any]
+    # what planning computed that writing reuses (e.g. the integer weights), never written to the marker
+    work: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 class Format(ABC):

@@ -231,14 +231,14 @@ class CompressedTensorsFormat(Format):
                        "activation_bits": _activation_bits(m), "scheme": w.scheme}
                    for n, (w, _, _, m) in quantized.items()}
         return Layout(plan, {"model_class": type(model).__name__, "dtype": dtype, "modules": modules,
-                             "aliases": aliases})
+                             "aliases": aliases}, work={"quantized": quantized})
 
     def write(self, model: nn.Module, tokenizer, folder: Path, layout: Layout) -> None:
         # compressed-tensors loads only when this format is written
         from compressed_tensors import ModelCompressor
         from compressed_tensors.quantization import apply_quantization_config
 
-        quantized = _quantized(model)
+        quantized = layout.work.get("quantized") or _quantized(model)
         float_model = _float_copy(model, quantized, torch_dtype(layout.fields["dtype"]))
         config = _quantization_config(quantized)
         apply_quantization_config(float_model, config, show_progress=False)

@@ -83,6 +83,19 @@ def test_a_gguf_export_is_timed_through_llama_bench_when_it_is_found(tmp_path, m
                    "speed_path": "llama.cpp"}
 
 
+def test_a_gguf_exports_row_gives_its_file_size_but_not_the_memory_of_the_float_copy_read_back(tmp_path):
+    from lmcompress.recipe.runner import run_recipe
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama", vocab_size=320).save_pretrained(folder)
+    bpe_tokenizer(vocab=320).save_pretrained(folder)  # a tokenizer GGUF can hold
+    recipe = Recipe.parse({"name": "t", "teacher": str(folder), "stages": [
+        {"stage": "load"}, {"stage": "export", "format": "gguf", "dtype": "bf16"},
+        {"stage": "evaluate", "name": "exported-gguf", "model": "export", "metrics": ["size"]}]})
+    row = next(r for r in run_recipe(recipe, tmp_path / "run").report.rows if r["stage"] == "exported-gguf")
+    assert row["size_mb"] > 0 and "memory_mb" not in row  # llama.cpp runs it, not the dequantized copy
+
+
 def test_the_planner_adds_the_gguf_proof_only_where_model_tokenizer_and_tool_allow(tmp_path, monkeypatch):
     llama, byte_level = tiny_model("llama"), bpe_tokenizer()
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))

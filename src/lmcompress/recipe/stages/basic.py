@@ -225,8 +225,9 @@ class EvaluateStage(StageConfig):
             row.update(self._rouge(run, model))
         if "size" in metrics and self.model == "export":
             disk = weight_file_bytes(run.last_export[0])
-            memory = resident_bytes(model)
-            row.update(size_mb=round(disk / 1e6, 3), memory_mb=round(memory / 1e6, 2))
+            row["size_mb"] = round(disk / 1e6, 3)
+            if run.last_export[1] != "gguf":  # a GGUF runs in llama.cpp, not as the float copy read back here
+                row["memory_mb"] = round(resident_bytes(model) / 1e6, 2)
             if run.teacher_bytes:
                 row["compression_ratio"] = round(run.teacher_bytes / disk, 3)
         elif "size" in metrics:

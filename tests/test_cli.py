@@ -42,6 +42,7 @@ def test_env_prints_versions_device_and_kernels(capsys):
     assert cli_main(["env", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["libraries"]["torch"] == torch.__version__ and info["libraries"]["transformers"]
+    assert "deepspeed" in info["libraries"]  # its version, or None where it is not installed (it is optional)
     assert info["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
     assert "auto" in info["kernel_options"] and "fbgemm-int8" in info["kernel_options"]
     assert cli_main(["env"]) == 0

@@ -19,8 +19,9 @@ from lmcompress import __version__
 from lmcompress.infer import native
 from lmcompress.infer.kernels import cpu_flags, cpu_has_vnni, kernel_options
 
+# deepspeed is optional: only `accelerate launch --config_file configs/accelerate/deepspeed-zero2.yaml` needs it
 LIBRARIES = ("torch", "transformers", "accelerate", "datasets", "safetensors", "compressed-tensors", "gguf",
-             "tokenizers")
+             "tokenizers", "deepspeed")
 GPU_NOTE = ("packed modules dequantize their codes once to a float weight on GPU (no fused low-bit GPU kernel); "
             "the integer kernels below are CPU kernels")
 

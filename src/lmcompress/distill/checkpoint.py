@@ -262,14 +262,14 @@ def _zero_states(zero: Any, names: list[str] | None = None) -> tuple[list[str], 
     """(the per-element state names, e.g. Adam's exp_avg and exp_avg_sq; each group's base-optimizer state),
     each parameter linked to its fragments of them. An optimizer that has not stepped yet (a resume) has no
     state: it is created from `names`, zeros and step 0, for the checkpoint's values to be copied into."""
+    from deepspeed.utils import lazy_init_hp_params_optimizer_state  # lazy: DeepSpeed only
+
     states = []
     for flat in zero.single_partition_of_fp32_groups:
         state = zero.optimizer.state[flat]
         if not state and names is not None:
             state.update({"step": torch.tensor(0.0)}, **{name: torch.zeros_like(flat) for name in names})
         states.append(state)
-    from deepspeed.utils import lazy_init_hp_params_optimizer_state  # lazy: DeepSpeed only
-
     # Link each parameter to its fragments of the moments now: ZeRO links them once, at its first step,
     # before Adam has created them (so they are found empty) and never again.
     for params, flat in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups, strict=True):

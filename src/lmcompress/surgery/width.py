@@ -183,33 +183,34 @@ def _width_map(adapter: ArchAdapter, stack: str | None = None) -> list[tuple[nn.
         entries += [(adapter.final_norm, n, ("hidden",), None) for n, _ in adapter.final_norm.named_parameters()]
     for i, block in enumerate(adapter.blocks):
         p = adapter.width_parts(block)
-        linears = [(p.q, "q", "hidden"), (p.k, "kv", "hidden"), (p.v, "kv", "hidden"), (p.o, "hidden", "q"),
-                   *[(m, "mlp", "hidden") for m in p.mlp_in], (p.mlp_out, "hidden", "mlp")]
-        for module, rows, cols in linears:
-            if type(module) is not nn.Linear:
-                raise RecipeError(f"width pruning cuts float nn.Linear modules, and block {i} holds a "
-                                  f"{type(module).__name__}; prune before quantize or factorize")
-            entries.append((module, "weight", (rows, cols), i))
-            if module.bias is not None:
-                entries.append((module, "bias", (rows,), i))
+        entries += _linear_entries([(p.q, "q", "hidden"), (p.k, "kv", "hidden"), (p.v, "kv", "hidden"),
+                                    (p.o, "hidden", "q"), *[(m, "mlp", "hidden") for m in p.mlp_in],
+                                    (p.mlp_out, "hidden", "mlp")], i)
         entries += [(n, name, ("hidden",), i) for n in p.norms for name, _ in n.named_parameters()]
+    return entries
+
+
+def _linear_entries(linears: list[tuple[nn.Module, str | None, str | None]], block: int
+                    ) -> list[tuple[nn.Module, str, Roles, int | None]]:
+    """The map's entries of block `block`'s linears, each given with the roles of its rows and columns (None:
+    not cut); the bias follows the rows."""
+    entries: list[tuple[nn.Module, str, Roles, int | None]] = []
+    for module, rows, cols in linears:
+        if type(module) is not nn.Linear:
+            raise RecipeError(f"width pruning cuts float nn.Linear modules, and block {block} holds a "
+                              f"{type(module).__name__}; prune before quantize or factorize")
+        entries.append((module, "weight", (rows, cols), block))
+        if module.bias is not None and rows is not None:
+            entries.append((module, "bias", (rows,), block))
     return entries
 
 
 def _mlp_map(views: list[ArchAdapter]) -> list[tuple[nn.Module, str, Roles, int | None]]:
     """The MLP channels of every block of `views` (an encoder-decoder's widths: the hidden width stays)."""
-    entries: list[tuple[nn.Module, str, Roles, int | None]] = []
     blocks = [block for view in views for block in view.blocks]
-    for i, block in enumerate(blocks):
-        p = views[0].width_parts(block)
-        for module, roles in [*[(m, ("mlp", None)) for m in p.mlp_in], (p.mlp_out, (None, "mlp"))]:
-            if type(module) is not nn.Linear:
-                raise RecipeError(f"width pruning cuts float nn.Linear modules, and block {i} holds a "
-                                  f"{type(module).__name__}; prune before quantize or factorize")
-            entries.append((module, "weight", roles, i))
-            if module.bias is not None and roles[0] == "mlp":
-                entries.append((module, "bias", ("mlp",), i))
-    return entries
+    parts = [views[0].width_parts(block) for block in blocks]
+    return [entry for i, p in enumerate(parts)
+            for entry in _linear_entries([*[(m, "mlp", None) for m in p.mlp_in], (p.mlp_out, None, "mlp")], i)]
 
 
 def check_cuttable(model: nn.Module, stack: str | None = None) -> None:

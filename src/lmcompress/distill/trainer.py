@@ -20,10 +20,13 @@ settings is refused. They are written to a temporary folder and renamed, the new
 (without the optimizer's state, which nothing steps again: a block-wise reconstruction keeps one final
 checkpoint per block).
 
-Divergence: a non-finite loss term or gradient norm, or a loss spike (over `spike_factor` x the median of
-the recent steps' losses and above the first step's), stops the run before the optimizer steps. The
-weights of step N produce the loss of step N+1, so the checkpoint of the step before the diverged one is
-removed and the error names the newest remaining one: its weights gave a finite, non-spiking loss.
+Divergence: a non-finite loss term or gradient norm, or a loss spike, stops the run before the optimizer
+steps. A spike is a loss over `spike_factor` x the median of the recent steps' losses and above the first
+step's; one also over `spike_factor` x the first step's (a runaway) stops at once, a smaller one when it
+lasts `SPIKE_PATIENCE` steps in a row (one bad batch of a small-batch classifier fine-tune jumps that far
+and the next steps come back). The weights of step N produce the loss of step N+1, so the checkpoints from
+the step before the first diverged one are removed and the error names the newest remaining one: its
+weights gave a finite, non-spiking loss.
 
 Metrics go to accelerate trackers: `out_dir/logs/<run_name>/metrics.csv` (CSVTracker, default) or
 TensorBoard events in the same folder. A fresh run starts that folder empty; a resumed one continues it
@@ -75,6 +78,7 @@ log = logging.getLogger(__name__)
 
 LENGTH_GROUP = 50  # batches whose rows group_by_length sorts together: random enough, little padding
 SPIKE_WINDOW = 16  # recent step losses whose median the spike rule compares with
+SPIKE_PATIENCE = 3  # steps in a row a spike below spike_factor x the first loss must last to stop the run
 # Settings that leave the trained weights alone: a resumed run may change them; all others must match.
 FREE_ON_RESUME = frozenset({"eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "log_with",
                             "log_every", "spike_factor", "progress", "run_name", "save_final", "max_seconds"})
@@ -418,12 +422,16 @@ def _forward_backward(model: nn.Module, batches: list[dict[str, torch.Tensor]], 
 
 
 def _divergence(values: dict[str, float], state: dict, spike_factor: float | None) -> str | None:
-    """Why this step's losses mean the run diverged, or None.
+    """Why this step's losses mean the run diverged, or None; `state["spikes"]` becomes the count of spiking
+    steps in a row up to this one (the run's bad weights began that many steps back).
 
     A spike must be over `spike_factor` x the median of the recent losses (robust to one noisy step) and
     above the first step's loss: a small, noisy loss late in training (a fine-tuned classifier's) can jump
-    by large factors and still be far below where the run started.
+    by large factors and still be far below where the run started. It stops the run at once when it is
+    also over `spike_factor` x the first loss, else when it lasts SPIKE_PATIENCE steps.
     """
+    spikes = state.get("spikes", 0) + 1
+    state["spikes"] = spikes
     for name in [n for n in values if n != "loss"] + ["loss"]:
         if not math.isfinite(values[name]):
             return f"loss term {name!r} became {values[name]}"
@@ -431,9 +439,13 @@ def _divergence(values: dict[str, float], state: dict, spike_factor: float | Non
     if spike_factor and recent:
         median = statistics.median(recent)
         if 0 < median and loss > spike_factor * median and loss > state["first_loss"]:
+            if loss <= spike_factor * state["first_loss"] and spikes < SPIKE_PATIENCE:
+                return None
             terms = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k != "loss")
+            lasting = f"; {spikes} spiking steps in a row" if spikes > 1 else ""
             return (f"loss {loss:.4g} is over {spike_factor:g}x the median of the last {len(recent)} steps' "
-                    f"({median:.4g}; terms: {terms})")
+                    f"({median:.4g}; terms: {terms}){lasting}")
+    state["spikes"] = 0
     return None
 
 
@@ -480,7 +492,7 @@ def train(
     found = checkpoints(ckpt_dir)
     start = found[-1] if resume and found else None
     state = (read_state(start) if start else
-             {"step": 0, "position": 0, "tokens": 0, "seconds": 0.0, "first_loss": None, "losses": []})
+             {"step": 0, "position": 0, "tokens": 0, "seconds": 0.0, "first_loss": None, "losses": [], "spikes": 0})
     accelerator = _accelerator(config, out_dir)
     world = accelerator.num_processes
     settings = _settings(config, world, len(data))
@@ -548,7 +560,7 @@ def train(
             # step's checkpoint holds bad weights.
             reason = _divergence(values, state, config.spike_factor)
             if reason:
-                raise _diverged(accelerator, ckpt_dir, step, reason, bad_from=step - 1)
+                raise _diverged(accelerator, ckpt_dir, step, reason, bad_from=step - state["spikes"])
             # Clipping at inf only measures the norm (it scales the gradients by exactly 1). Under DeepSpeed
             # the engine has clipped and stepped already (weights not yet checkpointed): this reads its norm.
             norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or math.inf)

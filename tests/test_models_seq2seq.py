@@ -190,16 +190,63 @@ def test_width_pruning_cuts_both_stacks_mlps_by_importance_and_reloads(family, t
     assert torch.equal(again.generate(IDS, max_new_tokens=4, do_sample=False), generated)
 
 
+def test_t5_head_pruning_keeps_one_self_attention_head_set_per_stack_and_each_blocks_cross_heads(tmp_path):
+    """Heads whose values are zero add nothing: pruning exactly those leaves the logits as they were. The
+    encoder's and decoder's self-attention each lose one head set (the stack's position bias table loses the
+    same column); each decoder block loses its own silent cross-attention head."""
+    from lmcompress.surgery.width import WidthSizes, count_params, prune_width, sizes_for_params
+
+    model = tiny_model("t5", layers=2, hidden=32, heads=4)
+    fresh = copy.deepcopy(model)
+    enc, dec = get_adapter(model, "encoder"), get_adapter(model, "decoder")
+    d_kv = enc.head_dim
+    silent = {"encoder": 0, "decoder": 1}  # self-attention head silenced in every block of the stack
+    silent_cross = [2, 3]  # cross-attention head silenced in decoder block 0, block 1
+    with torch.no_grad():
+        for view in (enc, dec):
+            h = silent[view.stack]
+            for i, block in enumerate(view.blocks):
+                view.width_parts(block).v.weight[h * d_kv:(h + 1) * d_kv] = 0
+                if view.stack == "decoder":
+                    h_cross = silent_cross[i]
+                    view.width_parts(block).cross[2].weight[h_cross * d_kv:(h_cross + 1) * d_kv] = 0
+    unpruned, generated = seq2seq_logits(model), model.generate(IDS, max_new_tokens=4, do_sample=False)
+    sizes = WidthSizes(num_heads=3, num_kv_heads=3, intermediate_size=64, hidden_size=32)
+    choice = prune_width(model, [seq2seq_batch()] * 2, sizes, progress=False)
+    assert choice.heads == [[1, 2, 3], [1, 2, 3], [0, 2, 3], [0, 2, 3]]  # encoder blocks, then decoder blocks
+    assert choice.cross_heads == [[], [], [0, 1, 3], [0, 1, 2]]
+    assert choice.summary(WidthSizes.of(get_adapter(fresh, "encoder")))["removed_cross_heads"] == [[], [], [2], [3]]
+    assert torch.allclose(seq2seq_logits(model), unpruned, atol=1e-5)
+    assert model.config.num_heads == 3 and model.config.d_kv == d_kv
+    for view in (enc, dec):
+        assert view.width_parts(view.blocks[0]).head_table.weight.shape == (model.config.relative_attention_num_buckets, 3)
+        assert view.attention(view.blocks[1]).inner_dim == 3 * d_kv
+    assert sum(p.numel() for p in model.parameters()) == count_params(fresh, sizes)
+    lc.save(model, tiny_tokenizer(), tmp_path / "cut", format="hf")
+    again, _ = lc.load(tmp_path / "cut")
+    assert torch.allclose(seq2seq_logits(again), unpruned, atol=1e-5)
+    assert torch.equal(again.generate(IDS, max_new_tokens=4, do_sample=False), generated)
+    # to a parameter target, heads and MLP channels shrink together; T5's head count need not divide d_model
+    target = sum(p.numel() for p in fresh.parameters()) - 10_000  # a head is ~6k parameters, 16 channels ~6k
+    both = sizes_for_params(fresh, target, ["heads", "mlp"], multiple=16)
+    assert both.num_heads < 4 and both.intermediate_size < 64 and count_params(fresh, both) <= target
+
+
 def test_width_pruning_of_an_encoder_decoder_refuses_what_its_config_cannot_hold():
     from lmcompress.core.errors import RecipeError
     from lmcompress.surgery.width import WidthSizes, prune_width, sizes_for_params
 
     bart, t5 = tiny_model("bart", layers=2, hidden=32), tiny_model("t5", layers=2, hidden=32)
     fewer_heads = WidthSizes(num_heads=2, num_kv_heads=2, intermediate_size=64, hidden_size=32)
-    with pytest.raises(RecipeError, match="MLP channels only"):
+    with pytest.raises(RecipeError, match="bart is cut in its MLP channels only .* d_model / heads"):
         prune_width(bart, [seq2seq_batch()], fewer_heads, progress=False)
-    with pytest.raises(RecipeError, match=r"MLP channels only \(`dimensions: \[mlp\]`\), not heads"):
+    with pytest.raises(RecipeError, match=r"bart is cut in its mlp only \(`dimensions: \[mlp\]`\), not heads"):
         sizes_for_params(bart, 10_000, ["heads", "mlp"])
+    with pytest.raises(RecipeError, match=r"t5 is cut in its heads and mlp only .* not hidden"):
+        sizes_for_params(t5, 10_000, ["heads", "hidden"])
+    narrower = WidthSizes(num_heads=4, num_kv_heads=4, intermediate_size=64, hidden_size=16)
+    with pytest.raises(RecipeError, match="t5 is cut in its MLP channels and heads"):
+        prune_width(t5, [seq2seq_batch()], narrower, progress=False)
     with pytest.raises(RecipeError, match="one MLP width for both stacks; cut them together"):
         sizes_for_params(t5, 10_000, ["mlp"], stack="decoder")
     # BART's stacks are cut one at a time too

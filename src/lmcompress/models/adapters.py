@@ -46,6 +46,11 @@ class WidthParts:
     mlp_in: list[nn.Module]
     mlp_out: nn.Module
     norms: list[nn.Module]
+    # an encoder-decoder's decoder block: its cross-attention's q, k, v (head rows) and o (head columns)
+    cross: tuple[nn.Module, nn.Module, nn.Module, nn.Module] | None = None
+    # a table with one column per head of this block's self-attention (T5's relative position bias, held by
+    # a stack's first block)
+    head_table: nn.Module | None = None
 
 
 @dataclass
@@ -102,6 +107,8 @@ class ArchAdapter:
     # Whether a block can be skipped in place by handing its input on (`models.blocks.skipping_blocks`): its
     # output is the hidden states alone and no later block reads anything it computes.
     skippable_blocks: bool = True
+    # Whether the config needs hidden_size to be a multiple of the head count (width pruning keeps it so).
+    heads_divide_hidden: bool = True
 
     def __init__(self, model: nn.Module, stack: str | None = None):
         self.model = model
@@ -641,14 +648,30 @@ class Seq2SeqAdapter(ArchAdapter):
         """Whether one config attribute holds both stacks' MLP width (then they are cut together)."""
         return len(set(self.ffn_attr.values())) == 1
 
+    # Whether the config can describe fewer heads of the same width (T5: d_kv is its own field; BART derives
+    # head_dim from d_model / heads, so fewer heads would be wider ones).
+    cuts_heads: bool = False
+
     def set_widths(self, num_heads: int, num_kv_heads: int, intermediate_size: int, hidden_size: int) -> None:
-        """This stack's MLP width in the config (width pruning cuts an encoder-decoder's MLP channels only)."""
-        kept = (num_heads, num_kv_heads, hidden_size) == (self.num_heads, self.num_kv_heads, self.hidden_size)
-        if not kept:
-            raise UnsupportedArchitectureError(f"{self.family}: width pruning cuts the MLP channels only; the "
-                                               "config cannot describe narrower heads or hidden states")
+        """This stack's MLP width and (where the config can say it) head count in the config and its attention
+        modules; an encoder-decoder's hidden width stays."""
+        heads_kept = (num_heads, num_kv_heads) == (self.num_heads, self.num_kv_heads)
+        if hidden_size != self.hidden_size or not (heads_kept or self.cuts_heads and num_heads == num_kv_heads):
+            what = "MLP channels and heads" if self.cuts_heads else "MLP channels"
+            raise UnsupportedArchitectureError(f"{self.family}: width pruning cuts the {what} only; the config "
+                                               "cannot describe narrower heads or hidden states")
         self._stack()
         setattr(self.config, self.ffn_attr[self.stack], intermediate_size)
+        setattr(self.config, self.heads_attr[self.stack], num_heads)
+        if self.cuts_heads:  # every time: T5's config says both stacks' heads, set by the first stack's call
+            for block in self.blocks:
+                for attention in (self.attention(block), self.cross_attention(block)):
+                    if attention is not None:
+                        self.set_attention_heads(attention, num_heads)
+
+    def set_attention_heads(self, attention: nn.Module, num_heads: int) -> None:
+        """Make one attention module say it has `num_heads` heads (of unchanged width)."""
+        raise NotImplementedError
 
     @property
     def causal(self) -> bool:
@@ -783,6 +806,8 @@ class T5Adapter(Seq2SeqAdapter):
     family = "t5"
     model_types = ("t5", "mt5")
     skippable_blocks = False  # blocks return (states, position biases); the first computes the biases all read
+    cuts_heads = True  # d_kv is its own field; the heads of a stack's self-attention go as one set (see below)
+    heads_divide_hidden = False  # inner_dim = num_heads * d_kv need not be d_model
     layers_attr = {"encoder": "num_layers", "decoder": "num_decoder_layers"}
     heads_attr = {"encoder": "num_heads", "decoder": "num_heads"}
     ffn_attr = {"encoder": "d_ff", "decoder": "d_ff"}
@@ -834,8 +859,16 @@ class T5Adapter(Seq2SeqAdapter):
     def width_parts(self, block: nn.Module) -> WidthParts:
         a, mlp = block.layer[0].SelfAttention, block.layer[-1].DenseReluDense
         mlp_in = [mlp.wi_0, mlp.wi_1] if hasattr(mlp, "wi_0") else [mlp.wi]  # gated (v1.1, FLAN) or not
+        cross = self.cross_attention(block)
+        # The first block's bias table gives every block of the stack its per-head position bias, so a stack's
+        # self-attention blocks keep one head set; cross-attention reads no table (each block its own heads).
         return WidthParts(q=a.q, k=a.k, v=a.v, o=a.o, mlp_in=mlp_in, mlp_out=mlp.wo,
-                          norms=[layer.layer_norm for layer in block.layer])
+                          norms=[layer.layer_norm for layer in block.layer],
+                          cross=None if cross is None else (cross.q, cross.k, cross.v, cross.o),
+                          head_table=a.relative_attention_bias if a.has_relative_attention_bias else None)
+
+    def set_attention_heads(self, attention: nn.Module, num_heads: int) -> None:
+        attention.n_heads, attention.inner_dim = num_heads, num_heads * attention.key_value_proj_dim
 
     @property
     def head_dim(self) -> int:

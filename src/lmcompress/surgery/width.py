@@ -19,10 +19,12 @@ widens each dimension a step at a time while the count still fits. Counting
 and slicing share one map of which dimension of which parameter is which width (`_width_map`), so the count
 is exactly what the slicing leaves.
 
-An encoder-decoder (BART, T5) is cut in its MLP channels, of one stack (`stack`) or of both: its heads and
-hidden width are refused, because a stock config could not describe them (BART derives head_dim from
-d_model / heads; T5 has one num_heads, and its relative position bias is computed once per stack for every
-block's heads). T5 holds one d_ff for both stacks, so its two stacks are cut together.
+An encoder-decoder (BART, T5) is cut in its MLP channels, of one stack (`stack`) or of both, and T5 in its
+heads too; its hidden width is refused, and so are BART's heads, because a stock config could not describe
+them (BART derives head_dim from d_model / heads). T5 holds one d_ff and one num_heads for both stacks, so
+its two stacks are cut together; its relative position bias is computed once per stack, by the first block,
+for every block's heads, so a stack's self-attention keeps one head set (scores summed over the stack's
+blocks), while each decoder block keeps its own best cross-attention heads.
 """
 
 from __future__ import annotations
@@ -58,15 +60,16 @@ class WidthSizes:
     def of(cls, adapter: ArchAdapter) -> WidthSizes:
         return cls(adapter.num_heads, adapter.num_kv_heads, adapter.intermediate_size, adapter.hidden_size)
 
-    def check_within(self, now: WidthSizes, field: str = "width") -> None:
-        """Refuse sizes the model cannot be cut to (larger than now, not whole groups, irregular grouping)."""
+    def check_within(self, now: WidthSizes, field: str = "width", heads_divide_hidden: bool = True) -> None:
+        """Refuse sizes the model cannot be cut to (larger than now, not whole groups, irregular grouping;
+        `heads_divide_hidden`: the config needs hidden_size to be a multiple of the head count)."""
         for name, value in asdict(self).items():
             if not 0 < value <= getattr(now, name):
                 raise RecipeError(f"{field}.{name}: {value} must be 1..{getattr(now, name)} (the model's now)")
         if self.num_heads % self.num_kv_heads:
             raise RecipeError(f"{field}: num_heads {self.num_heads} must be a multiple of num_kv_heads "
                               f"{self.num_kv_heads} (each kv head serves the same number of q heads)")
-        if self.hidden_size % self.num_heads:  # transformers' configs validate it, head_dim given or not
+        if heads_divide_hidden and self.hidden_size % self.num_heads:  # transformers' configs validate it
             raise RecipeError(f"{field}: hidden_size {self.hidden_size} must be a multiple of num_heads "
                               f"{self.num_heads} (transformers refuses to load such a config)")
         if self.num_heads // self.num_kv_heads > now.num_heads // now.num_kv_heads:
@@ -83,20 +86,24 @@ class WidthImportance:
     channels: list[torch.Tensor]  # per block: (intermediate_size,)
     hidden: torch.Tensor  # (hidden_size,)
     tokens: int
+    cross_heads: list[torch.Tensor] = field(default_factory=list)  # per block: (num_heads,), or empty: none
+    tied_heads: list[list[int]] = field(default_factory=list)  # groups of blocks that keep one head set
 
 
 @torch.no_grad()
 def width_importance(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], bf16: bool = False,
                      progress: bool = True, stack: str | None = None) -> WidthImportance:
     """Run the calibration batches once through `model` with hooks and return every width's importance (an
-    encoder-decoder's: the MLP channels of the stacks cut, over each stack's own real positions)."""
+    encoder-decoder's: those of the stacks cut that it can cut, over each stack's own real positions)."""
     views = width_views(model, stack)
     adapter = views[0]
-    mlp_only = adapter.is_encoder_decoder
+    enc_dec = adapter.is_encoder_decoder
+    cut_heads = not enc_dec or adapter.cuts_heads
     blocks = [(view, block) for view in views for block in view.blocks]
     parts = [view.width_parts(b) for view, b in blocks]
     num_heads, head_dim = adapter.num_heads, adapter.head_dim
     heads = [torch.zeros(num_heads, dtype=torch.float64) for _ in parts]
+    cross_heads = [torch.zeros(num_heads if p.cross is not None else 0, dtype=torch.float64) for p in parts]
     channels = [torch.zeros(p.mlp_out.in_features, dtype=torch.float64) for p in parts]
     hidden = torch.zeros(adapter.hidden_size, dtype=torch.float64)
     masks: dict[str | None, torch.Tensor | None] = {}  # per stack: its real positions in this batch
@@ -105,9 +112,9 @@ def width_importance(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]
         m = masks.get(stack_name)
         return (x[m] if m is not None else x.reshape(-1, x.shape[-1])).float()
 
-    def head_hook(i, name):
+    def head_hook(scores, name):
         def hook(module, args):
-            heads[i].add_(real(args[0], name).view(-1, num_heads, head_dim).norm(dim=-1).sum(0).double().cpu())
+            scores.add_(real(args[0], name).view(-1, num_heads, head_dim).norm(dim=-1).sum(0).double().cpu())
         return hook
 
     def channel_hook(i, name):
@@ -121,10 +128,13 @@ def width_importance(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]
     handles = []
     for i, ((view, _), p) in enumerate(zip(blocks, parts, strict=True)):
         handles.append(p.mlp_out.register_forward_pre_hook(channel_hook(i, view.stack)))
-        if not mlp_only:
-            handles.append(p.o.register_forward_pre_hook(head_hook(i, view.stack)))
+        if cut_heads:
+            handles.append(p.o.register_forward_pre_hook(head_hook(heads[i], view.stack)))
+            if p.cross is not None:  # its output is over the target's positions, as the decoder's
+                handles.append(p.cross[3].register_forward_pre_hook(head_hook(cross_heads[i], view.stack)))
+        if not enc_dec:
             handles += [n.register_forward_hook(hidden_hook) for n in p.norms]
-    if adapter.final_norm is not None and not mlp_only:
+    if adapter.final_norm is not None and not enc_dec:
         handles.append(adapter.final_norm.register_forward_hook(hidden_hook))
     device = next(model.parameters()).device
     tokens = 0
@@ -136,7 +146,7 @@ def width_importance(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]
                     masks[view.stack] = m.bool().to(device) if m is not None else None
                 first = masks[views[0].stack]
                 tokens += int(first.sum()) if first is not None else batch["input_ids"].numel()
-                if mlp_only:  # both stacks run: the decoder reads the encoder's output
+                if enc_dec:  # both stacks run: the decoder reads the encoder's output
                     model(**model_inputs(batch, device, model), **adapter.no_cache)
                 else:
                     adapter.base(**model_inputs(batch, device), **adapter.no_cache)
@@ -146,7 +156,13 @@ def width_importance(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]
     if tokens == 0:
         raise RecipeError("width pruning: the calibration batches have no real tokens")
     scale = 1.0 / tokens
-    return WidthImportance([h * scale for h in heads], [c * scale for c in channels], hidden * scale, tokens)
+    tied, start = [], 0
+    for view in views:
+        if enc_dec and cut_heads:  # one head set per stack (see the module docstring)
+            tied.append(list(range(start, start + view.num_layers)))
+        start += view.num_layers
+    return WidthImportance([h * scale for h in heads], [c * scale for c in channels], hidden * scale, tokens,
+                           [c * scale for c in cross_heads], tied)
 
 
 # --- which dimension of which parameter is which width ----------------------------------------------------
@@ -172,7 +188,7 @@ def _width_map(adapter: ArchAdapter, stack: str | None = None) -> list[tuple[nn.
     """(module, parameter name, roles of its dimensions, block index or None for model-wide) for every
     parameter a width runs through. An encoder-decoder's blocks are numbered across the stacks cut."""
     if adapter.is_encoder_decoder:
-        return _mlp_map(width_views(adapter.model, stack))
+        return _seq2seq_map(width_views(adapter.model, stack))
     if is_sequence_classifier(adapter.model):
         raise RecipeError("width pruning cuts causal LMs; a sequence classifier's head is not cut with them")
     entries: list[tuple[nn.Module, str, Roles, int | None]] = [(adapter.embeddings, "weight", (None, "hidden"), None)]
@@ -205,12 +221,24 @@ def _linear_entries(linears: list[tuple[nn.Module, str | None, str | None]], blo
     return entries
 
 
-def _mlp_map(views: list[ArchAdapter]) -> list[tuple[nn.Module, str, Roles, int | None]]:
-    """The MLP channels of every block of `views` (an encoder-decoder's widths: the hidden width stays)."""
+def _seq2seq_map(views: list[ArchAdapter]) -> list[tuple[nn.Module, str, Roles, int | None]]:
+    """An encoder-decoder's widths in every block of `views`: the MLP channels, and the heads where the config
+    can say them ("q": self-attention head rows, "xq": cross-attention's, "head": one column per head of a
+    stack's position bias table); the hidden width stays."""
     blocks = [block for view in views for block in view.blocks]
     parts = [views[0].width_parts(block) for block in blocks]
-    return [entry for i, p in enumerate(parts)
-            for entry in _linear_entries([*[(m, "mlp", None) for m in p.mlp_in], (p.mlp_out, None, "mlp")], i)]
+    entries = []
+    for i, p in enumerate(parts):
+        linears = [*[(m, "mlp", None) for m in p.mlp_in], (p.mlp_out, None, "mlp")]
+        if views[0].cuts_heads:
+            linears += [(p.q, "q", None), (p.k, "q", None), (p.v, "q", None), (p.o, None, "q")]
+            if p.cross is not None:
+                q, k, v, o = p.cross
+                linears += [(q, "xq", None), (k, "xq", None), (v, "xq", None), (o, None, "xq")]
+            if p.head_table is not None:
+                entries.append((p.head_table, "weight", (None, "head"), i))
+        entries += _linear_entries(linears, i)
+    return entries
 
 
 def check_cuttable(model: nn.Module, stack: str | None = None) -> None:
@@ -220,22 +248,30 @@ def check_cuttable(model: nn.Module, stack: str | None = None) -> None:
 
 def check_encoder_decoder_sizes(model: nn.Module, sizes: WidthSizes, stack: str | None = None,
                                 field: str = "width") -> None:
-    """An encoder-decoder is cut in its MLP channels only, each stack cut to the same width."""
+    """An encoder-decoder is cut in its MLP channels (and T5 in its heads) only, each stack to the same width."""
     views = width_views(model, stack)
     if not views[0].is_encoder_decoder:
         return
     now = [WidthSizes.of(view) for view in views]
-    if any(replace(n, intermediate_size=sizes.intermediate_size) != sizes for n in now):
-        raise RecipeError(f"{field}: an encoder-decoder is cut in its MLP channels only (intermediate_size, "
-                          "`dimensions: [mlp]`): a stock config cannot describe narrower heads or hidden states")
+    if views[0].cuts_heads:
+        cut = [replace(n, intermediate_size=sizes.intermediate_size, num_heads=sizes.num_heads,
+                       num_kv_heads=sizes.num_kv_heads) for n in now]
+        what = "MLP channels and heads (intermediate_size, num_heads; `dimensions: [mlp, heads]`)"
+    else:
+        cut = [replace(n, intermediate_size=sizes.intermediate_size) for n in now]
+        what = ("MLP channels only (intermediate_size, `dimensions: [mlp]`): its config derives a head's width "
+                "from d_model / heads")
+    if any(c != sizes for c in cut):
+        raise RecipeError(f"{field}: {views[0].family} is cut in its {what}; a stock config cannot describe "
+                          "narrower heads or hidden states")
     if len({n.intermediate_size for n in now}) > 1:
         raise RecipeError(f"{field}: the stacks' MLP widths differ ({', '.join(str(n.intermediate_size) for n in now)}); "
                           "name the stack to cut (`stack: encoder` or `stack: decoder`)")
 
 
 def _role_sizes(sizes: WidthSizes, head_dim: int) -> dict[str, int]:
-    return {"q": sizes.num_heads * head_dim, "kv": sizes.num_kv_heads * head_dim,
-            "mlp": sizes.intermediate_size, "hidden": sizes.hidden_size}
+    return {"q": sizes.num_heads * head_dim, "kv": sizes.num_kv_heads * head_dim, "xq": sizes.num_heads * head_dim,
+            "head": sizes.num_heads, "mlp": sizes.intermediate_size, "hidden": sizes.hidden_size}
 
 
 def count_params(model: nn.Module, sizes: WidthSizes, stack: str | None = None) -> int:
@@ -262,9 +298,11 @@ def sizes_for_params(model: nn.Module, target_params: int, dimensions: Sequence[
     now = WidthSizes.of(view)
     if not dimensions:
         raise RecipeError("width pruning to a parameter target needs dimensions (heads, mlp, hidden)")
-    if view.is_encoder_decoder and set(dimensions) != {"mlp"}:
-        raise RecipeError(f"width pruning: an encoder-decoder is cut in its MLP channels only (`dimensions: [mlp]`), "
-                          f"not {', '.join(d for d in dimensions if d != 'mlp')}")
+    allowed = {"mlp", "heads"} if view.cuts_heads else {"mlp"}
+    if view.is_encoder_decoder and not set(dimensions) <= allowed:
+        raise RecipeError(f"width pruning: {view.family} is cut in its {' and '.join(sorted(allowed))} only "
+                          f"(`dimensions: [{', '.join(sorted(allowed))}]`), not "
+                          f"{', '.join(d for d in dimensions if d not in allowed)}")
     if target_params >= count_params(model, now, stack):
         raise RecipeError(f"width pruning: target {target_params:,} parameters is not below the model's "
                           f"{count_params(model, now, stack):,}; nothing to cut")
@@ -286,7 +324,8 @@ def sizes_for_params(model: nn.Module, target_params: int, dimensions: Sequence[
         return WidthSizes(heads, kv, mlp, hidden)
 
     def fits(sizes: WidthSizes) -> bool:
-        return sizes.hidden_size % sizes.num_heads == 0 and count_params(model, sizes, stack) <= target_params
+        return ((not view.heads_divide_hidden or sizes.hidden_size % sizes.num_heads == 0)
+                and count_params(model, sizes, stack) <= target_params)
 
     if not fits(at(1e-9)):
         raise RecipeError(f"width pruning: {target_params:,} parameters is below what cutting "
@@ -341,11 +380,15 @@ class WidthChoice:
     tokens: int = 0
     seconds: float = 0.0
     importance: dict[str, list[float]] = field(default_factory=dict)
+    cross_heads: list[list[int]] = field(default_factory=list)  # per block: cross-attention heads ([]: none)
 
     def summary(self, before: WidthSizes) -> dict:
-        removed_heads = [[h for h in range(before.num_heads) if h not in kept] for kept in self.heads]
+        def removed(kept_per_block: list[list[int]]) -> list[list[int]]:
+            return [[h for h in range(before.num_heads) if h not in kept] if kept else [] for kept in kept_per_block]
+        cross = {"removed_cross_heads": removed(self.cross_heads)} if any(self.cross_heads) else {}
         return {**{f"{k}_before": v for k, v in asdict(before).items()}, **asdict(self.sizes),
-                "removed_heads": removed_heads, "calibration_tokens": self.tokens, "seconds": round(self.seconds, 1)}
+                "removed_heads": removed(self.heads), **cross, "calibration_tokens": self.tokens,
+                "seconds": round(self.seconds, 1)}
 
 
 def _top(scores: torch.Tensor, k: int) -> list[int]:
@@ -354,21 +397,30 @@ def _top(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order[:k])
 
 
-def choose_width(importance: WidthImportance, now: WidthSizes, sizes: WidthSizes) -> WidthChoice:
-    """Per block the most important kv groups, then within each the most important q heads; the most
-    important MLP channels per block; the most important hidden channels overall."""
-    sizes.check_within(now)
+def choose_width(importance: WidthImportance, now: WidthSizes, sizes: WidthSizes,
+                 heads_divide_hidden: bool = True) -> WidthChoice:
+    """Per block the most important kv groups, then within each the most important q heads (blocks tied to
+    one head set: by their summed scores); the most important MLP channels per block; the most important
+    hidden channels overall."""
+    sizes.check_within(now, heads_divide_hidden=heads_divide_hidden)
     group, new_group = now.num_heads // now.num_kv_heads, sizes.num_heads // sizes.num_kv_heads
+    head_scores = list(importance.heads)
+    for tied in importance.tied_heads:
+        total = sum(head_scores[i] for i in tied)
+        for i in tied:
+            head_scores[i] = total
     heads, kv_heads = [], []
-    for scores in importance.heads:
+    for scores in head_scores:
         by_group = scores.view(now.num_kv_heads, group)
         groups = _top(by_group.sum(dim=1), sizes.num_kv_heads)
         kv_heads.append(groups)
         heads.append([g * group + h for g in groups for h in _top(by_group[g], new_group)])
     channels = [_top(c, sizes.intermediate_size) for c in importance.channels]
+    cross = [_top(c, sizes.num_heads) if len(c) else [] for c in importance.cross_heads]
     return WidthChoice(sizes, heads, kv_heads, channels, _top(importance.hidden, sizes.hidden_size),
                        tokens=importance.tokens,
-                       importance={"hidden_channel_importance": [round(float(v), 6) for v in importance.hidden]})
+                       importance={"hidden_channel_importance": [round(float(v), 6) for v in importance.hidden]},
+                       cross_heads=cross)
 
 
 def _rows(indices: list[int], width: int) -> torch.Tensor:
@@ -383,7 +435,9 @@ def cut_width(model: nn.Module, choice: WidthChoice, stack: str | None = None) -
     head_dim = adapter.head_dim
     tied = adapter.head is not None and adapter.head.weight is adapter.embeddings.weight
     hidden = torch.tensor(choice.hidden, dtype=torch.long)
+    cross = choice.cross_heads or [[] for _ in choice.heads]
     kept = [{"q": _rows(choice.heads[i], head_dim), "kv": _rows(choice.kv_heads[i], head_dim),
+             "xq": _rows(cross[i], head_dim), "head": torch.tensor(choice.heads[i], dtype=torch.long),
              "mlp": torch.tensor(choice.channels[i], dtype=torch.long), "hidden": hidden}
             for i in range(sum(view.num_layers for view in views))]
     for module, name, roles, block in _width_map(adapter, stack):
@@ -414,8 +468,9 @@ def prune_width(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], si
     started = time.perf_counter()
     check_cuttable(model, stack)
     check_encoder_decoder_sizes(model, sizes, stack)
-    now = WidthSizes.of(width_views(model, stack)[0])
-    choice = choose_width(width_importance(model, batches, bf16=bf16, progress=progress, stack=stack), now, sizes)
+    view = width_views(model, stack)[0]
+    importance = width_importance(model, batches, bf16=bf16, progress=progress, stack=stack)
+    choice = choose_width(importance, WidthSizes.of(view), sizes, view.heads_divide_hidden)
     cut_width(model, choice, stack)
     choice.seconds = time.perf_counter() - started
     return choice

@@ -11,7 +11,8 @@
       calibration_samples: 32  # corpus sequences the scores are measured on
 
 An encoder-decoder (BART, T5) names the `stack` depth cuts; its width is cut in the MLP channels
-(`dimensions: [mlp]` or `sizes: {intermediate_size: ...}`) of the named stack or of both (T5: always both).
+(`dimensions: [mlp]` or `sizes: {intermediate_size: ...}`) of the named stack or of both, and T5's in its
+heads too (`dimensions: [mlp, heads]` or `sizes: {num_heads: ...}`; T5: always both stacks).
 
 Depth goes first, then width (measured on the shallower model). The student stays a normal Hugging Face
 model (its config says the new depth and widths; save/reload and generate work). Each part reports a row:
@@ -129,7 +130,8 @@ class WidthPruning(Strict):
         """The sizes to cut `model` (an encoder-decoder's stack `stack`, or both) to; `ratio` is of
         `params_at_start` (before this stage's depth cut)."""
         check_cuttable(model, stack)
-        now = WidthSizes.of(width_views(model, stack)[0])
+        view = width_views(model, stack)[0]
+        now = WidthSizes.of(view)
         if self.sizes is not None:
             sizes = self.sizes.resolve(now)
             field = f"{field}.sizes"
@@ -139,7 +141,7 @@ class WidthPruning(Strict):
                 sizes = sizes_for_params(model, target, self.dimensions, self.heads, self.multiple, stack)
             except RecipeError as exc:
                 raise RecipeError(f"{field}: {exc}") from None
-        sizes.check_within(now, field)
+        sizes.check_within(now, field, view.heads_divide_hidden)
         check_encoder_decoder_sizes(model, sizes, stack, field)
         return sizes
 

@@ -12,6 +12,7 @@ from helpers import tiny_model, tiny_tokenizer
 from lmcompress.core.errors import DataError
 from lmcompress.data.seq2seq import IGNORE, load_seq2seq
 from lmcompress.data.specs import Seq2SeqSpec
+from lmcompress.distill.trainer import pad_collate
 from lmcompress.evaluate.generation import evaluate_generation, rouge
 
 ROWS = [{"document": f"the union is strong and the people are free {i}", "summary": "the people are free"}
@@ -44,15 +45,23 @@ def test_missing_column_and_empty_target_are_one_line_errors(tmp_path):
 
 
 def test_encoder_decoder_labels_are_the_target_tokens(tmp_path):
-    spec = Seq2SeqSpec(name=str(write_task(tmp_path / "t")), source_column="document", target_column="summary",
-                       max_source_length=16, max_target_length=8)
+    varied = [{"document": "the union is strong " * (1 + i % 5), "summary": "the people are free" + " too" * (i % 3)}
+              for i in range(10)]
+    spec = Seq2SeqSpec(name=str(write_task(tmp_path / "t", varied)), source_column="document",
+                       target_column="summary", max_source_length=16, max_target_length=8)
     tokenizer = tiny_tokenizer()
     rows = load_seq2seq(spec).tokenized(tokenizer, "train")
     row = rows[0]
     target = tokenizer("the people are free")["input_ids"]
-    assert row["labels"].shape == (8,) and row["input_ids"].shape == (16,)
-    assert row["labels"][:len(target)].tolist() == target
-    assert (row["labels"][len(target):] == IGNORE).all()
+    assert row["labels"].tolist() == target  # each row its own length: a batch pads to its longest
+    assert row["input_ids"].tolist() == tokenizer(load_seq2seq(spec).train[0]["source"])["input_ids"][:16]
+    assert max(len(r["input_ids"]) for r in rows) <= 16 and max(len(r["labels"]) for r in rows) <= 8
+    # the batch of rows of different lengths: labels padded with IGNORE, inputs masked
+    batch = pad_collate([rows[i] for i in range(len(rows))], tokenizer.pad_token_id)
+    lengths = [len(rows[i]["labels"]) for i in range(len(rows))]
+    assert len(set(lengths)) > 1 and batch["labels"].shape == (len(rows), max(lengths))
+    assert all((batch["labels"][i, n:] == IGNORE).all() for i, n in enumerate(lengths))
+    assert batch["attention_mask"].sum(1).tolist() == [len(rows[i]["input_ids"]) for i in range(len(rows))]
 
 
 def test_decoder_only_rows_score_the_answer_only(tmp_path):
@@ -64,7 +73,7 @@ def test_decoder_only_rows_score_the_answer_only(tmp_path):
     prompt = tokenizer(data.prompt(data.train[0]["source"], decoder_only=True))["input_ids"]
     answer = tokenizer("the people are free", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     scored = row["labels"] != IGNORE
-    assert row["input_ids"].shape == (24,)
+    assert row["input_ids"].shape == (len(prompt) + len(answer),)  # no padding: the batch pads
     assert row["labels"][scored].tolist() == answer  # the answer and its EOS, nothing of the prompt
     assert row["input_ids"][:len(prompt)].tolist() == prompt
     assert not scored[:len(prompt)].any() and int(row["attention_mask"].sum()) == len(prompt) + len(answer)

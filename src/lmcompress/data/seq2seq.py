@@ -47,8 +47,9 @@ class Seq2SeqData:
         return self.spec.source_prefix + source + (self.spec.answer_separator if decoder_only else "")
 
     def tokenized(self, tokenizer, split: str, decoder_only: bool = False) -> datasets.Dataset:
-        """`input_ids`, `attention_mask`, `labels` (torch format), padded to a fixed length; `labels` hold the
-        target's tokens and -100 wherever the loss does not look."""
+        """`input_ids`, `attention_mask`, `labels` (torch format), each row its own length (cut at the spec's
+        maximum lengths; a batch pads to its longest row, labels with -100, so little compute goes to padding);
+        `labels` hold the target's tokens and -100 wherever the loss does not look."""
         ds = self.split(split)
         spec = self.spec
         encode = _decoder_only_rows if decoder_only else _encoder_decoder_rows
@@ -61,11 +62,9 @@ class Seq2SeqData:
 
 
 def _encoder_decoder_rows(tokenizer, prompts: list[str], targets: list[str], spec: Seq2SeqSpec) -> dict:
-    enc = tokenizer(prompts, truncation=True, max_length=spec.max_source_length, padding="max_length")
-    tgt = tokenizer(text_target=targets, truncation=True, max_length=spec.max_target_length, padding="max_length")
-    labels = [[t if m else IGNORE for t, m in zip(ids, mask, strict=True)]
-              for ids, mask in zip(tgt["input_ids"], tgt["attention_mask"], strict=True)]
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+    enc = tokenizer(prompts, truncation=True, max_length=spec.max_source_length)
+    tgt = tokenizer(text_target=targets, truncation=True, max_length=spec.max_target_length)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": tgt["input_ids"]}
 
 
 def _decoder_only_rows(tokenizer, prompts: list[str], targets: list[str], spec: Seq2SeqSpec) -> dict:
@@ -74,15 +73,12 @@ def _decoder_only_rows(tokenizer, prompts: list[str], targets: list[str], spec: 
     prompt_ids = tokenizer(prompts, truncation=True, max_length=spec.max_source_length)["input_ids"]
     answer_ids = tokenizer(targets, add_special_tokens=False, truncation=True,
                            max_length=spec.max_target_length - 1)["input_ids"]
-    length = spec.max_source_length + spec.max_target_length
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
     for prompt, answer in zip(prompt_ids, answer_ids, strict=True):
         answer = answer + [tokenizer.eos_token_id]
-        fill = length - len(prompt) - len(answer)
-        rows["input_ids"].append(prompt + answer + [pad] * fill)
-        rows["attention_mask"].append([1] * (len(prompt) + len(answer)) + [0] * fill)
-        rows["labels"].append([IGNORE] * len(prompt) + answer + [IGNORE] * fill)
+        rows["input_ids"].append(prompt + answer)
+        rows["attention_mask"].append([1] * (len(prompt) + len(answer)))
+        rows["labels"].append([IGNORE] * len(prompt) + answer)
     return rows
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from lmcompress.core.errors import DataError, LmcompressError
@@ -89,8 +90,9 @@ def _collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Ten
         width = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else width
         input_ids, mask = input_ids[:, :width], mask[:, :width]
     batch = {"input_ids": input_ids, "attention_mask": mask}
-    if labels is not None:
-        batch["labels"] = torch.stack(labels)
+    if labels is not None:  # a seq2seq row's own length: padded with -100, which every loss skips
+        batch["labels"] = torch.stack([F.pad(t, (0, max(len(x) for x in labels) - len(t)), value=-100)
+                                       for t in labels]) if sequence_labels else torch.stack(labels)
     else:
         batch["labels"] = input_ids.masked_fill(mask == 0, -100)
     return batch

@@ -213,6 +213,53 @@ def test_task_distillation_of_a_classifier(tmp_path):
     assert run.report.rows[-1]["loss_logits"] > 0
 
 
+def test_augmentation_alters_half_the_rows_of_a_training_batch_and_never_the_held_out_ones(tmp_path, monkeypatch):
+    from lmcompress.distill.batches import AUGMENTED_ROWS, augmenting_collate
+    from lmcompress.distill.trainer import pad_collate
+
+    rows = [{"input_ids": torch.cat([torch.tensor([1]), torch.arange(5, 69), torch.tensor([2])]),
+             "labels": torch.tensor(i % 2)} for i in range(400)]
+    plain = pad_collate(rows, 0)
+    torch.manual_seed(0)
+    batch = augmenting_collate(TinyTokenizer(), 0.2, lambda r: pad_collate(r, 0))(rows)
+    changed = batch["input_ids"] != plain["input_ids"]
+    altered = changed.any(dim=1)
+    assert torch.equal(batch["labels"], plain["labels"])  # the rows keep their labels
+    assert abs(altered.float().mean() - AUGMENTED_ROWS) < 0.1
+    assert not changed[:, [0, -1]].any()  # special tokens stay
+    # within an altered row, ~20% of the tokens chosen, of which ~90% change (80% [MASK], 10% random)
+    assert abs(changed[altered].float().mean() - 0.2 * 0.9) < 0.03
+    assert (batch["input_ids"][changed] == 4).float().mean() > 0.8
+    # without a mask token (a decoder's tokenizer) the chosen tokens become random ones
+    no_mask = type("NoMask", (TinyTokenizer,), {"mask_token_id": None, "all_special_ids": [0, 1, 2]})()
+    batch = augmenting_collate(no_mask, 0.2, lambda r: pad_collate(r, 0))(rows)
+    assert (batch["input_ids"] != plain["input_ids"]).any() and not (batch["input_ids"] == 4).sum() > 100
+
+    # in a stage: training batches altered, held-out ones (the eval loss) as they are; other data refused
+    run = make_run(tmp_path, [{**DISTILL, "losses": [{"type": "logits"}]}], family="bert",
+                   task="sequence-classification")
+    stage = run.recipe.stages[0]
+    stage.data, stage.augment = "task", 0.3
+    run.data._task = toy_task()
+    seen = []
+    fit = type(stage).fit
+    monkeypatch.setattr(type(stage), "fit", lambda self, run, objective, rows, eval_rows, collate, train_collate=None:
+                        seen.append((collate, train_collate)) or fit(self, run, objective, rows, eval_rows, collate,
+                                                                     train_collate))
+    stage.run(run)
+    collate, train_collate = seen[0]
+    torch.manual_seed(1)
+    picked = [run.data._task.tokenized(None, "train")[i] for i in range(64)]
+    assert torch.equal(collate(picked)["input_ids"], torch.stack([r["input_ids"] for r in picked]))
+    assert not torch.equal(train_collate(picked)["input_ids"], collate(picked)["input_ids"])
+    assert run.report.rows[-1]["train_steps"] == 3
+    with pytest.raises(RecipeError, match=r"distill\.augment: alters a task's rows \(data: task\); this "
+                                          "stage reads corpus data"):
+        corpus_run = make_run(tmp_path / "c", [{**DISTILL, "augment": 0.1}], family="bert",
+                              task="sequence-classification")
+        preflight(corpus_run.recipe.stages, corpus_run)
+
+
 def toy_task(n=64, length=10):
     """Label 1 iff the first token is 5: learnable in a few dozen steps by a tiny encoder."""
     from types import SimpleNamespace

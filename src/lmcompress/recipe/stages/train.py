@@ -40,7 +40,7 @@ from torch import nn
 
 from lmcompress.core.config import Strict
 from lmcompress.core.errors import LmcompressError, RecipeError
-from lmcompress.distill.batches import mlm_collate
+from lmcompress.distill.batches import augmenting_collate, mlm_collate
 from lmcompress.distill.heads import copy_head, with_classification_head
 from lmcompress.distill.layermaps import KEPT_BLOCKS, layer_map
 from lmcompress.distill.losses import LOSSES, CELoss, DistillationObjective, build_objective, freeze
@@ -94,13 +94,14 @@ class TrainingStage(StageConfig, TrainSettings):
         run.training_runs += 1
         return f"{run.training_runs:02d}-{self.label}"
 
-    def fit(self, run: Run, objective: nn.Module, rows, eval_rows, collate) -> TrainResult:
-        """Train `objective` on `rows` with this stage's settings; add a report row."""
+    def fit(self, run: Run, objective: nn.Module, rows, eval_rows, collate, train_collate=None) -> TrainResult:
+        """Train `objective` on `rows` with this stage's settings (batched by `train_collate`, default
+        `collate`; held-out rows by `collate`); add a report row."""
         name = self._run_name(run)
         eval_fn = None
         if eval_rows is not None and self.eval_batches > 0:
             eval_fn = objective_eval(eval_rows, collate, self.batch_size, self.eval_batches)
-        result = train(objective, rows, self.train_config(run, name), run.out_dir, collate=collate,
+        result = train(objective, rows, self.train_config(run, name), run.out_dir, collate=train_collate or collate,
                        eval_fn=eval_fn, resume=run.resume)
         row: dict[str, Any] = {"stage": self.label, "train_steps": result.steps, "train_tokens": result.tokens,
                                "train_tokens_per_s": round(result.tokens_per_s, 1),
@@ -151,6 +152,10 @@ class DistillStage(TrainingStage):
     data: Literal["corpus", "task", "seq2seq"] = "corpus"
     block_size: int | None = Field(None, gt=0, description="tokens per block (default: the recipe's)")
     mlm_probability: float = Field(0.15, ge=0, lt=1, description="masking rate for encoder students on a corpus")
+    augment: float = Field(
+        0.0, ge=0, lt=1, description="data: task: in half the rows of each training batch, tokens are masked or "
+                                     "replaced at this rate (anew each epoch) and the teacher labels the result: "
+                                     "more distinct examples from a small task (TinyBERT-style augmentation)")
     losses: list[LOSSES.union()] = Field(min_length=1)
     train: list[TrainablePart] | None = Field(
         None, description="train only these parts of a quantized student (weights | scales | norms); default all, "
@@ -163,6 +168,9 @@ class DistillStage(TrainingStage):
         return (self.data,)
 
     def preflight(self, facts: ModelFacts, recipe: RecipeSettings) -> ModelFacts:
+        if self.augment and self.data != "task":
+            raise RecipeError(f"{self.label}.augment: alters a task's rows (data: task); this stage reads "
+                              f"{self.data} data")
         if self.data == "corpus":
             facts.check_length(self.block_size or recipe.block_size, f"{self.label}.block_size")
         if self.data == "seq2seq":
@@ -218,6 +226,7 @@ class DistillStage(TrainingStage):
         if objective.student_needs.attentions:
             student.set_attn_implementation("eager")
         rows, eval_rows, collate = self.training_data(run)
+        train_collate = augmenting_collate(run.tokenizer, self.augment, collate) if self.augment else None
         if cached:
             rows, collate = self._with_cache(run, rows, collate)
             eval_rows = None  # held-out batches have no cached rows (the teacher does not run)
@@ -226,7 +235,7 @@ class DistillStage(TrainingStage):
             self._train_only(student)
         student.train()
         try:
-            self.fit(run, objective, rows, eval_rows, collate)
+            self.fit(run, objective, rows, eval_rows, collate, train_collate)
         finally:
             student.eval()
             for p, flag in flags.items():

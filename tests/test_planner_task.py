@@ -120,6 +120,9 @@ def test_an_encoder_plan_is_xtc_shaped_and_its_choice_is_measured(tmp_path, enco
     # no budget: XTC's long schedule, 3 epochs of the teacher and 16 of the student (200 rows, batch 32)
     finetune = next(s for s in plan.recipe["stages"] if s["stage"] == "finetune")
     assert (finetune["steps"], distill["steps"]) == (3 * 7, 16 * 7)
+    # 16 epochs of the same 200 rows: half of each batch's rows altered for the teacher to label
+    augmentation = next(d for d in plan.decisions if d.what == "augmentation")
+    assert distill["augment"] == 0.15 and augmentation.measured == {"kd_epochs": 17.92, "augment": 0.15}
 
 
 def test_a_target_below_every_candidate_or_a_speed_target_is_refused(tmp_path, encoder):

@@ -12,6 +12,10 @@ hidden states on the task's text, scored on held-apart rows (relative squared er
 what matters for a plan that then trains for long: how far a cut or a narrower width leaves the
 representation after the first healing steps, not before any. The lowest pilot error is planned.
 
+Distillation that reads the task's rows more than AUGMENT_FROM_EPOCHS times alters half the rows of each
+batch (`augment`: tokens masked or replaced, anew each epoch) for the teacher to label: on the 4,000 fine-food
+reviews 16.5 epochs gave 0.826 where 6.6 gave 0.821, so more passes over the same rows had stopped helping.
+
 A time budget is split from the pilot's timings: the teacher's fine-tuning (FINETUNE_EPOCHS epochs, at most
 FINETUNE_SHARE of the time), the test set scored four times, the export, and the distillation takes the rest,
 its learning rate annealed by the clock (the run rescales it to the time left: recipe `time_budget`).
@@ -55,6 +59,7 @@ KD_EPOCHS, KD_BATCH, KD_LR = 16, 32, 1e-4  # XTC trains "longer": ~16 epochs of 
 FINETUNE_SHARE = 0.3  # of a time budget left after scoring, at most, for the teacher's fine-tuning
 MIN_KD_STEPS = 20  # fewer distillation steps than these do not heal an extreme width: refused
 EVALUATIONS = 4  # teacher, quantized student, distilled student, export: each scores the test set
+AUGMENT_FROM_EPOCHS, AUGMENT_RATE = 3, 0.15  # past 3 epochs of the task, alter rows at BERT's masking rate
 
 
 @dataclass
@@ -137,7 +142,15 @@ def plan_task_compression(model: nn.Module, target: Target, budget: Budget | Non
     split = _split(budget, train_rows, test_rows, spec.max_length, fp32["params"], forward_row, finetune_row,
                    best.step_seconds / PILOT_BATCH, time.perf_counter() - started, padded)
     decisions.append(split.decision)
-    recipe = _recipe(name or f"compress-{slug(target.text)}", teacher, task, best, depth, split, bf16, want)
+    epochs = split.kd_steps * KD_BATCH / train_rows
+    augment = AUGMENT_RATE if epochs > AUGMENT_FROM_EPOCHS else 0.0
+    decisions.append(Decision(
+        "augmentation", f"half of each batch's rows altered at {augment:.0%} of their tokens" if augment else "none",
+        f"distillation reads the {train_rows:,} training rows ~{epochs:.1f} times; "
+        + (f"past {AUGMENT_FROM_EPOCHS} epochs the teacher labels altered rows (masked or replaced tokens, anew each "
+           "epoch) rather than the same ones again" if augment else f"at most {AUGMENT_FROM_EPOCHS} epochs: the rows as they are"),
+        {"kd_epochs": round(epochs, 2), "augment": augment}))
+    recipe = _recipe(name or f"compress-{slug(target.text)}", teacher, task, best, depth, split, bf16, want, augment)
     return Plan(target, budget, recipe, decisions, split.seconds)
 
 
@@ -329,7 +342,7 @@ def _split(budget: Budget | None, train_rows: int, test_rows: int, max_length: i
 
 
 def _recipe(name: str, teacher: str, task: dict, best: Candidate, depth: int, split: _Split, bf16: bool,
-            want: float) -> dict[str, Any]:
+            want: float, augment: float = 0.0) -> dict[str, Any]:
     # student block i is compared with the teacher block just before the next kept one (its depth's worth)
     layer_map = [nxt - 1 for nxt in best.keep[1:]] + [depth - 1]
     evaluate = [{"stage": "evaluate", "name": n, "model": m, "metrics": ["accuracy", "size"]}
@@ -347,7 +360,7 @@ def _recipe(name: str, teacher: str, task: dict, best: Candidate, depth: int, sp
     stages += [
         {"stage": "quantize", **quant_fields(best.linear, best.embedding), "float_dtype": "bf16"},
         evaluate[1],
-        {"stage": "distill", "data": "task",
+        {"stage": "distill", "data": "task", **({"augment": augment} if augment else {}),
          "losses": [{"type": "logits", "weight": 1.0, "temperature": 1.0},
                     {"type": "hidden", "weight": 1.0, "layer_map": layer_map, "distance": "mse"},
                     {"type": "attention", "weight": 1.0, "layer_map": layer_map}],

@@ -123,15 +123,25 @@ def test_prune_stage_cuts_the_named_stack_by_measured_importance(family, method,
     assert rows["evaluate"]["decoder_layers"] == 2 and rows["evaluate"]["rouge_examples"] == 6
 
 
-def test_prune_stage_narrows_an_encoder_decoders_mlps_and_the_model_still_generates(tmp_path):
-    recipe = prune_recipe(tmp_path, "bart", "angular")
+@pytest.mark.parametrize("family, width", [
+    ("bart", {"ratio": 0.9, "dimensions": ["mlp"], "multiple": 8}),
+    ("t5", {"ratio": 0.8, "dimensions": ["heads", "mlp"], "multiple": 8}),
+    ("t5", {"sizes": {"num_heads": 3}})])  # no kv grouping in T5: its kv heads follow
+def test_prune_stage_narrows_an_encoder_decoder_and_the_model_still_generates(family, width, tmp_path):
+    recipe = prune_recipe(tmp_path, family, "angular")
     recipe.stages[1] = type(recipe.stages[1]).model_validate(
-        {"stage": "prune", "width": {"ratio": 0.9, "dimensions": ["mlp"], "multiple": 8}, "calibration_samples": 4})
+        {"stage": "prune", "width": width, "calibration_samples": 4})
     run = run_recipe(recipe, tmp_path / "run")
     row = next(row for row in run.report.rows if row.get("pruned") == "width")
     config = run.student.config
-    assert config.encoder_ffn_dim == config.decoder_ffn_dim == row["intermediate_size"] < row["intermediate_size_before"]
-    assert row["params_after"] <= 0.9 * row["params_before"]
+    if family == "bart":
+        assert config.encoder_ffn_dim == config.decoder_ffn_dim == row["intermediate_size"] < row["intermediate_size_before"]
+    else:
+        assert config.num_heads == row["num_heads"] < row["num_heads_before"] == 4
+        assert len(row["removed_heads"]) == 6 and len(set(map(tuple, row["removed_heads"][:3]))) == 1  # per stack
+        assert [len(r) for r in row["removed_cross_heads"]] == [0, 0, 0] + [4 - config.num_heads] * 3
+    if "ratio" in width:
+        assert row["params_after"] <= width["ratio"] * row["params_before"]
     assert next(r for r in run.report.rows if r["stage"] == "evaluate")["rouge_examples"] == 6
 
 

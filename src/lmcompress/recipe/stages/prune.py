@@ -106,6 +106,8 @@ class ExplicitWidths(Strict):
         given = {k: v for k, v in self.model_dump().items() if v is not None}
         if "num_kv_heads" in given and "num_heads" not in given:  # whole groups go: their q heads with them
             given["num_heads"] = given["num_kv_heads"] * (now.num_heads // now.num_kv_heads)
+        if "num_heads" in given and "num_kv_heads" not in given and now.num_heads == now.num_kv_heads:
+            given["num_kv_heads"] = given["num_heads"]  # no grouping (every head its own k/v): it stays so
         return replace(now, **given)
 
 

@@ -109,6 +109,8 @@ class ArchAdapter:
     skippable_blocks: bool = True
     # Whether the config needs hidden_size to be a multiple of the head count (width pruning keeps it so).
     heads_divide_hidden: bool = True
+    # Whether width pruning can drop attention heads: the config can describe fewer heads of the same width.
+    cuts_heads: bool = True
 
     def __init__(self, model: nn.Module, stack: str | None = None):
         self.model = model
@@ -648,9 +650,9 @@ class Seq2SeqAdapter(ArchAdapter):
         """Whether one config attribute holds both stacks' MLP width (then they are cut together)."""
         return len(set(self.ffn_attr.values())) == 1
 
-    # Whether the config can describe fewer heads of the same width (T5: d_kv is its own field; BART derives
-    # head_dim from d_model / heads, so fewer heads would be wider ones).
-    cuts_heads: bool = False
+    # T5 can lose heads (d_kv is its own field); BART cannot: it derives head_dim from d_model / heads, so
+    # fewer heads would be wider ones.
+    cuts_heads = False
 
     def set_widths(self, num_heads: int, num_kv_heads: int, intermediate_size: int, hidden_size: int) -> None:
         """This stack's MLP width and (where the config can say it) head count in the config and its attention

@@ -98,7 +98,7 @@ def width_importance(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]
     views = width_views(model, stack)
     adapter = views[0]
     enc_dec = adapter.is_encoder_decoder
-    cut_heads = not enc_dec or adapter.cuts_heads
+    cut_heads = adapter.cuts_heads
     blocks = [(view, block) for view in views for block in view.blocks]
     parts = [view.width_parts(b) for view, b in blocks]
     num_heads, head_dim = adapter.num_heads, adapter.head_dim

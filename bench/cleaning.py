@@ -146,7 +146,18 @@ def throughput(args: argparse.Namespace) -> list[dict]:
 
 # --- the paper's question -----------------------------------------------------------------------
 
-def pretrain(args: argparse.Namespace) -> list[dict]:
+def _checkpoint_weights(folder: Path) -> dict:
+    """The student's weights in one training checkpoint (the objective's state dict, `student.` prefix off)."""
+    from safetensors.torch import load_file
+
+    prefix = "student."
+    return {k[len(prefix):]: v for k, v in load_file(folder / "model.safetensors").items() if k.startswith(prefix)}
+
+
+def pretrain(args: argparse.Namespace) -> dict:
+    """Every (corpus, seed) run continues the same half-depth student for the same tokens; each run's row and
+    its learning curve (every checkpoint scored on the held-out addresses) are written to `results_pretrain.json`
+    as soon as it ends, and a run already there is not repeated (a killed run resumes from its checkpoint)."""
     import datasets
 
     from lmcompress.data import corpus as lm_corpus
@@ -164,40 +175,106 @@ def pretrain(args: argparse.Namespace) -> list[dict]:
     write_jsonl(polluted, ({"id": r["id"], "text": r["text"]} for r in pollute(train_docs, seed=0).records))
     cleaned = Path(clean_files([polluted], args.out / "pretrain_clean", CleanConfig(num_proc=args.num_proc)).output)
 
-    tokens = args.steps * args.batch_size * args.block_size
+    tokens_per_step = args.batch_size * args.block_size
     test_text = datasets.Dataset.from_list([{"text": d["text"]} for d in test_docs])
-    rows = []
+    results_file = args.out / "results_pretrain.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {"rows": [], "curves": []}
 
-    def evaluate(model, tokenizer, label: str, trained_on: str, train_tokens: int) -> None:
+    def save() -> None:
+        results_file.write_text(json.dumps(results, indent=2))
+
+    def score(model, tokenizer) -> tuple[float, int]:
         stream = lm_corpus.token_stream(test_text, tokenizer)
         result = perplexity(model, stream, window=args.block_size, max_tokens=args.test_tokens,
                             batch_size=args.eval_batch_size)
-        rows.append({"model": label, "trained on": trained_on, "train tokens": train_tokens,
-                     "SOTU test ppl": round(result["perplexity"], 2), "test tokens": result["tokens"]})
-        print(markdown_table(rows[-1:]), flush=True)
+        return round(result["perplexity"], 2), result["tokens"]
 
-    def recipe(name: str, corpus: Path, stages: list[dict]) -> Recipe:
+    def add_row(label: str, trained_on: str, seed: int | str, train_tokens: int, ppl: float, scored: int) -> None:
+        results["rows"].append({"model": label, "trained on": trained_on, "seed": seed, "train tokens": train_tokens,
+                                "SOTU test ppl": ppl, "test tokens": scored})
+        print(markdown_table(results["rows"][-1:]), flush=True)
+        save()
+
+    def recipe(name: str, corpus: Path, seed: int, stages: list[dict]) -> Recipe:
         return Recipe.parse({
-            "name": name, "teacher": args.teacher, "block_size": args.block_size, "seed": args.seed,
+            "name": name, "teacher": args.teacher, "block_size": args.block_size, "seed": seed,
             # The loader's own validation/test splits are small; the reported perplexity is on the
             # held-out addresses above, which neither corpus contains.
             "corpus": {"name": str(corpus), "validation_fraction": 0.03, "test_fraction": 0.02},
             "stages": stages,
         })
 
+    def done(trained_on: str, seed: int | str) -> bool:
+        return any(r["trained on"].startswith(trained_on) and r["seed"] == seed for r in results["rows"])
+
     truncate = {"stage": "truncate", "keep": "every-other"}
-    base = run_recipe(recipe("clean-bench-untrained", cleaned, [truncate]), args.out / "run_untrained")
-    evaluate(base.teacher, base.tokenizer, "teacher (30 layers)", "-", 0)
-    evaluate(base.student, base.tokenizer, "half depth, not trained", "-", 0)
-    del base
-    for label, corpus in (("polluted", polluted), ("cleaned", cleaned)):
-        distill = {"stage": "distill", "data": "corpus", "steps": args.steps, "batch_size": args.batch_size,
-                   "lr": args.lr, "eval_batches": 4, "losses": [{"type": "ce"}]}
-        run = run_recipe(recipe(f"clean-bench-{label}", corpus, [truncate, distill]), args.out / f"run_{label}")
-        evaluate(run.student, run.tokenizer, "half depth, continued pre-training",
-                 f"{label} SOTU ({corpus.stat().st_size / 1e6:.1f} MB)", tokens)
-        del run
-    return rows
+    if not done("-", "-"):
+        base = run_recipe(recipe("clean-bench-untrained", cleaned, 0, [truncate]), args.out / "run_untrained",
+                          overwrite=True)
+        add_row("teacher (30 layers)", "-", "-", 0, *score(base.teacher, base.tokenizer))
+        add_row("half depth, not trained", "-", "-", 0, *score(base.student, base.tokenizer))
+        del base
+    for seed in args.seeds:
+        for label, corpus in (("polluted", polluted), ("cleaned", cleaned)):
+            if done(label, seed):
+                print(f"{label} seed {seed}: in {results_file} already", flush=True)
+                continue
+            distill = {"stage": "distill", "data": "corpus", "steps": args.steps, "batch_size": args.batch_size,
+                       "lr": args.lr, "warmup_steps": args.warmup_steps, "eval_batches": 4,
+                       "checkpoint_every": args.curve_every, "keep_checkpoints": args.steps // args.curve_every + 1,
+                       "losses": [{"type": "ce"}]}
+            run_dir = args.out / f"run_{label}_seed{seed}"
+            run = run_recipe(recipe(f"clean-bench-{label}", corpus, seed, [truncate, distill]), run_dir, resume=True)
+            # The learning curve: every checkpoint but the last (the run's own student) on the held-out text.
+            student = run.student
+            final = {k: v.clone() for k, v in student.state_dict().items()}
+            for folder in sorted((run_dir / "checkpoints").glob("*/step-*")):
+                step = int(folder.name.split("-")[1])
+                if step >= args.steps:
+                    continue
+                student.load_state_dict(_checkpoint_weights(folder), strict=False)
+                ppl, _ = score(student, run.tokenizer)
+                results["curves"].append({"trained on": label, "seed": seed, "step": step,
+                                          "train tokens": step * tokens_per_step, "SOTU test ppl": ppl})
+                print(f"{label} seed {seed} step {step}: {ppl}", flush=True)
+            student.load_state_dict(final)
+            ppl, scored = score(student, run.tokenizer)
+            results["curves"].append({"trained on": label, "seed": seed, "step": args.steps,
+                                      "train tokens": args.steps * tokens_per_step, "SOTU test ppl": ppl})
+            add_row("half depth, continued pre-training", f"{label} SOTU ({corpus.stat().st_size / 1e6:.1f} MB)",
+                    seed, args.steps * tokens_per_step, ppl, scored)
+            del run, student, final
+    return results
+
+
+def seed_spread(rows: list[dict]) -> list[dict]:
+    """Per corpus: the mean perplexity over seeds and the spread (max - min) between them."""
+    out = []
+    for corpus in sorted({r["trained on"] for r in rows if r["seed"] != "-"}):
+        ppls = [r["SOTU test ppl"] for r in rows if r["trained on"] == corpus]
+        out.append({"trained on": corpus, "seeds": len(ppls), "mean ppl": round(sum(ppls) / len(ppls), 2),
+                    "min": min(ppls), "max": max(ppls), "spread (max - min)": round(max(ppls) - min(ppls), 2)})
+    return out
+
+
+def plot_curves(curves: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for corpus, color in (("polluted", "tab:red"), ("cleaned", "tab:blue")):
+        for seed in sorted({c["seed"] for c in curves if c["trained on"] == corpus}):
+            points = sorted((c["train tokens"], c["SOTU test ppl"]) for c in curves
+                            if c["trained on"] == corpus and c["seed"] == seed)
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", color=color, alpha=0.5 + 0.5 * (seed == 0),
+                    label=f"{corpus}, seed {seed}")
+    ax.set(xlabel="training tokens", ylabel="SOTU held-out perplexity", yscale="log",
+           title="Half-depth SmolLM2, continued pre-training")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -213,7 +290,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--test-tokens", type=int, default=100_000, help="score at most this many test tokens")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one pretrain run per corpus per seed")
+    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--curve-every", type=int, default=100, help="steps between learning-curve points")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -221,8 +300,10 @@ def main() -> None:
         results["throughput"] = rows = throughput(args)
         print("\n## Cleaning throughput and memory\n\n" + markdown_table(rows))
     if args.what in ("pretrain", "all"):
-        results["pretrain"] = rows = pretrain(args)
-        print("\n## Continued pre-training on polluted vs cleaned SOTU\n\n" + markdown_table(rows))
+        results["pretrain"] = pretrained = pretrain(args)
+        print("\n## Continued pre-training on polluted vs cleaned SOTU\n\n" + markdown_table(pretrained["rows"]))
+        print("\n## Between seeds\n\n" + markdown_table(seed_spread(pretrained["rows"])))
+        plot_curves(pretrained["curves"], args.out / "pretrain_curves.png")
     (args.out / f"results_{args.what}.json").write_text(json.dumps(results, indent=2))
 
 

@@ -90,7 +90,7 @@ def test_relation_heads_must_divide_all_widths():
     with pytest.raises(RecipeError, match=r"relation_heads: 3 .* valid: \[1, 2, 4, 8\]"):
         objective(teacher, student, [{"type": "relations", "relation_heads": 3}])
     loss = objective(teacher, student, [{"type": "relations"}]).terms["relations"]
-    assert loss.relation_heads == 4 and loss.pairs == [(3, 3)]  # (student block, teacher block)
+    assert loss.heads == {"q": 4, "k": 4, "v": 4} and loss.pairs == [(3, 3)]  # (student block, teacher block)
 
 
 def reference_relation_kl(xt, xs, r, mask, causal):
@@ -142,6 +142,33 @@ def test_relations_with_gqa_match_reference_on_captured_projections():
     mask = batch["attention_mask"]
     ref = sum(reference_relation_kl(getattr(t_cap, p)[2], getattr(s_cap, p)[1], 2, mask, True) for p in "qkv")
     assert got.item() == pytest.approx(ref, rel=1e-3)  # float32 vs float64 on a small KL
+
+
+def test_relation_head_dim_gives_each_projection_its_own_heads_and_negative_blocks_count_from_the_last():
+    # Grouped-query teacher: q is 32 wide, k and v 16; 8-dim relation heads are 4 on q and 2 on k/v.
+    teacher = tiny_model("llama", kv_heads=2)
+    student = tiny_model("llama", seed=1, layers=2, kv_heads=2)
+    batch = batch_for("llama")
+    obj = objective(teacher, student, [{"type": "relations", "relation_head_dim": 8, "teacher_layer": -1}])
+    loss = obj.terms["relations"]
+    assert loss.heads == {"q": 4, "k": 2, "v": 2} and loss.pairs == [(1, 3)]  # the teacher's last block
+    t_cap = capture(teacher, Needs(qkv=frozenset({3})), batch)
+    s_cap = capture(student, Needs(qkv=frozenset({1})), batch)
+    mask = batch["attention_mask"]
+    ref = sum(reference_relation_kl(getattr(t_cap, p)[3], getattr(s_cap, p)[1], r, mask, True)
+              for p, r in loss.heads.items())
+    assert obj(batch)["relations"].item() == pytest.approx(ref, rel=1e-3)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"relation_heads": 2, "relation_head_dim": 8}, "relation_heads .* or relation_head_dim .* not both"),
+    ({"relation_head_dim": 5}, r"relation_head_dim: 5 does not divide the teacher's q projection width \[32\]"),
+    ({"relation_head_dim": 1}, r"k projection splits into 16 heads, which do not divide the student's width \[8\]"),
+])
+def test_bad_relation_head_settings_are_named(settings, message):
+    teacher, student = tiny_model("llama", kv_heads=2), tiny_model("llama", seed=1, kv_heads=1)
+    with pytest.raises(RecipeError, match=message):
+        objective(teacher, student, [{"type": "relations", **settings}])
 
 
 def test_gpt2_fused_qkv_is_split_into_q_k_v():

@@ -377,15 +377,19 @@ class RelationsConfig(LossConfig, StackSetting):
     student head counts may differ. Grouped-query attention: the k/v projection outputs (kv_heads * head_dim
     wide) are used as they are, concatenated, not expanded to the query head count; r must divide every
     projection width of both models. Default r: the largest number not above the teacher's attention heads
-    that divides them all. Default layers: the teacher's upper-middle block (7/8 depth, as MiniLMv2 for
-    large teachers) and the student's last block. Causal and padding masks restrict the keys of each
+    that divides them all. `relation_head_dim` instead fixes the width of a relation head, so each
+    projection gets its own r (MiniLMv2 uses 48 heads on BERT-base's 768 and 64 on BERT-large's 1,024: 16
+    dims each; under grouped-query attention one r cannot give q and k/v the same width). Default layers:
+    the teacher's upper-middle block (7/8 depth, as MiniLMv2 for large teachers) and the student's last
+    block (MiniLMv2 takes the teacher's last block for base-size teachers: `teacher_layer: -1`). Causal and padding masks restrict the keys of each
     relation distribution; padding queries are left out of the mean.
     """
 
     type: Literal["relations"] = "relations"
     relation_heads: int | None = Field(None, ge=1)
-    teacher_layer: int | None = None
-    student_layer: int | None = None
+    relation_head_dim: int | None = Field(None, ge=1, description="width of a relation head (r per projection)")
+    teacher_layer: int | None = Field(None, description="a block of the teacher (negative: from the last)")
+    student_layer: int | None = Field(None, description="a block of the student (negative: from the last)")
     relations: list[Literal["qq", "kk", "vv"]] = Field(default_factory=lambda: ["qq", "kk", "vv"], min_length=1)
 
     def build(self, teacher, student):
@@ -394,9 +398,34 @@ class RelationsConfig(LossConfig, StackSetting):
         for t, s, t0, s0 in views:
             t_layer = default_upper_middle(t.num_layers) if self.teacher_layer is None else self.teacher_layer
             s_layer = s.num_layers - 1 if self.student_layer is None else self.student_layer
+            # Negative blocks count from the last, as Python indexes (-1: the last block).
+            t_layer, s_layer = t_layer % t.num_layers if t_layer < 0 else t_layer, \
+                s_layer % s.num_layers if s_layer < 0 else s_layer
             ((s_layer, (t_layer,)),) = layer_map([[s_layer, t_layer]], t.num_layers, s.num_layers,
                                                  field="relations.teacher_layer/student_layer")
             pairs.append((s_layer + s0, t_layer + t0))
+        projections = [rel[0] for rel in self.relations]
+        return RelationsLoss(pairs, self._heads(views, projections))
+
+    def _heads(self, views, projections: list[str]) -> dict[str, int]:
+        """The relation heads r of each projection (one r for all, unless `relation_head_dim` is set)."""
+        if self.relation_heads is not None and self.relation_head_dim is not None:
+            raise RecipeError("relations: give relation_heads (one r for q, k and v) or relation_head_dim "
+                              "(the width of a head), not both")
+        if self.relation_head_dim is not None:
+            d, heads = self.relation_head_dim, {}
+            for p in projections:
+                teacher_widths = {_widths(t)[p] for t, _, _, _ in views}
+                student_widths = {_widths(s)[p] for _, s, _, _ in views}
+                if len(teacher_widths) > 1 or any(w % d for w in teacher_widths):
+                    raise RecipeError(f"relations.relation_head_dim: {d} does not divide the teacher's {p} "
+                                      f"projection width {sorted(teacher_widths)}")
+                r = teacher_widths.pop() // d
+                if any(w % r for w in student_widths):
+                    raise RecipeError(f"relations.relation_head_dim: the teacher's {p} projection splits into {r} "
+                                      f"heads, which do not divide the student's width {sorted(student_widths)}")
+                heads[p] = r
+            return heads
         widths = sorted({w for t, s, _, _ in views for a in (t, s) for w in _widths(a).values()})
         common = [d for d in _divisors(widths[0]) if all(w % d == 0 for w in widths)]
         r = self.relation_heads
@@ -405,23 +434,23 @@ class RelationsConfig(LossConfig, StackSetting):
         elif r not in common:
             raise RecipeError(f"relations.relation_heads: {r} does not divide the q/k/v projection widths "
                               f"{widths} of teacher and student; valid: {common}")
-        return RelationsLoss(pairs, r, [rel[0] for rel in self.relations])
+        return dict.fromkeys(projections, r)
 
 
 class RelationsLoss(DistillLoss):
     """Relation KLs summed over the projections, averaged over the (student, teacher) block pairs (one per
     compared stack)."""
 
-    def __init__(self, pairs: list[tuple[int, int]], relation_heads: int, projections: list[str]):
+    def __init__(self, pairs: list[tuple[int, int]], heads: dict[str, int]):
         super().__init__()
-        self.pairs, self.relation_heads, self.projections = pairs, relation_heads, projections
+        self.pairs, self.heads = pairs, heads  # heads: relation heads r of each compared projection ("q", "k", "v")
         self.teacher_needs = Needs(qkv=frozenset(t for _, t in pairs))
         self.student_needs = Needs(qkv=frozenset(s for s, _ in pairs))
 
     def forward(self, teacher, student, batch):
         terms = [
-            torch.stack([relation_kl(getattr(teacher, p)[t], getattr(student, p)[s], self.relation_heads,
-                                     student.mask_of(s), student.causal_of(s)) for p in self.projections]).sum()
+            torch.stack([relation_kl(getattr(teacher, p)[t], getattr(student, p)[s], r,
+                                     student.mask_of(s), student.causal_of(s)) for p, r in self.heads.items()]).sum()
             for s, t in self.pairs
         ]
         return torch.stack(terms).mean()

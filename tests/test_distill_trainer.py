@@ -18,6 +18,7 @@ from lmcompress.distill.trainer import (
     TrainConfig,
     _lr_lambda,
     checkpoints,
+    objective_eval,
     pad_collate,
     row_lengths,
     train,
@@ -278,3 +279,19 @@ def test_tensorboard_tracker(tmp_path):
     config = TrainConfig(steps=2, batch_size=4, log_every=1, log_with="tensorboard", progress=False, run_name="tb")
     train(gpt2_objective(), blocks(), config, tmp_path)
     assert list((tmp_path / "logs/tb").rglob("events.out.tfevents.*"))
+
+
+def test_a_classifiers_held_out_evaluation_reports_the_accuracy_of_its_logits():
+    teacher = tiny_model("bert", task="sequence-classification")
+    student = tiny_model("bert", task="sequence-classification", seed=1)
+    objective = build_objective(teacher, student, [parse_loss({"type": "logits"})]).eval()
+    gen = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(5, 100, (6,), generator=gen), "attention_mask": torch.ones(6, dtype=torch.long),
+             "labels": torch.tensor(i % 2)} for i in range(10)]
+    with torch.no_grad():
+        metrics = objective_eval(rows, pad_collate, batch_size=4, batches=2, accuracy=True)(objective)
+        predicted = [int(student(input_ids=r["input_ids"][None], attention_mask=r["attention_mask"][None]).logits.argmax())
+                     for r in rows[:8]]  # 2 batches of 4: the first 8 rows
+    assert metrics["accuracy"] == sum(p == int(r["labels"]) for p, r in zip(predicted, rows[:8], strict=True)) / 8
+    assert "logits" in metrics and "loss" in metrics
+    assert "accuracy" not in objective_eval(rows, pad_collate, 4, 2)(objective)

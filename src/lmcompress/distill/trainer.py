@@ -634,20 +634,29 @@ def _out_of_time(accelerator: Accelerator, seconds: float, limit: float | None) 
     return bool(flag.item() > 0)
 
 
-def objective_eval(rows, collate, batch_size: int, batches: int):
-    """Mean of every objective term over the first `batches` held-out batches (teacher included)."""
+def objective_eval(rows, collate, batch_size: int, batches: int, accuracy: bool = False):
+    """Mean of every objective term over the first `batches` held-out batches (teacher included); with
+    `accuracy`, also the share of those rows whose label the student's logits rank first (a classifier's
+    learning curve in the metrics log next to its losses)."""
     count = min(len(rows), batch_size * batches)
 
     def evaluate(objective: nn.Module) -> dict[str, float]:
         device = next(objective.parameters()).device
         sums: dict[str, float] = {}
-        n = 0
+        n = right = 0
         for start in range(0, count, batch_size):
             batch = collate([rows[i] for i in range(start, min(start + batch_size, count))])
-            out = objective({k: v.to(device) for k, v in batch.items()})
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = objective(batch)
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+            if accuracy:
+                logits = objective.student(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                right += int((logits.argmax(-1) == batch["labels"]).sum())
             n += 1
-        return {k: v / max(n, 1) for k, v in sums.items()}
+        metrics = {k: v / max(n, 1) for k, v in sums.items()}
+        if accuracy:
+            metrics["accuracy"] = right / max(count, 1)
+        return metrics
 
     return evaluate

@@ -100,7 +100,8 @@ class TrainingStage(StageConfig, TrainSettings):
         name = self._run_name(run)
         eval_fn = None
         if eval_rows is not None and self.eval_batches > 0:
-            eval_fn = objective_eval(eval_rows, collate, self.batch_size, self.eval_batches)
+            eval_fn = objective_eval(eval_rows, collate, self.batch_size, self.eval_batches,
+                                     accuracy=is_sequence_classifier(objective.student))
         result = train(objective, rows, self.train_config(run, name), run.out_dir, collate=train_collate or collate,
                        eval_fn=eval_fn, resume=run.resume)
         row: dict[str, Any] = {"stage": self.label, "train_steps": result.steps, "train_tokens": result.tokens,

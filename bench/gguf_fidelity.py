@@ -13,6 +13,7 @@ GGUF, fp32 in memory), one row per grid:
 | W4 g32 | sym 4-bit, group 32 | Q4_0 |
 | ternary | -1/0/+1 per row | TQ1_0 needs 256-wide blocks; SmolLM2's 576-wide rows are not: Q4_0 |
 | binary | -1/+1 per row | as ternary |
+| ternary, trained | ternary, then `--train-steps` of logit KD from the fp32 model on SOTU (a model that predicts text) | as ternary |
 
 Two more rows read our exports the way the other runtimes' users will: a W4 g64 packed-quant folder through
 transformers' `from_pretrained` (after `import lmcompress`) and a W4 g64 compressed-tensors folder through
@@ -50,6 +51,9 @@ ROWS = {
     "ternary": {"scheme": "ternary"},
     "binary": {"bits": 1},
 }
+# A row trained before export: round-to-nearest ternary predicts nothing (perplexity in the millions), so the
+# activation rounding llama.cpp adds is measured again on a model a user could ship (QAT with logit KD).
+TRAINED_ROWS = {"ternary, trained": "ternary"}
 # The other runtimes' doors (issue 15 items 1-2), read the same way: the folder loaded by transformers'
 # own from_pretrained (our quantizer / its compressed-tensors integration), scored by our evaluator.
 TRANSFORMERS_ROWS = {
@@ -64,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--work", type=Path, default=peer_tools.default_work_dir(), help="llama.cpp, texts, GGUF files")
-    p.add_argument("--only", type=lambda v: v.split(";"), default=[*ROWS, *TRANSFORMERS_ROWS],
+    p.add_argument("--train-steps", type=int, default=300, help="KD steps (8 x 256 tokens) of the trained rows")
+    p.add_argument("--only", type=lambda v: v.split(";"), default=[*ROWS, *TRAINED_ROWS, *TRANSFORMERS_ROWS],
                    help="';'-separated row names")
     p.add_argument("--chunks", type=int, default=None, help="score only the first N chunks (default: all)")
     p.add_argument("--threads", type=int, default=2)
@@ -88,21 +93,40 @@ def gguf_types(path: Path) -> tuple[dict[str, int], int, int]:
     return types, q4_bytes, q4_weights
 
 
+def trained(model, tokenizer, grid: dict, args: argparse.Namespace):
+    """`model` quantized to `grid` (the blocks' linears) and trained `--train-steps` steps with logit KD from
+    its fp32 self on the SOTU training split (the recipe engine's quantize + distill stages)."""
+    import lmcompress as lc
+
+    recipe = {"name": "gguf-fidelity-trained", "corpus": {"name": "sotu"}, "block_size": 256, "stages": [
+        {"stage": "quantize", **grid},
+        {"stage": "distill", "data": "corpus", "steps": args.train_steps, "batch_size": 8, "lr": 2e-4,
+         "warmup_steps": max(1, args.train_steps // 10), "schedule": "cosine", "eval_batches": 0,
+         "checkpoint_every": 100, "losses": [{"type": "logits", "temperature": 1.0}]}]}
+    result = lc.compress(model, recipe, tokenizer=tokenizer, out_dir=args.work / "gguf-fidelity" / "trained-run",
+                         resume=True)
+    return result.model
+
+
 def measure(name: str, bench, llamacpp, args: argparse.Namespace) -> dict:
     import lmcompress as lc
     from lmcompress.formats import export_model
 
     model, tokenizer = lc.load(bench.model_dir)
     started = time.perf_counter()
-    lc.quantize_(model, ROWS[name])  # the blocks' linears (default patterns); embeddings and head stay float
+    grid = ROWS[name] if name in ROWS else ROWS[TRAINED_ROWS[name]]
+    if name in TRAINED_ROWS:
+        model = trained(model, tokenizer, grid, args)
+    else:
+        lc.quantize_(model, grid)  # the blocks' linears (default patterns); embeddings and head stay float
     ours = bench.score(model)
     path = args.work / "gguf-fidelity" / f"{name.replace(' ', '-')}.gguf"
     export_model(model, tokenizer, path, format="gguf", overwrite=True)
     theirs = peers.llama_perplexity(llamacpp, path, bench)
     types, q4_bytes, q4_weights = gguf_types(path)
-    narrow = name in ("ternary", "binary")
+    narrow = grid in (ROWS["ternary"], ROWS["binary"])
     wider = (q4_bytes - q4_weights * TQ1_0_BITS / 8) / 1e6 if narrow else 0.0
-    return {"row": name, "grid": ROWS[name], "ppl_ours": ours["ppl"], "ppl_llamacpp": theirs["ppl"],
+    return {"row": name, "grid": grid, "train_steps": args.train_steps if name in TRAINED_ROWS else 0, "ppl_ours": ours["ppl"], "ppl_llamacpp": theirs["ppl"],
             "ppl_llamacpp_stderr": theirs.get("ppl_stderr"), "ratio": round(theirs["ppl"] / ours["ppl"], 5),
             "within_1pct": abs(theirs["ppl"] / ours["ppl"] - 1) <= 0.01, "types": types,
             **bench.size([path]), "wider_block_mb": round(wider, 2), "windows": ours["windows"],
@@ -160,7 +184,8 @@ def main(argv=None) -> None:
         if any(r["row"] == name for r in rows) and not args.force:
             print(f"[skip] {name}: in {out}", flush=True)
             continue
-        row = measure(name, bench, llamacpp, args) if name in ROWS else measure_transformers(name, bench, args)
+        row = (measure_transformers(name, bench, args) if name in TRANSFORMERS_ROWS
+               else measure(name, bench, llamacpp, args))
         rows = [r for r in rows if r["row"] != name] + [row]
         tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(rows, indent=1) + "\n")

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -243,6 +244,7 @@ def pretrain(args: argparse.Namespace) -> dict:
                                       "train tokens": args.steps * tokens_per_step, "SOTU test ppl": ppl})
             add_row("half depth, continued pre-training", f"{label} SOTU ({corpus.stat().st_size / 1e6:.1f} MB)",
                     seed, args.steps * tokens_per_step, ppl, scored)
+            shutil.rmtree(run_dir / "checkpoints")  # ~1 GB a checkpoint; the curve and the row are saved
             del run, student, final
     return results
 

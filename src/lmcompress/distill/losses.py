@@ -365,6 +365,12 @@ def relation_kl(x_teacher: torch.Tensor, x_student: torch.Tensor, relation_heads
     return _masked_mean(kl, rows)
 
 
+def _from_last(block: int, blocks: int) -> int:
+    """A negative block counts from the last, as Python indexes (-1: the last); one still out of range is
+    left for the layer map to refuse by name."""
+    return block + blocks if block < 0 else block
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -381,8 +387,8 @@ class RelationsConfig(LossConfig, StackSetting):
     projection gets its own r (MiniLMv2 uses 48 heads on BERT-base's 768 and 64 on BERT-large's 1,024: 16
     dims each; under grouped-query attention one r cannot give q and k/v the same width). Default layers:
     the teacher's upper-middle block (7/8 depth, as MiniLMv2 for large teachers) and the student's last
-    block (MiniLMv2 takes the teacher's last block for base-size teachers: `teacher_layer: -1`). Causal and padding masks restrict the keys of each
-    relation distribution; padding queries are left out of the mean.
+    block (MiniLMv2 takes the teacher's last block for base-size teachers: `teacher_layer: -1`). Causal and
+    padding masks restrict the keys of each relation distribution; padding queries are left out of the mean.
     """
 
     type: Literal["relations"] = "relations"
@@ -398,9 +404,7 @@ class RelationsConfig(LossConfig, StackSetting):
         for t, s, t0, s0 in views:
             t_layer = default_upper_middle(t.num_layers) if self.teacher_layer is None else self.teacher_layer
             s_layer = s.num_layers - 1 if self.student_layer is None else self.student_layer
-            # Negative blocks count from the last, as Python indexes (-1: the last block).
-            t_layer, s_layer = t_layer % t.num_layers if t_layer < 0 else t_layer, \
-                s_layer % s.num_layers if s_layer < 0 else s_layer
+            t_layer, s_layer = _from_last(t_layer, t.num_layers), _from_last(s_layer, s.num_layers)
             ((s_layer, (t_layer,)),) = layer_map([[s_layer, t_layer]], t.num_layers, s.num_layers,
                                                  field="relations.teacher_layer/student_layer")
             pairs.append((s_layer + s0, t_layer + t0))

@@ -141,8 +141,30 @@ def test_a_time_budget_is_split_by_the_measured_costs_and_a_too_small_one_is_ref
     calibration = next(d for d in p.decisions if d.what == "calibration")
     assert calibration.measured["student_train"] == pytest.approx(0.4)  # ms per token, as measured
     with pytest.raises(RecipeError, match=r"--budget 1s: too little for this plan; planning took .*calibration "
-                                          r"\(16 sequences, GPTQ\) and scoring alone take about"):
+                                          r"\(16 sequences, GPTQ\) and scoring on 2,048 tokens alone take about"):
         plan(model, "8x", "1s", costs)
+
+
+@pytest.mark.parametrize(("teacher_forward", "eval_tokens"), [(4e-3, 8192), (8e-3, 4096), (1e-2, 2048)])
+def test_a_tight_time_budget_scores_on_fewer_tokens_before_it_refuses(teacher_forward, eval_tokens):
+    # `make demo`'s 10 minutes on SmolLM2's size, on machines 2-2.5x slower a token than 4e-3 s
+    from lmcompress.planner.plan import _split_budget
+
+    costs = TokenCosts(teacher_forward=teacher_forward, student_train=4 * teacher_forward, layers=30,
+                       tokens_measured=512, fisher=3 * teacher_forward, gptq_rounding=20.0)
+    split = _split_budget(parse_budget("10m"), costs, 30, 512, spent=30.0, params=134_515_008)
+    assert split.eval_tokens == eval_tokens and split.seconds <= 0.95 * 600
+    calibration = next(d for d in split.decisions if d.what == "calibration")
+    assert calibration.measured["eval_tokens"] == eval_tokens
+    assert ("scored on" in calibration.why) == (eval_tokens < 8192)
+
+
+def test_every_perplexity_row_of_a_tight_plan_scores_the_same_fewer_tokens(model):
+    slow = TokenCosts(teacher_forward=2e-2, student_train=8e-2, layers=4, tokens_measured=64)
+    p = plan(model, "8x", "5m", slow)
+    scored = {s["max_tokens"] for s in p.recipe["stages"] if s["stage"] == "evaluate" and "perplexity" in s["metrics"]}
+    assert scored == {next(d for d in p.decisions if d.what == "calibration").measured["eval_tokens"]}
+    assert scored == {2048}  # with or without llama-bench's minute
 
 
 def test_a_time_budget_drops_awq_first_and_leaves_the_run_a_clock(model):

@@ -640,6 +640,7 @@ def objective_eval(rows, collate, batch_size: int, batches: int, accuracy: bool 
     learning curve in the metrics log next to its losses)."""
     count = min(len(rows), batch_size * batches)
 
+    @torch.no_grad()  # the trainer calls it under no_grad too; a caller outside it builds no graph either
     def evaluate(objective: nn.Module) -> dict[str, float]:
         device = next(objective.parameters()).device
         sums: dict[str, float] = {}

@@ -74,6 +74,9 @@ E2E_STEP_CAP = 10  # under a time limit: the most end-to-end steps, as a multipl
 RECON_SHARE = 0.4  # of the training time: blocks recover most per second (x1.29 -> x1.14 in 10 min at 67 MB,
 # where e2e took 50 min for x1.14 -> x1.07), so they come first, capped; e2e gets the rest
 EVAL_TOKENS = 8192  # every stage scored on the same first 8,192 test tokens (16 windows of 512)
+# a budget too tight for that on a slow machine scores on fewer (noisier, still the same tokens for every row)
+# rather than refusing: `make demo`'s 10 minutes must plan on a machine a few times slower than ours
+EVAL_TOKENS_TIGHT = (4096, 2048)
 NEAR_LOSSLESS_BITS = 6.0  # bits a weight (whole file) from which a plan trains nothing
 DEPTH_FIT, DEPTH_SCORE = 8, 8  # calibration sequences the depth decision measures on, and scores on
 DEPTH_SHARE = 0.2  # of a time budget, at most, to measure depth candidates
@@ -221,6 +224,9 @@ def plan_compression(model: nn.Module, target: Target, budget: Budget | None, *,
                     "checkpoint_every": 25, **timed},
                    _evaluate("distilled")]
     stages += proof
+    for stage in stages:  # the same test tokens for every perplexity row
+        if stage["stage"] == "evaluate" and "max_tokens" in stage:
+            stage["max_tokens"] = split.eval_tokens
     if split.finish_seconds is not None:
         recipe["time_budget"] = {"seconds": round((1 - BUDGET_RESERVE) * budget.value - spent, 1),
                                  "finish_seconds": round(split.finish_seconds, 1)}
@@ -266,6 +272,7 @@ class _Split:
     e2e_seconds: float | None = None  # and the end-to-end stage's training
     awq: bool = True
     finish_seconds: float | None = None  # a time budget's: export and its scoring, after the last training stage
+    eval_tokens: int = EVAL_TOKENS  # what every row is scored on
 
 
 def _split_budget(budget: Budget | None, costs: TokenCosts | None, layers: int, block: int, spent: float = 0.0,
@@ -289,22 +296,25 @@ def _split_budget(budget: Budget | None, costs: TokenCosts | None, layers: int, 
             f"the rest to end-to-end steps of {e2e_tokens:,}")])
     assert costs is not None
     forward = block * costs.teacher_forward
-    evaluation = EVAL_TOKENS * costs.teacher_forward  # one scoring row
     speed = SPEED_FORWARDS * forward + DECODED_TOKENS * 4 * params / DECODE_BYTES_PER_S
-    finish = EXPORT_SECONDS_PER_PARAM * params + EXPORT_SCORING_FACTOR * evaluation + speed  # export, score, speed
-    if llama_cpp:  # the GGUF written (as the export) and llama-bench's runs
-        finish += EXPORT_SECONDS_PER_PARAM * params + LLAMA_BENCH_SECONDS
-    fixed = evaluation + speed + finish  # the teacher's row (with speed), and the finish
     available = (1 - BUDGET_RESERVE) * budget.value - spent
     options = [(samples, awq, _ptq_seconds(samples, awq, block, costs)) for samples, awq in PTQ_SETTINGS]
     options.sort(key=lambda o: -o[2])  # the richest is the most expensive
-    fits = [o for o in options if o[2] <= PTQ_SHARE * (available - fixed)] or [
-        o for o in options[-1:] if o[2] <= available - fixed]
-    if not fits:
+    for eval_tokens in (EVAL_TOKENS, *EVAL_TOKENS_TIGHT):
+        evaluation = eval_tokens * costs.teacher_forward  # one scoring row
+        finish = EXPORT_SECONDS_PER_PARAM * params + EXPORT_SCORING_FACTOR * evaluation + speed  # export, score
+        if llama_cpp:  # the GGUF written (as the export) and llama-bench's runs
+            finish += EXPORT_SECONDS_PER_PARAM * params + LLAMA_BENCH_SECONDS
+        fixed = evaluation + speed + finish  # the teacher's row (with speed), and the finish
+        fits = [o for o in options if o[2] <= PTQ_SHARE * (available - fixed)] or [
+            o for o in options[-1:] if o[2] <= available - fixed]
+        if fits:
+            break
+    else:
         samples, awq, ptq = options[-1]
         raise RecipeError(f"--budget {budget.text}: too little for this plan; planning took {spent / 60:.1f} min, "
-                          f"and calibration ({samples} sequences, GPTQ) and scoring alone take about "
-                          f"{(ptq + fixed) / 60:.1f} min here")
+                          f"and calibration ({samples} sequences, GPTQ) and scoring on {eval_tokens:,} tokens alone "
+                          f"take about {(ptq + fixed) / 60:.1f} min here")
     per_token = costs.student_train + costs.teacher_forward  # a training token: student step + teacher forward
     recon_step = recon_tokens * per_token / layers
     e2e_step = e2e_tokens * per_token
@@ -326,15 +336,17 @@ def _split_budget(budget: Budget | None, costs: TokenCosts | None, layers: int, 
     dropped = [f"{n} sequences{' + AWQ' if a else ''} ({t / 60:.1f} min)" for n, a, t in options if t > ptq]
     # what follows the training stages when the run rescales them: their own scoring rows, and the finish
     after_training = finish + (bool(recon) + bool(e2e)) * evaluation
-    return _Split(samples, recon, e2e, total, awq=awq, finish_seconds=after_training,
+    scored = ("" if eval_tokens == EVAL_TOKENS else f"; every row scored on {eval_tokens:,} test tokens, not "
+              f"{EVAL_TOKENS:,}: the budget is too tight here for more")
+    return _Split(samples, recon, e2e, total, awq=awq, finish_seconds=after_training, eval_tokens=eval_tokens,
                   recon_block_seconds=recon * recon_step if recon else None,
                   e2e_seconds=e2e_seconds if e2e else None, decisions=[
         Decision("calibration", f"{samples} sequences of {block} tokens, GPTQ{' after AWQ' if awq else ', no AWQ'}",
                  f"planning took {spent / 60:.1f} min; PTQ estimated at {ptq / 60:.1f} min (at most "
                  f"{PTQ_SHARE:.0%} of what scoring leaves, unless only the cheapest fits"
                  + (f"; richer: {', '.join(dropped)}" if dropped else "") + f"), scoring and export "
-                 f"{(fixed + scores * evaluation) / 60:.1f} min, of {budget.value / 60:.1f}",
-                 {"planning_seconds": round(spent, 1), "ptq_seconds": round(ptq, 1),
+                 f"{(fixed + scores * evaluation) / 60:.1f} min, of {budget.value / 60:.1f}{scored}",
+                 {"planning_seconds": round(spent, 1), "ptq_seconds": round(ptq, 1), "eval_tokens": eval_tokens,
                   "eval_seconds": round(fixed + scores * evaluation, 1), **costs.summary()}),
         Decision("training", f"{recon} reconstruction steps a block, {e2e} end-to-end steps",
                  f"{(recon_seconds + e2e_seconds) / 60:.1f} min of training: up to {share:.0%} to blocks "

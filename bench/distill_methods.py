@@ -86,9 +86,9 @@ def method_losses(method: str, with_lm: bool) -> list[dict]:
 
 
 def use_bf16(choice: str) -> bool:
-    from lmcompress.models.blocks import bf16_speedup
+    from lmcompress.core.precision import bf16_pays
 
-    return choice == "on" or (choice == "auto" and bf16_speedup() > 1.0)
+    return choice == "on" or (choice == "auto" and bf16_pays())
 
 
 def plot_curves(curves: list[dict], path: Path) -> None:

@@ -91,18 +91,17 @@ def tiny_lm_or_classifier(family: str, **kw):
 
 
 def fast_bf16() -> bool:
-    """Whether bf16 autocast beats fp32 on this CPU. The shipped recipes ask for bf16 (hosts with bf16 units);
-    where it is emulated (AVX2 only: ~8x slower) tests run their steps in fp32, the same code otherwise, and
-    bf16's own numerics are tested on tiny models."""
-    from lmcompress.models.blocks import bf16_speedup
+    """Whether bf16 autocast beats fp32 here (what a recipe's `bf16: auto` resolves to): where it is emulated
+    (AVX2 only: ~8x slower) integration tests run in fp32, and bf16's own numerics are tested on tiny models."""
+    from lmcompress.core.precision import bf16_pays
 
-    return bf16_speedup() > 1.0
+    return bf16_pays()
 
 
 def tiny_budget(name: str, sets: tuple[str, ...] = (), **top):
     """The shipped recipe `name` (with or without .yaml), after the `--set` overrides `sets`, at 2 training
-    steps per stage, small batches and short evaluations (in fp32 where bf16 is slower: `fast_bf16`); `top`
-    overrides top-level fields."""
+    steps per stage, small batches and short evaluations (the recipes' `bf16: auto` runs fp32 where bf16 is
+    slower); `top` overrides top-level fields."""
     from lmcompress.core.yamlfile import read_yaml_mapping
     from lmcompress.recipe import Recipe
     from lmcompress.recipe.schema import apply_override
@@ -113,8 +112,6 @@ def tiny_budget(name: str, sets: tuple[str, ...] = (), **top):
     data = doc.data
     data.update(top)
     for stage in data["stages"]:
-        if stage.get("bf16") and not fast_bf16():
-            stage["bf16"] = False
         if "steps" in stage:
             stage.update(steps=2, batch_size=2, grad_accum=1, warmup_steps=0, eval_every=0, eval_batches=1,
                          checkpoint_every=0)

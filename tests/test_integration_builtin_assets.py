@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import fast_bf16, integration
+from helpers import integration
 
 from lmcompress.cli import main
 from lmcompress.core import assets
@@ -68,8 +68,6 @@ def test_demo_recipe_end_to_end_on_a_slice(tmp_path, capsys):
     small = ["stages.1.max_tokens=128", "stages.2.calibration_samples=4", "stages.3.max_tokens=128",
              "stages.5.max_tokens=128", "block_size=64", "stages.4.steps=3", "stages.4.batch_size=2",
              "stages.4.checkpoint_every=0"]
-    if not fast_bf16():
-        small += ["stages.2.bf16=false", "stages.4.bf16=false"]
     code = main(["run", "recipes/demo.yaml", "--out", str(out), *[a for s in small for a in ("--set", s)]])
     assert code == 0
     report = json.loads((out / "report.json").read_text())

@@ -13,9 +13,7 @@ at a time rather than the whole model's.
 
 from __future__ import annotations
 
-import functools
 import logging
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmcompress.core.errors import LmcompressError
+from lmcompress.core.precision import bf16_speedup
 from lmcompress.models.adapters import ArchAdapter, get_adapter
 
 log = logging.getLogger(__name__)
@@ -121,23 +120,6 @@ def _warn_slow_bf16() -> None:
     _warned_slow_bf16 = True
     log.warning("bf16 autocast runs %.1fx slower than fp32 on this CPU (no native bf16 matrix instructions); "
                 "set bf16: false in the recipe's stages", 1.0 / bf16_speedup())
-
-
-@functools.cache
-def bf16_speedup() -> float:
-    """How many times faster a linear layer's product runs under bf16 autocast than in fp32 on this CPU,
-    measured once a process (~0.3 s): above 1 on CPUs with avx512_bf16 or AMX, far below on AVX2-only ones."""
-    x, layer = torch.randn(512, 576), nn.Linear(576, 1536)
-
-    def seconds(enabled: bool) -> float:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
-            layer(x)  # warm-up: the first call picks kernels
-            started = time.perf_counter()
-            for _ in range(3):
-                layer(x)
-            return time.perf_counter() - started
-
-    return seconds(False) / max(seconds(True), 1e-9)
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | None = None,

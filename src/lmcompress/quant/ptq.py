@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from lmcompress.core.config import Strict
 from lmcompress.core.errors import LmcompressError, RecipeError
+from lmcompress.core.precision import Bf16
 from lmcompress.models.adapters import get_adapter
 from lmcompress.models.blocks import (
     BlockInputs,
@@ -66,8 +67,8 @@ class GPTQSettings(Strict):
     act_order: bool = Field(True, description="round columns by decreasing diag(H) (groups fixed up front)")
     head: bool = Field(True, description="also round a quantized output head, or an embedding table tied to "
                                          "it, with GPTQ on the final hidden states")
-    bf16: bool = Field(False, description="run the calibration forwards under bf16 autocast (about 2x faster on "
-                                          "CPUs with avx512_bf16); Hessians and rounding stay in fp32")
+    bf16: Bf16 = Field(False, description="run the calibration forwards under bf16 autocast (true, false, or auto: "
+                                          "where it is faster); Hessians and rounding stay in fp32")
 
 
 @dataclass

@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 
 from lmcompress.core.config import Strict
 from lmcompress.core.errors import RecipeError
+from lmcompress.core.precision import Bf16
 from lmcompress.formats import size_report
 from lmcompress.models.adapters import get_adapter
 from lmcompress.recipe.base import (
@@ -158,7 +159,7 @@ class PruneStage(StageConfig, CalibrationSettings):
     depth: DepthPruning | None = None
     width: WidthPruning | None = None
     calibration_samples: int = Field(32, gt=0, description="calibration sequences the scores are measured on")
-    bf16: bool = Field(False, description="measure under bf16 autocast (about 2x faster on CPUs with avx512_bf16)")
+    bf16: Bf16 = Field(False, description="measure under bf16 autocast: true, false, or auto (where it is faster)")
     stack: Literal["encoder", "decoder"] | None = Field(
         None, description="the block stack an encoder-decoder is cut in: depth needs one; width cuts both "
                           "when none is named (others have one stack)")

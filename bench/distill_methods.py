@@ -86,7 +86,7 @@ def method_losses(method: str, with_lm: bool) -> list[dict]:
 
 
 def use_bf16(choice: str) -> bool:
-    from lmcompress.core.precision import bf16_pays
+    from lmcompress.models.precision import bf16_pays
 
     return choice == "on" or (choice == "auto" and bf16_pays())
 

@@ -93,7 +93,7 @@ def tiny_lm_or_classifier(family: str, **kw):
 def fast_bf16() -> bool:
     """Whether bf16 autocast beats fp32 here (what a recipe's `bf16: auto` resolves to): where it is emulated
     (AVX2 only: ~8x slower) integration tests run in fp32, and bf16's own numerics are tested on tiny models."""
-    from lmcompress.core.precision import bf16_pays
+    from lmcompress.models.precision import bf16_pays
 
     return bf16_pays()
 

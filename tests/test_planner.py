@@ -14,9 +14,9 @@ from helpers import saved_model, tiny_model, tiny_tokenizer, write_word_corpus
 from lmcompress import api
 from lmcompress.cli import main
 from lmcompress.core.errors import RecipeError
-from lmcompress.core.precision import bf16_speedup
 from lmcompress.formats import size_report
 from lmcompress.infer import native
+from lmcompress.models.precision import bf16_speedup
 from lmcompress.planner import parse_budget, parse_target, plan_compression
 from lmcompress.planner.costs import TokenCosts
 from lmcompress.planner.depth import DepthSearch

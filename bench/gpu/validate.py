@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from lmcompress.core.precision import bf16_speedup
 from lmcompress.distill import TrainConfig, build_objective, parse_loss, train
 from lmcompress.evaluate import perplexity
 from lmcompress.infer.environment import describe
 from lmcompress.models.adapters import get_adapter
+from lmcompress.models.precision import bf16_speedup
 from lmcompress.quant import quantize_
 from lmcompress.recipe import Recipe
 from lmcompress.recipe.base import Run

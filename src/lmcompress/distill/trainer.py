@@ -61,7 +61,6 @@ from tqdm.auto import tqdm
 from lmcompress.core.config import Strict
 from lmcompress.core.errors import LmcompressError, TrainingDiverged
 from lmcompress.core.files import write_json_atomic
-from lmcompress.core.precision import Bf16
 from lmcompress.distill.checkpoint import (
     ZERO3_REFUSED,
     check_settings,
@@ -74,6 +73,7 @@ from lmcompress.distill.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from lmcompress.models.precision import Bf16
 
 log = logging.getLogger(__name__)
 

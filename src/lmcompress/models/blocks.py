@@ -23,8 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmcompress.core.errors import LmcompressError
-from lmcompress.core.precision import bf16_speedup
 from lmcompress.models.adapters import ArchAdapter, get_adapter
+from lmcompress.models.precision import bf16_speedup
 
 log = logging.getLogger(__name__)
 

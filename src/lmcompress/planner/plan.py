@@ -26,13 +26,13 @@ import yaml
 from torch import nn
 
 from lmcompress.core.errors import LmcompressError, RecipeError
-from lmcompress.core.precision import bf16_speedup
 from lmcompress.data.cache import DataCache
 from lmcompress.evaluate.llamacpp import HOW as LLAMA_CPP_HOW
 from lmcompress.evaluate.llamacpp import find_llama_bench
 from lmcompress.formats import size_report
 from lmcompress.formats.gguf import gguf_tokenizer_model
 from lmcompress.models.adapters import get_adapter
+from lmcompress.models.precision import bf16_speedup
 from lmcompress.planner.costs import TokenCosts, measure_token_costs
 from lmcompress.planner.depth import DepthSearch
 from lmcompress.planner.speed import probe_decode_speed

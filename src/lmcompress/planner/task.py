@@ -35,7 +35,6 @@ import torch
 from torch import nn
 
 from lmcompress.core.errors import RecipeError
-from lmcompress.core.precision import bf16_speedup
 from lmcompress.data.specs import TaskSpec
 from lmcompress.data.tasks import load_task
 from lmcompress.distill.heads import with_classification_head
@@ -44,6 +43,7 @@ from lmcompress.evaluate.speed import best_seconds
 from lmcompress.formats import size_report
 from lmcompress.models.adapters import get_adapter
 from lmcompress.models.blocks import bf16_autocast
+from lmcompress.models.precision import bf16_speedup
 from lmcompress.planner.plan import BUDGET_RESERVE, EXPORT_SECONDS_PER_PARAM, Decision, Plan, slug, time_limit
 from lmcompress.planner.targets import Budget, Target
 from lmcompress.quant import quantize_

@@ -39,7 +39,6 @@ from tqdm.auto import tqdm
 
 from lmcompress.core.config import Strict
 from lmcompress.core.errors import LmcompressError, RecipeError
-from lmcompress.core.precision import Bf16
 from lmcompress.models.adapters import get_adapter
 from lmcompress.models.blocks import (
     BlockInputs,
@@ -49,6 +48,7 @@ from lmcompress.models.blocks import (
     model_inputs,
     positions_mask,
 )
+from lmcompress.models.precision import Bf16
 from lmcompress.quant.gptq import GPTQResult, Hessian, gptq_quantize
 from lmcompress.quant.grids import fit_scales
 from lmcompress.quant.modules import QuantLinear, QuantModule, QuantTiedHead, float_weights

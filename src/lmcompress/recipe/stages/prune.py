@@ -29,9 +29,9 @@ from pydantic import Field, model_validator
 
 from lmcompress.core.config import Strict
 from lmcompress.core.errors import RecipeError
-from lmcompress.core.precision import Bf16
 from lmcompress.formats import size_report
 from lmcompress.models.adapters import get_adapter
+from lmcompress.models.precision import Bf16
 from lmcompress.recipe.base import (
     CalibrationSettings,
     DataSection,

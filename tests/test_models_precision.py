@@ -3,8 +3,8 @@
 import pytest
 
 from lmcompress.core.errors import RecipeError
-from lmcompress.core.precision import bf16_pays, bf16_speedup
 from lmcompress.distill.trainer import TrainSettings
+from lmcompress.models.precision import bf16_pays, bf16_speedup
 from lmcompress.quant.ptq import GPTQSettings
 from lmcompress.recipe import Recipe
 

@@ -96,7 +96,8 @@ class TrainSettings(Strict):
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     weight_decay: float = Field(0.01, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm; null disables")
-    bf16: Bf16 = Field(False, description="bf16 autocast: true, false, or auto (where it is faster than fp32 here: a GPU, a CPU with avx512_bf16 or AMX)")
+    bf16: Bf16 = Field(False, description="bf16 autocast: true, false, or auto (where it is faster than fp32 here: "
+                                          "a GPU, a CPU with avx512_bf16 or AMX)")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
     eval_batches: int = Field(8, ge=0, description="batches of held-out data per evaluation (0: none)")
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only the final one)")

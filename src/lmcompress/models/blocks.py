@@ -119,7 +119,7 @@ def _warn_slow_bf16() -> None:
     global _warned_slow_bf16
     _warned_slow_bf16 = True
     log.warning("bf16 autocast runs %.1fx slower than fp32 on this CPU (no native bf16 matrix instructions); "
-                "set bf16: false in the recipe's stages", 1.0 / bf16_speedup())
+                "set bf16: auto (or false) in the recipe's stages", 1.0 / bf16_speedup())
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | None = None,

@@ -180,6 +180,10 @@ def test_a_planned_encoder_run_lands_inside_its_target_and_is_scored_on_the_task
     report = json.loads((out / "report.json").read_text())
     rows = {r["stage"]: r for r in report["rows"]}
     assert report["meta"]["status"] == "complete"
+    # every decision in the report with what it measured, and a table of them in report.md
+    decisions = {d["decision"]: d for d in report["meta"]["decisions"]}
+    assert decisions["depth and widths"]["why"] and decisions["depth and widths"]["measured"]
+    assert "## Decisions" in (out / "report.md").read_text()
     assert {"teacher", "quantized", "distilled", "exported", "verify"} <= rows.keys()
     assert rows["verify"]["size_met"] is True
     assert all(0 <= rows[s]["accuracy"] <= 1 for s in ("teacher", "quantized", "distilled", "exported"))

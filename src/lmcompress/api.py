@@ -124,8 +124,11 @@ def _compress_to(model: str, target: str, budget: str | None, corpus: str | dict
                                                  "status": "planned (lmcompress compress --resume runs it)"})
             return planned
     run = run_recipe(recipe, out, resume=True)
-    run.report.meta["plan"] = {"file": PLAN_FILE, "decisions": [f"{d.what}: {d.chosen}" for d in planned.decisions]
-                               if planned else "as written in the file (a resumed run)"}
+    run.report.meta["plan"] = PLAN_FILE
+    # each choice with the measurement behind it (the why is also the plan file's comment on it)
+    run.report.meta["decisions"] = ([{"decision": d.what, "chosen": d.chosen, "why": d.why, "measured": d.measured}
+                                     for d in planned.decisions] if planned else
+                                    "as written in the plan file (a resumed run)")
     run.save_report()
     return CompressResult(model=run.student, tokenizer=run.tokenizer, report=run.report, out_dir=run.out_dir,
                           run=run, plan=planned)

@@ -80,7 +80,11 @@ EVAL_TOKENS_TIGHT = (4096, 2048)
 NEAR_LOSSLESS_BITS = 6.0  # bits a weight (whole file) from which a plan trains nothing
 DEPTH_FIT, DEPTH_SCORE = 8, 8  # calibration sequences the depth decision measures on, and scores on
 DEPTH_SHARE = 0.2  # of a time budget, at most, to measure depth candidates
-MIN_RECON_STEPS, MIN_E2E_STEPS = 8, 10  # fewer than these do not pay for their scoring: PTQ gets the time
+# Fewer steps than these do not pay for their stage's scoring row (~half an end-to-end step): PTQ gets the time.
+# Few steps pay: on SmolLM2 at 67 MB, 14 end-to-end steps of the step sizes (10 min) took the fake-quant model
+# from 52.69 to 48.33 (`--budget 30m`, BENCHMARKS issue 16), while 128 GPTQ sequences + AWQ instead of 64 and no
+# training ended at 56.23 exported.
+MIN_RECON_STEPS, MIN_E2E_STEPS = 8, 4
 
 
 @dataclass
@@ -323,12 +327,14 @@ def _split_budget(budget: Budget | None, costs: TokenCosts | None, layers: int, 
         # the quantized model and every training stage are scored (for the stage plot): not training time
         left = available - fixed - ptq
         recon = min(RECON_STEPS_MAX, int(share * max(left - 3 * evaluation, 0) / (layers * recon_step)))
-        return recon, int(max(left - (3 if recon else 2) * evaluation - recon * layers * recon_step, 0) / e2e_step)
+        recon = recon if recon >= MIN_RECON_STEPS else 0  # too few to pay: their share goes to end-to-end steps
+        e2e = int(max(left - (3 if recon else 2) * evaluation - recon * layers * recon_step, 0) / e2e_step)
+        return recon, (e2e if e2e >= MIN_E2E_STEPS else 0)
 
     samples, awq, ptq = fits[0]
     recon, e2e = steps(ptq)
-    recon, e2e = (recon if recon >= MIN_RECON_STEPS else 0), (e2e if e2e >= MIN_E2E_STEPS else 0)
-    if not recon and not e2e:  # too little left to train: the time goes to the richest PTQ that fits
+    too_little = not recon and not e2e
+    if too_little:  # too little left to train: the time goes to the richest PTQ that fits
         samples, awq, ptq = next(o for o in options if o[2] <= available - fixed)
     recon_seconds, e2e_seconds = recon * layers * recon_step, e2e * e2e_step
     scores = (1 if recon or e2e else 0) + bool(recon) + bool(e2e)
@@ -349,6 +355,8 @@ def _split_budget(budget: Budget | None, costs: TokenCosts | None, layers: int, 
                  {"planning_seconds": round(spent, 1), "ptq_seconds": round(ptq, 1), "eval_tokens": eval_tokens,
                   "eval_seconds": round(fixed + scores * evaluation, 1), **costs.summary()}),
         Decision("training", f"{recon} reconstruction steps a block, {e2e} end-to-end steps",
+                 (f"fewer than {MIN_E2E_STEPS} end-to-end steps fit beside a PTQ within {PTQ_SHARE:.0%} of the time, so "
+                  "it went to the richest PTQ; " if too_little else "") +
                  f"{(recon_seconds + e2e_seconds) / 60:.1f} min of training: up to {share:.0%} to blocks "
                  f"({recon_step:.2f} s a block step, at most {RECON_STEPS_MAX}), the rest to end-to-end steps "
                  f"({e2e_step:.1f} s each); the run rescales them to the time it has left (recipe time_budget)",

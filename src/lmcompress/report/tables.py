@@ -37,6 +37,10 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _is_table(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
 def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
     if not rows:
         return "_no rows_\n"
@@ -48,8 +52,12 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
 
 def markdown_report(report: Report, title: str) -> str:
     parts = [f"# {title}\n"]
-    if report.meta:
-        parts.append("\n".join(f"- **{k}**: {_fmt(v)}" for k, v in report.meta.items()) + "\n")
+    tables = {k: v for k, v in report.meta.items() if _is_table(v)}
+    if len(tables) < len(report.meta):
+        parts.append("\n".join(f"- **{k}**: {_fmt(v)}" for k, v in report.meta.items() if k not in tables) + "\n")
+    for key, rows in tables.items():  # nested cells (measurements) stay in report.json
+        flat = [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in rows]
+        parts.append(f"## {key.capitalize()}\n\n" + markdown_table(flat))
     # Rows of one kind (evaluations, training runs, exports) share their columns: one table per kind.
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for row in report.rows:

@@ -159,6 +159,18 @@ def test_a_tight_time_budget_scores_on_fewer_tokens_before_it_refuses(teacher_fo
     assert ("scored on" in calibration.why) == (eval_tokens < 8192)
 
 
+def test_the_depth_and_width_candidates_are_measured_only_when_a_fifth_of_the_time_budget_holds_them():
+    # SmolLM2's costs on the AVX2 host, where measuring the two cuts and the width candidate took 415 s
+    from lmcompress.planner.plan import _depth_affordable
+
+    costs = TokenCosts(teacher_forward=2.5676e-3, student_train=9.95e-3, layers=30, tokens_measured=512,
+                       fisher=7.8886e-3, gptq_rounding=43.3)
+    why = _depth_affordable(parse_budget("30m"), costs, 512)
+    assert why is not None and re.search(r"would take ~6\.[5-9] min of the 30\.0", why)
+    assert _depth_affordable(parse_budget("40m"), costs, 512) is None
+    assert _depth_affordable(parse_budget("2Mtok"), costs, 512) is None  # a token budget does not pay in minutes
+
+
 def test_reconstruction_too_short_to_pay_gives_its_time_to_end_to_end_steps():
     # SmolLM2 at --budget 30m as measured on the AVX2 host, after 7.9 min of planning (depth and width measured):
     # 40% of ~11 min is under 8 block steps, and the whole 11 min is ~12 end-to-end steps, which beat a richer PTQ

@@ -90,14 +90,6 @@ def tiny_lm_or_classifier(family: str, **kw):
     return tiny_model(family, task="sequence-classification" if family == "bert" else None, **kw)
 
 
-def fast_bf16() -> bool:
-    """Whether bf16 autocast beats fp32 here (what a recipe's `bf16: auto` resolves to): where it is emulated
-    (AVX2 only: ~8x slower) integration tests run in fp32, and bf16's own numerics are tested on tiny models."""
-    from lmcompress.models.precision import bf16_pays
-
-    return bf16_pays()
-
-
 def tiny_budget(name: str, sets: tuple[str, ...] = (), **top):
     """The shipped recipe `name` (with or without .yaml), after the `--set` overrides `sets`, at 2 training
     steps per stage, small batches and short evaluations (the recipes' `bf16: auto` runs fp32 where bf16 is

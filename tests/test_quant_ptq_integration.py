@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 import torch
-from helpers import fast_bf16, integration
+from helpers import integration
 
 import lmcompress as lc
 from lmcompress.data.corpus import load_corpus, token_stream
@@ -20,6 +20,7 @@ from lmcompress.data.specs import CorpusSpec
 from lmcompress.distill.blockwise import reconstruct_blocks
 from lmcompress.distill.trainer import TrainConfig
 from lmcompress.formats import export_model, load_model
+from lmcompress.models.precision import bf16_pays
 from lmcompress.quant import quantize_
 from lmcompress.quant.apply import plan_quantization
 from lmcompress.quant.awq import awq_
@@ -57,7 +58,7 @@ def test_awq_and_gptq_beat_round_to_nearest_on_held_out_text_and_reload(smollm2_
     awq = awq_(model, specs, batches, progress=False)
     assert awq.pairs > 0
     quantize_(model, W3)
-    ptq_(model, "gptq", batches, GPTQSettings(bf16=fast_bf16()), progress=False)
+    ptq_(model, "gptq", batches, GPTQSettings(bf16=bf16_pays()), progress=False)
     # held-out SOTU text, not the calibration sequences
     assert _error(model, teacher, test) < 0.7 * _error(rtn, teacher, test)
     # every group of every row holds at most 2^3 levels (ragged last group included)

@@ -5,12 +5,13 @@ import copy
 
 import pytest
 import torch
-from helpers import fast_bf16, integration
+from helpers import integration
 
 from lmcompress.data.corpus import load_corpus, token_stream
 from lmcompress.data.specs import CorpusSpec
 from lmcompress.formats import export_model, load_model
 from lmcompress.models import get_adapter
+from lmcompress.models.precision import bf16_pays
 from lmcompress.surgery.calibration import calibration_batches
 from lmcompress.surgery.depth import calibration_loss, choose_blocks
 from lmcompress.surgery.truncate import truncate_layers
@@ -31,7 +32,7 @@ def smollm2_and_text():
 def test_measured_depth_pruning_beats_every_other_on_held_out_text(smollm2_and_text, tmp_path):
     model, tokenizer, calib, held_out = smollm2_and_text
     depth = get_adapter(model).num_layers
-    choice = choose_blocks(model, calib, "angular", 6, bf16=fast_bf16(), progress=False)
+    choice = choose_blocks(model, calib, "angular", 6, bf16=bf16_pays(), progress=False)
     assert len(choice.removed) == 6 and choice.removed == list(range(choice.removed[0], choice.removed[0] + 6))
     assert choice.removed[-1] < depth - 1  # the last block, which writes the logits' input, stays
     pruned = truncate_layers(copy.deepcopy(model), choice.kept)
@@ -51,12 +52,12 @@ def test_width_pruning_to_a_parameter_count_reloads(smollm2_and_text, tmp_path):
     model = copy.deepcopy(model)
     total = sum(p.numel() for p in model.parameters())
     sizes = sizes_for_params(model, int(total * 0.8), ["heads", "mlp", "hidden"])
-    prune_width(model, calib, sizes, bf16=fast_bf16(), progress=False)
+    prune_width(model, calib, sizes, bf16=bf16_pays(), progress=False)
     params = sum(p.numel() for p in model.parameters())
     assert 0.75 * total < params <= 0.8 * total
     assert model.config.hidden_size % model.config.num_attention_heads == 0
     assert model.config.head_dim == 64
-    loss = calibration_loss(model, held_out, bf16=fast_bf16())
+    loss = calibration_loss(model, held_out, bf16=bf16_pays())
     assert loss < 8.0  # cut, not destroyed (random text of a 49k vocabulary is ~10.8)
     folder = export_model(model, tokenizer, tmp_path / "width", format="hf")[0]
     reloaded, _ = load_model(folder)

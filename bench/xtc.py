@@ -112,22 +112,12 @@ def majority_rate(overrides: list[str]) -> float:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
+    from lmcompress.report.plots import tradeoff_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for r in results["students"]:
-        ax.plot([p["step"] for p in r["curve"]], [p["accuracy"] for p in r["curve"]], marker="o",
-                label=f"{r['variant']} weights, 8-bit activations ({r['compression']}x)")
-    ax.axhline(results["teacher"], color="black", linestyle="--", label="fp32 teacher (6 layers)")
-    ax.axhline(results["majority"], color="gray", linestyle=":", label="majority class")
-    ax.set(xlabel="distillation steps (batch 32)", ylabel="fine-foods test accuracy",
-           title="XTC MiniLM, 3 layers: single-stage KD")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    points = [{"weights": f"{r['variant']} weights, 8-bit activations ({r['compression']}x)", **p}
+              for r in results["students"] for p in r["curve"]]
+    tradeoff_plot(points, "step", "accuracy", "weights", path, title="XTC MiniLM, 3 layers: single-stage KD",
+                  reference={"fp32 teacher (6 layers)": results["teacher"], "majority class": results["majority"]})
 
 
 def main(argv=None) -> dict:
